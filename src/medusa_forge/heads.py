@@ -1,0 +1,173 @@
+"""Medusa heads: the module, its on-disk format (the TGI / TensorRT-LLM / original Medusa layout), and a
+base model + heads wrapper that gives every head's logits for a batch in one call.
+
+Head i (0-based) reads the base model's final hidden state at position t and predicts token t+2+i:
+L residual blocks `x + SiLU(W x + b)` (W zero-initialised, each block its own weights), then a vocabulary
+projection initialised from the base model's lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from medusa_forge.errors import UserError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "medusa_lm_head.safetensors"
+
+
+@dataclass
+class MedusaConfig:
+    """What `config.json` of a heads folder holds. TGI reads medusa_num_heads, medusa_num_layers and
+    base_model_name_or_path; the file must not contain `architectures` (TGI would take another code path)."""
+
+    medusa_num_heads: int
+    medusa_num_layers: int
+    hidden_size: int
+    vocab_size: int
+    base_model_name_or_path: str
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MedusaConfig:
+        path = Path(folder, CONFIG_NAME)
+        if not path.is_file():
+            raise UserError(f"{folder} is not a Medusa heads folder: {CONFIG_NAME} is missing")
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"{path} is not valid JSON: {err}") from None
+        missing = [k for k in ("medusa_num_heads", "medusa_num_layers", "base_model_name_or_path") if k not in raw]
+        if missing:
+            raise UserError(f"{path} lacks {missing}; is this a Medusa heads folder in the TGI layout?")
+        return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__})
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x + b), W zero-initialised so a fresh block starts near the identity."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.ModuleList):
+    """K heads; the state dict names are exactly the TGI layout: `{i}.{j}.linear.weight|bias`, `{i}.{L}.weight`."""
+
+    def __init__(self, config: MedusaConfig) -> None:
+        num_layers, hidden, vocab = config.medusa_num_layers, config.hidden_size, config.vocab_size
+        super().__init__(
+            nn.Sequential(*[ResBlock(hidden) for _ in range(num_layers)], nn.Linear(hidden, vocab, bias=False))
+            for _ in range(config.medusa_num_heads)
+        )
+        self.config = config
+
+    @classmethod
+    def for_base_model(
+        cls, base: PreTrainedModel, num_heads: int, num_layers: int, base_model_name_or_path: str
+    ) -> MedusaHeads:
+        """Fresh heads for `base`, each vocabulary projection a copy of the base lm_head."""
+        lm_head = base.get_output_embeddings()
+        if lm_head is None or not hasattr(lm_head, "weight"):
+            raise UserError(f"{type(base).__name__} has no output embedding (lm_head) to start the heads from")
+        vocab, hidden = lm_head.weight.shape
+        config = MedusaConfig(num_heads, num_layers, hidden, vocab, base_model_name_or_path)
+        heads = cls(config)
+        with torch.no_grad():
+            for head in heads:
+                head[-1].weight.copy_(lm_head.weight.float())
+        return heads
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of every head, stacked: [K, *hidden_states.shape[:-1], V]."""
+        return torch.stack([head(hidden_states) for head in self])
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MedusaHeads:
+        config = MedusaConfig.load(folder)
+        weights_path = Path(folder, WEIGHTS_NAME)
+        if not weights_path.is_file():
+            raise UserError(f"{folder}: {WEIGHTS_NAME} is missing")
+        state = load_file(str(weights_path))
+        heads = cls(config)
+        expected = heads.state_dict()
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if problems:
+            raise UserError(f"{weights_path} does not match {CONFIG_NAME}: " + "; ".join(problems[:5]))
+        heads.load_state_dict(state)
+        return heads
+
+
+def backbone(base: PreTrainedModel) -> nn.Module:
+    """The part of a causal LM that outputs the final (normed) hidden state that feeds the lm_head."""
+    inner = base.base_model
+    if inner is base:
+        raise UserError(f"{type(base).__name__}: cannot find the backbone under its lm_head")
+    return inner
+
+
+class MedusaModel(nn.Module):
+    """A frozen base model plus Medusa heads; what decoding, evaluation and serving use."""
+
+    def __init__(self, base: PreTrainedModel, heads: MedusaHeads) -> None:
+        super().__init__()
+        base.eval()
+        base.requires_grad_(False)
+        self.base = base
+        self.heads = heads
+
+    @classmethod
+    def from_pretrained(
+        cls, heads_dir: str | Path, base_model: str | PreTrainedModel | None = None, dtype: torch.dtype = torch.float32
+    ) -> MedusaModel:
+        """Load heads and put them on their base model (the one in config.json unless given)."""
+        from medusa_forge.modeling import load_base_model
+
+        heads = MedusaHeads.load(heads_dir)
+        if not isinstance(base_model, PreTrainedModel):
+            base_model = load_base_model(base_model or heads.config.base_model_name_or_path, dtype=dtype)
+        vocab, hidden = base_model.get_output_embeddings().weight.shape
+        if (hidden, vocab) != (heads.config.hidden_size, heads.config.vocab_size):
+            raise UserError(
+                f"{heads_dir}: heads were trained for hidden size {heads.config.hidden_size} and vocabulary "
+                f"{heads.config.vocab_size}, but the base model has {hidden} and {vocab}"
+            )
+        device = next(base_model.parameters()).device
+        return cls(base_model, heads.to(device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return backbone(self.base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def head_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, B, T, V]: head i's logits at position t are its prediction for token t+2+i."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.heads(hidden.to(self.heads[0][-1].weight.dtype))

@@ -1,0 +1,39 @@
+"""Load a base causal LM and its tokenizer by path, Hub id or alias, with errors a user can act on."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from medusa_forge.defaults import MODEL_ALIAS, resolve_model
+from medusa_forge.errors import UserError
+
+
+def _load_error(name: str, err: Exception) -> UserError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"could not load model {name!r}: {first_line}\n"
+        f"If this is a Hub id, this machine may have no network or the repo may be private/gated "
+        f"(log in with `hf auth login` or set HF_TOKEN). Otherwise pass a local folder holding a saved "
+        f"Hugging Face model, or the offline alias {MODEL_ALIAS!r}."
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    path = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from err
+
+
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load the frozen base model in eval mode with gradients off."""
+    path = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(name_or_path, err) from err
+    model.eval()
+    model.requires_grad_(False)
+    return model

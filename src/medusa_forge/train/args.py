@@ -1,0 +1,131 @@
+"""The training command's flags: the tutorial's (the original Medusa trainer's) plus every HF TrainingArguments flag.
+
+Flags that cannot apply on this machine (`--bf16`, `--fp16`, `--tf32` without a GPU) are dropped with a
+warning instead of crashing; `--evaluation_strategy` (transformers 4.x) is accepted as `--eval_strategy`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from medusa_forge.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="smollm2", metadata={"help": "Base model: local folder, Hub id, or the offline alias 'smollm2'."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="sharegpt",
+        metadata={"help": "Training conversations (JSON list or JSONL; ShareGPT or role/content), or 'sharegpt'."},
+    )
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation conversations. Default with --data_path sharegpt: 'sharegpt-heldout'."},
+    )
+    lazy_preprocess: bool = field(
+        default=False, metadata={"help": "Tokenise each conversation when first used instead of all up front."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many conversations."})
+    max_eval_samples: int | None = field(default=200, metadata={"help": "Use at most this many eval conversations."})
+
+
+@dataclass
+class MedusaArguments:
+    medusa_num_heads: int = field(default=3, metadata={"help": "Number of heads K (head i predicts token t+2+i)."})
+    medusa_num_layers: int = field(default=1, metadata={"help": "Residual blocks per head."})
+    medusa_decay_coefficient: float = field(
+        default=1.0, metadata={"help": "Head i's loss weight is c**i (the Medusa paper uses 0.8)."}
+    )
+
+
+@dataclass
+class MedusaTrainingArguments(TrainingArguments):
+    """HF TrainingArguments plus the original trainer's `model_max_length`, with defaults fit for heads."""
+
+    model_max_length: int = field(default=2048, metadata={"help": "Truncate conversations to this many tokens."})
+    output_dir: str = field(default="medusa-heads", metadata={"help": "Where the heads folder is written."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (heads only)."})
+    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy: no, steps, epoch."})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
+    logging_steps: float = field(default=10, metadata={"help": "Log head metrics every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: inputs are already ids."})
+    auto_resume: bool = field(
+        default=True, metadata={"help": "Resume from the last checkpoint-* in --output_dir when there is one."}
+    )
+
+
+DATACLASSES = (ModelArguments, DataArguments, MedusaArguments, MedusaTrainingArguments)
+_RENAMED = {"--evaluation_strategy": "--eval_strategy"}
+_TRUE = {"true", "1", "yes", "y", "t"}
+
+
+def _rename_flags(argv: list[str]) -> list[str]:
+    out = []
+    for token in argv:
+        name, sep, value = token.partition("=")
+        out.append(_RENAMED.get(name, name) + sep + value)
+    return out
+
+
+def _gpu_precision_fixes(values: dict) -> None:
+    """bf16/fp16/tf32 need a GPU here; without one, warn and train in float32 (also faster on CPU)."""
+    if torch.cuda.is_available():
+        return
+    for name in ("bf16", "fp16", "tf32"):
+        if values.get(name):
+            logger.warning("--%s was requested but no CUDA GPU is available: ignoring it, training in float32", name)
+            values[name] = None if name == "tf32" else False
+
+
+def valid_flags(parser: HfArgumentParser) -> list[str]:
+    return sorted(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+
+
+def parse_args(
+    argv: list[str],
+) -> tuple[ModelArguments, DataArguments, MedusaArguments, MedusaTrainingArguments]:
+    parser = HfArgumentParser(DATACLASSES)
+    namespace, unknown = parser.parse_known_args(_rename_flags(argv))
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")] or unknown
+        hints = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag.split("=")[0], valid_flags(parser), n=3)
+            hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
+        raise UserError(
+            "unknown flags: " + "; ".join(hints) + "\nvalid flags: " + " ".join(valid_flags(parser))
+        )
+    values = vars(namespace)
+    _gpu_precision_fixes(values)
+    if values.get("deepspeed"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("--deepspeed needs the deepspeed package: `pip install deepspeed` (on a CUDA machine)")
+        if isinstance(values["deepspeed"], str) and not os.path.isfile(values["deepspeed"]):
+            raise UserError(f"--deepspeed {values['deepspeed']}: file not found")
+    built = []
+    for dataclass_type in DATACLASSES:
+        keys = {f.name for f in fields(dataclass_type) if f.init}
+        try:
+            built.append(dataclass_type(**{k: v for k, v in values.items() if k in keys}))
+        except (ValueError, ImportError) as err:
+            raise UserError(f"invalid training arguments: {err}") from None
+    model_args, data_args, medusa_args, training_args = built
+    if medusa_args.medusa_num_heads < 1 or medusa_args.medusa_num_layers < 0:
+        raise UserError("--medusa_num_heads must be >= 1 and --medusa_num_layers >= 0")
+    return model_args, data_args, medusa_args, training_args

@@ -1,0 +1,89 @@
+"""Tokenised conversation datasets (eager or lazy) and the padding collator."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from medusa_forge.data.conversations import Conversation
+from medusa_forge.data.tokenize import IGNORE_INDEX, tokenize_conversation
+
+logger = logging.getLogger(__name__)
+
+
+class ConversationDataset(Dataset):
+    """Token ids + assistant-only labels. Eager mode tokenises everything up front and drops (with a
+    counted warning) conversations that the template rejects or that have no label within max_length;
+    lazy mode tokenises on first access (the tutorial's --lazy_preprocess) and caches the result."""
+
+    def __init__(
+        self,
+        conversations: list[Conversation],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        lazy: bool = False,
+        source: str = "data",
+    ) -> None:
+        self.tokenizer, self.max_length, self.lazy = tokenizer, max_length, lazy
+        self.conversations = conversations
+        self._cache: dict[int, dict[str, list[int]]] = {}
+        if not lazy:
+            self.conversations, skipped = [], Counter()
+            for index, conversation in enumerate(tqdm(conversations, desc=f"tokenising {source}", leave=False)):
+                try:
+                    item = tokenize_conversation(tokenizer, conversation.messages, max_length)
+                except Exception as err:  # a template may raise anything (jinja errors)
+                    skipped[f"rejected by the chat template ({str(err).splitlines()[0][:80]})"] += 1
+                    continue
+                if all(label == IGNORE_INDEX for label in item["labels"][2:]):
+                    skipped[f"with no assistant token within {max_length} tokens"] += 1
+                    continue
+                self._cache[len(self.conversations)] = item
+                self.conversations.append(conversation)
+            if skipped:
+                logger.warning(
+                    "%s: skipped %d conversations (%s)",
+                    source, sum(skipped.values()), ", ".join(f"{n} {why}" for why, n in skipped.items()),
+                )
+            if not self.conversations:
+                from medusa_forge.errors import UserError
+
+                raise UserError(f"{source}: no conversation left to train on after tokenisation")
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if index not in self._cache:
+            conversation = self.conversations[index]
+            try:
+                self._cache[index] = tokenize_conversation(self.tokenizer, conversation.messages, self.max_length)
+            except Exception as err:
+                logger.warning("conversation %s rejected by the chat template (%s); it gets no loss", conversation.id, err)
+                ids = self.tokenizer("", add_special_tokens=True)["input_ids"] or [0]
+                self._cache[index] = {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
+        return self._cache[index]
+
+
+class PadCollator:
+    """Right-pads a batch; labels with IGNORE_INDEX, attention_mask 0 on padding."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.tensor(item["input_ids"])
+            labels[row, :n] = torch.tensor(item["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny BPE tokenizer with a ChatML template and tiny random models of several
+architectures, all built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "Hello there! How can I help you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Medusa heads predict several future tokens at once, so decoding is faster.",
+    "def add(a, b):\n    return a + b\n",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+] * 20
+
+TINY_CONFIGS = {
+    "llama": lambda v: transformers.LlamaConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "llama-tied": lambda v: transformers.LlamaConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+    "qwen2": lambda v: transformers.Qwen2Config(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+    "mistral": lambda v: transformers.MistralConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=None,
+    ),
+    "gemma": lambda v: transformers.GemmaConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+    ),
+    "gpt2": lambda v: transformers.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def build_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+def make_tiny_model(arch: str, folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    """Save a tiny random model of `arch` plus the tokenizer into folder; returns folder."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch](len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+def write_conversations(path: Path, n: int = 12, sharegpt: bool = True) -> Path:
+    """n small multi-turn conversations from the tokenizer's corpus, ShareGPT or role/content JSON."""
+    records = []
+    for i in range(n):
+        turns = [
+            ("human", f"Question {i}: {CORPUS[i % 6]}"),
+            ("gpt", CORPUS[(i + 1) % 6] + " " + CORPUS[(i + 2) % 6]),
+            ("human", "And then?"),
+            ("gpt", CORPUS[(i + 3) % 6]),
+        ]
+        if sharegpt:
+            records.append({"id": f"conv{i}", "conversations": [{"from": f, "value": v} for f, v in turns]})
+        else:
+            role = {"human": "user", "gpt": "assistant"}
+            records.append([{"role": role[f], "content": v} for f, v in turns])
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real embedded model, converted once into the cache (shared across test runs)."""
+    from medusa_forge.defaults import smollm2_dir as convert
+
+    return convert()
