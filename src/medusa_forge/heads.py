@@ -164,7 +164,9 @@ class MedusaModel(nn.Module):
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return backbone(self.base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return backbone(self.base)(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
 
     @torch.no_grad()
     def head_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

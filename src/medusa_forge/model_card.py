@@ -7,7 +7,9 @@ from pathlib import Path
 from medusa_forge.heads import MedusaConfig
 
 
-def render_model_card(config: MedusaConfig, base_model_id: str, facts: dict[str, str], metrics: dict[str, float]) -> str:
+def render_model_card(
+    config: MedusaConfig, base_model_id: str, facts: dict[str, str], metrics: dict[str, float]
+) -> str:
     """Markdown with a YAML header; `facts` are extra rows (training data, size), `metrics` head accuracies."""
     header = ["---", "library_name: medusa-forge", "tags:", "- medusa", "- speculative-decoding"]
     if "/" in base_model_id and not Path(base_model_id).exists():
@@ -22,9 +24,12 @@ def render_model_card(config: MedusaConfig, base_model_id: str, facts: dict[str,
     accuracy = ""
     heads = [i for i in range(config.medusa_num_heads) if f"medusa{i}_top1" in metrics]
     if heads:
-        accuracy = "\n## Head accuracy (held-out, teacher-forced)\n\n| head | predicts | top-1 | top-5 |\n|---|---|---|---|\n"
+        accuracy = (
+            "\n## Head accuracy (held-out, teacher-forced)\n\n| head | predicts | top-1 | top-5 |\n|---|---|---|---|\n"
+        )
         accuracy += "\n".join(
-            f"| {i} | t+{i + 2} | {metrics[f'medusa{i}_top1']:.3f} | {metrics.get(f'medusa{i}_top5', float('nan')):.3f} |"
+            f"| {i} | t+{i + 2} | {metrics[f'medusa{i}_top1']:.3f} "
+            f"| {metrics.get(f'medusa{i}_top5', float('nan')):.3f} |"
             for i in heads
         )
     return f"""{chr(10).join(header)}

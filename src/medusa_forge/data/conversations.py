@@ -25,9 +25,15 @@ DATA_ALIASES = ("sharegpt", "sharegpt-heldout")
 HELDOUT_PERCENT = 2
 
 ROLE_MAP = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
-    "bing": "assistant", "model": "assistant", "bot": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
     "system": "system",
 }
 
@@ -106,7 +112,8 @@ def _recover_truncated_list(path: Path, text: str, err: json.JSONDecodeError) ->
             if _reaches_end_of_file(text, inner):
                 logger.warning(
                     "%s is truncated: recovered %d complete records, dropped the incomplete last one",
-                    path, len(records),
+                    path,
+                    len(records),
                 )
                 return records
             break

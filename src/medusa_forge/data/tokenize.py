@@ -79,7 +79,7 @@ def tokenize_conversation(
     input_ids = encoding["input_ids"][:max_length]
     labels = []
     span_index = 0
-    for token_id, (start, end) in zip(input_ids, encoding["offset_mapping"]):
+    for token_id, (start, end) in zip(input_ids, encoding["offset_mapping"], strict=False):
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
         inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]

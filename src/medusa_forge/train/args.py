@@ -108,9 +108,7 @@ def parse_args(
         for flag in flags:
             close = difflib.get_close_matches(flag.split("=")[0], valid_flags(parser), n=3)
             hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
-        raise UserError(
-            "unknown flags: " + "; ".join(hints) + "\nvalid flags: " + " ".join(valid_flags(parser))
-        )
+        raise UserError("unknown flags: " + "; ".join(hints) + "\nvalid flags: " + " ".join(valid_flags(parser)))
     values = vars(namespace)
     _gpu_precision_fixes(values)
     if values.get("deepspeed"):

@@ -34,7 +34,7 @@ class ConversationDataset(Dataset):
         self._cache: dict[int, dict[str, list[int]]] = {}
         if not lazy:
             self.conversations, skipped = [], Counter()
-            for index, conversation in enumerate(tqdm(conversations, desc=f"tokenising {source}", leave=False)):
+            for conversation in tqdm(conversations, desc=f"tokenising {source}", leave=False):
                 try:
                     item = tokenize_conversation(tokenizer, conversation.messages, max_length)
                 except Exception as err:  # a template may raise anything (jinja errors)
@@ -48,7 +48,9 @@ class ConversationDataset(Dataset):
             if skipped:
                 logger.warning(
                     "%s: skipped %d conversations (%s)",
-                    source, sum(skipped.values()), ", ".join(f"{n} {why}" for why, n in skipped.items()),
+                    source,
+                    sum(skipped.values()),
+                    ", ".join(f"{n} {why}" for why, n in skipped.items()),
                 )
             if not self.conversations:
                 from medusa_forge.errors import UserError
@@ -64,7 +66,9 @@ class ConversationDataset(Dataset):
             try:
                 self._cache[index] = tokenize_conversation(self.tokenizer, conversation.messages, self.max_length)
             except Exception as err:
-                logger.warning("conversation %s rejected by the chat template (%s); it gets no loss", conversation.id, err)
+                logger.warning(
+                    "conversation %s rejected by the chat template (%s); it gets no loss", conversation.id, err
+                )
                 ids = self.tokenizer("", add_special_tokens=True)["input_ids"] or [0]
                 self._cache[index] = {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
         return self._cache[index]

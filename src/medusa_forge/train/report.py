@@ -16,7 +16,7 @@ def head_history(log_history: list[dict], prefix: str = "") -> dict[int, list[di
             for key, value in entry.items():
                 name = f"{prefix}medusa{i}_"
                 if key.startswith(name):
-                    row[key[len(name):]] = value
+                    row[key[len(name) :]] = value
             history.setdefault(i, []).append(row)
             i += 1
     return history

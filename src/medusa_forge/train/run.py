@@ -66,8 +66,11 @@ def train(argv: list[str]) -> Path:
         if eval_path is None:
             raise UserError("--eval_strategy is not 'no': pass --eval_data_path with held-out conversations")
         eval_set = ConversationDataset(
-            load_conversations(eval_path, data_args.max_eval_samples), tokenizer,
-            training_args.model_max_length, data_args.lazy_preprocess, eval_path,
+            load_conversations(eval_path, data_args.max_eval_samples),
+            tokenizer,
+            training_args.model_max_length,
+            data_args.lazy_preprocess,
+            eval_path,
         )
 
     base = load_base_model(base_path, dtype=_base_dtype(training_args))
@@ -80,8 +83,12 @@ def train(argv: list[str]) -> Path:
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False
     trainer = MedusaTrainer(
-        model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
     final = dict(result.metrics)
@@ -98,8 +105,14 @@ def train(argv: list[str]) -> Path:
             "Epochs / max length": f"{training_args.num_train_epochs:g} / {training_args.model_max_length}",
         }
         (output / "README.md").write_text(
-            render_model_card(heads.config, model_args.model_name_or_path if model_args.model_name_or_path != "smollm2"
-                              else "HuggingFaceTB/SmolLM2-135M-Instruct", facts, card_metrics)
+            render_model_card(
+                heads.config,
+                model_args.model_name_or_path
+                if model_args.model_name_or_path != "smollm2"
+                else "HuggingFaceTB/SmolLM2-135M-Instruct",
+                facts,
+                card_metrics,
+            )
         )
         logger.warning("heads written to %s", output)
     return output

@@ -50,7 +50,7 @@ class MedusaTrainer(Trainer):
         if state_dict is None:
             return self.accelerator.unwrap_model(self.model).heads.state_dict()
         # DeepSpeed/FSDP hand us the gathered full state dict: keep the heads' part.
-        return {k[len("heads."):]: v for k, v in state_dict.items() if k.startswith("heads.")}
+        return {k[len("heads.") :]: v for k, v in state_dict.items() if k.startswith("heads.")}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
