@@ -68,13 +68,15 @@ def _read_json_records(path: Path) -> list:
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path}: the file is empty")
-    if stripped[0] == "[":
+    if stripped[0] == "[" and path.suffix != ".jsonl":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            return _recover_truncated_list(path, text, err)
-        return records
-    if stripped[0] == "{":
+            if err.msg != "Extra data":  # "Extra data": a JSONL file whose lines are lists
+                return _recover_truncated_list(path, text, err)
+        else:
+            return records
+    if stripped[0] == "{" and path.suffix != ".jsonl":
         try:
             return [json.loads(text)]  # a single JSON object (or a one-line JSONL file)
         except json.JSONDecodeError:

@@ -19,13 +19,13 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 # Documented fallback for tokenizers without a chat template (base models such as GPT-2):
-# "User: ...\n\nAssistant: ...<eos>\n\n". It is prefix-consistent, so the masking below works with it.
+# "User: ...\n\nAssistant:\n...<eos>\n\n". It is prefix-consistent, so the masking below works with it.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{{ message['role'] | capitalize }}:\n{{ message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
+    "{% if add_generation_prompt %}Assistant:\n{% endif %}"
 )
 
 
@@ -82,7 +82,11 @@ def tokenize_conversation(
     for token_id, (start, end) in zip(input_ids, encoding["offset_mapping"], strict=False):
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
-        inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]
-        # A zero-width token (some special tokens) belongs to the span its position falls in.
-        labels.append(token_id if inside and end >= start else IGNORE_INDEX)
+        if span_index < len(spans):
+            span_start, span_end = spans[span_index]
+            # overlap: a BPE token that merges the prompt's last space into the reply's first word is learned too
+            inside = start < span_end and (end > span_start if end > start else start >= span_start)
+        else:
+            inside = False
+        labels.append(token_id if inside else IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels}

@@ -1,0 +1,226 @@
+"""Sparse candidate trees: from a list of choices to the buffers one verification pass needs, and the
+data-driven builder that picks the choices from measured head accuracies.
+
+A choice is a path of head top-k ranks: `[0]` is head 0's best guess, `[0, 1]` is head 1's second guess
+placed after head 0's best guess, and so on. Node 0 is the root: the token the base model itself chose.
+Nodes are ordered by depth, then path, so a parent always comes before its children; that ordering lets
+the accepted path's KV entries be kept with one `index_select`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa_forge.errors import UserError
+
+Choices = list[list[int]]
+TREE_FILE = "medusa_choices.json"  # next to config.json in a heads folder; TGI and vLLM ignore it
+
+# Per-rank accuracies used only to shape the shipped default trees (roughly what trained heads measure:
+# head i's rank-k guess is right with probability PRIOR[i][k]). Data-driven trees come from `build_tree`.
+PRIOR_ACCURACIES = [
+    [0.60, 0.10, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01, 0.008, 0.007],
+    [0.45, 0.10, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01, 0.008, 0.007],
+    [0.35, 0.09, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01, 0.008, 0.007],
+    [0.28, 0.08, 0.04, 0.03, 0.02, 0.015, 0.01, 0.01, 0.008, 0.007],
+    [0.22, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01, 0.01, 0.008, 0.007],
+]
+DEFAULT_TREE_SIZES = (4, 8, 16, 32, 64)
+
+
+def validate_choices(choices: Choices, num_heads: int | None = None) -> Choices:
+    """Sorted, deduplicated choices; every prefix of a choice must itself be a choice."""
+    if not isinstance(choices, list) or not choices:
+        raise UserError("a tree needs at least one choice, e.g. [[0], [0, 0]]")
+    paths = set()
+    for choice in choices:
+        if (
+            not isinstance(choice, (list, tuple))
+            or not choice
+            or not all(isinstance(k, int) and k >= 0 for k in choice)
+        ):
+            raise UserError(f"tree choice {choice!r} is not a non-empty list of ranks >= 0")
+        paths.add(tuple(choice))
+    for path in paths:
+        if len(path) > 1 and path[:-1] not in paths:
+            raise UserError(f"tree choice {list(path)} has no parent {list(path[:-1])} in the tree")
+        if num_heads is not None and len(path) > num_heads:
+            raise UserError(f"tree choice {list(path)} is deeper than the {num_heads} heads")
+    return [list(p) for p in sorted(paths, key=lambda p: (len(p), p))]
+
+
+@dataclass
+class TreeBuffers:
+    """Everything one verification step needs, precomputed once per tree.
+
+    attention: [N, N] bool, node i sees node j iff j is i's ancestor or i itself (node 0 = root).
+    depths: [N] position offset of each node past the prefix (root 0).
+    candidate_index: [N] index into the flat candidate vector [root token, head 0 top-k, head 1 top-k, ...].
+    paths: [L, D+1] node indices of every root-to-leaf path, padded with -1.
+    """
+
+    choices: Choices
+    topk: int
+    attention: torch.Tensor
+    depths: torch.Tensor
+    candidate_index: torch.Tensor
+    paths: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.attention.shape[0]
+
+    @property
+    def depth(self) -> int:
+        return self.paths.shape[1] - 1
+
+    @classmethod
+    def from_choices(cls, choices: Choices, num_heads: int | None = None) -> TreeBuffers:
+        choices = validate_choices(choices, num_heads)
+        index_of = {(): 0}
+        for i, path in enumerate(choices, start=1):
+            index_of[tuple(path)] = i
+        n = len(choices) + 1
+        topk = max(max(path) for path in choices) + 1
+        attention = torch.zeros(n, n, dtype=torch.bool)
+        depths = torch.zeros(n, dtype=torch.long)
+        candidate_index = torch.zeros(n, dtype=torch.long)
+        for path, i in index_of.items():
+            depths[i] = len(path)
+            if path:
+                candidate_index[i] = 1 + (len(path) - 1) * topk + path[-1]
+            for d in range(len(path) + 1):
+                attention[i, index_of[path[:d]]] = True
+        parents = {path[:-1] for path in index_of if path}
+        leaves = [path for path in index_of if path not in parents]
+        max_depth = max(len(path) for path in index_of)
+        paths = torch.full((len(leaves), max_depth + 1), -1, dtype=torch.long)
+        for row, leaf in enumerate(sorted(leaves, key=lambda p: (len(p), p))):
+            for d in range(len(leaf) + 1):
+                paths[row, d] = index_of[leaf[:d]]
+        return cls(choices, topk, attention, depths, candidate_index, paths)
+
+    def attention_bias(
+        self, prefix_length: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """[1, 1, N, prefix_length + N] additive float mask: 0 where attention is allowed, dtype-min elsewhere.
+
+        A float mask, not a bool one: with eager attention transformers 5.x would add a bool mask as 0/1.
+        """
+        n = self.size
+        bias = torch.zeros(1, 1, n, prefix_length + n, dtype=dtype, device=device)
+        bias[0, 0, :, prefix_length:].masked_fill_(~self.attention.to(device), torch.finfo(dtype).min)
+        return bias
+
+    def to(self, device: torch.device | str) -> TreeBuffers:
+        return TreeBuffers(
+            self.choices,
+            self.topk,
+            self.attention.to(device),
+            self.depths.to(device),
+            self.candidate_index.to(device),
+            self.paths.to(device),
+        )
+
+
+def expected_accept_length(choices: Choices, accuracies: list[list[float]]) -> float:
+    """Expected tokens per step under independent heads: 1 (the base token) + sum over nodes of the
+    probability that every guess on its path is right. Siblings are exclusive events, so the sum is exact
+    for the longest accepted path given those per-rank probabilities."""
+    total = 1.0
+    for path in choices:
+        p = 1.0
+        for depth, rank in enumerate(path):
+            row = accuracies[depth] if depth < len(accuracies) else []
+            p *= row[rank] if rank < len(row) else 0.0
+        total += p
+    return total
+
+
+def build_tree(accuracies: list[list[float]], num_nodes: int) -> Choices:
+    """The tree of `num_nodes` choices with the largest expected accepted length.
+
+    accuracies[i][k] = probability that head i's rank-k guess is the right token. A node's value is the
+    product along its path; a child never beats its parent (probabilities <= 1), so adding, one at a time,
+    the frontier node with the largest value yields the best tree of every size (ties go to shallower,
+    then lexicographically smaller paths, so the result is deterministic). Fewer nodes come back only when
+    the heads and ranks run out.
+    """
+    if num_nodes < 1:
+        raise UserError(f"a tree needs at least 1 node, got {num_nodes}")
+    if not accuracies or not all(accuracies):
+        raise UserError("build_tree needs at least one head with at least one measured rank accuracy")
+    for row in accuracies:
+        if any(not (0.0 <= p <= 1.0) for p in row):
+            raise UserError(f"accuracies must be probabilities in [0, 1], got {row}")
+    chosen: Choices = []
+    # (-value, depth, path): every child of a chosen node is on the frontier, so measured accuracies need
+    # not decrease with rank.
+    frontier: list[tuple[float, int, tuple[int, ...]]] = []
+
+    def add_children(path: tuple[int, ...], value: float) -> None:
+        depth = len(path)
+        if depth < len(accuracies):
+            for rank, p in enumerate(accuracies[depth]):
+                heapq.heappush(frontier, (-value * p, depth + 1, path + (rank,)))
+
+    add_children((), 1.0)
+    while frontier and len(chosen) < num_nodes:
+        neg_value, _, path = heapq.heappop(frontier)
+        chosen.append(list(path))
+        add_children(path, -neg_value)
+    return validate_choices(chosen)
+
+
+def default_choices(num_nodes: int = 16, num_heads: int = 3) -> Choices:
+    """A sensible tree before anything is measured: built from typical per-rank head accuracies."""
+    return build_tree(PRIOR_ACCURACIES[:num_heads], num_nodes)
+
+
+def save_tree(folder: str | Path, choices: Choices, **details) -> Path:
+    """Store the chosen tree in a heads folder as a separate file, so the TGI layout stays untouched."""
+    path = Path(folder, TREE_FILE)
+    path.write_text(json.dumps({"medusa_choices": validate_choices(choices), **details}, indent=2) + "\n")
+    return path
+
+
+def load_tree(folder: str | Path) -> Choices | None:
+    """The tree stored in a heads folder, or None when none was chosen yet."""
+    path = Path(folder, TREE_FILE)
+    if not path.is_file():
+        return None
+    try:
+        return validate_choices(json.loads(path.read_text())["medusa_choices"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a valid tree file ({err}); delete it or rerun `medusa-forge eval`") from None
+
+
+def resolve_tree(spec: str | None, heads_folder: str | Path | None, num_heads: int) -> Choices:
+    """Tree from a command-line value: a JSON file, `default-N`, or (None) the folder's stored tree, else default."""
+    if spec is None:
+        stored = load_tree(heads_folder) if heads_folder is not None else None
+        return stored if stored is not None else default_choices(16, num_heads)
+    if spec.startswith("default-"):
+        try:
+            size = int(spec.removeprefix("default-"))
+        except ValueError:
+            raise UserError(f"--tree {spec}: expected default-N with N a number of nodes, e.g. default-16") from None
+        return default_choices(size, num_heads)
+    path = Path(spec)
+    if path.is_dir():
+        stored = load_tree(path)
+        if stored is None:
+            raise UserError(f"--tree {spec}: no {TREE_FILE} in that folder")
+        return stored
+    if not path.is_file():
+        raise UserError(f"--tree {spec}: not a file, a folder with {TREE_FILE}, or default-N")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"--tree {spec}: not valid JSON ({err})") from None
+    return validate_choices(raw["medusa_choices"] if isinstance(raw, dict) else raw, num_heads)
