@@ -8,6 +8,8 @@ import sys
 # command -> (module with cli_main(argv) -> int, one-line help)
 COMMANDS = {
     "train": ("medusa_forge.train.run", "train Medusa heads on a frozen model (the tutorial's flags)"),
+    "distill": ("medusa_forge.distill.cli", "replay conversations against the model and keep its replies"),
+    "serve": ("medusa_forge.serve", "OpenAI-compatible chat completions server over the local model"),
 }
 
 

@@ -1,0 +1,251 @@
+"""`medusa-forge serve`: an OpenAI-compatible chat completions server over the in-process model.
+
+Endpoints: POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, GET /health.
+Every request, streaming or not, goes through one `BatchingEngine`: requests arriving within
+`--batch-wait-ms` of each other with the same sampling settings share one left-padded `generate`;
+streamed requests receive their text as each batch step decodes it.
+Another decoder (Medusa heads) plugs in by passing its own `Generator` to `create_app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medusa_forge.distill.engine import BatchingEngine, ContextLengthError, GenerationRequest, Generator, HFGenerator
+from medusa_forge.errors import UserError
+
+logger = logging.getLogger("medusa_forge.serve")
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI fields we honour; unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    stop: str | list[str] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def _error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(
+    generator: Generator, model_name: str, max_batch_size: int = 16, batch_wait_ms: float = 5.0, default_max_tokens=512
+) -> FastAPI:
+    """The FastAPI app; `generator` does the decoding (see `distill.engine.Generator`)."""
+    engine = BatchingEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    app = FastAPI(title="medusa-forge serve")
+    app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            if error.get("type") == "json_invalid":
+                problems.append(
+                    f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+                )
+                continue
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+            problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+        locations = [e.get("loc", ()) for e in exc.errors() if e.get("type") != "json_invalid"]
+        first_param = ".".join(str(part) for part in locations[0][1:]) if locations else None
+        return JSONResponse(
+            _error_body("; ".join(problems), "invalid_request_error", "invalid_request", first_param), 400
+        )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        return JSONResponse(_error_body(exc.message, kind, exc.code, exc.param), exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            _error_body(str(exc.detail), "invalid_request_error", str(exc.status_code)), exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "local"}]}
+
+    def to_generation_request(body: ChatCompletionRequest) -> GenerationRequest:
+        if body.stop:
+            raise ApiError(400, "'stop' sequences are not supported by this server", "unsupported_parameter", "stop")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt_ids = generator.encode_chat(messages)
+        except Exception as err:  # e.g. a template that insists on alternating roles
+            raise ApiError(
+                400, f"the chat template rejected these messages: {err}", "invalid_messages", "messages"
+            ) from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(default_max_tokens, generator.max_context - len(prompt_ids)))
+        try:
+            generator.check_fits(len(prompt_ids), max_tokens)
+        except ContextLengthError as err:
+            raise ApiError(400, str(err), "context_length_exceeded", "messages") from None
+        return GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        request = to_generation_request(body)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                _stream(engine, request, completion_id, created, model_name), media_type="text/event-stream"
+            )
+        result = await engine.submit(request)
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
+            },
+        }
+
+    return app
+
+
+async def _stream(engine: BatchingEngine, request: GenerationRequest, completion_id: str, created: int, model: str):
+    """SSE: a role chunk, content deltas as they decode, a finish chunk with usage, then `[DONE]`."""
+    import asyncio
+
+    deltas: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(engine.submit(request, on_text=deltas.put_nowait))
+    task.add_done_callback(lambda _: deltas.put_nowait(None))
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (text := await deltas.get()) is not None:
+            yield chunk({"content": text})
+        try:
+            result = task.result()
+        except Exception as err:  # headers are sent: report the failure in-band, as OpenAI does
+            logger.exception("streamed generation failed")
+            yield f"data: {json.dumps(_error_body(f'internal error: {err}', 'server_error'))}\n\n"
+            return
+        usage = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        }
+        yield chunk({}, result.finish_reason, usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        task.cancel()  # the client went away: drop the request if it has not started yet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medusa-forge serve", description="OpenAI-compatible server (local model).")
+    parser.add_argument("--model", default="smollm2", help="Local folder, Hub id or the offline alias 'smollm2'.")
+    parser.add_argument("--served-model-name", default=None, help="Name in /v1/models and replies (default: --model).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="Most requests in one generate call.")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long to gather requests into a batch.")
+    parser.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request omits it.")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port {args.port}: expected 0-65535")
+        if args.default_max_tokens < 1:
+            raise UserError("--default-max-tokens must be at least 1")
+        generator = HFGenerator.load(args.model, dtype=args.dtype, device=args.device)
+        app = create_app(
+            generator,
+            args.served_model_name or args.model,
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            default_max_tokens=args.default_max_tokens,
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
