@@ -1,0 +1,196 @@
+"""`medusa-forge serve` over a tiny random model, spoken to over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from medusa_forge.distill.engine import GenerationRequest, HFGenerator
+from medusa_forge.serve import cli_main, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 in a background thread, for the duration of a `with` block."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir: Path) -> HFGenerator:
+    return HFGenerator.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def server(generator):
+    app = create_app(generator, "tiny", max_batch_size=8, batch_wait_ms=20)
+    with ServerThread(app) as running:
+        running.app = app
+        yield running
+
+
+def chat(server, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+
+
+def solo(generator: HFGenerator, messages: list[dict], max_tokens: int) -> str:
+    """What plain transformers greedy generation gives for these messages, one request alone."""
+    return generator.generate_batch([GenerationRequest(generator.encode_chat(messages), max_tokens)])[0].text
+
+
+HELLO = [{"role": "user", "content": "Hello there! How can I help you today?"}]
+
+
+def test_health_and_models(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": "tiny"}
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+
+
+def test_completion_shape_and_greedy_text(server, generator):
+    response = chat(server, model="tiny", messages=HELLO, max_tokens=6, temperature=0)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == solo(generator, HELLO, 6)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(generator.encode_chat(HELLO))
+    assert 1 <= usage["completion_tokens"] <= 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_content_parts_are_accepted(server, generator):
+    parts = [{"role": "user", "content": [{"type": "text", "text": HELLO[0]["content"]}]}]
+    body = chat(server, messages=parts, max_tokens=4, temperature=0).json()
+    assert body["choices"][0]["message"]["content"] == solo(generator, HELLO, 4)
+
+
+def test_streaming_matches_non_streaming(server):
+    plain = chat(server, messages=HELLO, max_tokens=8, temperature=0).json()
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={"messages": HELLO, "max_tokens": 8, "temperature": 0, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == plain["usage"]
+    assert len(chunks) >= 3  # role, at least one content delta, finish
+
+
+def test_concurrent_requests_share_batches(server, generator):
+    prompts = [[{"role": "user", "content": f"Question {i}: the quick brown fox {'jumps ' * i}"}] for i in range(8)]
+    limits = [2 + i % 4 for i in range(8)]
+    before = server.app.state.engine.batches_run
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(
+                *[
+                    client.post("/v1/chat/completions", json={"messages": p, "max_tokens": n, "temperature": 0})
+                    for p, n in zip(prompts, limits, strict=True)
+                ]
+            )
+
+    responses = asyncio.run(send_all())
+    batches = server.app.state.engine.batches_run - before
+    assert all(r.status_code == 200 for r in responses)
+    assert batches < len(prompts), "concurrent requests should share generate calls"
+    for response, prompt, limit in zip(responses, prompts, limits, strict=True):
+        body = response.json()
+        # Each request keeps its own max_tokens inside a shared batch and gets its own reply.
+        assert body["usage"]["completion_tokens"] <= limit
+        assert body["usage"]["prompt_tokens"] == len(generator.encode_chat(prompt))
+        if body["choices"][0]["finish_reason"] == "length":
+            assert body["usage"]["completion_tokens"] == limit
+        assert body["choices"][0]["message"]["content"] == solo(generator, prompt, limit)
+
+
+def test_seeded_sampling_is_reproducible(server):
+    first = chat(server, messages=HELLO, max_tokens=8, temperature=1.0, top_p=0.9, seed=7).json()
+    second = chat(server, messages=HELLO, max_tokens=8, temperature=1.0, top_p=0.9, seed=7).json()
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": []}, "messages"),
+        ({"messages": HELLO, "temperature": 5}, "temperature"),
+        ({"messages": HELLO, "top_p": 0}, "top_p"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "stop": ["\n"]}, "stop"),
+        ({"messages": HELLO, "max_tokens": 100000}, "maximum context length"),
+        ({"prompt": "completions-style body"}, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_style_400(server, body, expected):
+    response = chat(server, **body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert expected in error["message"] or expected == error["param"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_invalid_json_and_unknown_route(server):
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    missing = httpx.get(f"{server.url}/v1/nothing-here")
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_context_error_code(server):
+    body = chat(server, messages=HELLO, max_tokens=100000).json()
+    assert body["error"]["code"] == "context_length_exceeded"
+
+
+def test_cli_bad_model_is_a_clear_error(tmp_path, capsys):
+    assert cli_main(["--model", str(tmp_path / "no-such-model"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not load model") and "Traceback" not in err
