@@ -184,6 +184,19 @@ def test_4xx_stops_the_run_with_the_server_message(tmp_path, capsys):
     assert out.read_text() == ""
 
 
+def test_requests_spread_over_several_urls_and_route_around_a_dead_one(tmp_path):
+    source = write_conversations(tmp_path / "in.json", n=6)
+    out = tmp_path / "out.jsonl"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with ScriptedServer() as first, ScriptedServer() as second:
+        flags = ["--input-filename", str(source), "--output-filename", str(out)]
+        urls = ["--url", first.url, "--url", dead, "--url", second.url + "/v1/chat/completions"]
+        assert distill(*flags, *urls, "--concurrency", "3") == 0
+    assert sorted(r["id"] for r in read_jsonl(out)) == [f"conv{i}" for i in range(6)]
+    assert len(first.requests) >= 3 and len(second.requests) >= 3
+    assert len(first.requests) + len(second.requests) == 12  # each turn answered once
+
+
 def test_shards_partition_the_input(tmp_path):
     source = write_conversations(tmp_path / "in.json", n=10)
     seen = []

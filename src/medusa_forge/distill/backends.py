@@ -120,14 +120,16 @@ class HttpBackend:
 
     async def _discover_model(self) -> str:
         """vLLM insists on the served model name: ask /v1/models; servers that ignore the field accept any."""
-        models_url = self.urls[0].removesuffix("/chat/completions") + "/models"
-        try:
-            response = await self.client.get(models_url, timeout=10.0)
-            data = response.json().get("data") if response.status_code == 200 else None
-            if data and isinstance(data[0], dict) and data[0].get("id"):
-                return str(data[0]["id"])
-        except (httpx.HTTPError, ValueError, AttributeError, TypeError) as err:
-            logger.info("could not list models at %s (%s); sending model 'default'", models_url, err)
+        for url in self.urls:
+            models_url = url.removesuffix("/chat/completions") + "/models"
+            try:
+                response = await self.client.get(models_url, timeout=10.0)
+                data = response.json().get("data") if response.status_code == 200 else None
+                if data and isinstance(data[0], dict) and data[0].get("id"):
+                    return str(data[0]["id"])
+            except (httpx.HTTPError, ValueError, AttributeError, TypeError) as err:
+                logger.info("could not list models at %s (%s)", models_url, err)
+        logger.warning("no server listed its models at /v1/models; sending model 'default' (pass --model to choose)")
         return "default"
 
     def _backoff(self, attempt: int, response: httpx.Response | None) -> float:

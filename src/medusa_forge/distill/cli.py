@@ -172,6 +172,9 @@ def cli_main(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished conversations are saved; rerun with --resume to finish", file=sys.stderr)
+        return 130
     for line in summary.lines():
         print(line, file=sys.stderr)
     if summary.fatal:
