@@ -65,13 +65,17 @@ class MedusaTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
     logging_steps: float = field(default=10, metadata={"help": "Log head metrics every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: inputs are already ids."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Kept False: every head is in every step's graph (saves a graph walk)."}
+    )
     auto_resume: bool = field(
         default=True, metadata={"help": "Resume from the last checkpoint-* in --output_dir when there is one."}
     )
 
 
 DATACLASSES = (ModelArguments, DataArguments, MedusaArguments, MedusaTrainingArguments)
-_RENAMED = {"--evaluation_strategy": "--eval_strategy"}
+# transformers 4.x names used by the tutorial -> 5.x names (warmup_steps < 1 is a ratio of total steps in 5.x)
+_RENAMED = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 _TRUE = {"true", "1", "yes", "y", "t"}
 
 
@@ -83,10 +87,12 @@ def _rename_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def _gpu_precision_fixes(values: dict) -> None:
-    """bf16/fp16/tf32 need a GPU here; without one, warn and train in float32 (also faster on CPU)."""
-    if torch.cuda.is_available():
+def _cpu_fixes(values: dict) -> None:
+    """Without a GPU: bf16/fp16/tf32 cannot apply (warn, train in float32, also faster on CPU), and
+    use_cpu must be set for accelerate to run torchrun processes as real multi-CPU DDP (gloo)."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
         return
+    values["use_cpu"] = True
     for name in ("bf16", "fp16", "tf32"):
         if values.get(name):
             logger.warning("--%s was requested but no CUDA GPU is available: ignoring it, training in float32", name)
@@ -94,23 +100,25 @@ def _gpu_precision_fixes(values: dict) -> None:
 
 
 def valid_flags(parser: HfArgumentParser) -> list[str]:
-    return sorted(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+    flags = (s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+    return sorted(f for f in flags if "-" not in f[2:]) + sorted(_RENAMED)
 
 
 def parse_args(
     argv: list[str],
 ) -> tuple[ModelArguments, DataArguments, MedusaArguments, MedusaTrainingArguments]:
     parser = HfArgumentParser(DATACLASSES)
+    parser.allow_abbrev = False  # a typo like --medusa_num_head must fail, not match a prefix
     namespace, unknown = parser.parse_known_args(_rename_flags(argv))
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
         hints = []
         for flag in flags:
-            close = difflib.get_close_matches(flag.split("=")[0], valid_flags(parser), n=3)
+            close = difflib.get_close_matches(flag.split("=")[0], valid_flags(parser), n=2)
             hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
         raise UserError("unknown flags: " + "; ".join(hints) + "\nvalid flags: " + " ".join(valid_flags(parser)))
     values = vars(namespace)
-    _gpu_precision_fixes(values)
+    _cpu_fixes(values)
     if values.get("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("--deepspeed needs the deepspeed package: `pip install deepspeed` (on a CUDA machine)")

@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.train.model import summarise_head_stats
@@ -20,8 +20,8 @@ class MedusaTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._head_stats = {"train": None, "eval": None}
-        self.remove_callback(ProgressCallback)
-        self.add_callback(MedusaProgressCallback())
+        self.remove_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
+        self.add_callback(MedusaPrinterCallback() if self.args.disable_tqdm else MedusaProgressCallback())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -76,28 +76,34 @@ class MedusaTrainer(Trainer):
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
+def format_logs(step: int, logs: dict) -> str:
+    """One readable console line: losses, learning rate, then each head's loss / top-1 / top-5."""
+    parts = [f"step {step}"]
+    for key in ("loss", "eval_loss", "learning_rate", "epoch", "train_loss", "train_runtime"):
+        if key in logs:
+            parts.append(f"{key} {logs[key]:.4g}")
+    for prefix in ("", "eval_"):
+        i = 0
+        while f"{prefix}medusa{i}_loss" in logs:
+            parts.append(
+                f"{prefix}head{i} loss {logs[f'{prefix}medusa{i}_loss']:.3f} "
+                f"top1 {logs[f'{prefix}medusa{i}_top1']:.3f} top5 {logs[f'{prefix}medusa{i}_top5']:.3f}"
+            )
+            i += 1
+    return " | ".join(parts)
+
+
 class MedusaProgressCallback(ProgressCallback):
-    """The usual progress bar, with head metrics printed as one readable line per logging step."""
+    """The usual progress bar, with metrics written as one line per logging step instead of a dict."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        parts = [f"step {state.global_step}"]
-        for key in ("loss", "eval_loss", "learning_rate", "epoch", "train_loss", "train_runtime"):
-            if key in logs:
-                parts.append(f"{key} {logs[key]:.4g}")
-        for prefix in ("", "eval_"):
-            i = 0
-            while f"{prefix}medusa{i}_loss" in logs:
-                parts.append(
-                    f"{prefix}head{i} loss {logs[f'{prefix}medusa{i}_loss']:.3f} "
-                    f"top1 {logs[f'{prefix}medusa{i}_top1']:.3f} top5 {logs[f'{prefix}medusa{i}_top5']:.3f}"
-                )
-                i += 1
-        if len(parts) == 1:
-            parts.append(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()))
-        line = " | ".join(parts)
-        if self.training_bar is not None:
-            self.training_bar.write(line)
-        else:
-            print(line, flush=True)
+        if state.is_world_process_zero and logs and self.training_bar is not None:
+            self.training_bar.write(format_logs(state.global_step, logs))
+
+
+class MedusaPrinterCallback(TrainerCallback):
+    """--disable_tqdm True: the same lines, printed."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(format_logs(state.global_step, logs), flush=True)

@@ -1,0 +1,167 @@
+"""The training command: the tutorial's flags, every architecture learns, the output folder, resume, DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, write_conversations
+from safetensors.torch import load_file
+
+from medusa_forge.errors import UserError
+from medusa_forge.train.args import parse_args
+from medusa_forge.train.run import cli_main, train
+
+TUTORIAL_FLAGS = """--model_name_or_path HuggingFaceH4/zephyr-7b-beta --data_path zephyr_self_distill.json
+--bf16 True --output_dir zephyr_out --num_train_epochs 5 --per_device_train_batch_size 4
+--per_device_eval_batch_size 4 --gradient_accumulation_steps 4 --evaluation_strategy no --save_strategy no
+--learning_rate 1e-3 --weight_decay 0.0 --warmup_ratio 0.1 --lr_scheduler_type cosine --logging_steps 1
+--tf32 True --model_max_length 2048 --lazy_preprocess True --medusa_num_heads 3 --medusa_num_layers 1""".split()
+
+
+def small_run_flags(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--model_max_length", "96",
+        "--logging_steps", "1", "--medusa_num_heads", "3", "--seed", "0", "--disable_tqdm", "True", *extra,
+    ]  # fmt: skip
+
+
+def test_tutorial_flags_parse_verbatim(caplog):
+    model, data, medusa, args = parse_args(TUTORIAL_FLAGS)
+    assert model.model_name_or_path == "HuggingFaceH4/zephyr-7b-beta"
+    assert data.data_path == "zephyr_self_distill.json" and data.lazy_preprocess is True
+    assert (medusa.medusa_num_heads, medusa.medusa_num_layers) == (3, 1)
+    assert args.eval_strategy == "no" and args.model_max_length == 2048
+    assert args.gradient_accumulation_steps == 4 and args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.1
+    if not torch.cuda.is_available():
+        assert args.bf16 is False and "--bf16 was requested but no CUDA GPU" in caplog.text
+
+
+def test_deepspeed_without_the_package_is_a_clear_error(tmp_path):
+    (tmp_path / "ds.json").write_text("{}")
+    try:
+        import deepspeed  # noqa: F401
+
+        pytest.skip("deepspeed is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="pip install deepspeed"):
+        parse_args(["--deepspeed", str(tmp_path / "ds.json")])
+
+
+def test_unknown_flag_lists_valid_ones():
+    with pytest.raises(UserError) as err:
+        parse_args(["--medusa_num_head", "3"])
+    message = str(err.value)
+    assert "did you mean --medusa_num_heads" in message and "--learning_rate" in message
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2", "mistral", "gemma", "gpt2"])
+def test_each_architecture_learns(tmp_path, tiny_tokenizer, arch):
+    model_dir = make_tiny_model(arch, tmp_path / "model", tiny_tokenizer)
+    data = write_conversations(tmp_path / "data.json", n=12)
+    out = train(small_run_flags(model_dir, data, tmp_path / "out", "--num_train_epochs", "4", "--save_strategy", "no"))
+    history = json.loads((out / "training_metrics.json").read_text())["train"]
+    for i in range(3):
+        losses = [row["loss"] for row in history[str(i)]]
+        assert losses[-1] < losses[0] * 0.9, (arch, i, losses)
+
+
+def test_output_folder(tmp_path, tiny_model_dir):
+    data = write_conversations(tmp_path / "data.json", n=8, sharegpt=False)
+    eval_data = write_conversations(tmp_path / "eval.json", n=4)
+    out = train(
+        small_run_flags(
+            tiny_model_dir, data, tmp_path / "out", "--num_train_epochs", "2", "--eval_strategy", "epoch",
+            "--eval_data_path", str(eval_data), "--save_strategy", "no",
+        )
+    )  # fmt: skip
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "medusa_lm_head.safetensors", "tokenizer.json", "training_metrics.json",
+            "training_curves.png", "README.md"} <= files  # fmt: skip
+    tensors = load_file(str(out / "medusa_lm_head.safetensors"))
+    assert sorted(tensors) == sorted(
+        f"{i}.{s}" for i in range(3) for s in ("0.linear.weight", "0.linear.bias", "1.weight")
+    )
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert set(metrics["train"]) == {"0", "1", "2"} and metrics["eval"]["0"][-1]["top1"] >= 0
+    assert "eval_medusa2_top5" in metrics["final"]
+    card = (out / "README.md").read_text()
+    assert "--speculate 3" in card and "medusa" in card
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    data = write_conversations(tmp_path / "data.json", n=16)
+    flags = ["--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2"]
+    full = train(small_run_flags(tiny_model_dir, data, tmp_path / "full", *flags))
+    # "crash" after step 3: a fresh output dir holding only checkpoint-3, then the same command again
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed = train(small_run_flags(tiny_model_dir, data, tmp_path / "resumed", *flags))
+    a, b = load_file(str(full / "medusa_lm_head.safetensors")), load_file(str(resumed / "medusa_lm_head.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    fresh = load_file(str(full / "checkpoint-3" / "medusa_lm_head.safetensors"))
+    assert not torch.equal(fresh["0.1.weight"], a["0.1.weight"])  # steps 4-6 did change the heads
+
+
+def test_ddp_two_processes_write_the_same_folder_as_one(tmp_path, tiny_model_dir):
+    data = write_conversations(tmp_path / "data.json", n=12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        flags = small_run_flags(tiny_model_dir, data, out, "--num_train_epochs", "1", "--save_strategy", "no")
+        flags[flags.index("--per_device_train_batch_size") + 1] = "2"
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+                   "-m", "medusa_forge.train", *flags]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[nproc] = out
+    names = {n: sorted(p.name for p in out.iterdir()) for n, out in outputs.items()}
+    assert names[1] == names[2]
+    one, two = (load_file(str(outputs[n] / "medusa_lm_head.safetensors")) for n in (1, 2))
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
+    steps = {
+        n: json.loads((outputs[n] / "training_metrics.json").read_text())["train"]["0"][-1]["step"] for n in (1, 2)
+    }
+    assert steps == {1: 6, 2: 3}  # 12 conversations, 2 per device: two ranks really split the data
+
+
+def test_user_mistakes_exit_2_with_a_message(tmp_path, tiny_model_dir, capsys):
+    assert cli_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(tmp_path / "none.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"conversations": [{"from": "human", "value": ["not", "text"]}]}]))
+    assert cli_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(bad)]) == 2
+    assert "record 0, message 0" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_conversations(tmp_path / "data.json", n=2)
+    code = cli_main(
+        ["--model_name_or_path", "nobody/no-such-model", "--data_path", str(data), "--output_dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "could not load model 'nobody/no-such-model'" in err and "'smollm2'" in err
+
+
+def test_end_to_end_on_the_embedded_model(tmp_path, smollm2_dir):
+    out = train(
+        ["--model_name_or_path", "smollm2", "--data_path", "sharegpt", "--max_samples", "8", "--max_steps", "2",
+         "--per_device_train_batch_size", "2", "--model_max_length", "128", "--output_dir", str(tmp_path / "out"),
+         "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True"]
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["base_model_name_or_path"] == str(smollm2_dir)
+    assert (config["hidden_size"], config["vocab_size"]) == (576, 49152)
+    tensors = load_file(str(out / "medusa_lm_head.safetensors"))
+    assert tensors["2.1.weight"].shape == (49152, 576)
+    assert (out / "tokenizer.json").is_file()
