@@ -1,0 +1,141 @@
+"""Self-distillation throughput on the embedded model (or --model).
+
+1. In-process generation: one batched left-padded `generate` over B prompts vs the same prompts one at a time
+   (target: batched >= 4x the total tokens/s).
+2. Client throughput vs --concurrency: the distill runner's HTTP backend against `serve` (real loopback HTTP).
+
+Prompts are the first user turns of the embedded ShareGPT data, cut to --prompt-chars characters.
+Run: python bench/bench_distill.py [--model smollm2] [--batch 16] [--single 4] [--max-new-tokens 64]
+Results go to BENCHMARKS.md by hand (this machine is shared, so numbers vary run to run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from medusa_forge.data.conversations import Conversation, load_conversations
+from medusa_forge.distill.backends import HttpBackend
+from medusa_forge.distill.engine import GenerationRequest, HFGenerator
+from medusa_forge.distill.runner import ReplayOptions, run
+from medusa_forge.distill.store import OutputStore
+from medusa_forge.serve import create_app
+
+
+class ServerThread:
+    """uvicorn on a free 127.0.0.1 port in a background thread (real loopback HTTP)."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+
+def first_user_turns(count: int, prompt_chars: int) -> list[list[dict]]:
+    prompts = []
+    for conversation in load_conversations("sharegpt", max_samples=count * 3):
+        users = [m for m in conversation.messages if m["role"] == "user" and m["content"].strip()]
+        if users:
+            prompts.append([{"role": "user", "content": users[0]["content"][:prompt_chars]}])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def bench_in_process(generator: HFGenerator, prompts: list[list[dict]], single: int, max_new_tokens: int) -> dict:
+    requests = [GenerationRequest(generator.encode_chat(p), max_new_tokens) for p in prompts]
+    requests.sort(key=lambda r: len(r.prompt_ids))
+    generator.generate_batch(requests[:2])  # warm-up
+    start = time.perf_counter()
+    batched = generator.generate_batch(requests)
+    batched_s = time.perf_counter() - start
+    batched_tokens = sum(r.completion_tokens for r in batched)
+    start = time.perf_counter()
+    alone = [generator.generate_batch([r])[0] for r in requests[:single]]
+    single_s = time.perf_counter() - start
+    single_tokens = sum(r.completion_tokens for r in alone)
+    return {
+        "batch": len(requests),
+        "batched_tokens": batched_tokens,
+        "batched_s": round(batched_s, 2),
+        "batched_tok_s": round(batched_tokens / batched_s, 1),
+        "single_requests": single,
+        "single_tokens": single_tokens,
+        "single_s": round(single_s, 2),
+        "single_tok_s": round(single_tokens / single_s, 1),
+        "speedup": round((batched_tokens / batched_s) / (single_tokens / single_s), 2),
+    }
+
+
+async def _client_run(url: str, conversations: list[Conversation], concurrency: int, max_new_tokens: int) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        store = OutputStore(Path(folder) / "out.jsonl")
+        store.open()
+        options = ReplayOptions(max_new_tokens=max_new_tokens, max_turns=1, concurrency=concurrency)
+        async with HttpBackend([url], max_retries=0) as backend:
+            summary = await run(backend, conversations, store, options, show_progress=False)
+        store.close()
+    return {
+        "concurrency": concurrency,
+        "conversations": summary.done,
+        "tokens": summary.completion_tokens,
+        "wall_s": round(summary.wall_s, 2),
+        "conv_s": round(summary.done / summary.wall_s, 2),
+        "tok_s": round(summary.completion_tokens / summary.wall_s, 1),
+    }
+
+
+def bench_client(generator: HFGenerator, prompts, levels: list[int], max_new_tokens: int, max_batch: int) -> list[dict]:
+    conversations = [Conversation(id=str(i), messages=p) for i, p in enumerate(prompts)]
+    app = create_app(generator, "bench", max_batch_size=max_batch, batch_wait_ms=5)
+    rows = []
+    with ServerThread(app) as server:
+        for level in levels:
+            rows.append(asyncio.run(_client_run(server.url, conversations, level, max_new_tokens)))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch", type=int, default=16, help="Prompts in the batched run (and the client runs).")
+    parser.add_argument("--single", type=int, default=4, help="Prompts generated one at a time.")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-chars", type=int, default=400)
+    parser.add_argument("--concurrency", default="1,4,16", help="Client concurrency levels against serve.")
+    parser.add_argument("--skip-client", action="store_true")
+    args = parser.parse_args()
+
+    generator = HFGenerator.load(args.model)
+    prompts = first_user_turns(args.batch, args.prompt_chars)
+    print(f"# {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, {args.model}")
+    in_process = bench_in_process(generator, prompts, args.single, args.max_new_tokens)
+    print(json.dumps(in_process), flush=True)
+    if not args.skip_client:
+        levels = [int(x) for x in args.concurrency.split(",")]
+        bench_client(generator, prompts, levels, args.max_new_tokens, max_batch=args.batch)
+
+
+if __name__ == "__main__":
+    main()
