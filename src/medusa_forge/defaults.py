@@ -71,7 +71,7 @@ def _cache_is_valid(folder: Path, stamp: dict) -> bool:
             n_tensors = len(list(f.keys()))
         json.loads((folder / "config.json").read_text())
         return n_tensors > 0 and (folder / "tokenizer.json").is_file()
-    except (OSError, ValueError):
+    except Exception:  # any failure to read it back (torn file, bad header) means: rebuild
         return False
 
 
