@@ -38,6 +38,9 @@ ROLE_MAP = {
 }
 
 
+_WARNED_TRUNCATED: set[str] = set()  # warn once per file and process, not on every load
+
+
 @dataclass
 class Conversation:
     id: str
@@ -112,6 +115,9 @@ def _recover_truncated_list(path: Path, text: str, err: json.JSONDecodeError) ->
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as inner:
             if _reaches_end_of_file(text, inner):
+                if str(path) in _WARNED_TRUNCATED:
+                    return records
+                _WARNED_TRUNCATED.add(str(path))
                 logger.warning(
                     "%s is truncated: recovered %d complete records, dropped the incomplete last one",
                     path,
@@ -188,8 +194,10 @@ def load_conversations(source: str, max_samples: int | None = None) -> list[Conv
     stats = LoadStats()
     conversations = []
     for index, record in enumerate(records):
+        if split is not None and split_of(str(record.get("id", index))) != split:
+            continue
         conversation = _normalise(record, index, str(path), stats)
-        if conversation is None or (split is not None and split_of(conversation.id) != split):
+        if conversation is None:
             continue
         conversations.append(conversation)
         if max_samples is not None and len(conversations) >= max_samples:
