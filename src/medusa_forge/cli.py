@@ -10,6 +10,8 @@ COMMANDS = {
     "train": ("medusa_forge.train.run", "train Medusa heads on a frozen model (the tutorial's flags)"),
     "distill": ("medusa_forge.distill.cli", "replay conversations against the model and keep its replies"),
     "serve": ("medusa_forge.serve", "OpenAI-compatible chat completions server over the local model"),
+    "generate": ("medusa_forge.decode.cli", "generate with Medusa heads; reports tokens/s and accepted tokens/step"),
+    "eval": ("medusa_forge.evaluate", "head accuracy, accepted tokens per step and real speed-up vs greedy"),
 }
 
 

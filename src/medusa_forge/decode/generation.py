@@ -310,3 +310,39 @@ def check_tree_support(base: PreTrainedModel) -> None:
             f"{worst:.3g}); Medusa decoding would produce wrong tokens with this architecture"
         )
     _SUPPORTED.add(base)
+
+
+@torch.no_grad()
+def measure_step_seconds(
+    model: MedusaModel, choices: Choices | None, prefix_length: int = 256, repeats: int = 5
+) -> float:
+    """Median wall time of one decoding step after `prefix_length` cached tokens: the tree forward, lm_head,
+    acceptance, cache pruning and the heads. `choices=None` times one plain greedy step instead (one token
+    through the base model and its lm_head). The tree's size is what matters, not its tokens."""
+    decoder = MedusaDecoder(model, choices or [[0]], check=False)
+    vocab = decoder.lm_head.weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoder.device)
+    cache = DynamicCache()
+    positions = torch.arange(prefix_length, device=decoder.device)
+    decoder._forward(prefix, positions, causal_bias(prefix_length, decoder.dtype, decoder.device), cache)
+    tree = decoder.tree
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up and is dropped
+        tokens = torch.randint(0, vocab, (tree.size if choices else 1,), generator=gen).to(decoder.device)
+        start = time.perf_counter()
+        if choices:
+            bias = tree.attention_bias(prefix_length, decoder.dtype, decoder.device)
+            hidden = decoder._forward(tokens, prefix_length + tree.depths, bias, cache)
+            nodes, _ = greedy_accept(tokens, decoder.lm_head(hidden), tree.paths)
+            keep_cache_entries(cache, prefix_length, nodes)
+            decoder._heads(hidden[int(nodes[-1])])
+            kept = len(nodes)
+        else:
+            bias = torch.zeros(1, 1, 1, prefix_length + 1, dtype=decoder.dtype, device=decoder.device)
+            hidden = decoder._forward(tokens, positions[-1:] + 1, bias, cache)
+            int(decoder.lm_head(hidden[-1]).argmax())
+            kept = 1
+        times.append(time.perf_counter() - start)
+        cache.crop(-kept)
+    return sorted(times[1:])[len(times[1:]) // 2]

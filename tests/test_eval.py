@@ -1,0 +1,116 @@
+"""`medusa-forge eval` and `medusa-forge generate` end to end on a tiny model with heads trained by `train`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model, write_conversations
+
+from medusa_forge.cli import main
+from medusa_forge.decode.loading import load_medusa
+from medusa_forge.decode.tree import TREE_FILE, load_tree
+from medusa_forge.evaluate import measure_accuracy
+from medusa_forge.heads import MedusaModel
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory, tiny_tokenizer):
+    folder = tmp_path_factory.mktemp("eval")
+    make_tiny_model("llama", folder / "base", tiny_tokenizer)
+    data = write_conversations(folder / "data.json", 16)
+    argv = [
+        "train", "--model_name_or_path", str(folder / "base"), "--data_path", str(data),
+        "--output_dir", str(folder / "heads"), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--model_max_length", "128", "--save_strategy", "no", "--eval_strategy", "no",
+        "--report_to", "none",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return folder / "heads", data
+
+
+def test_accuracy_counts_ranks_by_brute_force(heads_dir):
+    from medusa_forge.data.conversations import load_conversations
+    from medusa_forge.data.tokenize import IGNORE_INDEX, tokenize_conversation
+
+    heads, data = heads_dir
+    model, tokenizer = load_medusa(heads, device="cpu")
+    conversations = load_conversations(str(data), 3)
+    rows = measure_accuracy(model, tokenizer, conversations, 128, progress=False)
+    assert [r.name for r in rows] == ["base", "head 0", "head 1", "head 2"]
+    # Brute force: every position t whose target t+1+shift is an assistant token.
+    for which, row in enumerate(rows):
+        tokens = top1 = 0
+        for conversation in conversations:
+            sample = tokenize_conversation(tokenizer, conversation.messages, 128)
+            ids = torch.tensor(sample["input_ids"])
+            logits = model.base(ids[None]).logits[0] if which == 0 else model.head_logits(ids[None])[which - 1, 0]
+            for t in range(len(ids) - which - 1):
+                if sample["labels"][t + which + 1] != IGNORE_INDEX:
+                    tokens += 1
+                    top1 += int(logits[t].argmax() == ids[t + which + 1])
+        assert row.tokens == tokens
+        assert row.rank_counts[0] == top1
+        assert 0 <= row.top(1) <= row.top(5) <= 1
+
+
+def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
+    heads, data = heads_dir
+    out = tmp_path / "report"
+    argv = ["eval", "--heads", str(heads), "--data", str(data), "--max-prompts", "3", "--max-new-tokens", "24"]
+    argv += ["--max-conversations", "4", "--tree-sizes", "2,4,8", "--output-dir", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["speed"]["outputs_equal"] is True
+    assert report["speed"]["prompts"] == 3
+    assert set(report["speed"]["tokens_per_second"]) == {"greedy", "medusa", "prompt_lookup"}
+    assert report["speed"]["tokens"]["medusa"] == report["speed"]["tokens"]["greedy"]
+    acceptance = report["acceptance"]
+    assert acceptance["steps"] == sum(acceptance["histogram"].values()) > 0
+    assert 1.0 <= acceptance["mean_accept_length"] <= 4.0
+    assert report["tree_search"]["sizes"] == [2, 4, 8]
+    assert len(report["tree"]) == report["tree_search"]["chosen_size"]
+    assert load_tree(heads) == report["tree"]  # stored for generate / serve
+    config = json.loads((heads / "config.json").read_text())
+    assert "architectures" not in config and "medusa_choices" not in config  # TGI layout untouched
+    for name in ("eval.md", "acceptance.png", "tokens_per_second.png", "tree_size.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Mean accepted tokens per step" in capsys.readouterr().out
+    MedusaModel.from_pretrained(heads)  # the folder still loads as heads
+    (heads / TREE_FILE).unlink()
+
+
+def test_generate_streams_and_reports(heads_dir, capsys):
+    heads, _ = heads_dir
+    argv = ["generate", "--heads", str(heads), "--prompt", "Hello there!", "--max-new-tokens", "12", "--device", "cpu"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and "mean accepted tokens per step" in captured.err
+    assert captured.out.strip()
+    argv += ["--temperature", "0.7", "--seed", "3", "--raw", "--tree", "default-8"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tree", "default-zz"], "default-N"),
+        (["--max-new-tokens", "0"], "at least 1"),
+        (["--dtype", "float8"], "float32"),
+    ],
+)
+def test_generate_bad_flags(heads_dir, capsys, extra, message):
+    heads, _ = heads_dir
+    assert main(["generate", "--heads", str(heads), "--prompt", "hi", "--device", "cpu", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_heads_folder(tmp_path, capsys):
+    assert main(["eval", "--heads", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["generate", "--heads", str(tmp_path), "--prompt", "x"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
