@@ -160,14 +160,21 @@ def create_app(
                     "finish_reason": result.finish_reason,
                 }
             ],
-            "usage": {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-            },
+            "usage": _usage(result),
         }
 
     return app
+
+
+def _usage(result) -> dict:
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+    if hasattr(result, "accepted_tokens_per_step"):  # decoding with Medusa heads
+        usage["accepted_tokens_per_step"] = round(result.accepted_tokens_per_step, 3)
+    return usage
 
 
 async def _stream(engine: BatchingEngine, request: GenerationRequest, completion_id: str, created: int, model: str):
@@ -200,12 +207,7 @@ async def _stream(engine: BatchingEngine, request: GenerationRequest, completion
             logger.exception("streamed generation failed")
             yield f"data: {json.dumps(_error_body(f'internal error: {err}', 'server_error'))}\n\n"
             return
-        usage = {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        }
-        yield chunk({}, result.finish_reason, usage)
+        yield chunk({}, result.finish_reason, _usage(result))
         yield "data: [DONE]\n\n"
     finally:
         task.cancel()  # the client went away: drop the request if it has not started yet
@@ -213,7 +215,14 @@ async def _stream(engine: BatchingEngine, request: GenerationRequest, completion
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medusa-forge serve", description="OpenAI-compatible server (local model).")
-    parser.add_argument("--model", default="smollm2", help="Local folder, Hub id or the offline alias 'smollm2'.")
+    parser.add_argument(
+        "--model", default=None, help="Local folder, Hub id or the offline alias 'smollm2' (default: smollm2)."
+    )
+    parser.add_argument(
+        "--heads",
+        default=None,
+        help="Medusa heads folder: decode with the heads, one request at a time (default base: the heads' own).",
+    )
     parser.add_argument("--served-model-name", default=None, help="Name in /v1/models and replies (default: --model).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -234,10 +243,15 @@ def cli_main(argv: list[str]) -> int:
             raise UserError(f"--port {args.port}: expected 0-65535")
         if args.default_max_tokens < 1:
             raise UserError("--default-max-tokens must be at least 1")
-        generator = HFGenerator.load(args.model, dtype=args.dtype, device=args.device)
+        if args.heads:
+            from medusa_forge.decode.serving import MedusaServeGenerator
+
+            generator = MedusaServeGenerator.load(args.heads, args.model, dtype=args.dtype, device=args.device)
+        else:
+            generator = HFGenerator.load(args.model or "smollm2", dtype=args.dtype, device=args.device)
         app = create_app(
             generator,
-            args.served_model_name or args.model,
+            args.served_model_name or args.model or "smollm2",
             max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms,
             default_max_tokens=args.default_max_tokens,

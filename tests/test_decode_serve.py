@@ -1,0 +1,78 @@
+"""`medusa-forge serve --heads DIR`: greedy replies equal the plain server's, usage reports accepted tokens/step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from test_serve import HELLO, ServerThread, chat, solo
+
+from medusa_forge.decode.serving import MedusaServeGenerator
+from medusa_forge.distill.engine import HFGenerator
+from medusa_forge.heads import MedusaHeads
+from medusa_forge.modeling import load_base_model, load_tokenizer
+from medusa_forge.serve import create_app
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve-heads")
+    base = load_base_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    heads = MedusaHeads.for_base_model(base, 3, 1, str(tiny_model_dir))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    heads.save(folder)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def medusa_server(heads_dir):
+    generator = MedusaServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
+    with ServerThread(create_app(generator, "tiny-medusa", max_batch_size=4, batch_wait_ms=20)) as running:
+        yield running
+
+
+MESSAGES = [HELLO, [{"role": "user", "content": "The quick brown fox"}]]
+
+
+@pytest.mark.parametrize("messages", MESSAGES)
+def test_greedy_reply_equals_plain_server(medusa_server, tiny_model_dir, messages):
+    plain = HFGenerator.load(str(tiny_model_dir))
+    response = chat(medusa_server, messages=messages, max_tokens=20, temperature=0)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == solo(plain, messages, 20)
+    usage = body["usage"]
+    assert usage["accepted_tokens_per_step"] >= 1.0
+    assert usage["completion_tokens"] <= 20
+
+
+def test_streaming_matches_and_reports_acceptance(medusa_server):
+    whole = chat(medusa_server, messages=HELLO, max_tokens=16, temperature=0).json()
+    text, usage = "", None
+    with httpx.stream(
+        "POST",
+        f"{medusa_server.url}/v1/chat/completions",
+        json={"messages": HELLO, "max_tokens": 16, "temperature": 0, "stream": True},
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            text += chunk["choices"][0]["delta"].get("content", "")
+            usage = chunk.get("usage", usage)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert usage["accepted_tokens_per_step"] == whole["usage"]["accepted_tokens_per_step"]
+
+
+def test_context_limit_is_a_400(medusa_server):
+    response = chat(medusa_server, messages=HELLO, max_tokens=100000)
+    assert response.status_code == 400
+    assert "context length" in response.json()["error"]["message"]
