@@ -5,7 +5,7 @@
 2. Client throughput vs --concurrency: the distill runner's HTTP backend against `serve` (real loopback HTTP).
 
 Prompts are the first user turns of the embedded ShareGPT data, cut to --prompt-chars characters.
-Run: python bench/bench_distill.py [--model smollm2] [--batch 16] [--single 4] [--max-new-tokens 64]
+Run: python bench/bench_distill.py [--model smollm2] [--batch 16] [--single 4] [--max-new-tokens 64] [--threads N]
 Results go to BENCHMARKS.md by hand (this machine is shared, so numbers vary run to run).
 """
 
@@ -105,13 +105,17 @@ async def _client_run(url: str, conversations: list[Conversation], concurrency: 
     }
 
 
-def bench_client(generator: HFGenerator, prompts, levels: list[int], max_new_tokens: int, max_batch: int) -> list[dict]:
+def bench_client(
+    generator: HFGenerator, prompts, levels: list[int], max_new_tokens: int, max_batch: int, batch_wait_ms: float
+) -> list[dict]:
     conversations = [Conversation(id=str(i), messages=p) for i, p in enumerate(prompts)]
-    app = create_app(generator, "bench", max_batch_size=max_batch, batch_wait_ms=5)
+    app = create_app(generator, "bench", max_batch_size=max_batch, batch_wait_ms=batch_wait_ms)
     rows = []
     with ServerThread(app) as server:
         for level in levels:
+            before = app.state.engine.batches_run
             rows.append(asyncio.run(_client_run(server.url, conversations, level, max_new_tokens)))
+            rows[-1]["batch_sizes"] = app.state.engine.batch_sizes[before:]
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -124,8 +128,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-chars", type=int, default=400)
     parser.add_argument("--concurrency", default="1,4,16", help="Client concurrency levels against serve.")
+    parser.add_argument("--client-max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="serve's --batch-wait-ms.")
     parser.add_argument("--skip-client", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     generator = HFGenerator.load(args.model)
     prompts = first_user_turns(args.batch, args.prompt_chars)
@@ -134,7 +143,7 @@ def main() -> None:
     print(json.dumps(in_process), flush=True)
     if not args.skip_client:
         levels = [int(x) for x in args.concurrency.split(",")]
-        bench_client(generator, prompts, levels, args.max_new_tokens, max_batch=args.batch)
+        bench_client(generator, prompts, levels, args.client_max_new_tokens, args.batch, args.batch_wait_ms)
 
 
 if __name__ == "__main__":

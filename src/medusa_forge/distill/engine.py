@@ -241,7 +241,11 @@ class BatchingEngine:
         self.batch_wait_s = batch_wait_ms / 1000
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
-        self.batches_run = 0  # for tests and the benchmark: how many generate calls were made
+        self.batch_sizes: list[int] = []  # one entry per generate call (tests and the benchmark read it)
+
+    @property
+    def batches_run(self) -> int:
+        return len(self.batch_sizes)
 
     async def submit(
         self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
@@ -265,12 +269,14 @@ class BatchingEngine:
             self._worker = None
 
     async def _collect(self) -> list[_Pending]:
+        """Wait for a request, then keep gathering while more keep coming (each one within `batch_wait` of the
+        last, at most 10 x `batch_wait` in all): a burst of clients lands in one batch, a lone one waits little."""
         pending = [await self._queue.get()]
-        deadline = time.monotonic() + self.batch_wait_s
+        hard_deadline = time.monotonic() + 10 * self.batch_wait_s
         while True:
             while not self._queue.empty():
                 pending.append(self._queue.get_nowait())
-            remaining = deadline - time.monotonic()
+            remaining = min(self.batch_wait_s, hard_deadline - time.monotonic())
             if remaining <= 0 or len(pending) >= self.max_batch_size:
                 return pending
             try:
@@ -313,7 +319,7 @@ class BatchingEngine:
                         if not item.future.done():
                             item.future.set_exception(err)
                     continue
-                self.batches_run += 1
+                self.batch_sizes.append(len(batch))
                 for item, result in zip(batch, results, strict=True):
                     if not item.future.done():
                         item.future.set_result(result)
