@@ -68,3 +68,42 @@ def test_no_labelled_target_gives_zero_loss_but_keeps_gradients_defined():
     assert float(out["loss"]) == 0.0
     out["loss"].backward()
     assert all(p.grad is not None for p in heads.parameters())
+
+
+def test_soft_labels_match_brute_force_against_the_base_distribution():
+    heads = make_heads(num_heads=2)
+    hidden = torch.randn(2, 9, 8)
+    labels = torch.randint(0, 11, (2, 9))
+    labels[1, :3] = -100
+    lm_head = torch.randn(11, 8)
+    out = medusa_loss(heads, hidden, labels, [1.0, 0.5], soft_target_weight=lm_head, chunk_size=3)
+    expected = 0.0
+    for i, head in enumerate(heads):
+        terms = []
+        for b in range(2):
+            for t in range(9 - 2 - i):
+                if labels[b, t + 2 + i] != -100:
+                    target = F.softmax(hidden[b, t + 1 + i] @ lm_head.T, dim=-1)  # base's view of token t+2+i
+                    terms.append(-(target * F.log_softmax(head(hidden[b, t]), dim=-1)).sum())
+        expected = expected + [1.0, 0.5][i] * torch.stack(terms).mean()
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_chunking_and_frozen_projection_give_the_same_loss_and_block_gradients():
+    heads = make_heads()
+    hidden = torch.randn(3, 12, 8)
+    labels = torch.randint(0, 11, (3, 12))
+    results = []
+    for chunk_size, frozen in ((4096, False), (5, False), (5, True)):
+        for p in heads.parameters():
+            p.grad = None
+        for head in heads:
+            head[-1].weight.requires_grad_(not frozen)
+        out = medusa_loss(heads, hidden, labels, [1.0] * 3, chunk_size=chunk_size)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), heads[1][0].linear.weight.grad.clone(), heads[1][-1].weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][1], results[2][1])
+    torch.testing.assert_close(results[0][2], results[1][2])
+    assert results[2][2] is None  # frozen projection: no weight gradient computed

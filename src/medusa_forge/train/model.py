@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.heads import MedusaHeads, backbone
-
-TOPK = (1, 3, 5)
+from medusa_forge.train.fused_ce import TOPK, linear_cross_entropy
 
 
 def head_weights(num_heads: int, decay_coefficient: float) -> list[float]:
@@ -18,20 +16,29 @@ def head_weights(num_heads: int, decay_coefficient: float) -> list[float]:
 
 
 class MedusaForTraining(nn.Module):
-    """forward(input_ids, attention_mask, labels) -> {"loss", "head_stats"}.
+    """forward(labels, input_ids + attention_mask | hidden_states) -> {"loss", "head_stats"}.
 
+    With `hidden_states` (from the hidden-state cache) the base model is not run at all.
     head_stats is a [K, 2 + len(TOPK)] tensor of sums: (cross-entropy, token count, top-k hits...), which
     the trainer accumulates between logging steps and reduces across processes.
-    Only positions whose target (t+2+i) is an assistant token go through head i's vocabulary projection.
     """
 
-    def __init__(self, base: PreTrainedModel, heads: MedusaHeads, loss_weights: list[float]) -> None:
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        heads: MedusaHeads,
+        loss_weights: list[float],
+        soft_labels: bool = False,
+        chunk_size: int = 1024,
+    ) -> None:
         super().__init__()
         base.eval()
         base.requires_grad_(False)
         self.base = base
         self.heads = heads
         self.loss_weights = loss_weights
+        self.soft_labels = soft_labels
+        self.chunk_size = chunk_size
 
     def train(self, mode: bool = True) -> MedusaForTraining:
         super().train(mode)
@@ -39,45 +46,61 @@ class MedusaForTraining(nn.Module):
         return self
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        labels: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            hidden = backbone(self.base)(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state
-        return medusa_loss(self.heads, hidden, labels, self.loss_weights)
+        if hidden_states is None:
+            with torch.no_grad():
+                hidden_states = backbone(self.base)(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
+        soft_weight = self.base.get_output_embeddings().weight if self.soft_labels else None
+        return medusa_loss(self.heads, hidden_states, labels, self.loss_weights, soft_weight, self.chunk_size)
 
 
 def medusa_loss(
-    heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, loss_weights: list[float]
+    heads: MedusaHeads,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    loss_weights: list[float],
+    soft_target_weight: torch.Tensor | None = None,
+    chunk_size: int = 1024,
 ) -> dict[str, torch.Tensor]:
-    """Weighted sum over heads of the mean cross-entropy of head i at t against labels[t + 2 + i]."""
+    """Weighted sum over heads of head i's mean cross-entropy at position t against token t+2+i.
+
+    Only positions whose target is labelled (an assistant token) go through the vocabulary projection.
+    Hard targets are labels[t+2+i]; soft targets (soft_target_weight = the base lm_head weight) are the base
+    model's own distribution for that token, softmax(lm_head(hidden[t+1+i])).
+    """
     hidden = hidden.to(heads[0][-1].weight.dtype)
     seq_len = labels.shape[1]
-    total = hidden.new_zeros(())
-    stats = hidden.new_zeros(len(heads), 2 + len(TOPK), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    stats = torch.zeros(len(heads), 2 + len(TOPK), dtype=torch.float32, device=hidden.device)
     for i, head in enumerate(heads):
         shift = 2 + i
         if seq_len <= shift:
+            total = total + 0.0 * sum(p.sum() for p in head.parameters() if p.requires_grad)
             continue
         targets = labels[:, shift:]
         valid = targets != IGNORE_INDEX
         count = int(valid.sum())
+        blocks, projection = head[:-1], head[-1].weight
+        soft_hidden = hidden[:, shift - 1 : seq_len - 1][valid] if soft_target_weight is not None else None
+        ce_sum, hits = linear_cross_entropy(
+            blocks(hidden[:, : seq_len - shift][valid]), projection, targets[valid],
+            soft_hidden, soft_target_weight, chunk_size,
+        )  # fmt: skip
         if count == 0:
             # keep every head in the graph so DDP sees a gradient for each parameter
-            total = total + 0.0 * sum(p.sum() for p in head.parameters())
+            total = total + 0.0 * sum(p.sum() for p in head.parameters() if p.requires_grad)
             continue
-        logits = head(hidden[:, : seq_len - shift][valid]).float()
-        target = targets[valid]
-        ce_sum = F.cross_entropy(logits, target, reduction="sum")
         total = total + loss_weights[i] * ce_sum / count
-        with torch.no_grad():
-            top = logits.topk(max(TOPK), dim=-1).indices
-            hits = top == target[:, None]
-            stats[i, 0] = ce_sum.detach()
-            stats[i, 1] = count
-            for k_index, k in enumerate(TOPK):
-                stats[i, 2 + k_index] = hits[:, :k].any(dim=-1).sum()
+        stats[i, 0] = ce_sum.detach()
+        stats[i, 1] = count
+        stats[i, 2:] = hits
     return {"loss": total, "head_stats": stats}
 
 

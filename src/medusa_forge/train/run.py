@@ -15,7 +15,7 @@ from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.defaults import resolve_model
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaHeads
-from medusa_forge.model_card import render_model_card
+from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
@@ -104,15 +104,8 @@ def train(argv: list[str]) -> Path:
             "Training data": f"`{data_args.data_path}` ({len(train_set)} conversations)",
             "Epochs / max length": f"{training_args.num_train_epochs:g} / {training_args.model_max_length}",
         }
-        (output / "README.md").write_text(
-            render_model_card(
-                heads.config,
-                model_args.model_name_or_path
-                if model_args.model_name_or_path != "smollm2"
-                else "HuggingFaceTB/SmolLM2-135M-Instruct",
-                facts,
-                card_metrics,
-            )
+        write_model_card(
+            output, heads.config, hub_base_id(model_args.model_name_or_path) or base_path, facts, card_metrics
         )
         logger.warning("heads written to %s", output)
     return output
