@@ -12,6 +12,9 @@ COMMANDS = {
     "serve": ("medusa_forge.serve", "OpenAI-compatible chat completions server over the local model"),
     "generate": ("medusa_forge.decode.cli", "generate with Medusa heads; reports tokens/s and accepted tokens/step"),
     "eval": ("medusa_forge.evaluate", "head accuracy, accepted tokens per step and real speed-up vs greedy"),
+    "export": ("medusa_forge.export", "write heads for TGI, vLLM or TensorRT-LLM; prints the serve command"),
+    "import": ("medusa_forge.import_heads", "convert heads from any known layout (.pt, version 2, vLLM, ...) to ours"),
+    "push": ("medusa_forge.hub", "validate a heads folder, refresh its model card and upload it to the Hub"),
 }
 
 

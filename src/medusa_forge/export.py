@@ -1,0 +1,165 @@
+"""`medusa-forge export`: write trained heads in the layout an engine loads as-is (TGI, vLLM, TensorRT-LLM),
+check the result by reading it back, and print the command that serves it.
+
+TGI and TensorRT-LLM read our own layout (config.json + medusa_lm_head.safetensors); vLLM needs its own names
+and config keys. Layouts: DESIGN.md and medusa_forge/formats.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medusa_forge.errors import UserError
+from medusa_forge.formats import (
+    FORMATS,
+    LAYOUTS,
+    TOKENIZER_FILES,
+    TREE_FILE,
+    LoadedHeads,
+    copy_sidecars,
+    read_heads,
+    same_tensors,
+    write_medusa,
+    write_vllm,
+)
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    files: list[Path]
+    serve_commands: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_local_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).exists()
+
+
+def _ship_tokenizer(
+    loaded: LoadedHeads, output_dir: Path, tokenizer: str | None, trained_base: str
+) -> tuple[list[Path], str]:
+    """TGI's router reads the tokenizer from --model-id (the heads folder), not from the base model."""
+    if tokenizer is None:
+        copied = copy_sidecars(loaded.source, output_dir, TOKENIZER_FILES)
+        if copied:
+            return copied, "tokenizer files copied from the heads folder"
+        tokenizer = trained_base
+    from medusa_forge.modeling import load_tokenizer
+
+    before = set(output_dir.iterdir())
+    load_tokenizer(tokenizer).save_pretrained(output_dir)
+    return sorted(set(output_dir.iterdir()) - before), f"tokenizer files written from {tokenizer}"
+
+
+def _tree(loaded: LoadedHeads) -> list[list[int]]:
+    from medusa_forge.decode.tree import default_choices, load_tree
+
+    folder = loaded.source if loaded.source.is_dir() else loaded.source.parent
+    return load_tree(folder) or default_choices(16, loaded.config.medusa_num_heads)
+
+
+def serve_commands(fmt: str, output_dir: Path, loaded: LoadedHeads) -> list[str]:
+    """Copy-paste commands that serve the exported folder."""
+    k = loaded.config.medusa_num_heads
+    base = loaded.config.base_model_name_or_path
+    out = shlex.quote(str(output_dir))
+    if fmt == "tgi":
+        return [
+            f"text-generation-launcher --model-id {out} --speculate {k}",
+            f"docker run --gpus all --shm-size 1g -p 8080:80 -v {shlex.quote(str(output_dir.resolve()))}:/data/heads "
+            f"ghcr.io/huggingface/text-generation-inference:latest --model-id /data/heads --speculate {k}",
+        ]
+    if fmt == "vllm":
+        spec = json.dumps({"method": "medusa", "model": str(output_dir), "num_speculative_tokens": k})
+        return [f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"]
+    choices = json.dumps(_tree(loaded), separators=(",", ":"))
+    return [
+        f"python examples/medusa/convert_checkpoint.py --model_dir {shlex.quote(base)} --medusa_model_dir {out} "
+        f"--output_dir tllm_checkpoint_medusa --dtype float16 --num_medusa_heads {k}",
+        "trtllm-build --checkpoint_dir tllm_checkpoint_medusa --output_dir trt_engines_medusa "
+        "--gemm_plugin float16 --speculative_decoding_mode medusa --max_batch_size 8",
+        f"python examples/run.py --engine_dir trt_engines_medusa --tokenizer_dir {shlex.quote(base)} "
+        f"--medusa_choices={shlex.quote(choices)} --use_py_session --temperature 0.0 --input_text 'Hello'",
+    ]
+
+
+def export_heads(
+    heads: str | Path,
+    fmt: str,
+    output_dir: str | Path,
+    base_model_id: str | None = None,
+    tokenizer: str | None = None,
+    layout: str | None = None,
+) -> ExportResult:
+    """Write `heads` (any known layout) for engine `fmt` into `output_dir`, then read it back and compare."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and Path(heads).exists() and output_dir.resolve() == Path(heads).resolve():
+        raise UserError("--output-dir must differ from --heads (export writes a new folder)")
+    loaded = read_heads(heads, layout=layout)
+    notes = list(loaded.notes)
+    trained_base = loaded.config.base_model_name_or_path  # the base the heads were trained on (often local)
+    if base_model_id:
+        loaded.config.base_model_name_or_path = base_model_id
+    base = loaded.config.base_model_name_or_path
+    if fmt != "vllm" and _is_local_path(base):
+        notes.append(
+            f"base_model_name_or_path is the local path {base!r}: the engine loads the base from it, so it must "
+            "exist where the engine runs (pass --base-model-id HUB_ID to name a Hub model instead)"
+        )
+    files = write_vllm(loaded, output_dir) if fmt == "vllm" else write_medusa(loaded, output_dir)
+    files += copy_sidecars(loaded.source, output_dir, (TREE_FILE,))
+    if fmt == "tgi":
+        shipped, note = _ship_tokenizer(loaded, output_dir, tokenizer, trained_base)
+        files += shipped
+        notes.append(note)
+    # The proof that an engine reads what we meant: our own reader, on the written folder, gives the same tensors.
+    written = read_heads(output_dir, layout="vllm" if fmt == "vllm" else "medusa", check_base=False)
+    if not same_tensors(written.state, loaded.state) or written.config != loaded.config:
+        raise UserError(f"{output_dir}: the written heads differ from the source; please report this")
+    if fmt == "vllm":
+        notes.append("vLLM reads the tokenizer from the base model; medusa_fc_bias is true so biases are loaded")
+    return ExportResult(output_dir, files, serve_commands(fmt, output_dir, loaded), notes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medusa-forge export", description="Write Medusa heads in the layout an inference engine loads."
+    )
+    parser.add_argument("--heads", required=True, help="Heads folder (written by `medusa-forge train`, or any layout).")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="Target engine.")
+    parser.add_argument("--output-dir", required=True, help="New folder to write.")
+    parser.add_argument(
+        "--base-model-id",
+        help="Write this base model name (e.g. a Hub id) into the exported config instead of the heads' own.",
+    )
+    parser.add_argument(
+        "--tokenizer", help="TGI only: take the tokenizer from here (default: heads folder, then base)."
+    )
+    parser.add_argument("--layout", choices=list(LAYOUTS), help="Layout of --heads when detection is ambiguous.")
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = export_heads(args.heads, args.format, args.output_dir, args.base_model_id, args.tokenizer, args.layout)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.format} layout to {result.output_dir}:")
+    for path in result.files:
+        print(f"  {path.name}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print("serve it with:")
+    for command in result.serve_commands:
+        print(f"  {command}")
+    return 0

@@ -1,0 +1,78 @@
+"""`medusa-forge import`: read Medusa heads in any known layout (original `.pt`, "version 2", vLLM, full
+checkpoints with `medusa_head.` weights, ours) and write them in our layout, which every command here and
+TGI / TensorRT-LLM load. Says which layout it found; refuses ambiguous or inconsistent input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medusa_forge.errors import UserError
+from medusa_forge.formats import (
+    LAYOUTS,
+    TOKENIZER_FILES,
+    TREE_FILE,
+    LoadedHeads,
+    copy_sidecars,
+    describe,
+    read_heads,
+    same_tensors,
+    write_medusa,
+)
+from medusa_forge.heads import WEIGHTS_NAME
+
+
+def import_heads(
+    source: str | Path, output_dir: str | Path, base_model: str | None = None, layout: str | None = None
+) -> tuple[LoadedHeads, list[Path]]:
+    """Convert `source` into our layout in `output_dir`; returns what was read and the files written."""
+    source, output_dir = Path(source), Path(output_dir)
+    if output_dir.exists() and source.exists() and output_dir.resolve() == source.resolve():
+        raise UserError("--output-dir must differ from --from (import writes a new folder)")
+    loaded = read_heads(source, base_model=base_model, layout=layout)
+    if (output_dir / WEIGHTS_NAME).exists():
+        loaded.notes.append(f"replaced the heads already in {output_dir}")
+    files = write_medusa(loaded, output_dir)
+    files += copy_sidecars(source, output_dir, TOKENIZER_FILES + (TREE_FILE,))
+    written = read_heads(output_dir, layout="medusa", check_base=False)
+    if not same_tensors(written.state, loaded.state):
+        raise UserError(f"{output_dir}: the written heads differ from the source; please report this")
+    return loaded, files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medusa-forge import",
+        description="Convert Medusa heads from any known layout into this project's (= TGI's) layout.",
+    )
+    parser.add_argument("--from", dest="source", required=True, help="Heads folder or weights file to read.")
+    parser.add_argument(
+        "--output-dir", required=True, help="Folder to write (config.json + medusa_lm_head.safetensors)."
+    )
+    parser.add_argument(
+        "--base-model",
+        help="Base model (Hub id or folder) when the source does not name it, or to check sizes against another.",
+    )
+    parser.add_argument("--layout", choices=list(LAYOUTS), help="Read this layout instead of detecting it.")
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded, files = import_heads(args.source, args.output_dir, args.base_model, args.layout)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = describe(loaded)
+    print(f"found: {loaded.description}")
+    print(
+        f"heads: {info['medusa_num_heads']}, blocks per head: {info['medusa_num_layers']}, hidden "
+        f"{info['hidden_size']}, vocabulary {info['vocab_size']}, {info['dtype']}, "
+        f"base {info['base_model_name_or_path']}"
+    )
+    for note in loaded.notes:
+        print(f"note: {note}")
+    print(f"wrote {args.output_dir}: " + ", ".join(p.name for p in files))
+    return 0
