@@ -133,6 +133,7 @@ def test_replay_keeps_user_turns_and_replaces_assistant_turns(tmp_path, capsys):
     sent = [r["body"]["messages"] for r in server.requests]
     assert sent == [record["messages"][:2], record["messages"][:4], record["messages"][:6]]
     assert all(r["body"]["model"] == "scripted-model" for r in server.requests)  # discovered via /v1/models
+    assert all(r["body"]["temperature"] == 0 and "top_p" not in r["body"] for r in server.requests)
     assert "done: 1 conversations" in capsys.readouterr().err
 
 
@@ -142,8 +143,11 @@ def test_max_turns_max_samples_and_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with ScriptedServer() as server:
         flags = ["--input-filename", str(source), "--output-filename", str(out), "--url", server.url]
-        assert distill(*flags, "--max-turns", "1", "--max-samples", "3") == 0
+        assert distill(*flags, "--max-turns", "1", "--max-samples", "3", "--temperature", "0.7", "--top-p", "0.9") == 0
     records = read_jsonl(out)
+    sent = [r["body"] for r in server.requests]
+    assert all(b["temperature"] == 0.7 and b["top_p"] == 0.9 for b in sent)
+    assert len({b["seed"] for b in sent}) == 3  # a distinct, stable seed per conversation turn
     assert sorted(r["id"] for r in records) == ["conv0", "conv1", "conv2"]
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in records)
     assert {r["auth"] for r in server.requests} == {"Bearer hf_secret"}

@@ -194,3 +194,18 @@ def test_cli_bad_model_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["--model", str(tmp_path / "no-such-model"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not load model") and "Traceback" not in err
+
+
+def test_tokenizer_without_chat_template_uses_the_training_fallback(tmp_path):
+    from conftest import build_tokenizer, make_tiny_model
+
+    from medusa_forge.data.tokenize import FALLBACK_CHAT_TEMPLATE
+
+    folder = make_tiny_model("gpt2", tmp_path / "gpt2", build_tokenizer(chat_template=None))
+    generator = HFGenerator.load(str(folder))
+    assert generator.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE  # the same prompt format train uses
+    prompt = generator.encode_chat(HELLO)
+    rendered = generator.tokenizer.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
+    assert generator.tokenizer.decode(prompt) == rendered and rendered.startswith("User")
+    [result] = generator.generate_batch([GenerationRequest(prompt, 3)])
+    assert result.completion_tokens <= 3 and result.prompt_tokens == len(prompt)

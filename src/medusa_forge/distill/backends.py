@@ -148,10 +148,12 @@ class HttpBackend:
             "messages": messages,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
-            "top_p": params.top_p,
             "stream": False,
         }
-        if params.seed is not None:
+        # Only what matters: some servers (TGI's validation) reject top_p == 1.0, and greedy needs no seed.
+        if params.top_p < 1.0:
+            payload["top_p"] = params.top_p
+        if params.seed is not None and params.temperature > 0:
             payload["seed"] = params.seed
         last_problem = "no attempt made"
         for attempt in range(self.max_retries + 1):
