@@ -51,6 +51,23 @@ class MedusaArguments:
     medusa_decay_coefficient: float = field(
         default=1.0, metadata={"help": "Head i's loss weight is c**i (the Medusa paper uses 0.8)."}
     )
+    medusa_hidden_cache: bool = field(
+        default=True,
+        metadata={"help": "Run the frozen base once, cache its hidden states on disk, train every epoch from them."},
+    )
+    medusa_hidden_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the hidden-state cache lives (default: ~/.cache/medusa-forge/hidden)."}
+    )
+    medusa_soft_labels: bool = field(
+        default=False, metadata={"help": "Teach head i the base model's own distribution for token t+2+i."}
+    )
+    medusa_freeze_projection: bool = field(
+        default=False,
+        metadata={"help": "Keep each head's vocabulary projection at the base lm_head; train only the blocks."},
+    )
+    medusa_loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the vocabulary projection + loss (bounds memory)."}
+    )
 
 
 @dataclass

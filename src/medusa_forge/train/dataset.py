@@ -60,6 +60,10 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.conversations)
 
+    def all_items(self) -> list[dict[str, list[int]]]:
+        """Every tokenised conversation, in order (tokenises the rest first in lazy mode)."""
+        return [self[i] for i in range(len(self))]
+
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         if index not in self._cache:
             conversation = self.conversations[index]
@@ -75,19 +79,26 @@ class ConversationDataset(Dataset):
 
 
 class PadCollator:
-    """Right-pads a batch; labels with IGNORE_INDEX, attention_mask 0 on padding."""
+    """Right-pads a batch: token ids with pad_token_id (attention_mask 0 there), cached hidden states with
+    zeros, labels with IGNORE_INDEX (so padding never reaches the loss)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        length = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(item["labels"]) for item in items)
         labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        for row, item in enumerate(items):
+            labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
+        if "hidden_states" in items[0]:
+            hidden = torch.zeros((len(items), length, items[0]["hidden_states"].shape[-1]), dtype=torch.float16)
+            for row, item in enumerate(items):
+                hidden[row, : len(item["labels"])] = item["hidden_states"]
+            return {"hidden_states": hidden, "labels": labels}
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.tensor(item["input_ids"])
-            labels[row, :n] = torch.tensor(item["labels"])
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

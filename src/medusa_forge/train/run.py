@@ -12,13 +12,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import ensure_chat_template
-from medusa_forge.defaults import resolve_model
+from medusa_forge.defaults import cache_dir, resolve_model
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
+from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache
 from medusa_forge.train.model import MedusaForTraining, head_weights
 from medusa_forge.train.report import plot_history, write_metrics
 from medusa_forge.train.trainer import MedusaTrainer
@@ -47,6 +48,21 @@ def _resume_checkpoint(training_args) -> str | None:
     return None
 
 
+def _cached(base, train_set, eval_set, medusa_args, training_args):
+    """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait."""
+    root = Path(medusa_args.medusa_hidden_cache_dir or cache_dir() / "hidden")
+    out = []
+    for dataset in (train_set, eval_set):
+        if dataset is None:
+            out.append(None)
+            continue
+        items = dataset.all_items()
+        with training_args.main_process_first(desc="hidden-state cache"):
+            cache = build_hidden_cache(base, items, root)
+        out.append(CachedHiddenDataset(items, cache))
+    return out
+
+
 def train(argv: list[str]) -> Path:
     """Run training from command-line flags; returns the heads folder."""
     model_args, data_args, medusa_args, training_args = parse_args(argv)
@@ -73,11 +89,20 @@ def train(argv: list[str]) -> Path:
             eval_path,
         )
 
-    base = load_base_model(base_path, dtype=_base_dtype(training_args))
+    base = load_base_model(base_path, dtype=_base_dtype(training_args)).to(training_args.device)
+    if medusa_args.medusa_hidden_cache:
+        train_set, eval_set = _cached(base, train_set, eval_set, medusa_args, training_args)
     # In config.json: what the user passed, but aliases become the folder a server can load.
     heads = MedusaHeads.for_base_model(base, medusa_args.medusa_num_heads, medusa_args.medusa_num_layers, base_path)
+    if medusa_args.medusa_freeze_projection:
+        for head in heads:
+            head[-1].weight.requires_grad_(False)
     model = MedusaForTraining(
-        base, heads, head_weights(medusa_args.medusa_num_heads, medusa_args.medusa_decay_coefficient)
+        base,
+        heads,
+        head_weights(medusa_args.medusa_num_heads, medusa_args.medusa_decay_coefficient),
+        soft_labels=medusa_args.medusa_soft_labels,
+        chunk_size=medusa_args.medusa_loss_chunk_size,
     )
     training_args.label_names = ["labels"]
     if not torch.cuda.is_available():
