@@ -267,3 +267,19 @@ def test_bad_inputs_are_user_errors():
     with pytest.raises(UserError, match="positions"):
         decoder.generate(PROMPT, 600)
     assert decoder.generate(PROMPT, 0).tokens == []
+
+
+def test_draft_vocabulary_keeps_output_exact_and_proposes_only_its_ids():
+    base = chaotic_model("llama", seed=1)
+    ref = reference(base, 24)
+    torch.manual_seed(3)
+    heads = MedusaHeads.for_base_model(base, NUM_HEADS, 1, "tiny")
+    model = MedusaModel(base, heads)
+    decoder = MedusaDecoder(model, TREES["default-16"], draft_vocab=50)
+    hidden = torch.randn(32)
+    draft = decoder._heads(hidden)
+    assert draft.shape == (NUM_HEADS, 50)
+    torch.testing.assert_close(draft, heads(hidden)[:, :50])  # the same logits, restricted to ids < 50
+    assert decoder.generate(PROMPT, 24).tokens == ref
+    with pytest.raises(UserError, match="draft-vocab"):
+        MedusaDecoder(model, TREES["chain"], draft_vocab=10**6)

@@ -50,10 +50,11 @@ class HeadAccuracy:
 
 @torch.no_grad()
 def measure_accuracy(
-    model, tokenizer, conversations, max_length: int = 1024, progress: bool = True
+    model, tokenizer, conversations, max_length: int = 1024, progress: bool = True, draft_vocab: int | None = None
 ) -> list[HeadAccuracy]:
     """Rank of the true token under the base lm_head (predicts t+1) and each head i (predicts t+2+i), at every
-    position whose target is an assistant token. The rank accuracies feed the tree builder."""
+    position whose target is an assistant token. The rank accuracies feed the tree builder. With `draft_vocab`
+    the heads rank only ids below it (a target outside is a miss), as the decoder then proposes."""
     num_heads = len(model.heads)
     names = ["base"] + [f"head {i}" for i in range(num_heads)]
     counts = [[0] * RANKS for _ in names]
@@ -83,7 +84,11 @@ def measure_accuracy(
             rows, targets = rows[mask], targets[mask]
             logits = lm_head(rows) if which == 0 else model.heads[which - 1](rows.to(model.heads[0][-1].weight.dtype))
             target_logit = logits.gather(1, targets[:, None])
+            if which and draft_vocab is not None:
+                logits = logits[:, :draft_vocab]
             ranks = (logits > target_logit).sum(dim=1)
+            if which and draft_vocab is not None:
+                ranks[targets >= draft_vocab] = RANKS  # the decoder could not propose it
             totals[which] += len(targets)
             for rank, n in zip(*torch.unique(ranks[ranks < RANKS], return_counts=True), strict=True):
                 counts[which][int(rank)] += int(n)
@@ -107,7 +112,12 @@ class TreeChoice:
 
 
 def choose_tree(
-    model, rank_accuracy: list[list[float]], sizes: list[int], prefix_length: int = 256, repeats: int = 5
+    model,
+    rank_accuracy: list[list[float]],
+    sizes: list[int],
+    prefix_length: int = 256,
+    repeats: int = 5,
+    draft_vocab: int | None = None,
 ) -> TreeChoice:
     """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
     budget with the most expected tokens per second."""
@@ -117,7 +127,9 @@ def choose_tree(
     trees = [build_tree(rank_accuracy, n) for n in sizes]
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
     plain = measure_step_seconds(model, None, prefix_length, repeats)
-    seconds = [measure_step_seconds(model, t, prefix_length, repeats) for t in tqdm(trees, desc="tree latency")]
+    seconds = [
+        measure_step_seconds(model, t, prefix_length, repeats, draft_vocab) for t in tqdm(trees, desc="tree latency")
+    ]
     best = max(range(len(sizes)), key=lambda i: expected[i] / seconds[i])
     return TreeChoice([len(t) for t in trees], expected, seconds, plain, len(trees[best]), trees[best])
 
@@ -339,14 +351,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     sizes = _parse_sizes(args.tree_sizes)
     model, tokenizer = load_medusa(args.heads, args.model, args.dtype, args.device)
     conversations = load_conversations(args.data, args.max_conversations)
-    accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length)
+    accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length, draft_vocab=args.draft_vocab)
     for row in accuracy:
         logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
     rank_accuracy = [row.rank_accuracy for row in accuracy[1:]]
 
     tree_search = None
     if args.tree == "auto":
-        choice = choose_tree(model, rank_accuracy, sizes, prefix_length=args.latency_prefix)
+        choice = choose_tree(
+            model, rank_accuracy, sizes, prefix_length=args.latency_prefix, draft_vocab=args.draft_vocab
+        )
         tree_search = asdict(choice) | {"expected_tokens_per_second": choice.expected_tokens_per_second}
         choices = choice.choices
         if not args.no_save_tree:
@@ -362,7 +376,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     else:
         choices = resolve_tree(args.tree, args.heads, len(model.heads))
 
-    decoder = MedusaDecoder(model, choices)
+    decoder = MedusaDecoder(model, choices, draft_vocab=args.draft_vocab)
     eos = eos_token_ids(model, tokenizer)
     prompts = _first_prompts(tokenizer, load_conversations(args.data, None), args.max_prompts, args.max_prompt_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
@@ -380,6 +394,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             for r in accuracy
         ],
         "tree": choices,
+        "draft_vocab": args.draft_vocab,
         "tree_search": tree_search,
         "acceptance": {
             "mean_accept_length": sum(accept_lengths) / len(accept_lengths) if accept_lengths else 0.0,
@@ -465,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-save-tree", "--no_save_tree", action="store_true", help="Do not write the tree file.")
     parser.add_argument("--prompt-lookup-tokens", "--prompt_lookup_tokens", type=int, default=10, help="0 = skip.")
     parser.add_argument("--output-dir", "--output_dir", help="Report folder (default: HEADS/eval).")
+    parser.add_argument(
+        "--draft-vocab",
+        "--draft_vocab",
+        type=int,
+        help="Heads propose only token ids below N (cheaper heads on CPU; output unchanged).",
+    )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     return parser

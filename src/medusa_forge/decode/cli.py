@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Tree: a JSON file of choices, default-N (N nodes), or omitted: the tree `eval` stored in the heads "
         "folder, else default-16.",
     )
+    parser.add_argument(
+        "--draft-vocab",
+        "--draft_vocab",
+        type=int,
+        help="Heads propose only token ids below N (cheaper heads on CPU; output unchanged).",
+    )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     return parser
@@ -65,7 +71,7 @@ def generate(args: argparse.Namespace) -> None:
         raise UserError("--temperature must be >= 0")
     model, tokenizer = load_medusa(args.heads, args.model, args.dtype, args.device)
     choices = resolve_tree(args.tree, args.heads, len(model.heads))
-    decoder = MedusaDecoder(model, choices)
+    decoder = MedusaDecoder(model, choices, draft_vocab=args.draft_vocab)
     prompt = encode_prompt(tokenizer, args.prompt, raw=args.raw, system=args.system)
     result = GenerationResult([])
     stream = TextStream(tokenizer)

@@ -76,7 +76,11 @@ def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Ten
 class MedusaDecoder:
     """Generates with a MedusaModel and one tree; reusable across prompts (the tree buffers are built once)."""
 
-    def __init__(self, model: MedusaModel, choices: Choices, check: bool = True) -> None:
+    def __init__(
+        self, model: MedusaModel, choices: Choices, check: bool = True, draft_vocab: int | None = None
+    ) -> None:
+        """`draft_vocab=N`: the heads propose only token ids < N (vLLM's `truncated_vocab_size`). Their vocabulary
+        projections, as large as the base lm_head each, then cost N/V as much; verification stays exact."""
         self.model = model
         self.base: PreTrainedModel = model.base
         self.backbone = backbone(model.base)
@@ -85,6 +89,12 @@ class MedusaDecoder:
         param = next(self.base.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.heads_dtype = next(model.heads.parameters()).dtype
+        self.draft_projections = None
+        if draft_vocab is not None:
+            vocab = self.lm_head.weight.shape[0]
+            if not 0 < draft_vocab <= vocab:
+                raise UserError(f"--draft-vocab {draft_vocab}: expected 1..{vocab} (the vocabulary size)")
+            self.draft_projections = [head[-1].weight[:draft_vocab] for head in model.heads]
         self.tree = TreeBuffers.from_choices(choices, self.num_heads).to(self.device)
         self.cache_kwarg = _cache_kwarg(self.backbone)
         if check:
@@ -104,7 +114,15 @@ class MedusaDecoder:
         return out.last_hidden_state[0]
 
     def _heads(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.heads(hidden.to(self.heads_dtype))
+        hidden = hidden.to(self.heads_dtype)
+        if self.draft_projections is None:
+            return self.model.heads(hidden)
+        return torch.stack(
+            [
+                head[:-1](hidden) @ weight.T
+                for head, weight in zip(self.model.heads, self.draft_projections, strict=True)
+            ]
+        )
 
     def _pick(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
         if temperature <= 0:
@@ -314,12 +332,16 @@ def check_tree_support(base: PreTrainedModel) -> None:
 
 @torch.no_grad()
 def measure_step_seconds(
-    model: MedusaModel, choices: Choices | None, prefix_length: int = 256, repeats: int = 5
+    model: MedusaModel,
+    choices: Choices | None,
+    prefix_length: int = 256,
+    repeats: int = 5,
+    draft_vocab: int | None = None,
 ) -> float:
     """Median wall time of one decoding step after `prefix_length` cached tokens: the tree forward, lm_head,
     acceptance, cache pruning and the heads. `choices=None` times one plain greedy step instead (one token
     through the base model and its lm_head). The tree's size is what matters, not its tokens."""
-    decoder = MedusaDecoder(model, choices or [[0]], check=False)
+    decoder = MedusaDecoder(model, choices or [[0]], check=False, draft_vocab=draft_vocab)
     vocab = decoder.lm_head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoder.device)
