@@ -1,0 +1,203 @@
+"""`medusa-forge push`: check a heads folder, refresh its model card, and upload it to the Hugging Face Hub
+(create-repo + upload-folder) with the tutorial's flags. `--dry-run` lists what would go up and sends nothing.
+
+The token comes from HF_TOKEN or the local login (`hf auth login`); the endpoint from HF_ENDPOINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medusa_forge.errors import UserError
+from medusa_forge.formats import read_heads
+from medusa_forge.heads import CONFIG_NAME
+from medusa_forge.model_card import CARD_INPUTS_NAME, README_NAME, hub_base_id, refreshed_model_card
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Not for the Hub: Trainer checkpoints and logs, the pickled TrainingArguments, caches.
+EXCLUDED_DIRS = ("checkpoint-", "runs", ".git", ".cache", "__pycache__")
+EXCLUDED_FILES = ("training_args.bin", ".DS_Store")
+COMMIT_MESSAGE = "Upload Medusa heads with medusa-forge"
+
+
+@dataclass
+class PushResult:
+    files: list[str]
+    card: str  # "refreshed", "written", "kept (edited by hand)"
+    url: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def files_to_upload(folder: Path) -> list[str]:
+    """Relative paths of the files push uploads, sorted."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or path.is_symlink() and not path.resolve().is_file():
+            continue
+        if any(part.startswith(EXCLUDED_DIRS) for part in rel.parts[:-1]) or rel.name in EXCLUDED_FILES:
+            continue
+        files.append(rel.as_posix())
+    return files
+
+
+def _base_for_hub(folder: Path, config_base: str, base_model_id: str | None, notes: list[str]) -> str | None:
+    """The Hub id to write into config.json when it names a local folder (TGI loads the base from it)."""
+    if base_model_id:
+        return base_model_id
+    if hub_base_id(config_base):
+        return None
+    try:
+        recorded = json.loads((folder / CARD_INPUTS_NAME).read_text()).get("base_model_id")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if hub_base_id(recorded):
+        notes.append(f"config.json named the local folder {config_base}; training recorded the Hub id {recorded}")
+        return recorded
+    raise UserError(
+        f"{folder / CONFIG_NAME}: base_model_name_or_path is the local path {config_base!r}; TGI and everyone who "
+        "downloads these heads load the base model from it. Pass --base-model-id HUB_ID (e.g. "
+        "meta-llama/Llama-3.2-1B-Instruct) to name it on the Hub."
+    )
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Connection refused, DNS failure, timeout: httpx (or the fork huggingface_hub ships) or the OS."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return isinstance(err, OSError) or bool(names & {"TransportError", "NetworkError", "TimeoutException"})
+
+
+def _hub_error(err: Exception, endpoint: str, repo: str) -> UserError:
+    """A message that says what went wrong with the Hub and what to do."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status == 401:
+            return UserError(
+                f"the Hub at {endpoint} rejected the token (401): it is invalid or expired. Create a token with "
+                "write access at https://huggingface.co/settings/tokens and set HF_TOKEN or run `hf auth login`"
+            )
+        if status == 403:
+            return UserError(
+                f"the token may not write to {repo} (403): use a token with write access to that user or "
+                "organisation, or push to your own namespace"
+            )
+        first = str(err).strip().splitlines()[0]
+        return UserError(f"the Hub at {endpoint} answered {status} for {repo}: {first}")
+    if _is_network_error(err):
+        return UserError(
+            f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}); check the network or HF_ENDPOINT"
+        )
+    return UserError(f"upload to {repo} failed: {err}")
+
+
+def push(
+    folder: str | Path,
+    repo: str,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    base_model_id: str | None = None,
+) -> PushResult:
+    """Validate `folder`, refresh its card, then create `repo` (if needed) and upload the folder to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--folder {folder}: no such folder")
+    if not REPO_ID.match(repo):
+        raise UserError(f"--repo {repo!r}: expected USER/NAME (or ORG/NAME), e.g. alice/zephyr-7b-medusa")
+    # Validation first: names, shapes and counts, and sizes against the base model where it is available.
+    loaded = read_heads(folder, layout="medusa")
+    notes = list(loaded.notes)
+    config = loaded.config
+    new_base = _base_for_hub(folder, config.base_model_name_or_path, base_model_id, notes)
+    if new_base and new_base != config.base_model_name_or_path:
+        notes.append(f"config.json: base_model_name_or_path {config.base_model_name_or_path!r} -> {new_base!r}")
+        config.base_model_name_or_path = new_base
+    card = refreshed_model_card(folder, config, repo, new_base)
+    readme_exists = (folder / README_NAME).is_file()
+    card_state = "kept (edited by hand)" if card is None else "refreshed" if readme_exists else "written"
+    files = files_to_upload(folder)
+    if card is not None and README_NAME not in files:
+        files = sorted([*files, README_NAME])
+    if dry_run:
+        return PushResult(files, card_state, None, notes)
+
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()
+    if not token:
+        raise UserError(
+            "no Hugging Face token: set HF_TOKEN=hf_... (a token with write access, from "
+            "https://huggingface.co/settings/tokens) or run `hf auth login`, then push again"
+        )
+    if new_base:
+        config.save(folder)
+    if card is not None:
+        (folder / README_NAME).write_text(card)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.whoami()
+        api.create_repo(repo, private=private or None, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo,
+            repo_type="model",
+            revision=revision,
+            allow_patterns=[glob.escape(f) for f in files],
+            commit_message=COMMIT_MESSAGE,
+        )
+    except Exception as err:  # noqa: BLE001 - every Hub/network failure becomes one clear message
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if isinstance(err, HfHubHTTPError | ValueError) or _is_network_error(err):
+            raise _hub_error(err, api.endpoint, repo) from err
+        raise
+    return PushResult(files, card_state, str(getattr(info, "commit_url", info)), notes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medusa-forge push", description="Check a heads folder, refresh its model card and upload it to the Hub."
+    )
+    parser.add_argument("--folder", required=True, help="Heads folder (written by `medusa-forge train` or import).")
+    parser.add_argument("--repo", required=True, help="Hub repository USER/NAME (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--revision", help="Branch to push to (created if missing; default main).")
+    parser.add_argument("--dry-run", action="store_true", help="List what would be uploaded; send nothing.")
+    parser.add_argument(
+        "--base-model-id", help="Hub id of the base model, written into config.json when it names a local folder."
+    )
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = push(args.folder, args.repo, args.private, args.revision, args.dry_run, args.base_model_id)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"note: {note}")
+    target = f"{args.repo}" + (f"@{args.revision}" if args.revision else "")
+    if args.dry_run:
+        print(f"dry run: would upload {len(result.files)} files to {target} (model card: {result.card}):")
+    else:
+        print(f"uploaded {len(result.files)} files to {target} (model card: {result.card}):")
+    for name in result.files:
+        size = (Path(args.folder) / name).stat().st_size if (Path(args.folder) / name).exists() else 0
+        print(f"  {name}  ({size:,} bytes)")
+    if result.url:
+        print(f"commit: {result.url}")
+    return 0
