@@ -220,6 +220,27 @@ def test_config_that_contradicts_the_tensors_is_refused(
     assert reason in capsys.readouterr().err
 
 
+def test_mislabelled_head_count_can_be_overridden(tmp_path, tiny_model_dir, capsys):
+    """FasterDecoding/medusa-vicuna-7b-v1.3 ships medusa_num_heads 2 for 4 heads (TensorRT-LLM's README works
+    around it with --fixed_num_medusa_heads 4)."""
+    src = tmp_path / "vicuna-like"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(original_config(tiny_model_dir, 2, 1)))
+    heads = original_medusa_head(4, 1)
+    torch.save(heads.state_dict(), src / "medusa_lm_head.pt")
+    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "medusa_num_heads is 2 but the weights hold 4 heads (if the weights are right, pass --num-heads 4)" in (
+        capsys.readouterr().err
+    )
+    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out"), "--num-heads", "4"]) == 0
+    assert "overridden by --num-heads 4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["medusa_num_heads"] == 4
+    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "three"), "--num-heads", "3"]) == 0
+    got = ours(tmp_path / "three")
+    assert {k.split(".")[0] for k in got} == {"0", "1", "2"}
+    assert torch.equal(got["2.1.weight"], heads.state_dict()["2.1.weight"])
+
+
 def test_heads_for_a_different_base_are_refused(tmp_path, tiny_model_dir, tiny_tokenizer, capsys):
     from conftest import TINY_CONFIGS
     from transformers import AutoModelForCausalLM

@@ -142,7 +142,10 @@ def check_config_counts(raw: dict, shape: HeadsShape, where: str, keys: tuple[st
     heads_key, layers_key = keys
     problems = []
     if raw.get(heads_key) is not None and raw[heads_key] != shape.num_heads:
-        problems.append(f"{heads_key} is {raw[heads_key]} but the weights hold {shape.num_heads} heads")
+        problems.append(
+            f"{heads_key} is {raw[heads_key]} but the weights hold {shape.num_heads} heads "
+            f"(if the weights are right, pass --num-heads {shape.num_heads})"
+        )
     if raw.get(layers_key) is not None and raw[layers_key] != shape.num_layers:
         problems.append(f"{layers_key} is {raw[layers_key]} but the weights hold {shape.num_layers} block(s) per head")
     if raw.get("hidden_size") is not None and raw["hidden_size"] != shape.hidden_size:
@@ -400,9 +403,16 @@ def detect_layout(path: Path) -> tuple[str, Path]:
 
 
 def read_heads(
-    path: str | Path, base_model: str | None = None, layout: str | None = None, check_base: bool = True
+    path: str | Path,
+    base_model: str | None = None,
+    layout: str | None = None,
+    check_base: bool = True,
+    num_heads: int | None = None,
 ) -> LoadedHeads:
-    """Read heads in any known layout (detected unless `layout` is given) into canonical names, checked."""
+    """Read heads in any known layout (detected unless `layout` is given) into canonical names, checked.
+
+    `num_heads` overrides the config's head count (some published configs are wrong, e.g. 2 for 4 heads) and
+    keeps the first `num_heads` heads, as TGI does with --speculate."""
     path = Path(path)
     if layout is None:
         layout, weights = detect_layout(path)
@@ -436,6 +446,14 @@ def read_heads(
             base_model = str(folder.resolve())
             notes.append(f"base model = the checkpoint itself ({base_model}); pass --base-model to name another")
     shape = check_canonical(state, where)
+    if num_heads is not None:
+        if not 1 <= num_heads <= shape.num_heads:
+            raise UserError(f"--num-heads {num_heads}: {where} holds {shape.num_heads} heads")
+        if raw is not None and raw.get(keys[0]) not in (None, num_heads):
+            notes.append(f"{keys[0]} {raw[keys[0]]} in {CONFIG_NAME} overridden by --num-heads {num_heads}")
+        raw = {k: v for k, v in (raw or {}).items() if k != keys[0]} if raw is not None else None
+        state = {k: v for k, v in state.items() if int(k.split(".", 1)[0]) < num_heads}
+        shape = check_canonical(state, where)
     if raw is not None:
         check_config_counts(raw, shape, str(folder / CONFIG_NAME), keys)
     elif layout != "vllm":

@@ -24,13 +24,17 @@ from medusa_forge.heads import WEIGHTS_NAME
 
 
 def import_heads(
-    source: str | Path, output_dir: str | Path, base_model: str | None = None, layout: str | None = None
+    source: str | Path,
+    output_dir: str | Path,
+    base_model: str | None = None,
+    layout: str | None = None,
+    num_heads: int | None = None,
 ) -> tuple[LoadedHeads, list[Path]]:
     """Convert `source` into our layout in `output_dir`; returns what was read and the files written."""
     source, output_dir = Path(source), Path(output_dir)
     if output_dir.exists() and source.exists() and output_dir.resolve() == source.resolve():
         raise UserError("--output-dir must differ from --from (import writes a new folder)")
-    loaded = read_heads(source, base_model=base_model, layout=layout)
+    loaded = read_heads(source, base_model=base_model, layout=layout, num_heads=num_heads)
     if (output_dir / WEIGHTS_NAME).exists():
         loaded.notes.append(f"replaced the heads already in {output_dir}")
     files = write_medusa(loaded, output_dir)
@@ -55,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Base model (Hub id or folder) when the source does not name it, or to check sizes against another.",
     )
     parser.add_argument("--layout", choices=list(LAYOUTS), help="Read this layout instead of detecting it.")
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        help="Trust the weights, not the config, for the head count (keeps the first N heads).",
+    )
     return parser
 
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        loaded, files = import_heads(args.source, args.output_dir, args.base_model, args.layout)
+        loaded, files = import_heads(args.source, args.output_dir, args.base_model, args.layout, args.num_heads)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
