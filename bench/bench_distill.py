@@ -2,7 +2,7 @@
 
 1. In-process generation: one batched left-padded `generate` over B prompts vs the same prompts one at a time
    (target: batched >= 4x the total tokens/s).
-2. Client throughput vs --concurrency: the distill runner's HTTP backend against `serve` (real loopback HTTP).
+2. Client throughput vs --concurrency: the distill runner's HTTP backend against `serve` in its own process.
 
 Prompts are the first user turns of the embedded ShareGPT data, cut to --prompt-chars characters.
 Run: python bench/bench_distill.py [--model smollm2] [--batch 16] [--single 4] [--max-new-tokens 64] [--threads N]
@@ -14,41 +14,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
-import uvicorn
 
 from medusa_forge.data.conversations import Conversation, load_conversations
 from medusa_forge.distill.backends import HttpBackend
 from medusa_forge.distill.engine import GenerationRequest, HFGenerator
 from medusa_forge.distill.runner import ReplayOptions, run
 from medusa_forge.distill.store import OutputStore
-from medusa_forge.serve import create_app
-
-
-class ServerThread:
-    """uvicorn on a free 127.0.0.1 port in a background thread (real loopback HTTP)."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join()
 
 
 def first_user_turns(count: int, prompt_chars: int) -> list[list[dict]]:
@@ -106,18 +88,43 @@ async def _client_run(url: str, conversations: list[Conversation], concurrency: 
 
 
 def bench_client(
-    generator: HFGenerator, prompts, levels: list[int], max_new_tokens: int, max_batch: int, batch_wait_ms: float
+    args: argparse.Namespace, prompts: list[list[dict]], levels: list[int], max_new_tokens: int
 ) -> list[dict]:
+    """distill's HTTP client against `medusa-forge serve` in its own process, as users run it."""
     conversations = [Conversation(id=str(i), messages=p) for i, p in enumerate(prompts)]
-    app = create_app(generator, "bench", max_batch_size=max_batch, batch_wait_ms=batch_wait_ms)
+    port = _free_port()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    command = [sys.executable, "-m", "medusa_forge.cli", "serve", "--model", args.model, "--port", str(port)]
+    command += ["--max-batch-size", str(args.batch), "--batch-wait-ms", str(args.batch_wait_ms)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     rows = []
-    with ServerThread(app) as server:
+    try:
+        while True:
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None:
+                    raise RuntimeError("serve exited") from None
+                time.sleep(0.5)
         for level in levels:
-            before = app.state.engine.batches_run
-            rows.append(asyncio.run(_client_run(server.url, conversations, level, max_new_tokens)))
-            rows[-1]["batch_sizes"] = app.state.engine.batch_sizes[before:]
+            before = health
+            rows.append(asyncio.run(_client_run(url, conversations, level, max_new_tokens)))
+            health = httpx.get(f"{url}/health", timeout=10).json()
+            calls = health["generate_calls"] - before["generate_calls"]
+            rows[-1]["mean_batch"] = round((health["requests_generated"] - before["requests_generated"]) / calls, 1)
             print(json.dumps(rows[-1]), flush=True)
+    finally:
+        server.terminate()
+        server.wait()
     return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -143,7 +150,7 @@ def main() -> None:
     print(json.dumps(in_process), flush=True)
     if not args.skip_client:
         levels = [int(x) for x in args.concurrency.split(",")]
-        bench_client(generator, prompts, levels, args.client_max_new_tokens, args.batch, args.batch_wait_ms)
+        bench_client(args, prompts, levels, args.client_max_new_tokens)
 
 
 if __name__ == "__main__":

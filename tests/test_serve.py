@@ -72,7 +72,9 @@ HELLO = [{"role": "user", "content": "Hello there! How can I help you today?"}]
 
 
 def test_health_and_models(server):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": "tiny"}
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+    assert health["requests_generated"] >= health["generate_calls"] >= 0
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
 

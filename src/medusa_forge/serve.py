@@ -113,7 +113,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name}
+        # Batching at a glance: requests served per generate call so far.
+        sizes = engine.batch_sizes
+        return {"status": "ok", "model": model_name, "generate_calls": len(sizes), "requests_generated": sum(sizes)}
 
     @app.get("/v1/models")
     async def models() -> dict:

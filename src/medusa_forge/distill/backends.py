@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import httpx
+import torch
 
 from medusa_forge.distill.engine import BatchingEngine, ContextLengthError, GenerationRequest, HFGenerator
 from medusa_forge.errors import UserError
@@ -219,5 +220,10 @@ class LocalBackend:
         prompt_ids = self.generator.encode_chat(messages)
         self.generator.check_fits(len(prompt_ids), params.max_new_tokens)
         request = GenerationRequest(prompt_ids, params.max_new_tokens, params.temperature, params.top_p, params.seed)
-        result = await self.engine.submit(request)
+        try:
+            result = await self.engine.submit(request)
+        except torch.OutOfMemoryError:
+            raise BackendUnavailable(
+                "out of memory while generating a batch; rerun with a lower --concurrency (the batch size)"
+            ) from None
         return Reply(result.text, result.completion_tokens, result.finish_reason)
