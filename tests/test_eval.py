@@ -59,6 +59,7 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     heads, data = heads_dir
     out = tmp_path / "report"
     argv = ["eval", "--heads", str(heads), "--data", str(data), "--max-prompts", "3", "--max-new-tokens", "24"]
+    argv += ["--calibration-prompts", "2"]
     argv += ["--max-conversations", "4", "--tree-sizes", "2,4,8", "--output-dir", str(out), "--device", "cpu"]
     assert main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
@@ -70,6 +71,9 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     assert acceptance["steps"] == sum(acceptance["histogram"].values()) > 0
     assert 1.0 <= acceptance["mean_accept_length"] <= 4.0
     assert report["tree_search"]["sizes"] == [2, 4, 8]
+    assert report["calibration_prompts"] == 2 and report["tree_accuracy_source"] == "own greedy answers"
+    own = report["accuracy_own_answers"]
+    assert own[0]["name"] == "base" and own[0]["top1"] == 1.0  # greedy answers: the base's own argmax, always
     assert len(report["tree"]) == report["tree_search"]["chosen_size"]
     assert load_tree(heads) == report["tree"]  # stored for generate / serve
     config = json.loads((heads / "config.json").read_text())

@@ -49,40 +49,34 @@ class HeadAccuracy:
 
 
 @torch.no_grad()
-def measure_accuracy(
-    model, tokenizer, conversations, max_length: int = 1024, progress: bool = True, draft_vocab: int | None = None
+def score_samples(
+    model, samples, progress: bool = True, draft_vocab: int | None = None, desc: str = "head accuracy"
 ) -> list[HeadAccuracy]:
     """Rank of the true token under the base lm_head (predicts t+1) and each head i (predicts t+2+i), at every
-    position whose target is an assistant token. The rank accuracies feed the tree builder. With `draft_vocab`
-    the heads rank only ids below it (a target outside is a miss), as the decoder then proposes."""
+    position whose target is labelled (not IGNORE_INDEX). `samples`: (input_ids, labels) pairs. With
+    `draft_vocab` the heads rank only ids below it (a target outside is a miss), as the decoder then proposes."""
     num_heads = len(model.heads)
     names = ["base"] + [f"head {i}" for i in range(num_heads)]
     counts = [[0] * RANKS for _ in names]
     totals = [0] * len(names)
     device = next(model.base.parameters()).device
     lm_head = model.base.get_output_embeddings()
-    used = 0
-    for conversation in tqdm(conversations, desc="head accuracy", disable=not progress, leave=False):
-        try:
-            sample = tokenize_conversation(tokenizer, conversation.messages, max_length)
-        except ValueError:
+    heads_dtype = next(model.heads.parameters()).dtype
+    for input_ids, label_ids in tqdm(samples, desc=desc, disable=not progress, leave=False):
+        ids = torch.tensor(input_ids, device=device)
+        labels = torch.tensor(label_ids, device=device)
+        if len(ids) < 2 or (labels != IGNORE_INDEX).sum() == 0:
             continue
-        ids = torch.tensor(sample["input_ids"], device=device)
-        labels = torch.tensor(sample["labels"], device=device)
-        if (labels != IGNORE_INDEX).sum() == 0 or len(ids) < 2:
-            continue
-        used += 1
         hidden = model.hidden_states(ids[None])[0]
         for which in range(len(names)):
             shift = which + 1  # base: t+1, head i: t+2+i
             if len(ids) <= shift:
                 continue
-            rows = hidden[: len(ids) - shift]
-            targets, mask = ids[shift:], labels[shift:] != IGNORE_INDEX
+            mask = labels[shift:] != IGNORE_INDEX
             if not mask.any():
                 continue
-            rows, targets = rows[mask], targets[mask]
-            logits = lm_head(rows) if which == 0 else model.heads[which - 1](rows.to(model.heads[0][-1].weight.dtype))
+            rows, targets = hidden[: len(ids) - shift][mask], ids[shift:][mask]
+            logits = lm_head(rows) if which == 0 else model.heads[which - 1](rows.to(heads_dtype))
             target_logit = logits.gather(1, targets[:, None])
             if which and draft_vocab is not None:
                 logits = logits[:, :draft_vocab]
@@ -92,9 +86,36 @@ def measure_accuracy(
             totals[which] += len(targets)
             for rank, n in zip(*torch.unique(ranks[ranks < RANKS], return_counts=True), strict=True):
                 counts[which][int(rank)] += int(n)
-    if used == 0:
-        raise UserError("no held-out conversation had an assistant token to score; check --data")
+    if totals[0] == 0:
+        raise UserError("no sample had a labelled token to score; check --data")
     return [HeadAccuracy(name, total, count) for name, total, count in zip(names, totals, counts, strict=True)]
+
+
+def measure_accuracy(
+    model, tokenizer, conversations, max_length: int = 1024, progress: bool = True, draft_vocab: int | None = None
+) -> list[HeadAccuracy]:
+    """Teacher-forced accuracy on the conversations' assistant tokens (the reference answers)."""
+    samples = []
+    for conversation in conversations:
+        try:
+            sample = tokenize_conversation(tokenizer, conversation.messages, max_length)
+        except ValueError:
+            continue
+        samples.append((sample["input_ids"], sample["labels"]))
+    return score_samples(model, samples, progress, draft_vocab)
+
+
+def measure_self_accuracy(
+    model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], draft_vocab: int | None = None
+) -> list[HeadAccuracy]:
+    """Teacher-forced accuracy on the model's own greedy answers to `prompts`: what greedy decoding accepts."""
+    from medusa_forge.decode.generation import greedy_generate
+
+    samples = []
+    for prompt in tqdm(prompts, desc="greedy answers for calibration", leave=False):
+        answer = greedy_generate(model.base, prompt, max_new_tokens, eos)
+        samples.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    return score_samples(model, samples, draft_vocab=draft_vocab, desc="head accuracy (own answers)")
 
 
 @dataclass
@@ -305,8 +326,21 @@ def render_markdown(report: dict) -> str:
     lines += ["|---|---|---|---|"]
     for row in report["accuracy"]:
         lines.append(f"| {row['name']} | {row['tokens']} | {row['top1']:.3f} | {row['top5']:.3f} |")
+    if report["accuracy_own_answers"]:
+        lines += [
+            "",
+            f"On the model's own greedy answers to {report['calibration_prompts']} other held-out prompts:",
+            "",
+        ]
+        lines += ["| predictor | tokens | top-1 | top-5 |", "|---|---|---|---|"]
+        for row in report["accuracy_own_answers"]:
+            lines.append(f"| {row['name']} | {row['tokens']} | {row['top1']:.3f} | {row['top5']:.3f} |")
     acceptance = report["acceptance"]
-    lines += ["", "## Acceptance", "", f"Tree: {len(report['tree'])} nodes.", ""]
+    lines += ["", "## Acceptance", ""]
+    lines.append(
+        f"Tree: {len(report['tree'])} nodes, built from the heads' accuracy on {report['tree_accuracy_source']}."
+    )
+    lines.append("")
     lines.append(
         f"Mean accepted tokens per step: **{acceptance['mean_accept_length']:.2f}** over {acceptance['steps']} steps "
         f"(tree's expected value from the accuracies: {acceptance['expected_accept_length']:.2f})."
@@ -354,7 +388,20 @@ def evaluate(args: argparse.Namespace) -> dict:
     accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length, draft_vocab=args.draft_vocab)
     for row in accuracy:
         logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
-    rank_accuracy = [row.rank_accuracy for row in accuracy[1:]]
+    eos = eos_token_ids(model, tokenizer)
+    prompts = _first_prompts(
+        tokenizer,
+        load_conversations(args.data, None),
+        args.max_prompts + args.calibration_prompts,
+        args.max_prompt_tokens,
+    )
+    prompts, calibration = prompts[: args.max_prompts], prompts[args.max_prompts :]
+    self_accuracy = None
+    if calibration:
+        self_accuracy = measure_self_accuracy(model, calibration, args.max_new_tokens, eos, args.draft_vocab)
+        for row in self_accuracy:
+            logger.warning("%s on its own answers: top-1 %.3f top-5 %.3f", row.name, row.top(1), row.top(5))
+    rank_accuracy = [row.rank_accuracy for row in (self_accuracy or accuracy)[1:]]
 
     tree_search = None
     if args.tree == "auto":
@@ -377,8 +424,6 @@ def evaluate(args: argparse.Namespace) -> dict:
         choices = resolve_tree(args.tree, args.heads, len(model.heads))
 
     decoder = MedusaDecoder(model, choices, draft_vocab=args.draft_vocab)
-    eos = eos_token_ids(model, tokenizer)
-    prompts = _first_prompts(tokenizer, load_conversations(args.data, None), args.max_prompts, args.max_prompt_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     lookup = None if args.prompt_lookup_tokens <= 0 else args.prompt_lookup_tokens
     runs, accept_lengths, mismatches = run_speed(model, decoder, prompts, args.max_new_tokens, eos, pad_id, lookup)
@@ -393,6 +438,12 @@ def evaluate(args: argparse.Namespace) -> dict:
             {"name": r.name, "tokens": r.tokens, "top1": r.top(1), "top5": r.top(5), "rank_accuracy": r.rank_accuracy}
             for r in accuracy
         ],
+        "accuracy_own_answers": [
+            {"name": r.name, "tokens": r.tokens, "top1": r.top(1), "top5": r.top(5), "rank_accuracy": r.rank_accuracy}
+            for r in self_accuracy or []
+        ],
+        "tree_accuracy_source": "own greedy answers" if self_accuracy else "reference answers",
+        "calibration_prompts": len(calibration),
         "tree": choices,
         "draft_vocab": args.draft_vocab,
         "tree_search": tree_search,
@@ -467,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-conversations", "--max_conversations", type=int, default=50, help="For accuracy.")
     parser.add_argument("--max-length", "--max_length", type=int, default=1024, help="Tokens per scored conversation.")
     parser.add_argument("--max-prompt-tokens", "--max_prompt_tokens", type=int, default=512)
+    parser.add_argument(
+        "--calibration-prompts",
+        "--calibration_prompts",
+        type=int,
+        default=4,
+        help="Further held-out prompts (not timed) whose greedy answers measure the heads on the model's own text; "
+        "the tree is built from that. 0 = build it from the reference answers' accuracy.",
+    )
     parser.add_argument(
         "--tree",
         default="auto",
