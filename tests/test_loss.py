@@ -107,3 +107,17 @@ def test_chunking_and_frozen_projection_give_the_same_loss_and_block_gradients()
     torch.testing.assert_close(results[0][1], results[2][1])
     torch.testing.assert_close(results[0][2], results[1][2])
     assert results[2][2] is None  # frozen projection: no weight gradient computed
+
+
+def test_draft_vocabulary_learns_only_low_ids_and_counts_the_rest_as_misses():
+    heads = make_heads(num_heads=1, vocab=11)
+    hidden = torch.randn(1, 8, 8)
+    labels = torch.tensor([[-100, -100, 1, 2, 9, 10, 3, 4]])  # two targets outside a draft vocab of 6
+    out = medusa_loss(heads, hidden, labels, [1.0], draft_vocab_size=6)
+    in_vocab = [(t, labels[0, t + 2]) for t in range(6) if 0 <= labels[0, t + 2] < 6]
+    expected = torch.stack([F.cross_entropy(heads[0](hidden[0, t])[:6][None], y[None]) for t, y in in_vocab]).mean()
+    torch.testing.assert_close(out["loss"], expected)
+    stats = out["head_stats"][0]
+    assert (float(stats[1]), float(stats[2])) == (4.0, 6.0)  # 4 tokens in the loss, 6 scored for top-k
+    out["loss"].backward()
+    assert heads[0][-1].weight.grad[6:].abs().sum() == 0  # rows outside the draft vocabulary never move

@@ -34,9 +34,12 @@ class MedusaConfig:
     hidden_size: int
     vocab_size: int
     base_model_name_or_path: str
+    # Heads trained to propose only ids < N (vLLM truncated_vocab_size); absent from the file when None.
+    draft_vocab_size: int | None = None
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        fields = {k: v for k, v in asdict(self).items() if v is not None or k != "draft_vocab_size"}
+        Path(folder, CONFIG_NAME).write_text(json.dumps(fields, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> MedusaConfig:

@@ -65,6 +65,13 @@ class MedusaArguments:
         default=False,
         metadata={"help": "Keep each head's vocabulary projection at the base lm_head; train only the blocks."},
     )
+    medusa_draft_vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Heads learn and propose only token ids < N (vLLM truncated_vocab_size); projection rows >= N "
+            "stay at the base lm_head. Serve with vLLM or medusa-forge (--draft-vocab N); TGI has no such option."
+        },
+    )
     medusa_loss_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the vocabulary projection + loss (bounds memory)."}
     )

@@ -19,8 +19,8 @@ class MedusaForTraining(nn.Module):
     """forward(labels, input_ids + attention_mask | hidden_states) -> {"loss", "head_stats"}.
 
     With `hidden_states` (from the hidden-state cache) the base model is not run at all.
-    head_stats is a [K, 2 + len(TOPK)] tensor of sums: (cross-entropy, token count, top-k hits...), which
-    the trainer accumulates between logging steps and reduces across processes.
+    head_stats is a [K, 3 + len(TOPK)] tensor of sums (cross-entropy, tokens in the loss, tokens, top-k hits...),
+    which the trainer accumulates between logging steps and reduces across processes.
     """
 
     def __init__(
@@ -30,6 +30,7 @@ class MedusaForTraining(nn.Module):
         loss_weights: list[float],
         soft_labels: bool = False,
         chunk_size: int = 1024,
+        draft_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         base.eval()
@@ -39,6 +40,7 @@ class MedusaForTraining(nn.Module):
         self.loss_weights = loss_weights
         self.soft_labels = soft_labels
         self.chunk_size = chunk_size
+        self.draft_vocab_size = draft_vocab_size
 
     def train(self, mode: bool = True) -> MedusaForTraining:
         super().train(mode)
@@ -58,7 +60,9 @@ class MedusaForTraining(nn.Module):
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 ).last_hidden_state
         soft_weight = self.base.get_output_embeddings().weight if self.soft_labels else None
-        return medusa_loss(self.heads, hidden_states, labels, self.loss_weights, soft_weight, self.chunk_size)
+        return medusa_loss(
+            self.heads, hidden_states, labels, self.loss_weights, soft_weight, self.chunk_size, self.draft_vocab_size
+        )
 
 
 def medusa_loss(
@@ -68,39 +72,48 @@ def medusa_loss(
     loss_weights: list[float],
     soft_target_weight: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    draft_vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weighted sum over heads of head i's mean cross-entropy at position t against token t+2+i.
 
     Only positions whose target is labelled (an assistant token) go through the vocabulary projection.
     Hard targets are labels[t+2+i]; soft targets (soft_target_weight = the base lm_head weight) are the base
     model's own distribution for that token, softmax(lm_head(hidden[t+1+i])).
+    With draft_vocab_size N the heads learn (and later propose) only token ids < N: targets >= N leave the
+    loss but still count as misses in the top-k accuracies.
     """
     hidden = hidden.to(heads[0][-1].weight.dtype)
     seq_len = labels.shape[1]
     total = hidden.new_zeros((), dtype=torch.float32)
-    stats = torch.zeros(len(heads), 2 + len(TOPK), dtype=torch.float32, device=hidden.device)
+    stats = torch.zeros(len(heads), 3 + len(TOPK), dtype=torch.float32, device=hidden.device)
+    vocab = slice(None, draft_vocab_size)
     for i, head in enumerate(heads):
         shift = 2 + i
+        graph_anchor = 0.0 * sum(p.sum() for p in head.parameters() if p.requires_grad)
         if seq_len <= shift:
-            total = total + 0.0 * sum(p.sum() for p in head.parameters() if p.requires_grad)
+            total = total + graph_anchor  # every head in every step's graph, as DDP expects
             continue
         targets = labels[:, shift:]
         valid = targets != IGNORE_INDEX
+        stats[i, 2] = valid.sum()
+        if draft_vocab_size is not None:
+            valid &= targets < draft_vocab_size
         count = int(valid.sum())
-        blocks, projection = head[:-1], head[-1].weight
         soft_hidden = hidden[:, shift - 1 : seq_len - 1][valid] if soft_target_weight is not None else None
         ce_sum, hits = linear_cross_entropy(
-            blocks(hidden[:, : seq_len - shift][valid]), projection, targets[valid],
-            soft_hidden, soft_target_weight, chunk_size,
-        )  # fmt: skip
-        if count == 0:
-            # keep every head in the graph so DDP sees a gradient for each parameter
-            total = total + 0.0 * sum(p.sum() for p in head.parameters() if p.requires_grad)
-            continue
-        total = total + loss_weights[i] * ce_sum / count
+            head[:-1](hidden[:, : seq_len - shift][valid]),
+            head[-1].weight[vocab],
+            targets[valid],
+            soft_hidden,
+            soft_target_weight[vocab] if soft_target_weight is not None else None,
+            chunk_size,
+        )
+        total = total + graph_anchor
+        if count:
+            total = total + loss_weights[i] * ce_sum / count
         stats[i, 0] = ce_sum.detach()
         stats[i, 1] = count
-        stats[i, 2:] = hits
+        stats[i, 3:] = hits
     return {"loss": total, "head_stats": stats}
 
 
@@ -108,8 +121,7 @@ def summarise_head_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, flo
     """Summed head_stats -> {medusa{i}_loss, medusa{i}_top{k}} means."""
     out = {}
     for i in range(stats.shape[0]):
-        count = max(float(stats[i, 1]), 1.0)
-        out[f"{prefix}medusa{i}_loss"] = float(stats[i, 0]) / count
+        out[f"{prefix}medusa{i}_loss"] = float(stats[i, 0]) / max(float(stats[i, 1]), 1.0)
         for k_index, k in enumerate(TOPK):
-            out[f"{prefix}medusa{i}_top{k}"] = float(stats[i, 2 + k_index]) / count
+            out[f"{prefix}medusa{i}_top{k}"] = float(stats[i, 3 + k_index]) / max(float(stats[i, 2]), 1.0)
     return out

@@ -94,6 +94,7 @@ def train(argv: list[str]) -> Path:
         train_set, eval_set = _cached(base, train_set, eval_set, medusa_args, training_args)
     # In config.json: what the user passed, but aliases become the folder a server can load.
     heads = MedusaHeads.for_base_model(base, medusa_args.medusa_num_heads, medusa_args.medusa_num_layers, base_path)
+    heads.config.draft_vocab_size = medusa_args.medusa_draft_vocab_size
     if medusa_args.medusa_freeze_projection:
         for head in heads:
             head[-1].weight.requires_grad_(False)
@@ -103,6 +104,7 @@ def train(argv: list[str]) -> Path:
         head_weights(medusa_args.medusa_num_heads, medusa_args.medusa_decay_coefficient),
         soft_labels=medusa_args.medusa_soft_labels,
         chunk_size=medusa_args.medusa_loss_chunk_size,
+        draft_vocab_size=medusa_args.medusa_draft_vocab_size,
     )
     training_args.label_names = ["labels"]
     if not torch.cuda.is_available():
