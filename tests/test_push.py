@@ -203,8 +203,11 @@ def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folde
     assert hub.repos["alice/tiny-medusa"]["private"] is True
     stored = hub.repos["alice/tiny-medusa"]["branches"]["main"]
     assert set(stored) == EXPECTED_FILES
-    for name in EXPECTED_FILES - {"README.md"}:
+    for name in EXPECTED_FILES - {"README.md", "config.json"}:
         assert stored[name] == (trained_folder / name).read_bytes(), name
+    # config.json names the base by the Hub id training recorded; the local copy keeps the local folder.
+    local = json.loads((trained_folder / "config.json").read_text())
+    assert json.loads(stored["config.json"]) == local | {"base_model_name_or_path": "acme/tiny-llama"}
     card = stored["README.md"].decode()
     assert card == (trained_folder / "README.md").read_text() and CARD_MARKER in card
     assert "base_model: acme/tiny-llama" in card and "library_name: medusa-forge" in card
@@ -279,6 +282,8 @@ def test_local_base_path_needs_a_hub_id(hub, tiny_model_dir, tmp_path, capsys):
     assert cli_main(["--folder", str(folder), "--repo", "alice/x", "--base-model-id", "acme/tiny-llama"]) == 0
     stored = hub.repos["alice/x"]["branches"]["main"]
     assert json.loads(stored["config.json"])["base_model_name_or_path"] == "acme/tiny-llama"
+    # The local folder keeps its local base, so local commands keep working offline.
+    assert json.loads((folder / "config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     assert "base_model: acme/tiny-llama" in stored["README.md"].decode()
 
 

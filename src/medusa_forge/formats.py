@@ -493,8 +493,22 @@ def _materialise_projections(state: dict[str, torch.Tensor], shape: HeadsShape, 
 
 # -- writing ----------------------------------------------------------------------------------------------
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Owned, contiguous copies: safetensors refuses shared storage (e.g. shared blocks of the original)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    """Tensors safetensors accepts: contiguous, each owning its storage. The original trainer's shared blocks
+    (and version 2's copied lm_head) share storage, so only those are copied; the rest is written as it is."""
+    out, seen = {}, set()
+    for key, tensor in state.items():
+        tensor = tensor.detach().to("cpu")
+        storage = tensor.untyped_storage()
+        if (
+            storage.data_ptr() in seen
+            or not tensor.is_contiguous()
+            or tensor.storage_offset() != 0
+            or storage.nbytes() != tensor.nbytes
+        ):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
 
 
 def to_vllm(state: dict[str, torch.Tensor], config: MedusaConfig) -> dict[str, torch.Tensor]:

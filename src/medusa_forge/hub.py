@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def push(
     config = loaded.config
     new_base = _base_for_hub(folder, config.base_model_name_or_path, base_model_id, notes)
     if new_base and new_base != config.base_model_name_or_path:
-        notes.append(f"config.json: base_model_name_or_path {config.base_model_name_or_path!r} -> {new_base!r}")
+        notes.append(
+            f"uploaded config.json names the base {new_base!r} (the local one keeps {config.base_model_name_or_path!r})"
+        )
         config.base_model_name_or_path = new_base
     card = refreshed_model_card(folder, config, repo, new_base)
     readme_exists = (folder / README_NAME).is_file()
@@ -138,32 +141,55 @@ def push(
             "no Hugging Face token: set HF_TOKEN=hf_... (a token with write access, from "
             "https://huggingface.co/settings/tokens) or run `hf auth login`, then push again"
         )
-    if new_base:
-        config.save(folder)
     if card is not None:
         (folder / README_NAME).write_text(card)
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token)
-    try:
-        api.whoami()
-        api.create_repo(repo, private=private or None, exist_ok=True, repo_type="model")
-        if revision and revision != "main":
-            api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo,
-            repo_type="model",
-            revision=revision,
-            allow_patterns=[glob.escape(f) for f in files],
-            commit_message=COMMIT_MESSAGE,
-        )
-    except Exception as err:  # noqa: BLE001 - every Hub/network failure becomes one clear message
-        from huggingface_hub.errors import HfHubHTTPError
+    # The Hub copy names the base by its Hub id; the local config keeps the local path so that local commands
+    # keep working offline. Files are linked into a staging folder, not copied.
+    overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
+    with tempfile.TemporaryDirectory(prefix="medusa-forge-push-") as staging:
+        _stage(folder, files, Path(staging), overrides)
+        try:
+            api.whoami()
+            api.create_repo(repo, private=private or None, exist_ok=True, repo_type="model")
+            if revision and revision != "main":
+                api.create_branch(repo, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                folder_path=staging,
+                repo_id=repo,
+                repo_type="model",
+                revision=revision,
+                allow_patterns=[glob.escape(f) for f in files],
+                commit_message=COMMIT_MESSAGE,
+            )
+        except Exception as err:  # noqa: BLE001 - every Hub/network failure becomes one clear message
+            from huggingface_hub.errors import HfHubHTTPError
 
-        if isinstance(err, HfHubHTTPError | ValueError) or _is_network_error(err):
-            raise _hub_error(err, api.endpoint, repo) from err
-        raise
+            if isinstance(err, HfHubHTTPError | ValueError) or _is_network_error(err):
+                raise _hub_error(err, api.endpoint, repo) from err
+            raise
     return PushResult(files, card_state, str(getattr(info, "commit_url", info)), notes)
+
+
+def _config_bytes(folder: Path, base: str) -> bytes:
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    raw["base_model_name_or_path"] = base
+    return (json.dumps(raw, indent=2) + "\n").encode()
+
+
+def _stage(folder: Path, files: list[str], staging: Path, overrides: dict[str, bytes]) -> None:
+    """Mirror `files` under `staging`: hard links (symlinks across file systems), `overrides` written out."""
+    for name in files:
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name in overrides:
+            target.write_bytes(overrides[name])
+            continue
+        try:
+            os.link(folder / name, target)
+        except OSError:
+            target.symlink_to((folder / name).resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="Branch to push to (created if missing; default main).")
     parser.add_argument("--dry-run", action="store_true", help="List what would be uploaded; send nothing.")
     parser.add_argument(
-        "--base-model-id", help="Hub id of the base model, written into config.json when it names a local folder."
+        "--base-model-id",
+        help="Hub id of the base model, for the uploaded config.json when the local one names a folder.",
     )
     return parser
 
