@@ -102,13 +102,18 @@ def test_version_2_gets_projections_from_the_base_lm_head(tmp_path, tiny_model_d
         assert torch.equal(got[f"{i}.0.linear.weight"], state[f"{i}.0.linear.weight"])
 
 
-def test_full_checkpoint_with_medusa_head_prefix(tmp_path, tiny_model_dir, base, capsys):
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_full_checkpoint_with_medusa_head_prefix(tmp_path, tiny_model_dir, base, capsys, weights_file):
     heads = original_medusa_head(2, 1, seed=3)
     src = tmp_path / "medusa2-full"
     base.save_pretrained(src)
     weights = load_file(str(src / "model.safetensors"))
     weights |= {f"medusa_head.{k}": v.contiguous() for k, v in heads.state_dict().items()}
-    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    if weights_file == "model.safetensors":
+        save_file(weights, str(src / weights_file), metadata={"format": "pt"})
+    else:  # the original trainer's era: a torch pickle
+        (src / "model.safetensors").unlink()
+        torch.save(weights, src / weights_file)
     config = json.loads((src / "config.json").read_text())
     config |= {"medusa_num_heads": 2, "medusa_num_layers": 1}
     (src / "config.json").write_text(json.dumps(config))
