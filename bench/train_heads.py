@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from medusa_forge.data.conversations import load_conversations
-from medusa_forge.data.tokenize import tokenize_conversation
 from medusa_forge.modeling import load_tokenizer
+from medusa_forge.train.dataset import ConversationDataset
 from medusa_forge.train.run import train
 
 
@@ -36,7 +36,8 @@ def main() -> None:
 
     tokenizer = load_tokenizer("smollm2")
     conversations = load_conversations("sharegpt", args.samples)
-    tokens = sum(len(tokenize_conversation(tokenizer, c.messages, args.max_length)["input_ids"]) for c in conversations)
+    dataset = ConversationDataset(conversations, tokenizer, args.max_length)  # what training keeps
+    tokens = sum(len(item["input_ids"]) for item in dataset.all_items())
     output = Path(args.output_dir or tempfile.mkdtemp(prefix="medusa-bench-"))
     start = time.perf_counter()
     train(
@@ -52,7 +53,7 @@ def main() -> None:
     runtime = metrics["train_runtime"]
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "conversations": len(conversations),
+        "conversations": len(dataset),
         "tokens_per_epoch": tokens,
         "epochs": args.epochs,
         "train_runtime_s": round(runtime, 1),
