@@ -136,8 +136,9 @@ def main() -> None:
     parser.add_argument("--prompt-chars", type=int, default=400)
     parser.add_argument("--concurrency", default="1,4,16", help="Client concurrency levels against serve.")
     parser.add_argument("--client-max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="serve's --batch-wait-ms.")
+    parser.add_argument("--batch-wait-ms", type=float, default=25.0, help="serve's --batch-wait-ms.")
     parser.add_argument("--skip-client", action="store_true")
+    parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = parser.parse_args()
     if args.threads:
@@ -146,8 +147,8 @@ def main() -> None:
     generator = HFGenerator.load(args.model)
     prompts = first_user_turns(args.batch, args.prompt_chars)
     print(f"# {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, {args.model}")
-    in_process = bench_in_process(generator, prompts, args.single, args.max_new_tokens)
-    print(json.dumps(in_process), flush=True)
+    if not args.skip_in_process:
+        print(json.dumps(bench_in_process(generator, prompts, args.single, args.max_new_tokens)), flush=True)
     if not args.skip_client:
         levels = [int(x) for x in args.concurrency.split(",")]
         bench_client(args, prompts, levels, args.client_max_new_tokens)

@@ -71,7 +71,7 @@ def _error_body(message: str, kind: str, code: str | None = None, param: str | N
 
 
 def create_app(
-    generator: Generator, model_name: str, max_batch_size: int = 16, batch_wait_ms: float = 10.0, default_max_tokens=512
+    generator: Generator, model_name: str, max_batch_size: int = 16, batch_wait_ms: float = 25.0, default_max_tokens=512
 ) -> FastAPI:
     """The FastAPI app; `generator` does the decoding (see `distill.engine.Generator`)."""
     engine = BatchingEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=16, help="Most requests in one generate call.")
     parser.add_argument(
-        "--batch-wait-ms", type=float, default=10.0, help="Gather requests arriving this close together."
+        "--batch-wait-ms", type=float, default=25.0, help="Gather requests arriving this close together."
     )
     parser.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request omits it.")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
