@@ -211,3 +211,40 @@ def test_tokenizer_without_chat_template_uses_the_training_fallback(tmp_path):
     assert generator.tokenizer.decode(prompt) == rendered and rendered.startswith("User")
     [result] = generator.generate_batch([GenerationRequest(prompt, 3)])
     assert result.completion_tokens <= 3 and result.prompt_tokens == len(prompt)
+
+
+def test_engine_groups_by_sampling_settings_and_prompt_length(generator):
+    """One burst of mixed requests: each generate call holds one sampling setting and neighbouring lengths."""
+    from medusa_forge.distill.engine import BatchingEngine
+
+    calls = []
+
+    class Recording:
+        max_context = generator.max_context
+        encode_chat = generator.encode_chat
+        check_fits = generator.check_fits
+
+        def generate_batch(self, requests, on_text=None):
+            calls.append([(r.sampling_key(), len(r.prompt_ids)) for r in requests])
+            return generator.generate_batch(requests, on_text)
+
+    lengths = [30, 5, 22, 9, 41, 17]
+    requests = [
+        GenerationRequest(list(range(3, 3 + n)), 2, temperature=0.0 if i % 2 else 0.8, seed=1)
+        for i, n in enumerate(lengths)
+    ]
+
+    async def burst():
+        engine = BatchingEngine(Recording(), max_batch_size=2, batch_wait_ms=50)
+        results = await asyncio.gather(*[engine.submit(r) for r in requests])
+        await engine.close()
+        return results
+
+    results = asyncio.run(burst())
+    assert [r.prompt_tokens for r in results] == lengths  # each caller gets its own result back
+    assert sorted(n for call in calls for _, n in call) == sorted(lengths)
+    assert all(len(call) <= 2 and len({key for key, _ in call}) == 1 for call in calls)
+    for key in {key for call in calls for key, _ in call}:  # within a setting: batches cut from sorted lengths
+        batches = [[n for k, n in call] for call in calls if call[0][0] == key]
+        flat = sorted(n for batch in batches for n in batch)
+        assert sorted(batches) == [flat[i : i + 2] for i in range(0, len(flat), 2)]

@@ -99,6 +99,14 @@ def unique_ids(conversations: list[Conversation]) -> list[Conversation]:
     return conversations
 
 
+def replayed_chars(conversation: Conversation, max_turns: int | None) -> int:
+    """Characters of the system and user turns that will be sent (a proxy for prompt length)."""
+    users = [m for m in conversation.messages if m["role"] == "user"][:max_turns]
+    return sum(len(m["content"]) for m in users) + sum(
+        len(m["content"]) for m in conversation.messages if m["role"] == "system"
+    )
+
+
 def select(conversations: list[Conversation], shard: tuple[int, int]) -> list[Conversation]:
     index, count = shard
     return conversations[index::count]
@@ -150,7 +158,7 @@ def distill(args: argparse.Namespace) -> Summary:
             generator = HFGenerator.load(args.model or "smollm2", dtype=args.dtype, device=args.device)
             backend = LocalBackend(generator, max_batch_size=args.concurrency)
             # Similar lengths in flight together: less padding in each batch.
-            todo.sort(key=lambda c: sum(len(m["content"]) for m in c.messages if m["role"] != "assistant"))
+            todo.sort(key=lambda c: replayed_chars(c, args.max_turns))
         if todo:
             summary = asyncio.run(_distill(args, backend, todo, store, already))
         else:
