@@ -82,6 +82,10 @@ class StandInHub:
             payload = json.loads(body)
             self.bodies.append(payload)
             repo = f"{payload['organization']}/{payload['name']}"
+            if payload["organization"] != "alice":
+                return request._reply(
+                    403, {"error": "You don't have the rights to create a model under this namespace"}
+                )
             if repo in self.repos:
                 return request._reply(
                     409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"}
@@ -216,6 +220,8 @@ def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folde
 
 
 def test_push_to_a_revision_creates_the_branch_and_commits_there(hub, trained_folder):
+    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/rev"]) == 0
+    # Second push: the repo exists (409 from create), the branch is created from main.
     assert cli_main(["--folder", str(trained_folder), "--repo", "alice/rev", "--revision", "v1"]) == 0
     paths = [p for _, p in hub.requests]
     assert "/api/models/alice/rev/branch/v1" in paths and "/api/models/alice/rev/commit/v1" in paths
@@ -247,6 +253,11 @@ def test_rejected_token_is_a_clear_error(hub, trained_folder, monkeypatch, capsy
     assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x"]) == 2
     assert "rejected the token (401)" in capsys.readouterr().err
     assert hub.requests == [("GET", "/api/whoami-v2")]
+
+
+def test_namespace_without_write_access_is_a_clear_error(hub, trained_folder, capsys):
+    assert cli_main(["--folder", str(trained_folder), "--repo", "bob/x"]) == 2
+    assert "the token may not write to bob/x (403)" in capsys.readouterr().err
 
 
 def test_unreachable_hub_is_a_clear_error(trained_folder, monkeypatch, capsys):
