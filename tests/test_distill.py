@@ -420,3 +420,23 @@ def test_in_process_conversation_ends_at_the_context_limit(tmp_path, tiny_model_
     [record] = read_jsonl(out)
     assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
     assert "ended early at the model's context limit: 1" in capsys.readouterr().err
+
+
+def test_overwrite_starts_over_and_a_second_writer_is_refused(tmp_path, capsys):
+    from medusa_forge.distill.store import OutputStore
+
+    source = write_conversations(tmp_path / "in.json", n=2)
+    out = tmp_path / "out.jsonl"
+    flags = ["--input-filename", str(source), "--output-filename", str(out)]
+    with ScriptedServer() as server:
+        assert distill(*flags, "--url", server.url) == 0
+        assert distill(*flags, "--url", server.url, "--overwrite") == 0
+        assert len(server.requests) == 2 * 4  # everything asked twice
+        assert sorted(r["id"] for r in read_jsonl(out)) == ["conv0", "conv1"]  # and written once
+        holder = OutputStore(out)
+        holder.open()
+        try:
+            assert distill(*flags, "--url", server.url) == 2
+            assert "another distill run is writing" in capsys.readouterr().err
+        finally:
+            holder.close()
