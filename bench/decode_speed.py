@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.decode.generation import MedusaDecoder, causal_bias, keep_cache_entries
 from medusa_forge.decode.loading import load_medusa
 from medusa_forge.decode.tree import build_tree
@@ -31,46 +31,47 @@ from medusa_forge.evaluate import evaluate
 
 
 @torch.no_grad()
-def profile_step(model, choices, prefix_length: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each part of one step (choices=None: a plain one-token step)."""
-    decoder = MedusaDecoder(model, choices or [[0]], check=False)
-    vocab = decoder.lm_head.weight.shape[0]
+def profile_steps(model, trees, prefix_length: int, repeats: int, draft_vocab=None) -> list[dict[str, float]]:
+    """Median milliseconds of each part of one step, per tree (None: a plain one-token step), timed round-robin."""
+    decoders = [MedusaDecoder(model, t or [[0]], check=False, draft_vocab=draft_vocab) for t in trees]
+    vocab = decoders[0].lm_head.weight.shape[0]
+    dtype = decoders[0].dtype
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (prefix_length,), generator=gen)
-    cache = DynamicCache()
-    decoder._forward(prefix, torch.arange(prefix_length), causal_bias(prefix_length, decoder.dtype), cache)
-    tree = decoder.tree
-    parts: dict[str, list[float]] = {"backbone": [], "lm_head": [], "accept+prune": [], "heads": []}
+    caches = []
+    for decoder in decoders:
+        caches.append(DynamicCache())
+        decoder._forward(prefix, torch.arange(prefix_length), causal_bias(prefix_length, dtype), caches[-1])
+    names = ("backbone", "lm_head+accept", "kv prune", "heads")
+    parts = [{name: [] for name in names} for _ in trees]
     for _ in range(repeats + 1):
-        n = tree.size if choices else 1
-        tokens = torch.randint(0, vocab, (n,), generator=gen)
-        t0 = time.perf_counter()
-        if choices:
-            bias = tree.attention_bias(prefix_length, decoder.dtype)
-            positions = prefix_length + tree.depths
-        else:
-            bias = torch.zeros(1, 1, 1, prefix_length + 1)
-            positions = torch.tensor([prefix_length])
-        hidden = decoder._forward(tokens, positions, bias, cache)
-        t1 = time.perf_counter()
-        logits = decoder.lm_head(hidden)
-        t2 = time.perf_counter()
-        if choices:
-            nodes, _ = greedy_accept(tokens, logits, tree.paths)
-            keep_cache_entries(cache, prefix_length, nodes)
-            kept = len(nodes)
-        else:
-            int(logits[-1].argmax())
-            kept = 1
-        t3 = time.perf_counter()
-        if choices:
-            decoder._heads(hidden[-1])
-        t4 = time.perf_counter()
-        cache.crop(-kept)
-        for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            seconds_list = parts[name]
-            seconds_list.append(seconds)
-    return {name: 1000 * sorted(v[1:])[len(v[1:]) // 2] for name, v in parts.items()}
+        for choices, decoder, cache, timings in zip(trees, decoders, caches, parts, strict=True):
+            tree = decoder.tree
+            tokens = torch.randint(0, vocab, (tree.size if choices else 1,), generator=gen)
+            if choices:
+                bias, positions = tree.attention_bias(prefix_length, dtype), prefix_length + tree.depths
+            else:
+                bias, positions = torch.zeros(1, 1, 1, prefix_length + 1), torch.tensor([prefix_length])
+            t0 = time.perf_counter()
+            hidden = decoder._forward(tokens, positions, bias, cache)
+            t1 = time.perf_counter()
+            if choices:
+                nodes, _ = decoder._accept(tokens, hidden)  # lm_head over internal nodes (+ a leaf) and acceptance
+                t2 = time.perf_counter()
+                keep_cache_entries(cache, prefix_length, nodes)
+                kept = len(nodes)
+            else:
+                int(decoder.lm_head(hidden[-1]).argmax())
+                t2 = time.perf_counter()
+                kept = 1
+            t3 = time.perf_counter()
+            if choices:
+                decoder._heads(hidden[-1])
+            t4 = time.perf_counter()
+            cache.crop(-kept)
+            for name, seconds in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                timings[name].append(seconds)
+    return [{name: 1000 * statistics.median(v[1:]) for name, v in timings.items()} for timings in parts]
 
 
 def main() -> None:
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output-dir", default=None, help="Default: HEADS/eval-bench.")
     parser.add_argument("--skip-eval", action="store_true", help="Only profile the step.")
+    parser.add_argument("--draft-vocab", type=int, default=None, help="Also profile with this draft vocabulary.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,11 +99,15 @@ def main() -> None:
                 "--heads", args.heads, "--max-prompts", str(args.max_prompts),
                 "--max-new-tokens", str(args.max_new_tokens), "--max-conversations", str(args.max_conversations),
                 "--tree-sizes", args.sizes, "--output-dir", str(out), "--device", "cpu",
+                *(["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab else []),
             ]
         )  # fmt: skip
         report = evaluate(eval_args)
         summary["eval"] = {
             "accuracy": {r["name"]: [round(r["top1"], 3), round(r["top5"], 3)] for r in report["accuracy"]},
+            "accuracy_own_answers": {
+                r["name"]: [round(r["top1"], 3), round(r["top5"], 3)] for r in report["accuracy_own_answers"]
+            },
             "tree_nodes": len(report["tree"]),
             "mean_accept_length": report["acceptance"]["mean_accept_length"],
             "expected_accept_length": report["acceptance"]["expected_accept_length"],
@@ -110,17 +116,24 @@ def main() -> None:
             "median_per_prompt_speedup": report["speed"]["median_per_prompt_speedup"],
             "outputs_equal": report["speed"]["outputs_equal"],
         }
-        rank_accuracy = [r["rank_accuracy"] for r in report["accuracy"][1:]]
+        rank_accuracy = [r["rank_accuracy"] for r in (report["accuracy_own_answers"] or report["accuracy"])[1:]]
     else:
         rank_accuracy = None
     model, _ = load_medusa(args.heads, device="cpu")
-    profile = {"plain": profile_step(model, None, args.prefix, args.repeats)}
-    for size in [int(s) for s in args.sizes.split(",")]:
-        choices = build_tree(rank_accuracy, size) if rank_accuracy else build_tree([[0.5, 0.1, 0.05]] * 3, size)
-        profile[f"tree {len(choices)}"] = profile_step(model, choices, args.prefix, args.repeats)
+    prior = [[0.5, 0.1, 0.05]] * 3
+    trees = [build_tree(rank_accuracy or prior, int(size)) for size in args.sizes.split(",")]
+    profile = {}
+    for draft in [None] + ([args.draft_vocab] if args.draft_vocab else []):
+        suffix = f" (draft vocab {draft})" if draft else ""
+        timings = profile_steps(model, [None, *trees], args.prefix, args.repeats, draft)
+        profile["plain" + suffix] = timings[0]
+        for tree, parts in zip(trees, timings[1:], strict=True):
+            profile[f"tree {len(tree)}{suffix}"] = parts
     summary["step_profile_ms"] = profile
     print(json.dumps(summary, indent=2))
-    print("\n| step | backbone ms | lm_head ms | accept+prune ms | heads ms | total ms |\n|---|---|---|---|---|---|")
+    print(
+        "\n| step | backbone ms | lm_head + accept ms | KV prune ms | heads ms | total ms |\n|---|---|---|---|---|---|"
+    )
     for name, parts in profile.items():
         cells = " | ".join(f"{v:.1f}" for v in parts.values())
         print(f"| {name} | {cells} | {sum(parts.values()):.1f} |")

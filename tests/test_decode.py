@@ -187,7 +187,7 @@ def test_typical_acceptance_at_low_temperature_is_greedy():
                 # Like real top-k candidates: only one sibling can be the argmax (here rank 0, often).
                 hit = ranks[i] == 0 and float(torch.rand(1, generator=gen)) < 0.7
                 tree_tokens[i] = best if hit else (best + 1 + ranks[i]) % 50
-            nodes_g, length_g = greedy_accept(tree_tokens, logits, tree.paths)
+            nodes_g, length_g = greedy_accept(tree_tokens, logits.argmax(-1), tree.paths)
             nodes_t, length_t = typical_accept(tree_tokens, logits, tree.paths, temperature=1e-4)
             assert length_t == length_g and torch.equal(nodes_t, nodes_g)
             # Each accepted candidate is the argmax at its parent, and the path cannot be extended.

@@ -51,6 +51,9 @@ def test_buffers_match_brute_force(name):
     tokens = flat[tree.candidate_index]
     for i, path in enumerate(nodes):
         assert int(tokens[i]) == (-1 if not path else 100 * (len(path) - 1) + path[-1])
+    # Internal nodes (the only ones whose logits decide acceptance): the root and every node with a child.
+    internal = [i for i, p in enumerate(nodes) if not p or any(o[: len(p)] == p and o != p for o in nodes)]
+    assert tree.internal.tolist() == internal
     # Paths: one per leaf, each the root followed by that leaf's ancestors in depth order.
     leaves = [p for p in nodes if not any(o[: len(p)] == p and o != p for o in nodes)]
     got = {tuple(nodes[int(n)] for n in row if n >= 0) for row in tree.paths}

@@ -147,10 +147,7 @@ def choose_tree(
 
     trees = [build_tree(rank_accuracy, n) for n in sizes]
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
-    plain = measure_step_seconds(model, None, prefix_length, repeats)
-    seconds = [
-        measure_step_seconds(model, t, prefix_length, repeats, draft_vocab) for t in tqdm(trees, desc="tree latency")
-    ]
+    plain, *seconds = measure_step_seconds(model, [None, *trees], prefix_length, repeats, draft_vocab)
     best = max(range(len(sizes)), key=lambda i: expected[i] / seconds[i])
     return TreeChoice([len(t) for t in trees], expected, seconds, plain, len(trees[best]), trees[best])
 

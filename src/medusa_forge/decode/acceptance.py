@@ -1,8 +1,8 @@
 """Which candidate path a verification pass accepts: greedy (exact) and typical (sampling).
 
-Inputs are per tree: `tree_tokens` [N] (node 0 is the root, the base model's own token), `logits` [N, V]
-the base model's logits at every node, and `paths` [L, D+1] the node indices of every root-to-leaf path
-padded with -1. Both return (accepted node indices starting with the root, number of accepted candidates).
+Inputs are per tree: `tree_tokens` [N] (node 0 is the root, the base model's own token), the base model's
+argmax (greedy) or logits (typical) at every node, and `paths` [L, D+1] the node indices of every root-to-leaf
+path padded with -1. Both return (accepted node indices starting with the root, number of accepted candidates).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ def _best(paths: torch.Tensor, match: torch.Tensor, score: torch.Tensor | None =
     return paths[best, : longest + 1], longest
 
 
-def greedy_accept(tree_tokens: torch.Tensor, logits: torch.Tensor, paths: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Longest path whose every candidate equals the base model's argmax at its parent: the output is
-    exactly what plain greedy decoding would produce."""
+def greedy_accept(
+    tree_tokens: torch.Tensor, predictions: torch.Tensor, paths: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Longest path whose every candidate equals the base model's argmax at its parent (`predictions` [N]: the
+    argmax at each node; leaves' entries are never read): the output is exactly plain greedy decoding's."""
     candidates, valid = _path_tokens(tree_tokens, paths)
-    predictions = logits.argmax(dim=-1)[paths.clamp(min=0)]  # [L, D+1] the argmax at each node of each path
-    match = (candidates[:, 1:] == predictions[:, :-1]) & valid[:, 1:]
+    parent_predictions = predictions[paths[:, :-1].clamp(min=0)]  # [L, D]
+    match = (candidates[:, 1:] == parent_predictions) & valid[:, 1:]
     return _best(paths, match)
 
 

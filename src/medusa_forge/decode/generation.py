@@ -13,6 +13,7 @@ Batch size 1 only: each sequence accepts a different number of tokens per step.
 from __future__ import annotations
 
 import inspect
+import statistics
 import time
 import weakref
 from collections.abc import Iterator
@@ -130,6 +131,34 @@ class MedusaDecoder:
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
 
+    def _accept(
+        self,
+        tree_tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        temperature: float = 0.0,
+        posterior_threshold: float = 0.09,
+        posterior_alpha: float = 0.3,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """The accepted nodes (root first) and the next root token, from the tree's hidden states [N, H].
+
+        Greedy runs the lm_head only over nodes with children, plus the last accepted node if it is a leaf:
+        on a CPU the vocabulary projection of every tree node is a visible share of the step."""
+        tree = self.tree
+        if temperature > 0:
+            logits = self.lm_head(hidden)
+            nodes, _ = typical_accept(
+                tree_tokens, logits, tree.paths, temperature, posterior_threshold, posterior_alpha
+            )
+            return nodes, self._pick(logits[int(nodes[-1])], temperature, generator)
+        predictions = torch.full((tree.size,), -1, dtype=torch.long, device=hidden.device)
+        predictions[tree.internal] = self.lm_head(hidden[tree.internal]).argmax(dim=-1)
+        nodes, _ = greedy_accept(tree_tokens, predictions, tree.paths)
+        root = int(predictions[int(nodes[-1])])
+        if root < 0:  # the path ended on a leaf
+            root = int(self.lm_head(hidden[int(nodes[-1])]).argmax())
+        return nodes, root
+
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         config = self.base.config.get_text_config(decoder=True)
         total = prompt_length + max_new_tokens + self.tree.depth
@@ -194,15 +223,10 @@ class MedusaDecoder:
             tree_tokens = flat[tree.candidate_index]
             bias = tree.attention_bias(prefix, self.dtype, self.device)
             hidden = self._forward(tree_tokens, prefix + tree.depths, bias, cache)  # [N, H]
-            logits = self.lm_head(hidden)  # [N, V]
-            if temperature > 0:
-                nodes, _ = typical_accept(
-                    tree_tokens, logits, tree.paths, temperature, posterior_threshold, posterior_alpha
-                )
-            else:
-                nodes, _ = greedy_accept(tree_tokens, logits, tree.paths)
+            nodes, root = self._accept(
+                tree_tokens, hidden, temperature, posterior_threshold, posterior_alpha, generator
+            )
             last = int(nodes[-1])
-            root = self._pick(logits[last], temperature, generator)
             new = tree_tokens[nodes[1:]].tolist() + [root]
             stop = produced + len(new) >= max_new_tokens
             new = new[: max_new_tokens - produced]
@@ -333,38 +357,44 @@ def check_tree_support(base: PreTrainedModel) -> None:
 @torch.no_grad()
 def measure_step_seconds(
     model: MedusaModel,
-    choices: Choices | None,
+    trees: list[Choices | None],
     prefix_length: int = 256,
     repeats: int = 5,
     draft_vocab: int | None = None,
-) -> float:
-    """Median wall time of one decoding step after `prefix_length` cached tokens: the tree forward, lm_head,
-    acceptance, cache pruning and the heads. `choices=None` times one plain greedy step instead (one token
-    through the base model and its lm_head). The tree's size is what matters, not its tokens."""
-    decoder = MedusaDecoder(model, choices or [[0]], check=False, draft_vocab=draft_vocab)
-    vocab = decoder.lm_head.weight.shape[0]
+) -> list[float]:
+    """Median wall time of one decoding step per tree, after `prefix_length` cached tokens: the tree forward,
+    lm_head, acceptance, cache pruning and the heads. A `None` tree times one plain greedy step instead (one
+    token through the base model and its lm_head). Trees are timed round-robin, so a burst of load from other
+    processes hits every size alike. The tree's size is what matters, not its tokens."""
+    decoders = [MedusaDecoder(model, t or [[0]], check=False, draft_vocab=draft_vocab) for t in trees]
+    first = decoders[0]
+    device, dtype = first.device, first.dtype
+    vocab = first.lm_head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoder.device)
-    cache = DynamicCache()
-    positions = torch.arange(prefix_length, device=decoder.device)
-    decoder._forward(prefix, positions, causal_bias(prefix_length, decoder.dtype, decoder.device), cache)
-    tree = decoder.tree
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up and is dropped
-        tokens = torch.randint(0, vocab, (tree.size if choices else 1,), generator=gen).to(decoder.device)
-        start = time.perf_counter()
-        if choices:
-            bias = tree.attention_bias(prefix_length, decoder.dtype, decoder.device)
-            hidden = decoder._forward(tokens, prefix_length + tree.depths, bias, cache)
-            nodes, _ = greedy_accept(tokens, decoder.lm_head(hidden), tree.paths)
-            keep_cache_entries(cache, prefix_length, nodes)
-            decoder._heads(hidden[int(nodes[-1])])
-            kept = len(nodes)
-        else:
-            bias = torch.zeros(1, 1, 1, prefix_length + 1, dtype=decoder.dtype, device=decoder.device)
-            hidden = decoder._forward(tokens, positions[-1:] + 1, bias, cache)
-            int(decoder.lm_head(hidden[-1]).argmax())
-            kept = 1
-        times.append(time.perf_counter() - start)
-        cache.crop(-kept)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(device)
+    positions = torch.arange(prefix_length, device=device)
+    caches = []
+    for decoder in decoders:
+        caches.append(DynamicCache())
+        decoder._forward(prefix, positions, causal_bias(prefix_length, dtype, device), caches[-1])
+    times: list[list[float]] = [[] for _ in trees]
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for choices, decoder, cache, seconds in zip(trees, decoders, caches, times, strict=True):
+            tree = decoder.tree
+            tokens = torch.randint(0, vocab, (tree.size if choices else 1,), generator=gen).to(device)
+            start = time.perf_counter()
+            if choices:
+                bias = tree.attention_bias(prefix_length, dtype, device)
+                hidden = decoder._forward(tokens, prefix_length + tree.depths, bias, cache)
+                nodes, _ = decoder._accept(tokens, hidden)
+                keep_cache_entries(cache, prefix_length, nodes)
+                decoder._heads(hidden[int(nodes[-1])])
+                kept = len(nodes)
+            else:
+                bias = torch.zeros(1, 1, 1, prefix_length + 1, dtype=dtype, device=device)
+                hidden = decoder._forward(tokens, positions[-1:] + 1, bias, cache)
+                int(decoder.lm_head(hidden[-1]).argmax())
+                kept = 1
+            seconds.append(time.perf_counter() - start)
+            cache.crop(-kept)
+    return [statistics.median(t[1:]) for t in times]

@@ -62,6 +62,8 @@ class TreeBuffers:
     depths: [N] position offset of each node past the prefix (root 0).
     candidate_index: [N] index into the flat candidate vector [root token, head 0 top-k, head 1 top-k, ...].
     paths: [L, D+1] node indices of every root-to-leaf path, padded with -1.
+    internal: node indices that have children (the root always): only these need the base model's logits to
+        decide acceptance; a leaf's logits matter only when the path ends there.
     """
 
     choices: Choices
@@ -70,6 +72,7 @@ class TreeBuffers:
     depths: torch.Tensor
     candidate_index: torch.Tensor
     paths: torch.Tensor
+    internal: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -103,7 +106,8 @@ class TreeBuffers:
         for row, leaf in enumerate(sorted(leaves, key=lambda p: (len(p), p))):
             for d in range(len(leaf) + 1):
                 paths[row, d] = index_of[leaf[:d]]
-        return cls(choices, topk, attention, depths, candidate_index, paths)
+        internal = torch.tensor(sorted({0} | {index_of[path[:-1]] for path in index_of if path}), dtype=torch.long)
+        return cls(choices, topk, attention, depths, candidate_index, paths, internal)
 
     def attention_bias(
         self, prefix_length: int, dtype: torch.dtype, device: torch.device | str = "cpu"
@@ -125,6 +129,7 @@ class TreeBuffers:
             self.depths.to(device),
             self.candidate_index.to(device),
             self.paths.to(device),
+            self.internal.to(device),
         )
 
 
