@@ -78,6 +78,18 @@ def test_original_pt_becomes_ours_bit_exact_with_its_dtype(tmp_path, tiny_model_
     assert "architectures" not in config and config["base_model_name_or_path"] == str(tiny_model_dir)
 
 
+def test_bare_pt_file_without_config_needs_the_base_model(tmp_path, tiny_model_dir, capsys):
+    heads = original_medusa_head(2, 1)
+    torch.save(heads.state_dict(), tmp_path / "medusa_lm_head.pt")
+    args = ["--from", str(tmp_path / "medusa_lm_head.pt"), "--output-dir", str(tmp_path / "out")]
+    assert cli_main(args) == 2
+    assert "config.json is missing, so the base model is unknown; pass --base-model" in capsys.readouterr().err
+    assert cli_main([*args, "--base-model", str(tiny_model_dir)]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["medusa_num_heads"], config["medusa_num_layers"]) == (2, 1)
+    assert all(torch.equal(ours(tmp_path / "out")[k], v) for k, v in heads.state_dict().items())
+
+
 def test_pickle_that_is_not_a_state_dict_is_refused_without_running_it(tmp_path, tiny_model_dir, capsys):
     src = tmp_path / "evil"
     src.mkdir()

@@ -269,9 +269,7 @@ def _base_reference(raw: dict | None, base_model: str | None, where: Path) -> st
     )
 
 
-def _read_medusa(folder: Path, weights: Path, raw: dict | None) -> dict[str, torch.Tensor]:
-    if raw is None:
-        raise UserError(f"{folder}: {CONFIG_NAME} is missing; it must hold medusa_num_heads and medusa_num_layers")
+def _read_medusa(weights: Path) -> dict[str, torch.Tensor]:
     state = load_file(str(weights)) if weights.suffix == ".safetensors" else _load_pickle(weights)
     return {k.removeprefix(FULL_PREFIX): v for k, v in state.items()}
 
@@ -429,7 +427,7 @@ def read_heads(
     notes: list[str] = []
     where = str(weights)
     if layout in ("medusa", "medusa-pt"):
-        state = _read_medusa(folder, weights, raw)
+        state = _read_medusa(weights)
         keys = ("medusa_num_heads", "medusa_num_layers")
     elif layout == "vllm":
         files = [weights] if weights.is_file() else _weight_files(weights)
