@@ -440,3 +440,16 @@ def test_overwrite_starts_over_and_a_second_writer_is_refused(tmp_path, capsys):
             assert "another distill run is writing" in capsys.readouterr().err
         finally:
             holder.close()
+
+
+def test_a_400_about_context_length_ends_that_conversation_only(tmp_path, capsys):
+    source = write_conversations(tmp_path / "in.json", n=2)
+    out = tmp_path / "out.jsonl"
+    message = "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens."
+    with ScriptedServer(failures=[200, 400], error_message=message) as server:  # conv0's second turn is too long
+        flags = ["--input-filename", str(source), "--output-filename", str(out), "--url", server.url]
+        assert distill(*flags, "--concurrency", "1") == 0
+    records = {r["id"]: r["messages"] for r in read_jsonl(out)}
+    assert [m["role"] for m in records["conv0"]] == ["user", "assistant"]  # kept up to its last complete turn
+    assert [m["role"] for m in records["conv1"]] == ["user", "assistant"] * 2
+    assert "ended early at the model's context limit: 1" in capsys.readouterr().err
