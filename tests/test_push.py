@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from medusa_forge.heads import MedusaHeads
@@ -326,3 +327,25 @@ def test_env_endpoint_in_a_fresh_process(hub, trained_folder, tmp_path):
         hashlib.sha256(weights).hexdigest()
         == hashlib.sha256((trained_folder / "medusa_lm_head.safetensors").read_bytes()).hexdigest()
     )
+
+
+def test_vllm_export_is_pushed_with_a_vllm_card(hub, trained_folder, tmp_path):
+    from medusa_forge.export import export_heads
+
+    export_heads(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
+    assert cli_main(["--folder", str(tmp_path / "vllm"), "--repo", "alice/v"]) == 0
+    stored = hub.repos["alice/v"]["branches"]["main"]
+    assert set(stored) == {"README.md", "config.json", "model.safetensors"}
+    assert json.loads(stored["config.json"])["model_type"] == "medusa"
+    card = stored["README.md"].decode()
+    assert '"model": "alice/v"' in card and "vllm serve acme/tiny-llama" in card and "(vLLM layout)" in card
+
+
+def test_other_layouts_are_sent_to_import_first(hub, trained_folder, tmp_path, capsys):
+    folder = tmp_path / "orig"
+    folder.mkdir()
+    (folder / "config.json").write_text((trained_folder / "config.json").read_text())
+    torch.save(load_file(str(trained_folder / "medusa_lm_head.safetensors")), folder / "medusa_lm_head.pt")
+    assert cli_main(["--folder", str(folder), "--repo", "alice/x"]) == 2
+    assert f"Convert first: medusa-forge import --from {folder}" in capsys.readouterr().err
+    assert hub.requests == []

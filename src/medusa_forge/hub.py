@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medusa_forge.errors import UserError
-from medusa_forge.formats import read_heads
+from medusa_forge.formats import LAYOUTS, read_heads
 from medusa_forge.heads import CONFIG_NAME
 from medusa_forge.model_card import CARD_INPUTS_NAME, README_NAME, hub_base_id, refreshed_model_card
 
@@ -115,7 +115,12 @@ def push(
     if not REPO_ID.match(repo):
         raise UserError(f"--repo {repo!r}: expected USER/NAME (or ORG/NAME), e.g. alice/zephyr-7b-medusa")
     # Validation first: names, shapes and counts, and sizes against the base model where it is available.
-    loaded = read_heads(folder, layout="medusa")
+    loaded = read_heads(folder)
+    if loaded.layout not in ("medusa", "vllm"):
+        raise UserError(
+            f"{folder} holds {LAYOUTS[loaded.layout]}; push uploads this project's (= TGI's) layout or a vLLM "
+            f"export. Convert first: medusa-forge import --from {folder} --output-dir HEADS"
+        )
     notes = list(loaded.notes)
     config = loaded.config
     new_base = _base_for_hub(folder, config.base_model_name_or_path, base_model_id, notes)
@@ -124,7 +129,7 @@ def push(
             f"uploaded config.json names the base {new_base!r} (the local one keeps {config.base_model_name_or_path!r})"
         )
         config.base_model_name_or_path = new_base
-    card = refreshed_model_card(folder, config, repo, new_base)
+    card = refreshed_model_card(folder, config, repo, new_base, loaded.layout)
     readme_exists = (folder / README_NAME).is_file()
     card_state = "kept (edited by hand)" if card is None else "refreshed" if readme_exists else "written"
     files = files_to_upload(folder)

@@ -102,9 +102,11 @@ def render_model_card(
     metrics: dict[str, float] | None = None,
     evaluation: dict | None = None,
     repo_id: str | None = None,
+    layout: str = "medusa",
 ) -> str:
     """Markdown with a YAML header. `facts`: extra rows (training data and size); `metrics`: held-out head
-    accuracies from training (`medusa{i}_top1`, `medusa{i}_top5`); `evaluation`: an eval.json report."""
+    accuracies from training (`medusa{i}_top1`, `medusa{i}_top5`); `evaluation`: an eval.json report;
+    `layout`: the folder's layout ("medusa" = TGI's, or "vllm"), which decides which engine reads it as-is."""
     facts, metrics = facts or {}, metrics or {}
     k = config.medusa_num_heads
     header = ["---", "library_name: medusa-forge", "tags:", "- medusa", "- speculative-decoding", "- medusa-heads"]
@@ -163,6 +165,31 @@ def render_model_card(
     spec = json.dumps({"method": "medusa", "model": "heads-vllm", "num_speculative_tokens": k})
     serve_base = hub_id or base_model_id
     body = "\n\n".join(sections)
+    if layout == "vllm":
+        return f"""{chr(10).join(header)}
+{CARD_MARKER}
+
+# Medusa heads for `{base_model_id}` (vLLM layout)
+
+{k} Medusa heads in vLLM's layout (`model_type: medusa`, `blocks.*`, `lm_heads.*`), exported by
+[medusa-forge](https://pypi.org/project/medusa-forge/). Head i predicts the token i+2 positions ahead.
+
+| | |
+|---|---|
+{table}
+
+{body}
+
+## Serve
+
+```bash
+vllm serve {serve_base} --speculative-config \
+    '{json.dumps({"method": "medusa", "model": where, "num_speculative_tokens": k})}'
+```
+
+For TGI or TensorRT-LLM: `hf download {where} --local-dir heads && medusa-forge export --heads heads --format tgi
+--output-dir heads-tgi` (or `--format tensorrt-llm`).
+"""
     return f"""{chr(10).join(header)}
 {CARD_MARKER}
 
@@ -230,7 +257,11 @@ def _training_metrics(folder: Path) -> dict[str, float]:
 
 
 def refreshed_model_card(
-    folder: str | Path, config: MedusaConfig, repo_id: str | None = None, base_model_id: str | None = None
+    folder: str | Path,
+    config: MedusaConfig,
+    repo_id: str | None = None,
+    base_model_id: str | None = None,
+    layout: str = "medusa",
 ) -> str | None:
     """The card push should upload, or None to keep the folder's README.md (written by hand)."""
     folder = Path(folder)
@@ -245,4 +276,4 @@ def refreshed_model_card(
     base = base_model_id or inputs.get("base_model_id") or config.base_model_name_or_path
     facts = inputs.get("facts") if isinstance(inputs.get("facts"), dict) else {}
     metrics = inputs.get("metrics") if isinstance(inputs.get("metrics"), dict) else _training_metrics(folder)
-    return render_model_card(config, base, facts, metrics, load_eval(folder), repo_id)
+    return render_model_card(config, base, facts, metrics, load_eval(folder), repo_id, layout)
