@@ -335,10 +335,11 @@ def test_vllm_export_is_pushed_with_a_vllm_card(hub, trained_folder, tmp_path):
     export_heads(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
     assert cli_main(["--folder", str(tmp_path / "vllm"), "--repo", "alice/v"]) == 0
     stored = hub.repos["alice/v"]["branches"]["main"]
-    assert set(stored) == {"README.md", "config.json", "model.safetensors"}
+    assert set(stored) == {"README.md", "config.json", "model.safetensors", "model_card.json"}
     assert json.loads(stored["config.json"])["model_type"] == "medusa"
     card = stored["README.md"].decode()
     assert '"model": "alice/v"' in card and "vllm serve acme/tiny-llama" in card and "(vLLM layout)" in card
+    assert "`sharegpt` (64 conversations)" in card  # export carried the training facts along
 
 
 def test_other_layouts_are_sent_to_import_first(hub, trained_folder, tmp_path, capsys):

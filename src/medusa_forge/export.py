@@ -27,6 +27,7 @@ from medusa_forge.formats import (
     write_medusa,
     write_vllm,
 )
+from medusa_forge.model_card import CARD_INPUTS_NAME
 
 
 @dataclass
@@ -115,7 +116,8 @@ def export_heads(
             "exist where the engine runs (pass --base-model-id HUB_ID to name a Hub model instead)"
         )
     files = write_vllm(loaded, output_dir) if fmt == "vllm" else write_medusa(loaded, output_dir)
-    files += copy_sidecars(loaded.source, output_dir, (TREE_FILE,))
+    # The tree for engines that take one, and what a later `push` of this folder needs for its model card.
+    files += copy_sidecars(loaded.source, output_dir, (TREE_FILE, CARD_INPUTS_NAME, "training_metrics.json"))
     if fmt == "tgi":
         shipped, note = _ship_tokenizer(loaded, output_dir, tokenizer, trained_base)
         files += shipped
