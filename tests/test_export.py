@@ -228,3 +228,13 @@ def test_heads_for_another_model_are_refused(tmp_path, tiny_model_dir, capsys):
     wrong.save(tmp_path / "wrong")
     assert cli_main(["--heads", str(tmp_path / "wrong"), "--format", "vllm", "--output-dir", str(tmp_path / "o")]) == 2
     assert "heads have hidden size 16, but base model" in capsys.readouterr().err
+
+
+def test_output_folder_with_other_weights_is_refused(tmp_path, heads_dir, capsys):
+    """A stale medusa_lm_head.pt would be read by TensorRT-LLM's converter before our safetensors."""
+    (tmp_path / "out").mkdir()
+    torch.save({}, tmp_path / "out" / "medusa_lm_head.pt")
+    assert cli_main(["--heads", str(heads_dir), "--format", "tensorrt-llm", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "already holds other weights (medusa_lm_head.pt)" in capsys.readouterr().err
+    export_heads(heads_dir, "tgi", tmp_path / "again")
+    export_heads(heads_dir, "tgi", tmp_path / "again")  # rewriting the same export is fine

@@ -234,7 +234,7 @@ def test_dry_run_lists_the_files_and_sends_nothing(hub, trained_folder, capsys):
     readme = (trained_folder / "README.md").read_text()
     assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "dry run: would upload 7 files to alice/x" in out
+    assert "dry run: would upload 7 files to alice/x" in out and "note: token found" in out
     for name in EXPECTED_FILES:
         assert f"  {name}  (" in out
     assert "checkpoint-10" not in out and "training_args.bin" not in out

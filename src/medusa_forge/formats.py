@@ -539,8 +539,22 @@ def vllm_config(config: MedusaConfig, dtype: torch.dtype) -> dict:
     }
 
 
+def check_no_other_weights(output_dir: Path, writing: str) -> None:
+    """Refuse a folder that already holds other weights: an engine would read those (TensorRT-LLM prefers
+    medusa_lm_head.pt; vLLM reads every *.safetensors) and a later import would find two sets of heads."""
+    if not output_dir.is_dir():
+        return
+    stale = [p.name for p in output_dir.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.name != writing]
+    if stale:
+        raise UserError(
+            f"--output-dir {output_dir} already holds other weights ({', '.join(sorted(stale))}) that an engine "
+            "would also read; choose an empty or new folder"
+        )
+
+
 def write_medusa(loaded: LoadedHeads, output_dir: Path) -> list[Path]:
     """Our layout (= TGI / TensorRT-LLM): config.json without `architectures` + medusa_lm_head.safetensors."""
+    check_no_other_weights(output_dir, WEIGHTS_NAME)
     output_dir.mkdir(parents=True, exist_ok=True)
     loaded.config.save(output_dir)
     save_file(_contiguous(loaded.state), str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -548,6 +562,7 @@ def write_medusa(loaded: LoadedHeads, output_dir: Path) -> list[Path]:
 
 
 def write_vllm(loaded: LoadedHeads, output_dir: Path) -> list[Path]:
+    check_no_other_weights(output_dir, VLLM_WEIGHTS_NAME)
     output_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(loaded.state.values())).dtype
     (output_dir / CONFIG_NAME).write_text(json.dumps(vllm_config(loaded.config, dtype), indent=2) + "\n")

@@ -135,12 +135,14 @@ def push(
     files = files_to_upload(folder)
     if card is not None and README_NAME not in files:
         files = sorted([*files, README_NAME])
-    if dry_run:
-        return PushResult(files, card_state, None, notes)
-
     from huggingface_hub import HfApi, get_token
 
     token = get_token()
+    if dry_run:
+        found = "found" if token else "NOT found: set HF_TOKEN or run `hf auth login` before pushing"
+        notes.append(f"token {found}")
+        return PushResult(files, card_state, None, notes)
+
     if not token:
         raise UserError(
             "no Hugging Face token: set HF_TOKEN=hf_... (a token with write access, from "
