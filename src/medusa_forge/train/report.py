@@ -23,7 +23,12 @@ def head_history(log_history: list[dict], prefix: str = "") -> dict[int, list[di
 
 
 def write_metrics(folder: Path, log_history: list[dict], final: dict) -> None:
-    payload = {"final": final, "train": head_history(log_history), "eval": head_history(log_history, "eval_")}
+    payload = {
+        "final": final,
+        "epoch_seconds": [entry["epoch_seconds"] for entry in log_history if "epoch_seconds" in entry],
+        "train": head_history(log_history),
+        "eval": head_history(log_history, "eval_"),
+    }
     (folder / "training_metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -90,8 +91,10 @@ def train(argv: list[str]) -> Path:
         )
 
     base = load_base_model(base_path, dtype=_base_dtype(training_args)).to(training_args.device)
+    cache_seconds = time.perf_counter()
     if medusa_args.medusa_hidden_cache:
         train_set, eval_set = _cached(base, train_set, eval_set, medusa_args, training_args)
+    cache_seconds = time.perf_counter() - cache_seconds
     # In config.json: what the user passed, but aliases become the folder a server can load.
     heads = MedusaHeads.for_base_model(base, medusa_args.medusa_num_heads, medusa_args.medusa_num_layers, base_path)
     heads.config.draft_vocab_size = medusa_args.medusa_draft_vocab_size
@@ -118,7 +121,7 @@ def train(argv: list[str]) -> Path:
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
-    final = dict(result.metrics)
+    final = {**result.metrics, "hidden_cache_seconds": cache_seconds}
     if eval_set is not None:
         final.update(trainer.evaluate())
     trainer.save_model(training_args.output_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from safetensors.torch import load_file
@@ -22,6 +23,7 @@ class MedusaTrainer(Trainer):
         self._head_stats = {"train": None, "eval": None}
         self.remove_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
         self.add_callback(MedusaPrinterCallback() if self.args.disable_tqdm else MedusaProgressCallback())
+        self.add_callback(EpochTimer())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -74,6 +76,17 @@ class MedusaTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+class EpochTimer(TrainerCallback):
+    """Adds {"epoch_seconds": wall time of the epoch} to the log history at the end of each epoch."""
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        seconds = time.perf_counter() - self.start
+        state.log_history.append({"epoch": state.epoch, "epoch_seconds": seconds, "step": state.global_step})
 
 
 def format_logs(step: int, logs: dict) -> str:

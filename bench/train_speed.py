@@ -1,0 +1,127 @@
+"""Training speed and quality: the original recipe vs medusa-forge's defaults, same data, same epochs.
+
+    .venv/bin/python bench/train_speed.py [--data runs/distill-bench.jsonl] [--epochs 5] [--configs baseline,defaults]
+
+Each configuration trains 3 heads on the embedded model (SmolLM2-135M) in its own process (so peak memory is
+its own), then is scored the same way: teacher-forced top-1 per head on held-out ShareGPT conversations, and
+mean accepted length of greedy Medusa decoding with one fixed tree on held-out prompts.
+The data set is self-distilled by `medusa-forge distill` on first use (first user turn of 160 training
+conversations, greedy replies of at most 200 tokens), then reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# baseline = the original recipe: base model recomputed every step, hard labels, equal weights, full heads.
+CONFIGS = {
+    "baseline": ["--medusa_hidden_cache", "False", "--medusa_soft_labels", "False",
+                 "--medusa_freeze_projection", "False", "--medusa_decay_coefficient", "1.0"],
+    "defaults": [],
+    "cache": ["--medusa_hidden_cache", "True"],
+    "cache+soft": ["--medusa_hidden_cache", "True", "--medusa_soft_labels", "True"],
+    "cache+frozen": ["--medusa_hidden_cache", "True", "--medusa_freeze_projection", "True"],
+    "cache+draft8k": ["--medusa_hidden_cache", "True", "--medusa_draft_vocab_size", "8192"],
+    "cache+draft8k+soft": ["--medusa_hidden_cache", "True", "--medusa_draft_vocab_size", "8192",
+                           "--medusa_soft_labels", "True"],
+}  # fmt: skip
+
+
+def ensure_data(path: Path) -> Path:
+    if not path.is_file() or sum(1 for _ in path.open()) < 160:
+        subprocess.run(
+            [sys.executable, "-m", "medusa_forge.cli", "distill", "--input-filename", "sharegpt", "--output-filename",
+             str(path), "--max-samples", "160", "--max-new-tokens", "200", "--max-turns", "1", "--temperature", "0",
+             "--concurrency", "16"],
+            check=True,
+        )  # fmt: skip
+    return path
+
+
+def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, "-m", "medusa_forge.train", "--model_name_or_path", "smollm2", "--data_path", str(data),
+        "--output_dir", str(out), "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", "4",
+        "--model_max_length", str(args.max_length), "--learning_rate", "1e-3", "--warmup_ratio", "0.1",
+        "--lr_scheduler_type", "cosine", "--logging_steps", "10", "--save_strategy", "no", "--eval_strategy", "no",
+        "--medusa_num_heads", "3", "--medusa_num_layers", "1", "--disable_tqdm", "True", "--auto_resume", "False",
+        "--medusa_hidden_cache_dir", str(out / "hidden-cache"), *CONFIGS[name],
+    ]  # fmt: skip
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{name}: training failed ({status})")
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    return {
+        "total_seconds": round(wall, 1),
+        "hidden_cache_seconds": round(metrics["final"]["hidden_cache_seconds"], 1),
+        "epoch_seconds": [round(s, 1) for s in metrics["epoch_seconds"]],
+        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+    }
+
+
+def score(out: Path, args: argparse.Namespace) -> dict:
+    from medusa_forge.data.conversations import load_conversations
+    from medusa_forge.decode.generation import MedusaDecoder
+    from medusa_forge.decode.tree import default_choices
+    from medusa_forge.evaluate import _first_prompts, measure_accuracy
+    from medusa_forge.heads import MedusaModel
+    from medusa_forge.modeling import load_tokenizer
+
+    model = MedusaModel.from_pretrained(out)
+    tokenizer = load_tokenizer(model.heads.config.base_model_name_or_path)
+    draft = model.heads.config.draft_vocab_size
+    heldout = load_conversations("sharegpt-heldout", args.eval_conversations)
+    accuracy = measure_accuracy(model, tokenizer, heldout, args.max_length, progress=False, draft_vocab=draft)
+    decoder = MedusaDecoder(model, default_choices(16, 3), draft_vocab=draft)
+    eos = {tokenizer.eos_token_id}
+    steps = tokens = 0
+    for prompt in _first_prompts(tokenizer, heldout, args.eval_prompts, 384):
+        result = decoder.generate(prompt, args.max_new_tokens, eos_token_ids=eos)
+        steps, tokens = steps + result.steps, tokens + sum(result.accept_lengths)
+    return {
+        "heldout_top1": [round(a.top(1), 4) for a in accuracy[1:]],
+        "mean_accepted_length": round(tokens / steps, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="runs/distill-bench.jsonl")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--configs", default="baseline,defaults")
+    parser.add_argument("--eval-conversations", type=int, default=30)
+    parser.add_argument("--eval-prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--output-dir", default="runs/train-speed")
+    args = parser.parse_args()
+    data = ensure_data(Path(args.data))
+    results = {}
+    for name in args.configs.split(","):
+        out = Path(args.output_dir) / name
+        results[name] = {**train_one(name, data, out, args), **score(out, args)}
+        print(json.dumps({name: results[name]}), flush=True)
+    names = list(results)
+    if len(names) >= 2:
+        base, new = results[names[0]], results[names[-1]]
+        results["ratio"] = {
+            "total_time": round(base["total_seconds"] / new["total_seconds"], 2),
+            "accepted_length": round(new["mean_accepted_length"] / base["mean_accepted_length"], 3),
+        }
+    results["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}"
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
