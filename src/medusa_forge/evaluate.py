@@ -249,6 +249,8 @@ def run_speed(
             if lookup:
                 tokens, seconds = _timed(lambda ids=ids: _cut_at_eos(hf(ids, max_new_tokens, **lookup), eos))
                 runs["prompt_lookup"].add(len(tokens), seconds)
+                if tokens != reference:
+                    logger.warning("prompt lookup's output differed from plain greedy on prompt %d", index)
     return runs, accept_lengths, mismatches
 
 
