@@ -238,3 +238,31 @@ def test_output_folder_with_other_weights_is_refused(tmp_path, heads_dir, capsys
     assert "already holds other weights (medusa_lm_head.pt)" in capsys.readouterr().err
     export_heads(heads_dir, "tgi", tmp_path / "again")
     export_heads(heads_dir, "tgi", tmp_path / "again")  # rewriting the same export is fine
+
+
+def test_draft_vocabulary_becomes_vllms_truncated_vocab_and_comes_back(tmp_path, heads_dir):
+    """Heads trained with --medusa_draft_vocab_size N propose ids < N only; vLLM expresses that as
+    truncated_vocab_size N + a token_map (models/medusa.py: lm_heads rows sliced by token_map, other ids -inf)."""
+    source = tmp_path / "draft"
+    source.mkdir()
+    config = json.loads((heads_dir / "config.json").read_text()) | {"draft_vocab_size": 100}
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "medusa_lm_head.safetensors").write_bytes((heads_dir / "medusa_lm_head.safetensors").read_bytes())
+    result = export_heads(source, "vllm", tmp_path / "vllm")
+    vconfig = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert (vconfig["truncated_vocab_size"], vconfig["vocab_size"]) == (100, 400)
+    weights = load_file(str(tmp_path / "vllm" / "model.safetensors"))
+    assert torch.equal(weights.pop("token_map"), torch.arange(100)) and set(weights) == vllm_names(K, L)
+    # What vLLM computes: the first 100 rows of each head, every other id at -inf.
+    module = VllmStyleMedusa(vconfig)
+    module.load_state_dict({k: v[:100] if k.startswith("lm_heads") else v for k, v in weights.items()})
+    x = torch.randn(4, 32)
+    ours = MedusaHeads.load(source)(x)
+    assert torch.equal(module(x), ours[..., :100])
+    assert not any("draft vocabulary" in note for note in result.notes)
+    loaded, _ = import_heads(tmp_path / "vllm", tmp_path / "back")
+    assert MedusaConfig.load(tmp_path / "back").draft_vocab_size == 100
+    assert same_tensors(load_file(str(tmp_path / "back" / "medusa_lm_head.safetensors")),
+                        load_file(str(source / "medusa_lm_head.safetensors")))  # fmt: skip
+    tgi = export_heads(source, "tgi", tmp_path / "tgi")
+    assert any("tgi has no draft vocabulary" in note for note in tgi.notes)

@@ -115,6 +115,12 @@ def export_heads(
             f"base_model_name_or_path is the local path {base!r}: the engine loads the base from it, so it must "
             "exist where the engine runs (pass --base-model-id HUB_ID to name a Hub model instead)"
         )
+    draft = loaded.config.draft_vocab_size
+    if draft and fmt != "vllm":
+        notes.append(
+            f"{fmt} has no draft vocabulary: the heads (trained on ids < {draft}) propose from all "
+            f"{loaded.config.vocab_size} ids there; vLLM keeps the restriction (truncated_vocab_size + token_map)"
+        )
     files = write_vllm(loaded, output_dir) if fmt == "vllm" else write_medusa(loaded, output_dir)
     # The tree for engines that take one, and what a later `push` of this folder needs for its model card.
     files += copy_sidecars(loaded.source, output_dir, (TREE_FILE, CARD_INPUTS_NAME, "training_metrics.json"))

@@ -274,8 +274,11 @@ def _read_medusa(weights: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(FULL_PREFIX): v for k, v in state.items()}
 
 
-def _read_vllm(folder: Path, raw: dict | None, files: list[Path], notes: list[str]) -> dict[str, torch.Tensor]:
-    """vLLM names -> canonical. Reads config keys the way vLLM's MedusaConfig does (num_heads, ...)."""
+def _read_vllm(
+    folder: Path, raw: dict | None, files: list[Path], notes: list[str]
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """vLLM names -> canonical, plus the draft vocabulary (a token_map of the first N ids). Reads config keys
+    the way vLLM's MedusaConfig does (num_heads, ...)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         part = _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle(path)
@@ -306,7 +309,8 @@ def _read_vllm(folder: Path, raw: dict | None, files: list[Path], notes: list[st
         lm_heads = {i: lm_heads[0] for i in range(count)}
         notes.append("original_lm_head: the one shared projection was copied into every head")
     vocab, truncated = raw.get("vocab_size"), raw.get("truncated_vocab_size")
-    if "token_map" in tensors and truncated is not None and vocab is not None and truncated < vocab:
+    draft_vocab = None
+    if truncated is not None and vocab is not None and truncated < vocab:
         rows = {t.shape[0] for t in lm_heads.values()}
         if rows != {vocab}:
             raise UserError(
@@ -314,7 +318,15 @@ def _read_vllm(folder: Path, raw: dict | None, files: list[Path], notes: list[st
                 "vLLM gives every other token -inf, which a full-vocabulary Medusa head cannot represent. "
                 "Import the untruncated checkpoint instead."
             )
-        notes.append(f"token_map ignored: lm_heads hold the full {vocab}-token vocabulary")
+        token_map = tensors.get("token_map")
+        if token_map is not None and torch.equal(token_map.long().flatten(), torch.arange(truncated)):
+            draft_vocab = truncated  # heads propose ids < N only: our draft_vocab_size, exactly
+            notes.append(f"token_map = the first {truncated} ids: kept as draft_vocab_size {truncated}")
+        else:
+            notes.append(
+                f"truncated_vocab_size {truncated} dropped (token_map is not the first {truncated} ids): "
+                f"the heads propose from the full {vocab}-token vocabulary"
+            )
     with_bias = bool(raw.get("medusa_fc_bias", False))
     has_bias = any(part == "bias" for _, _, part in blocks)
     if has_bias and not with_bias:
@@ -330,7 +342,7 @@ def _read_vllm(folder: Path, raw: dict | None, files: list[Path], notes: list[st
     num_layers = 1 + max((j for _, j, _ in blocks), default=-1)
     for i, value in lm_heads.items():
         state[f"{i}.{num_layers}.weight"] = value
-    return state
+    return state, draft_vocab
 
 
 def _read_full(folder: Path, files: list[Path]) -> dict[str, torch.Tensor]:
@@ -425,13 +437,14 @@ def read_heads(
     folder = path if path.is_dir() else path.parent
     raw = _folder_config(folder)
     notes: list[str] = []
+    draft_vocab = (raw or {}).get("draft_vocab_size")  # ours: heads trained to propose ids < N only
     where = str(weights)
     if layout in ("medusa", "medusa-pt"):
         state = _read_medusa(weights)
         keys = ("medusa_num_heads", "medusa_num_layers")
     elif layout == "vllm":
         files = [weights] if weights.is_file() else _weight_files(weights)
-        state = _read_vllm(folder, raw, files, notes)
+        state, draft_vocab = _read_vllm(folder, raw, files, notes)
         keys = ("num_heads", "num_hidden_layers")
         if raw is not None and "num_heads" not in raw and "medusa_num_heads" in raw:
             keys = ("medusa_num_heads", "medusa_num_layers")
@@ -465,7 +478,11 @@ def read_heads(
         shape = check_canonical(state, where)
     elif check_base:
         notes.append(check_against_base(shape, base, where, required=base_model is not None))
-    config = MedusaConfig(shape.num_heads, shape.num_layers, shape.hidden_size, shape.vocab_size, base)
+    if draft_vocab is not None and not (isinstance(draft_vocab, int) and 0 < draft_vocab <= shape.vocab_size):
+        raise UserError(f"{folder / CONFIG_NAME}: draft_vocab_size {draft_vocab!r} must be 1..{shape.vocab_size}")
+    config = MedusaConfig(
+        shape.num_heads, shape.num_layers, shape.hidden_size, shape.vocab_size, base, draft_vocab_size=draft_vocab
+    )
     return LoadedHeads(state, config, layout, path, notes)
 
 
@@ -517,18 +534,23 @@ def to_vllm(state: dict[str, torch.Tensor], config: MedusaConfig) -> dict[str, t
             out[f"blocks.{i}.layers.{j}.weight"] = state[f"{i}.{j}.linear.weight"]
             out[f"blocks.{i}.layers.{j}.bias"] = state[f"{i}.{j}.linear.bias"]
         out[f"lm_heads.{i}.weight"] = state[f"{i}.{num_layers}.weight"]
+    if config.draft_vocab_size and config.draft_vocab_size < config.vocab_size:
+        # vLLM keeps lm_heads rows token_map[...] and gives every other id -inf: the decoder's draft vocabulary.
+        out["token_map"] = torch.arange(config.draft_vocab_size, dtype=torch.long)
     return out
 
 
 def vllm_config(config: MedusaConfig, dtype: torch.dtype) -> dict:
     """The keys vLLM's MedusaConfig and Medusa model read. medusa_fc_bias must be true, or vLLM builds the
-    blocks without bias and silently drops ours."""
+    blocks without bias and silently drops ours. Heads trained with a draft vocabulary of N get
+    truncated_vocab_size N (plus a token_map of ids 0..N-1 in the weights), as vLLM needs."""
+    draft = config.draft_vocab_size or config.vocab_size
     return {
         "model_type": "medusa",
         "architectures": ["MedusaModel"],
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
-        "truncated_vocab_size": config.vocab_size,
+        "truncated_vocab_size": draft,
         "num_heads": config.medusa_num_heads,
         "num_hidden_layers": config.medusa_num_layers,
         "medusa_fc_bias": True,
