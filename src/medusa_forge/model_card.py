@@ -120,6 +120,8 @@ def render_model_card(
         ("Hidden size / vocabulary", f"{config.hidden_size} / {config.vocab_size}"),
         *facts.items(),
     ]
+    if getattr(config, "draft_vocab_size", None):
+        rows.append(("Draft vocabulary", f"heads propose ids < {config.draft_vocab_size} (vLLM: truncated_vocab_size)"))
     summary = evaluation_summary(evaluation)
     if "mean_accepted_length" in summary:
         rows.append(("Mean accepted tokens per step", f"{summary['mean_accepted_length']:.2f} (plain decoding: 1.00)"))
