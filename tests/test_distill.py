@@ -398,17 +398,18 @@ def test_server_killed_mid_run_then_resume_gives_every_record_once(tmp_path, tin
 # --- in-process backend -------------------------------------------------------------------------------------
 
 
-def test_in_process_backend_batches_and_writes_every_conversation(tmp_path, tiny_model_dir, capsys):
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_in_process_backend_batches_and_writes_every_conversation(tmp_path, tiny_model_dir, capsys, batching):
     source = write_conversations(tmp_path / "in.json", n=6)
     out = tmp_path / "out.jsonl"
     flags = ["--input-filename", str(source), "--output-filename", str(out), "--model", str(tiny_model_dir)]
-    assert distill(*flags, "--max-new-tokens", "5", "--concurrency", "4") == 0
+    assert distill(*flags, "--max-new-tokens", "5", "--concurrency", "4", "--batching", batching) == 0
     records = read_jsonl(out)
     assert sorted(r["id"] for r in records) == [f"conv{i}" for i in range(6)]
     for record in records:
         assert [m["role"] for m in record["messages"]] == ["user", "assistant"] * 2
         assert all(m["content"] for m in record["messages"])
-    assert "in-process model" in capsys.readouterr().err
+    assert f"in-process model {str(tiny_model_dir)!r} on cpu ({batching} batching)" in capsys.readouterr().err
 
 
 def test_in_process_conversation_ends_at_the_context_limit(tmp_path, tiny_model_dir, capsys):

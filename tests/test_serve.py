@@ -53,7 +53,15 @@ def generator(tiny_model_dir: Path) -> HFGenerator:
 
 @pytest.fixture(scope="module")
 def server(generator):
-    app = create_app(generator, "tiny", max_batch_size=8, batch_wait_ms=20)
+    app = create_app(generator, "tiny", max_batch_size=8, batch_wait_ms=20)  # continuous batching (auto)
+    with ServerThread(app) as running:
+        running.app = app
+        yield running
+
+
+@pytest.fixture(scope="module")
+def static_server(generator):
+    app = create_app(generator, "tiny", max_batch_size=8, batch_wait_ms=20, batching="static")
     with ServerThread(app) as running:
         running.app = app
         yield running
@@ -74,7 +82,7 @@ HELLO = [{"role": "user", "content": "Hello there! How can I help you today?"}]
 def test_health_and_models(server):
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
-    assert health["requests_generated"] >= health["generate_calls"] >= 0
+    assert health["batching"] == "continuous"  # what auto picks for a Llama
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
 
@@ -100,7 +108,9 @@ def test_content_parts_are_accepted(server, generator):
     assert body["choices"][0]["message"]["content"] == solo(generator, HELLO, 4)
 
 
-def test_streaming_matches_non_streaming(server):
+@pytest.mark.parametrize("server_kind", ["server", "static_server"])
+def test_streaming_matches_non_streaming(request, server_kind):
+    server = request.getfixturevalue(server_kind)
     plain = chat(server, messages=HELLO, max_tokens=8, temperature=0).json()
     with httpx.stream(
         "POST",
@@ -122,10 +132,12 @@ def test_streaming_matches_non_streaming(server):
     assert len(chunks) >= 3  # role, at least one content delta, finish
 
 
-def test_concurrent_requests_share_batches(server, generator):
+@pytest.mark.parametrize("server_kind", ["server", "static_server"])
+def test_concurrent_requests_share_batches(request, server_kind, generator):
+    server = request.getfixturevalue(server_kind)
     prompts = [[{"role": "user", "content": f"Question {i}: the quick brown fox {'jumps ' * i}"}] for i in range(8)]
     limits = [2 + i % 4 for i in range(8)]
-    before = server.app.state.engine.batches_run
+    before = server.app.state.engine.stats()
 
     async def send_all():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -137,9 +149,13 @@ def test_concurrent_requests_share_batches(server, generator):
             )
 
     responses = asyncio.run(send_all())
-    batches = server.app.state.engine.batches_run - before
+    after = server.app.state.engine.stats()
     assert all(r.status_code == 200 for r in responses)
-    assert batches < len(prompts), "concurrent requests should share generate calls"
+    if after["batching"] == "static":
+        assert after["generate_calls"] - before["generate_calls"] < len(prompts), "requests should share generate"
+    else:
+        rows = after["rows_decoded"] - before["rows_decoded"]
+        assert rows > after["decode_steps"] - before["decode_steps"], "requests should share decode steps"
     for response, prompt, limit in zip(responses, prompts, limits, strict=True):
         body = response.json()
         # Each request keeps its own max_tokens inside a shared batch and gets its own reply.
@@ -248,3 +264,65 @@ def test_engine_groups_by_sampling_settings_and_prompt_length(generator):
         batches = [[n for k, n in call] for call in calls if call[0][0] == key]
         flat = sorted(n for batch in batches for n in batch)
         assert sorted(batches) == [flat[i : i + 2] for i in range(0, len(flat), 2)]
+
+
+def test_continuous_rows_join_and_leave_with_plain_greedy_results(generator):
+    """Staggered arrivals, a batch of 3 and different lengths: rows are admitted into a running batch and leave
+    as they finish, and every reply is token for token what transformers' greedy `generate` gives alone."""
+    from medusa_forge.distill.continuous import ContinuousEngine
+
+    prompts = [generator.encode_chat([{"role": "user", "content": f"Q{i}: {'fox ' * (3 * i)}"}]) for i in range(7)]
+    limits = [3 + (7 * i) % 15 for i in range(7)]
+    alone = [generator.generate_batch([GenerationRequest(p, n)])[0] for p, n in zip(prompts, limits, strict=True)]
+
+    async def staggered():
+        engine = ContinuousEngine(generator, max_batch_size=3, batch_wait_ms=5)
+
+        async def one(i):
+            await asyncio.sleep(0.02 * (i % 3))
+            return await engine.submit(GenerationRequest(prompts[i], limits[i]))
+
+        results = await asyncio.gather(*[one(i) for i in range(7)])
+        await engine.close()
+        return results, engine.step_sizes
+
+    results, steps = asyncio.run(staggered())
+    assert [(r.text, r.completion_tokens, r.finish_reason) for r in results] == [
+        (r.text, r.completion_tokens, r.finish_reason) for r in alone
+    ]
+    assert max(steps) == 3 and len(set(steps)) > 1  # batch full at times, shrinking as rows finish
+
+
+def test_continuous_seeded_sampling_does_not_depend_on_batch_mates(generator):
+    from medusa_forge.distill.continuous import ContinuousEngine
+
+    seeded = GenerationRequest(generator.encode_chat(HELLO), 10, temperature=1.0, top_p=0.8, seed=123)
+    others = [GenerationRequest(generator.encode_chat([{"role": "user", "content": "x" * i}]), 6) for i in (3, 9)]
+
+    async def run(requests):
+        engine = ContinuousEngine(generator, max_batch_size=4, batch_wait_ms=20)
+        results = await asyncio.gather(*[engine.submit(r) for r in requests])
+        await engine.close()
+        return results
+
+    alone = asyncio.run(run([seeded]))[0]
+    crowded = asyncio.run(run([others[0], seeded, others[1]]))[1]
+    assert alone.text == crowded.text and alone.completion_tokens == crowded.completion_tokens
+
+
+def test_make_engine_choices(generator):
+    from medusa_forge.distill.continuous import ContinuousEngine, make_engine
+    from medusa_forge.distill.engine import BatchingEngine
+    from medusa_forge.errors import UserError
+
+    assert isinstance(make_engine(generator), ContinuousEngine)
+    assert isinstance(make_engine(generator, "static"), BatchingEngine)
+
+    class OtherDecoder:  # e.g. Medusa decoding: its own generate_batch, so the static engine
+        max_context = 512
+
+    assert isinstance(make_engine(OtherDecoder()), BatchingEngine)
+    with pytest.raises(UserError, match="--batching continuous"):
+        make_engine(OtherDecoder(), "continuous")
+    with pytest.raises(UserError, match="--batching 'fast'"):
+        make_engine(generator, "fast")

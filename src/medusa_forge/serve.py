@@ -1,9 +1,10 @@
 """`medusa-forge serve`: an OpenAI-compatible chat completions server over the in-process model.
 
 Endpoints: POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, GET /health.
-Every request, streaming or not, goes through one `BatchingEngine`: requests arriving within
-`--batch-wait-ms` of each other with the same sampling settings share one left-padded `generate`;
-streamed requests receive their text as each batch step decodes it.
+Every request, streaming or not, goes through one engine (`distill.continuous.make_engine`): by default
+continuous batching (requests join and leave the running batch between decode steps), or static batching
+(`--batching static`: requests arriving together with the same sampling settings share one left-padded
+`generate`). Streamed requests receive their text as each step decodes it.
 Another decoder (Medusa heads) plugs in by passing its own `Generator` to `create_app`.
 """
 
@@ -24,7 +25,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medusa_forge.distill.engine import BatchingEngine, ContextLengthError, GenerationRequest, Generator, HFGenerator
+from medusa_forge.distill.continuous import BATCHING_MODES, make_engine
+from medusa_forge.distill.engine import ContextLengthError, GenerationRequest, Generator, HFGenerator
 from medusa_forge.errors import UserError
 
 logger = logging.getLogger("medusa_forge.serve")
@@ -71,10 +73,15 @@ def _error_body(message: str, kind: str, code: str | None = None, param: str | N
 
 
 def create_app(
-    generator: Generator, model_name: str, max_batch_size: int = 16, batch_wait_ms: float = 25.0, default_max_tokens=512
+    generator: Generator,
+    model_name: str,
+    max_batch_size: int = 16,
+    batch_wait_ms: float = 25.0,
+    default_max_tokens: int = 512,
+    batching: str = "auto",
 ) -> FastAPI:
     """The FastAPI app; `generator` does the decoding (see `distill.engine.Generator`)."""
-    engine = BatchingEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    engine = make_engine(generator, batching, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
     app = FastAPI(title="medusa-forge serve")
     app.state.engine = engine
 
@@ -113,9 +120,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        # Batching at a glance: requests served per generate call so far.
-        sizes = engine.batch_sizes
-        return {"status": "ok", "model": model_name, "generate_calls": len(sizes), "requests_generated": sum(sizes)}
+        return {"status": "ok", "model": model_name, **engine.stats()}  # batching at a glance
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -179,7 +184,7 @@ def _usage(result) -> dict:
     return usage
 
 
-async def _stream(engine: BatchingEngine, request: GenerationRequest, completion_id: str, created: int, model: str):
+async def _stream(engine, request: GenerationRequest, completion_id: str, created: int, model: str):
     """SSE: a role chunk, content deltas as they decode, a finish chunk with usage, then `[DONE]`."""
     import asyncio
 
@@ -228,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", default=None, help="Name in /v1/models and replies (default: --model).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=16, help="Most requests in one generate call.")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="Most requests decoded together.")
+    parser.add_argument(
+        "--batching",
+        default="auto",
+        choices=BATCHING_MODES,
+        help="continuous (requests join/leave between steps; auto picks it when the model allows) or static.",
+    )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=25.0, help="Gather requests arriving this close together."
     )
@@ -259,6 +270,7 @@ def cli_main(argv: list[str]) -> int:
             max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms,
             default_max_tokens=args.default_max_tokens,
+            batching=args.batching,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

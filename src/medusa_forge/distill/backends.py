@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from medusa_forge.distill.engine import BatchingEngine, ContextLengthError, GenerationRequest, HFGenerator
+from medusa_forge.distill.continuous import make_engine
+from medusa_forge.distill.engine import ContextLengthError, GenerationRequest, HFGenerator
 from medusa_forge.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -197,11 +198,13 @@ class HttpBackend:
 
 
 class LocalBackend:
-    """The model in this process, batched across concurrent conversations by `BatchingEngine`."""
+    """The model in this process, batched across concurrent conversations (continuous batching by default)."""
 
-    def __init__(self, generator: HFGenerator, max_batch_size: int, batch_wait_ms: float = 20.0):
+    def __init__(
+        self, generator: HFGenerator, max_batch_size: int, batching: str = "auto", batch_wait_ms: float = 20.0
+    ):
         self.generator = generator
-        self.engine = BatchingEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+        self.engine = make_engine(generator, batching, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
 
     async def __aenter__(self) -> LocalBackend:
         return self
@@ -211,7 +214,8 @@ class LocalBackend:
 
     @property
     def description(self) -> str:
-        return f"in-process model {self.generator.model.name_or_path!r} on {self.generator.device}"
+        mode = self.engine.stats()["batching"]
+        return f"in-process model {self.generator.model.name_or_path!r} on {self.generator.device} ({mode} batching)"
 
     def prompt_length(self, messages: list[dict[str, str]]) -> int:
         return len(self.generator.encode_chat(messages))

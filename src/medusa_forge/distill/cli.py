@@ -13,6 +13,7 @@ import sys
 
 from medusa_forge.data.conversations import Conversation, load_conversations
 from medusa_forge.distill.backends import HttpBackend, LocalBackend
+from medusa_forge.distill.continuous import BATCHING_MODES
 from medusa_forge.distill.engine import HFGenerator
 from medusa_forge.distill.runner import ReplayOptions, Summary, run
 from medusa_forge.distill.store import OutputStore
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "--shard", default=None, help="I/N: take every N-th conversation starting at I (0 <= I < N).")
     _flag(parser, "--dtype", default="float32", help="In-process model dtype: float32, bfloat16 or float16.")
     _flag(parser, "--device", default="auto", help="In-process device: auto (cuda if present), cpu, cuda, ...")
+    _flag(parser, "--batching", default="auto", choices=BATCHING_MODES, help="In-process: continuous or static.")
     _flag(parser, "--max-retries", type=int, default=6, help="Retries per request on errors worth retrying.")
     _flag(parser, "--retry-base", type=float, default=1.0, help="First back-off delay in seconds (doubles each try).")
     _flag(parser, "--timeout", type=float, default=600.0, help="Seconds to wait for one reply.")
@@ -156,7 +158,7 @@ def distill(args: argparse.Namespace) -> Summary:
             )
         elif todo:
             generator = HFGenerator.load(args.model or "smollm2", dtype=args.dtype, device=args.device)
-            backend = LocalBackend(generator, max_batch_size=args.concurrency)
+            backend = LocalBackend(generator, max_batch_size=args.concurrency, batching=args.batching)
             # Similar lengths in flight together: less padding in each batch.
             todo.sort(key=lambda c: replayed_chars(c, args.max_turns))
         if todo:

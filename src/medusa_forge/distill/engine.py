@@ -247,6 +247,13 @@ class BatchingEngine:
     def batches_run(self) -> int:
         return len(self.batch_sizes)
 
+    def stats(self) -> dict:
+        return {
+            "batching": "static",
+            "generate_calls": len(self.batch_sizes),
+            "requests_generated": sum(self.batch_sizes),
+        }
+
     async def submit(
         self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:

@@ -1,0 +1,314 @@
+"""Continuous batching for in-process generation: requests join and leave the running batch between steps.
+
+`BatchingEngine` runs each batch until its longest reply: rows that finished early still cost compute, and a
+conversation's next turn waits for the whole batch. Here one thread runs a decode loop over the active rows;
+a finished row leaves at once (its caller gets the reply and can send its next turn) and waiting requests are
+prefilled and merged into the running batch's KV cache with left padding. Sampling is per row (own temperature,
+top-p and seeded torch.Generator), so a seeded request is reproducible whatever else shares the batch.
+
+Works with models whose cache is a `DynamicCache` of plain full-attention layers (Llama, Qwen2, Mistral without
+sliding window, GPT-2, ...); `ContinuousEngine.supports` tells, and callers fall back to `BatchingEngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from medusa_forge.distill.engine import GenerationRequest, GenerationResult, HFGenerator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    settle: Callable[[GenerationResult | BaseException], None]
+    on_text: Callable[[str], None] | None
+    is_cancelled: Callable[[], bool]
+    rng: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    position: int = 0  # position id of the next token fed to the model
+    sent: str = ""
+
+
+def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Greedy rows take the argmax (as `generate(do_sample=False)`); sampling rows use their own settings."""
+    chosen = logits.argmax(dim=-1).tolist()
+    for index, row in enumerate(rows):
+        request = row.request
+        if request.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[index].float() / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p  # always keeps the top token
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        chosen[index] = int(torch.multinomial(probs, 1, generator=row.rng).item())
+    return chosen
+
+
+class ContinuousEngine:
+    """Same `submit` interface as `BatchingEngine`; one background thread owns the model."""
+
+    def __init__(self, generator: HFGenerator, max_batch_size: int = 16, batch_wait_ms: float = 25.0):
+        self.generator = generator
+        self.model = generator.model
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.step_sizes: list[int] = []  # rows in each decode step (tests and the benchmark read it)
+
+    def stats(self) -> dict:
+        steps = self.step_sizes
+        return {"batching": "continuous", "decode_steps": len(steps), "rows_decoded": sum(steps)}
+
+    @staticmethod
+    def supports(generator: HFGenerator) -> bool:
+        """True when the model's cache is made of plain growing full-attention layers we can merge and slice."""
+        if generator.model.config.is_encoder_decoder:
+            return False
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([[generator.pad_id, generator.pad_id]], device=generator.device)
+                out = generator.model(input_ids=ids, cache=DynamicCache(config=generator.model.config), use_cache=True)
+        except Exception as err:  # any model that cannot take an explicit DynamicCache
+            logger.info("continuous batching unavailable: %s", err)
+            return False
+        cache = getattr(out, "cache", None)
+        return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    # --- asyncio side -------------------------------------------------------------------------------------------
+
+    async def submit(
+        self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
+    ) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle_on_loop(outcome) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        def settle(outcome) -> None:
+            loop.call_soon_threadsafe(settle_on_loop, outcome)
+
+        text = (lambda delta: loop.call_soon_threadsafe(on_text, delta)) if on_text else None
+        self._ensure_thread()
+        self._inbox.put(_Row(request, settle, text, future.cancelled))
+        return await future
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="medusa-forge-decode", daemon=True)
+            self._thread.start()
+
+    # --- decode thread ------------------------------------------------------------------------------------------
+
+    def _take_new(self, active: int) -> list[_Row]:
+        new: list[_Row] = []
+        if not active:  # idle: wait for work, then gather the burst it belongs to
+            try:
+                new.append(self._inbox.get(timeout=0.1))
+            except queue.Empty:
+                return new
+            deadline = time.monotonic() + 10 * self.batch_wait_s
+            while len(new) < self.max_batch_size:
+                remaining = min(self.batch_wait_s, deadline - time.monotonic())
+                if remaining <= 0:
+                    break
+                try:
+                    new.append(self._inbox.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        while active + len(new) < self.max_batch_size:
+            try:
+                new.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return new
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        rows: list[_Row] = []
+        cache: DynamicCache | None = None
+        mask: torch.Tensor | None = None
+        while not self._stop.is_set():
+            new = self._take_new(len(rows))
+            try:
+                if new:
+                    rows, cache, mask = self._admit(rows, cache, mask, new)
+                if rows:
+                    rows, cache, mask = self._step(rows, cache, mask)
+            except Exception as err:  # fail what is in flight, keep serving later requests
+                logger.exception("generation failed for %d requests", len(rows) + len(new))
+                for row in rows + new:
+                    row.settle(err)
+                rows, cache, mask = [], None, None
+
+    def _admit(self, rows, cache, mask, new: list[_Row]):
+        """Prefill the new requests (left-padded together) and merge them into the running batch."""
+        device = self.generator.device
+        for row in new:
+            if row.request.seed is not None and row.request.temperature > 0:
+                row.rng = torch.Generator(device=device).manual_seed(row.request.seed)
+        width = max(len(row.request.prompt_ids) for row in new)
+        input_ids = torch.full((len(new), width), self.generator.pad_id, dtype=torch.long)
+        new_mask = torch.zeros((len(new), width), dtype=torch.long)
+        for index, row in enumerate(new):
+            n = len(row.request.prompt_ids)
+            input_ids[index, width - n :] = torch.tensor(row.request.prompt_ids)
+            new_mask[index, width - n :] = 1
+            row.position = n
+        input_ids, new_mask = input_ids.to(device), new_mask.to(device)
+        positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=new_mask,
+            position_ids=positions,
+            cache=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        new_cache = out.cache
+        if cache is None:
+            cache, mask = new_cache, new_mask
+        else:
+            cache, mask = self._merge(cache, mask, new_cache, new_mask)
+        rows = rows + new
+        first = _choose_tokens(out.logits[:, -1, :], new)
+        # New rows got their first token from the prefill; older rows keep the token they are waiting to feed.
+        pending = [None] * (len(rows) - len(new)) + first
+        return self._record(rows, cache, mask, pending)
+
+    @staticmethod
+    def _merge(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor):
+        length, other_length = mask.shape[1], other_mask.shape[1]
+        target = max(length, other_length)
+
+        def left_pad(tensor: torch.Tensor, missing: int, dim: int) -> torch.Tensor:
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        for layer, other_layer in zip(cache.layers, other.layers, strict=True):
+            layer.keys = torch.cat(
+                [left_pad(layer.keys, target - length, -2), left_pad(other_layer.keys, target - other_length, -2)]
+            )
+            layer.values = torch.cat(
+                [left_pad(layer.values, target - length, -2), left_pad(other_layer.values, target - other_length, -2)]
+            )
+        merged_mask = torch.cat([left_pad(mask, target - length, 1), left_pad(other_mask, target - other_length, 1)])
+        return cache, merged_mask
+
+    def _step(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor):
+        """Feed every row its last token; one forward pass for the whole batch."""
+        device = self.generator.device
+        self.step_sizes.append(len(rows))
+        input_ids = torch.tensor([[row.tokens[-1]] for row in rows], device=device)
+        positions = torch.tensor([[row.position] for row in rows], device=device)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        for row in rows:
+            row.position += 1
+        return self._record(rows, out.cache, mask, _choose_tokens(out.logits[:, -1, :], rows))
+
+    def _record(self, rows: list[_Row], cache, mask, chosen: list[int | None]):
+        """Append each row's new token; settle and drop rows that finished (or whose caller went away)."""
+        keep = []
+        for index, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            if token is None:  # an older row during an admission: nothing new yet
+                keep.append(index)
+                continue
+            if token in self.generator.eos_ids:
+                self._finish(row, "stop")
+                continue
+            row.tokens.append(token)
+            if row.on_text is not None:
+                self._emit(row, final=False)
+            if len(row.tokens) >= row.request.max_new_tokens:
+                self._finish(row, "length")
+            elif row.is_cancelled():
+                continue
+            else:
+                keep.append(index)
+        if len(keep) == len(rows):
+            return rows, cache, mask
+        if not keep:
+            return [], None, None
+        index = torch.tensor(keep, device=mask.device)
+        mask = mask[index]
+        start = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding for every kept row
+        for layer in cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        return [rows[i] for i in keep], cache, mask[:, start:]
+
+    def _emit(self, row: _Row, final: bool) -> None:
+        text = self.generator.decode(row.tokens)
+        if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        if text.startswith(row.sent) and len(text) > len(row.sent):
+            row.on_text(text[len(row.sent) :])
+            row.sent = text
+
+    def _finish(self, row: _Row, finish_reason: str) -> None:
+        if row.on_text is not None:
+            self._emit(row, final=True)
+            text = row.sent
+        else:
+            text = self.generator.decode(row.tokens)
+        completion = len(row.tokens) + (finish_reason == "stop")
+        row.settle(GenerationResult(text, len(row.request.prompt_ids), completion, finish_reason))
+
+
+BATCHING_MODES = ("auto", "continuous", "static")
+
+
+def make_engine(generator, batching: str = "auto", max_batch_size: int = 16, batch_wait_ms: float = 25.0):
+    """The engine for `generator`: continuous batching where the model supports it (`auto`), else static.
+
+    Generators other than `HFGenerator` (e.g. Medusa decoding) get the static `BatchingEngine`, which calls their
+    own `generate_batch`."""
+    from medusa_forge.distill.engine import BatchingEngine
+    from medusa_forge.errors import UserError
+
+    if batching not in BATCHING_MODES:
+        raise UserError(f"--batching {batching!r}: choose one of {', '.join(BATCHING_MODES)}")
+    if max_batch_size < 1:
+        raise UserError(f"the batch size must be at least 1, got {max_batch_size}")
+    if batching != "static" and isinstance(generator, HFGenerator):
+        if ContinuousEngine.supports(generator):
+            return ContinuousEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+        if batching == "continuous":
+            raise UserError(
+                f"--batching continuous: model {generator.model.name_or_path!r} has a cache layout that cannot be "
+                f"merged row by row (sliding window, quantised or encoder-decoder); use --batching static"
+            )
+    elif batching == "continuous":
+        raise UserError("--batching continuous works with the plain in-process model only (not with --heads)")
+    return BatchingEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
