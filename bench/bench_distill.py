@@ -2,6 +2,8 @@
 
 1. In-process generation: one batched left-padded `generate` over B prompts vs the same prompts one at a time
    (target: batched >= 4x the total tokens/s).
+1b. The two in-process engines on a distill-like load (more requests than the batch, replies of natural
+   length): static batching (each batch runs to its longest reply) vs continuous batching.
 2. Client throughput vs --concurrency: the distill runner's HTTP backend against `serve` in its own process.
 
 Prompts are the first user turns of the embedded ShareGPT data, cut to --prompt-chars characters.
@@ -69,6 +71,41 @@ def bench_in_process(generator: HFGenerator, prompts: list[list[dict]], single: 
     }
 
 
+def bench_engines(generator: HFGenerator, prompts: list[list[dict]], max_new_tokens: int, max_batch: int) -> list:
+    """A distill-like load: all prompts submitted at once, natural end-of-turn, batch <= max_batch."""
+    from medusa_forge.distill.continuous import make_engine
+
+    requests = [GenerationRequest(generator.encode_chat(p), max_new_tokens) for p in prompts]
+    rows = []
+    for mode in ("static", "continuous"):
+        engine = make_engine(generator, mode, max_batch_size=max_batch)
+
+        async def submit_all(engine=engine):
+            results = await asyncio.gather(*[engine.submit(r) for r in requests])
+            await engine.close()
+            return results
+
+        start = time.perf_counter()
+        results = asyncio.run(submit_all())
+        wall = time.perf_counter() - start
+        tokens = sum(r.completion_tokens for r in results)
+        stopped = sum(r.finish_reason == "stop" for r in results)
+        rows.append(
+            {
+                "engine": mode,
+                "requests": len(requests),
+                "ended_by_model": stopped,
+                "tokens": tokens,
+                "wall_s": round(wall, 1),
+                "tok_s": round(tokens / wall, 1),
+                "texts": [r.text for r in results],
+            }
+        )
+    same = sum(a == b for a, b in zip(rows[0].pop("texts"), rows[1].pop("texts"), strict=True))
+    rows[1]["same_text_as_static"] = f"{same}/{len(requests)}"
+    return rows
+
+
 async def _client_run(url: str, conversations: list[Conversation], concurrency: int, max_new_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         store = OutputStore(Path(folder) / "out.jsonl")
@@ -112,8 +149,12 @@ def bench_client(
             before = health
             rows.append(asyncio.run(_client_run(url, conversations, level, max_new_tokens)))
             health = httpx.get(f"{url}/health", timeout=10).json()
-            calls = health["generate_calls"] - before["generate_calls"]
-            rows[-1]["mean_batch"] = round((health["requests_generated"] - before["requests_generated"]) / calls, 1)
+            if health["batching"] == "static":  # requests per generate call
+                calls, done = (health[k] - before[k] for k in ("generate_calls", "requests_generated"))
+            else:  # rows per decode step
+                calls, done = (health[k] - before[k] for k in ("decode_steps", "rows_decoded"))
+            rows[-1]["batching"] = health["batching"]
+            rows[-1]["mean_batch"] = round(done / max(calls, 1), 1)
             print(json.dumps(rows[-1]), flush=True)
     finally:
         server.terminate()
@@ -139,6 +180,8 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=25.0, help="serve's --batch-wait-ms.")
     parser.add_argument("--skip-client", action="store_true")
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--engine-requests", type=int, default=32, help="Static vs continuous engine (0: skip).")
+    parser.add_argument("--engine-max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     args = parser.parse_args()
     if args.threads:
@@ -149,6 +192,10 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, {args.model}")
     if not args.skip_in_process:
         print(json.dumps(bench_in_process(generator, prompts, args.single, args.max_new_tokens)), flush=True)
+    if args.engine_requests:
+        engine_prompts = first_user_turns(args.engine_requests, args.prompt_chars)
+        for row in bench_engines(generator, engine_prompts, args.engine_max_new_tokens, args.batch):
+            print(json.dumps(row), flush=True)
     if not args.skip_client:
         levels = [int(x) for x in args.concurrency.split(",")]
         bench_client(args, prompts, levels, args.client_max_new_tokens)

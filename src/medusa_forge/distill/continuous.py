@@ -301,7 +301,9 @@ def make_engine(generator, batching: str = "auto", max_batch_size: int = 16, bat
         raise UserError(f"--batching {batching!r}: choose one of {', '.join(BATCHING_MODES)}")
     if max_batch_size < 1:
         raise UserError(f"the batch size must be at least 1, got {max_batch_size}")
-    if batching != "static" and isinstance(generator, HFGenerator):
+    # Exactly HF generation: a subclass with its own generate_batch (another decoder) must not be bypassed.
+    plain = isinstance(generator, HFGenerator) and type(generator).generate_batch is HFGenerator.generate_batch
+    if batching != "static" and plain:
         if ContinuousEngine.supports(generator):
             return ContinuousEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
         if batching == "continuous":
