@@ -149,6 +149,14 @@ def choose_tree(
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
     plain, *seconds = measure_step_seconds(model, [None, *trees], prefix_length, repeats, draft_vocab)
     best = max(range(len(sizes)), key=lambda i: expected[i] / seconds[i])
+    if expected[best] / seconds[best] <= 1 / plain:
+        logger.warning(
+            "no tree is expected to beat plain greedy here: best %.2f tokens/s (%d nodes) vs %.2f for a plain step; "
+            "the heads' accuracy is too low for this machine's cost of verifying a tree",
+            expected[best] / seconds[best],
+            len(trees[best]),
+            1 / plain,
+        )
     return TreeChoice([len(t) for t in trees], expected, seconds, plain, len(trees[best]), trees[best])
 
 
