@@ -326,3 +326,23 @@ def test_make_engine_choices(generator):
         make_engine(OtherDecoder(), "continuous")
     with pytest.raises(UserError, match="--batching 'fast'"):
         make_engine(generator, "fast")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "mistral"])
+def test_continuous_batching_matches_generate_on_other_architectures(tmp_path, arch):
+    from conftest import build_tokenizer, make_tiny_model
+
+    from medusa_forge.distill.continuous import ContinuousEngine
+
+    generator = HFGenerator.load(str(make_tiny_model(arch, tmp_path / arch, build_tokenizer())))
+    assert ContinuousEngine.supports(generator)
+    prompts = [generator.encode_chat([{"role": "user", "content": "fox " * (2 * i + 1)}]) for i in range(4)]
+    alone = [generator.generate_batch([GenerationRequest(p, 6 + i)])[0].text for i, p in enumerate(prompts)]
+
+    async def together():
+        engine = ContinuousEngine(generator, max_batch_size=2, batch_wait_ms=5)
+        results = await asyncio.gather(*[engine.submit(GenerationRequest(p, 6 + i)) for i, p in enumerate(prompts)])
+        await engine.close()
+        return [r.text for r in results]
+
+    assert asyncio.run(together()) == alone

@@ -82,7 +82,12 @@ class ContinuousEngine:
         try:
             with torch.inference_mode():
                 ids = torch.tensor([[generator.pad_id, generator.pad_id]], device=generator.device)
-                out = generator.model(input_ids=ids, cache=DynamicCache(config=generator.model.config), use_cache=True)
+                out = generator.model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    cache=DynamicCache(config=generator.model.config),
+                    use_cache=True,
+                )
         except Exception as err:  # any model that cannot take an explicit DynamicCache
             logger.info("continuous batching unavailable: %s", err)
             return False
