@@ -35,8 +35,8 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def ensure_data(path: Path) -> Path:
-    if not path.is_file() or sum(1 for _ in path.open()) < 160:
+def ensure_data(path: Path, samples: int) -> Path:
+    if not path.is_file() or sum(1 for _ in path.open()) < samples:
         subprocess.run(
             [sys.executable, "-m", "medusa_forge.cli", "distill", "--input-filename", "sharegpt", "--output-filename",
              str(path), "--max-samples", "160", "--max-new-tokens", "200", "--max-turns", "1", "--temperature", "0",
@@ -49,7 +49,8 @@ def ensure_data(path: Path) -> Path:
 def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, "-m", "medusa_forge.train", "--model_name_or_path", "smollm2", "--data_path", str(data),
-        "--output_dir", str(out), "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", "4",
+        "--max_samples", str(args.samples), "--output_dir", str(out), "--num_train_epochs", str(args.epochs),
+        "--per_device_train_batch_size", "4",
         "--model_max_length", str(args.max_length), "--learning_rate", "1e-3", "--warmup_ratio", "0.1",
         "--lr_scheduler_type", "cosine", "--logging_steps", "10", "--save_strategy", "no", "--eval_strategy", "no",
         "--medusa_num_heads", "3", "--medusa_num_layers", "1", "--disable_tqdm", "True", "--auto_resume", "False",
@@ -98,15 +99,16 @@ def score(out: Path, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="runs/distill-bench.jsonl")
+    parser.add_argument("--samples", type=int, default=48, help="Conversations trained on (of the data file).")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--configs", default="baseline,defaults")
     parser.add_argument("--eval-conversations", type=int, default=30)
     parser.add_argument("--eval-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--output-dir", default="runs/train-speed")
     args = parser.parse_args()
-    data = ensure_data(Path(args.data))
+    data = ensure_data(Path(args.data), args.samples)
     results = {}
     for name in args.configs.split(","):
         out = Path(args.output_dir) / name

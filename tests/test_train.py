@@ -102,6 +102,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_model_d
     # "crash" after step 3: a fresh output dir holding only checkpoint-3, then the same command again
     (tmp_path / "resumed").mkdir()
     shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    # ... and a checkpoint-5 whose save was cut off before trainer_state.json (written last): skipped
+    shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-5")
+    (tmp_path / "resumed" / "checkpoint-5" / "trainer_state.json").unlink()
     resumed = train(small_run_flags(tiny_model_dir, data, tmp_path / "resumed", *flags))
     a, b = load_file(str(full / "medusa_lm_head.safetensors")), load_file(str(resumed / "medusa_lm_head.safetensors"))
     assert a.keys() == b.keys()

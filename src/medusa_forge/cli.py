@@ -15,6 +15,8 @@ COMMANDS = {
     "export": ("medusa_forge.export", "write heads for TGI, vLLM or TensorRT-LLM; prints the serve command"),
     "import": ("medusa_forge.import_heads", "convert heads from any known layout (.pt, version 2, vLLM, ...) to ours"),
     "push": ("medusa_forge.hub", "validate a heads folder, refresh its model card and upload it to the Hub"),
+    "pipeline": ("medusa_forge.pipeline", "distil -> train -> eval (tree) -> export -> report; re-runs skip, resume"),
+    "quickstart": ("medusa_forge.pipeline.quickstart", "the pipeline on the embedded model and data (~15 min CPU)"),
 }
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import ensure_chat_template
@@ -42,10 +42,22 @@ def _resume_checkpoint(training_args) -> str | None:
             raise UserError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such folder")
         return training_args.resume_from_checkpoint
     if training_args.auto_resume and Path(training_args.output_dir).is_dir():
-        last = get_last_checkpoint(training_args.output_dir)
+        last = last_complete_checkpoint(Path(training_args.output_dir))
         if last:
             logger.warning("resuming from %s (pass --auto_resume False to start over)", last)
         return last
+    return None
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-N whose save finished (trainer_state.json is written last): a run killed while
+    saving leaves a partial folder, which is skipped rather than crashing the resume."""
+    folders = [f for f in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.name.rsplit("-", 1)[-1].isdigit()]
+    folders.sort(key=lambda f: int(f.name.rsplit("-", 1)[-1]), reverse=True)
+    for folder in folders:
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+        logger.warning("skipping %s: saving it did not finish", folder)
     return None
 
 

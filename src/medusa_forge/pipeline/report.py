@@ -1,0 +1,184 @@
+"""WORKDIR/report.md and its PNGs: what the pipeline produced, how good it is, what it cost, how to serve it.
+
+Everything is read from the stages' own outputs (training_metrics.json, eval.json, the export's serve commands,
+the pipeline state), so the report can be rebuilt at any time without re-running a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+STAGE_TIMES_PNG = "stage_times.png"
+
+
+def tree_lines(choices: list[list[int]]) -> list[str]:
+    """The tree as an indented outline: one line per node, depth = which head, rank = which of its guesses."""
+    lines = ["base model's next token"]
+    for path in sorted(choices):
+        depth = len(path)
+        lines.append("  " * depth + f"- head {depth - 1}, guess #{path[-1] + 1}")
+    return lines
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _plot_stage_times(times: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(times)
+    fig, ax = plt.subplots(figsize=(5, 0.5 + 0.45 * len(names)))
+    ax.barh(names[::-1], [times[n] / 60 for n in names[::-1]], color="tab:blue")
+    ax.set_xlabel("minutes")
+    ax.set_title(f"time per stage (total {sum(times.values()) / 60:.1f} min)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def write_report(ctx) -> list[Path]:
+    """Write report.md + PNGs into ctx.workdir; returns the files written."""
+    workdir: Path = ctx.workdir
+    config = ctx.config
+    stages = ctx.state.get("stages", {})
+    metrics = _read_json(ctx.heads / "training_metrics.json")
+    evaluation = _read_json(ctx.eval_dir / "eval.json")
+    heads_config = _read_json(ctx.heads / "config.json")
+    commands = _read_json(workdir / "export" / "serve_commands.json")
+    written: list[Path] = []
+
+    def copy_png(source: Path) -> str | None:
+        if not source.is_file():
+            return None
+        target = workdir / source.name
+        shutil.copyfile(source, target)
+        written.append(target)
+        return source.name
+
+    lines = [f"# Medusa heads for `{config.model}`", ""]
+    speed = evaluation.get("speed", {})
+    acceptance = evaluation.get("acceptance", {})
+    distilled = stages.get("distill", {}).get("details", {}).get("conversations")
+    data = f"`{config.data}`" + (f", self-distilled: {distilled} conversations" if distilled else "")
+    rows = [
+        ("Base model", f"`{config.model}` (`{heads_config.get('base_model_name_or_path', '?')}`)"),
+        ("Training data", data),
+        (
+            "Heads x residual blocks",
+            f"{heads_config.get('medusa_num_heads')} x {heads_config.get('medusa_num_layers')}",
+        ),
+    ]
+    if evaluation:
+        tps = speed.get("tokens_per_second", {})
+        rows += [
+            ("Mean accepted tokens per step", f"**{acceptance.get('mean_accept_length', 0):.2f}** (plain: 1.00)"),
+            ("Speed-up over plain greedy", f"**{speed.get('speedup', {}).get('medusa', 0):.2f}x** "
+             f"({tps.get('medusa', 0):.1f} vs {tps.get('greedy', 0):.1f} tokens/s)"),
+        ]  # fmt: skip
+        if "prompt_lookup" in tps:
+            rows.append(("Prompt-lookup decoding", f"{speed['speedup']['prompt_lookup']:.2f}x"))
+        rows += [
+            ("Output identical to greedy", str(speed.get("outputs_equal"))),
+            ("Measured on", f"{evaluation.get('machine')}; {speed.get('prompts')} held-out prompts "
+             f"(`{evaluation.get('data')}`), up to {speed.get('max_new_tokens')} new tokens each"),
+        ]  # fmt: skip
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+
+    times = {name: record.get("seconds", 0.0) for name, record in stages.items() if name != "report"}
+    if times:
+        lines += ["## Time per stage", "", "| stage | time |", "|---|---|"]
+        lines += [f"| {name} | {_minutes(seconds)} |" for name, seconds in times.items()]
+        lines += [f"| **total** | **{_minutes(sum(times.values()))}** |", ""]
+        _plot_stage_times(times, workdir / STAGE_TIMES_PNG)
+        written.append(workdir / STAGE_TIMES_PNG)
+        lines += [f"![time per stage]({STAGE_TIMES_PNG})", ""]
+        if stages.get("train", {}).get("details", {}).get("resumed_from"):
+            lines += [f"Training resumed from `{stages['train']['details']['resumed_from']}`.", ""]
+
+    lines += ["## Training", ""]
+    curves = copy_png(ctx.heads / "training_curves.png")
+    if curves:
+        lines += [f"![per-head loss and top-1 during training]({curves})", ""]
+    final = metrics.get("final", {})
+    history = metrics.get("train", {})
+    if history:
+        lines += ["| head | predicts | last logged loss | last logged top-1 |", "|---|---|---|---|"]
+        for head, entries in sorted(history.items(), key=lambda kv: int(kv[0])):
+            last = entries[-1]
+            lines.append(f"| {head} | t+{int(head) + 2} | {last.get('loss', 0):.3f} | {last.get('top1', 0):.3f} |")
+        lines.append("")
+    if final.get("train_runtime"):
+        lines += [f"Training time {final['train_runtime']:.0f} s (hidden-state cache "
+                  f"{final.get('hidden_cache_seconds', 0):.0f} s of it before the first step).", ""]  # fmt: skip
+
+    if evaluation:
+        lines += ["## The decoding tree", ""]
+        tree = evaluation.get("tree", [])
+        lines += [
+            f"{len(tree)} nodes, built from the heads' accuracy on {evaluation.get('tree_accuracy_source')} and sized "
+            "by the step latency measured on this machine; stored as `heads/medusa_choices.json` "
+            "(`medusa-forge generate` and `serve` use it; TensorRT-LLM takes it as `--medusa_choices`).",
+            "",
+            "```",
+            *tree_lines(tree),
+            "```",
+            "",
+            f"`medusa_choices = {json.dumps(tree, separators=(',', ':'))}`",
+            "",
+        ]
+        size_png = copy_png(ctx.eval_dir / "tree_size.png")
+        if size_png:
+            lines += [f"![expected tokens per second against tree size]({size_png})", ""]
+        lines += ["## Acceptance and speed", ""]
+        for name, alt in (("acceptance.png", "accepted tokens per step"), ("tokens_per_second.png", "tokens/s")):
+            if copy_png(ctx.eval_dir / name):
+                lines += [f"![{alt}]({name})", ""]
+        lines += ["| predictor | top-1 (held-out) | top-5 (held-out) |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['top1']:.3f} | {r['top5']:.3f} |" for r in evaluation.get("accuracy", [])]
+        lines += ["", "Full evaluation: [`heads/eval/eval.md`](heads/eval/eval.md).", ""]
+
+    lines += ["## Serve it", ""]
+    heads_path = shlex.quote(str(ctx.heads))
+    for fmt, label in (("tgi", "Text Generation Inference"), ("vllm", "vLLM"), ("tensorrt-llm", "TensorRT-LLM")):
+        if fmt in commands:
+            lines += [f"{label} (folder `export/{fmt}`):", "", "```bash", *commands[fmt], "```", ""]
+    lines += [
+        "Here, with the in-process model (OpenAI-compatible server, and one-off generation):",
+        "",
+        "```bash",
+        f"medusa-forge serve --heads {heads_path} --port 8000",
+        f"medusa-forge generate --heads {heads_path} --prompt 'Explain KV caches in two sentences.'",
+        "```",
+        "",
+    ]
+    push = _read_json(workdir / "push.json")
+    if push:
+        verb = "would be uploaded (dry run)" if push.get("dry_run") else "uploaded"
+        lines += [f"Hub: {len(push.get('files', []))} files {verb} to `{push.get('repo')}`"
+                  + (f" ({push['url']})" if push.get("url") else "") + ".", ""]  # fmt: skip
+    lines += [
+        "## Reproduce",
+        "",
+        "The effective configuration is in `pipeline.yaml`. Re-running skips every finished stage:",
+        "",
+        "```bash",
+        ctx.resume_command,
+        "```",
+    ]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return [path, *written]
