@@ -99,7 +99,8 @@ def test_every_artefact(finished, capsys):
     vllm = json.loads((workdir / "export" / "vllm" / "config.json").read_text())
     assert vllm["model_type"] == "medusa" and vllm["num_heads"] == 3
     commands = json.loads((workdir / "export" / "serve_commands.json").read_text())
-    assert commands["tgi"][0].startswith("text-generation-launcher --model-id") and "--speculate 3" in commands["tgi"][0]
+    tgi = commands["tgi"][0]
+    assert tgi.startswith("text-generation-launcher --model-id") and "--speculate 3" in tgi
     assert commands["vllm"][0].startswith("vllm serve") and '"method": "medusa"' in commands["vllm"][0]
     # report: the numbers, the plots it links, the tree, time per stage, serve commands
     report = (workdir / "report.md").read_text()
