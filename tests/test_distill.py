@@ -423,6 +423,29 @@ def test_in_process_conversation_ends_at_the_context_limit(tmp_path, tiny_model_
     assert "ended early at the model's context limit: 1" in capsys.readouterr().err
 
 
+def test_max_context_skips_what_cannot_fit_and_cuts_the_rest(tmp_path, tiny_model_dir, capsys):
+    """--max-context (training's model_max_length): no reply is generated that training would cut away."""
+    records = [
+        {"id": "long", "conversations": [{"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "x"}]},
+        {"id": "short", "conversations": [
+            {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "x"},
+            {"from": "human", "value": "word " * 40}, {"from": "gpt", "value": "y"},
+        ]},
+    ]  # fmt: skip
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps(records))
+    out = tmp_path / "out.jsonl"
+    flags = ["--input-filename", str(source), "--output-filename", str(out), "--model", str(tiny_model_dir)]
+    assert distill(*flags, "--max-new-tokens", "8", "--max-context", "40") == 0  # skipping is not failing
+    [record] = read_jsonl(out)
+    assert record["id"] == "short" and [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    err = capsys.readouterr().err
+    assert "skipped 1 (first user turn longer than the context)" in err
+    assert "ended early at the model's context limit: 1" in err
+    assert distill(*flags, "--max-new-tokens", "8", "--max-context", "8") == 2
+    assert "--max-context must be larger than --max-new-tokens" in capsys.readouterr().err
+
+
 def test_overwrite_starts_over_and_a_second_writer_is_refused(tmp_path, capsys):
     from medusa_forge.distill.store import OutputStore
 

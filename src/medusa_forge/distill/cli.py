@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "--seed", type=int, default=0, help="Sampling seed (a stable per-request seed is derived).")
     _flag(parser, "--concurrency", type=int, default=16, help="Conversations in flight (in-process: batch size).")
     _flag(parser, "--max-turns", type=int, default=None, help="Replay at most this many user turns each.")
+    _flag(
+        parser,
+        "--max-context",
+        type=int,
+        default=None,
+        help="In-process: treat the context as N tokens (prompt + reply), e.g. training's --model_max_length; a "
+        "conversation ends at the last turn that fits, one whose first turn does not fit is skipped.",
+    )
     _flag(parser, "--shard", default=None, help="I/N: take every N-th conversation starting at I (0 <= I < N).")
     _flag(parser, "--dtype", default="float32", help="In-process model dtype: float32, bfloat16 or float16.")
     _flag(parser, "--device", default="auto", help="In-process device: auto (cuda if present), cpu, cuda, ...")
@@ -78,6 +86,10 @@ def _validate(args: argparse.Namespace) -> None:
         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
         (args.max_turns is None or args.max_turns >= 1, "--max-turns must be at least 1"),
+        (args.max_context is None or args.max_context > args.max_new_tokens,
+         "--max-context must be larger than --max-new-tokens (it holds the prompt and the reply)"),
+        (args.max_context is None or not args.url,
+         "--max-context applies to the in-process model; a server enforces its own context length"),
         (args.max_samples is None or args.max_samples >= 1, "--max-samples must be at least 1"),
         (args.max_retries >= 0, "--max-retries must be >= 0"),
     ]
@@ -158,6 +170,8 @@ def distill(args: argparse.Namespace) -> Summary:
             )
         elif todo:
             generator = HFGenerator.load(args.model or "smollm2", dtype=args.dtype, device=args.device)
+            if args.max_context:
+                generator.max_context = min(generator.max_context, args.max_context)
             backend = LocalBackend(generator, max_batch_size=args.concurrency, batching=args.batching)
             # Similar lengths in flight together: less padding in each batch.
             todo.sort(key=lambda c: replayed_chars(c, args.max_turns))

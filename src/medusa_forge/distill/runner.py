@@ -126,10 +126,10 @@ async def replay(backend, conversation: Conversation, options: ReplayOptions) ->
         )
         try:
             reply = await backend.complete(list(result.messages), params)
-        except ContextLengthError as err:
+        except ContextLengthError:
             result.messages.pop()
-            if result.replies == 0:
-                raise ConversationFailed(f"first user turn does not fit the model's context ({err})") from None
+            if result.replies == 0:  # it never will: skipped (and counted), not a failure to retry
+                raise NothingToReplay("first user turn longer than the context") from None
             result.cut_at_context = True
             break
         result.messages.append({"role": "assistant", "content": reply.text})

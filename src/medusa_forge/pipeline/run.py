@@ -493,10 +493,21 @@ def _split(section: dict, stage: str) -> tuple[dict, dict, dict]:
     return rest, extend, cosmetic
 
 
+def distill_flags(config: PipelineConfig) -> dict:
+    """The distill section, plus training's model_max_length as the in-process context: a reply that training
+    would cut away is not worth generating."""
+    flags = dict(config.distill.flags)
+    length = config.train.get("model_max_length")
+    new_tokens = flags.get("max_new_tokens") or _distill_parser().get_default("max_new_tokens")
+    if not config.distill.urls and flags.get("max_context") is None and length and length > new_tokens:
+        flags["max_context"] = length
+    return flags
+
+
 def plan_distill(ctx: Context) -> Plan | None:
     if not ctx.config.distill.enabled:
         return None
-    rest, extend, cosmetic = _split(ctx.config.distill.flags, "distill")
+    rest, extend, cosmetic = _split(distill_flags(ctx.config), "distill")
     inputs = {"data": source_identity(ctx.config.data), "model": source_identity(ctx.config.model)}
     return Plan({**rest, "urls": ctx.config.distill.urls}, inputs, extend, cosmetic)
 
@@ -509,7 +520,7 @@ def run_distill(ctx: Context) -> list[Path]:
     argv = ["--input-filename", config.data, "--output-filename", str(ctx.distilled), "--model", config.model]
     for url in config.distill.urls:
         argv += ["--url", url]
-    argv += flags_to_argv(config.distill.flags, _distill_parser())
+    argv += flags_to_argv(distill_flags(config), _distill_parser())
     argv.append("--overwrite" if ctx.fresh else "--resume")
     code = cli_main(argv)
     if code == 1:
