@@ -103,7 +103,7 @@ def score(out: Path, args: argparse.Namespace) -> dict:
         "mean_accepted_length": accepted_length(draft),
     }
     if draft:  # what an engine that proposes from the whole vocabulary (TGI) gets from the same heads
-        scores["mean_accepted_length_full_vocab"] = accepted_length(None)
+        scores["mean_accepted_length_full_vocab"] = accepted_length(model.base.get_output_embeddings().weight.shape[0])
     return scores
 
 

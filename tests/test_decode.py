@@ -283,3 +283,9 @@ def test_draft_vocabulary_keeps_output_exact_and_proposes_only_its_ids():
     assert decoder.generate(PROMPT, 24).tokens == ref
     with pytest.raises(UserError, match="draft-vocab"):
         MedusaDecoder(model, TREES["chain"], draft_vocab=10**6)
+    # Heads trained on a draft vocabulary (config.draft_vocab_size) propose from it by default
+    assert MedusaDecoder(model, TREES["chain"]).draft_projections is None
+    heads.config.draft_vocab_size = 50
+    assert MedusaDecoder(model, TREES["chain"])._heads(hidden).shape == (NUM_HEADS, 50)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    assert MedusaDecoder(model, TREES["chain"], draft_vocab=vocab)._heads(hidden).shape == (NUM_HEADS, vocab)

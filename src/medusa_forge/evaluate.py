@@ -391,6 +391,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UserError("--max-prompts and --max-new-tokens must be at least 1")
     sizes = _parse_sizes(args.tree_sizes)
     model, tokenizer = load_medusa(args.heads, args.model, args.dtype, args.device)
+    if args.draft_vocab is None:
+        args.draft_vocab = model.heads.config.draft_vocab_size
     conversations = load_conversations(args.data, args.max_conversations)
     accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length, draft_vocab=args.draft_vocab)
     for row in accuracy:
@@ -550,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-vocab",
         "--draft_vocab",
         type=int,
-        help="Heads propose only token ids below N (cheaper heads on CPU; output unchanged).",
+        help="Heads propose only token ids below N (cheaper heads on CPU; output unchanged). Default: the "
+        "heads' draft_vocab_size from training, else the whole vocabulary.",
     )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-vocab",
         "--draft_vocab",
         type=int,
-        help="Heads propose only token ids below N (cheaper heads on CPU; output unchanged).",
+        help="Heads propose only token ids below N (cheaper heads on CPU; output unchanged). Default: the "
+        "heads' draft_vocab_size from training, else the whole vocabulary.",
     )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")

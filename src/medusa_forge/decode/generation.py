@@ -81,7 +81,8 @@ class MedusaDecoder:
         self, model: MedusaModel, choices: Choices, check: bool = True, draft_vocab: int | None = None
     ) -> None:
         """`draft_vocab=N`: the heads propose only token ids < N (vLLM's `truncated_vocab_size`). Their vocabulary
-        projections, as large as the base lm_head each, then cost N/V as much; verification stays exact."""
+        projections, as large as the base lm_head each, then cost N/V as much; verification stays exact.
+        Default: the heads' own `draft_vocab_size` (training with a draft vocabulary), else the whole vocabulary."""
         self.model = model
         self.base: PreTrainedModel = model.base
         self.backbone = backbone(model.base)
@@ -91,6 +92,8 @@ class MedusaDecoder:
         self.device, self.dtype = param.device, param.dtype
         self.heads_dtype = next(model.heads.parameters()).dtype
         self.draft_projections = None
+        if draft_vocab is None:  # heads trained on a draft vocabulary propose from it unless told otherwise
+            draft_vocab = model.heads.config.draft_vocab_size
         if draft_vocab is not None:
             vocab = self.lm_head.weight.shape[0]
             if not 0 < draft_vocab <= vocab:
