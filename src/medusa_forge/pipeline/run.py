@@ -22,6 +22,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -116,6 +117,7 @@ class PipelineConfig:
     model: str = "smollm2"  # base model: local folder, Hub id, or the offline alias smollm2
     data: str = "sharegpt"  # conversations to replay (ShareGPT or role/content JSON/JSONL) or the alias sharegpt
     eval_data: str | None = None  # held-out conversations; default sharegpt-heldout when data is sharegpt
+    train_launcher: str | None = None  # e.g. "torchrun --nproc_per_node=4": the train stage runs under it
     distill: DistillSection = field(default_factory=DistillSection)
     train: dict = field(default_factory=dict)  # any `medusa-forge train` flag, without the dashes
     eval: dict = field(default_factory=dict)  # any `medusa-forge eval` flag, dashes as underscores
@@ -214,7 +216,7 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
             raw[section] = {}
         if not isinstance(raw[section], dict):
             raise UserError(f"{source}: '{section}' must be a mapping of keys, not {raw[section]!r}")
-    for key in ("model", "data", "eval_data"):
+    for key in ("model", "data", "eval_data", "train_launcher"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
             raise UserError(f"{source}: '{key}' must be a string (a path, Hub id or alias)")
 
@@ -231,6 +233,7 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
         model=raw.get("model") or "smollm2",
         data=raw.get("data") or "sharegpt",
         eval_data=raw.get("eval_data"),
+        train_launcher=raw.get("train_launcher"),
         distill=DistillSection(enabled=bool(enabled), urls=urls, flags=distill_raw),
         train=raw["train"],
         eval=raw["eval"],
@@ -333,6 +336,7 @@ def config_to_dict(config: PipelineConfig) -> dict:
         "model": config.model,
         "data": config.data,
         "eval_data": config.eval_data,
+        "train_launcher": config.train_launcher,
         "distill": distill,
         "train": config.train,
         "eval": config.eval,
@@ -555,7 +559,13 @@ def run_train(ctx: Context) -> list[Path]:
     if checkpoints:
         print(f"pipeline: train resumes from {checkpoints[-1].name}", file=sys.stderr)
         ctx.details["train"] = {"resumed_from": checkpoints[-1].name}
-    out = train(train_argv(ctx))
+    if ctx.config.train_launcher:  # e.g. torchrun over several GPUs: training in its own processes
+        command = [*shlex.split(ctx.config.train_launcher), "-m", "medusa_forge.train", *train_argv(ctx)]
+        print(f"pipeline: {shlex.join(command)}", file=sys.stderr)
+        _exit_ok("train", subprocess.run(command).returncode, "train (under train_launcher)")
+        out = ctx.heads
+    else:
+        out = train(train_argv(ctx))
     return [out / "config.json", out / "medusa_lm_head.safetensors", out / "training_metrics.json"]
 
 

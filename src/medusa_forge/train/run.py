@@ -80,6 +80,8 @@ def train(argv: list[str]) -> Path:
     """Run training from command-line flags; returns the heads folder."""
     model_args, data_args, medusa_args, training_args = parse_args(argv)
     is_main = training_args.process_index == 0
+    if is_main and training_args.world_size > 1:
+        logger.warning("training on %d processes (%s)", training_args.world_size, training_args.parallel_mode.value)
     base_path = resolve_model(model_args.model_name_or_path)  # rank-safe: converts the alias once, with a lock
     tokenizer = ensure_chat_template(load_tokenizer(base_path))
     if tokenizer.pad_token_id is None:
