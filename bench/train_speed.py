@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 # baseline = the original recipe: base model recomputed every step, hard labels, equal weights, full heads.
+FULL = ["--medusa_draft_vocab_size", "0"]
 CONFIGS = {
     "baseline": ["--medusa_hidden_cache", "False", "--medusa_soft_labels", "False",
-                 "--medusa_freeze_projection", "False", "--medusa_decay_coefficient", "1.0"],
+                 "--medusa_freeze_projection", "False", "--medusa_decay_coefficient", "1.0", *FULL],
     "defaults": [],
-    "cache": ["--medusa_hidden_cache", "True"],
-    "cache+soft": ["--medusa_hidden_cache", "True", "--medusa_soft_labels", "True"],
-    "cache+frozen": ["--medusa_hidden_cache", "True", "--medusa_freeze_projection", "True"],
+    "cache": ["--medusa_hidden_cache", "True", *FULL],
+    "cache+soft": ["--medusa_hidden_cache", "True", "--medusa_soft_labels", "True", *FULL],
+    "cache+frozen": ["--medusa_hidden_cache", "True", "--medusa_freeze_projection", "True", *FULL],
     "cache+draft8k": ["--medusa_hidden_cache", "True", "--medusa_draft_vocab_size", "8192"],
     "cache+draft8k+soft": ["--medusa_hidden_cache", "True", "--medusa_draft_vocab_size", "8192",
                            "--medusa_soft_labels", "True"],
@@ -55,7 +56,7 @@ def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dic
         sys.executable, "-m", "medusa_forge.train", "--model_name_or_path", "smollm2", "--data_path", str(data),
         "--max_samples", str(args.samples), "--output_dir", str(out), "--num_train_epochs", str(args.epochs),
         "--per_device_train_batch_size", "4",
-        "--model_max_length", str(args.max_length), "--learning_rate", "1e-3", "--warmup_ratio", "0.1",
+        "--model_max_length", str(args.max_length), "--learning_rate", str(args.learning_rate), "--warmup_ratio", "0.1",
         "--lr_scheduler_type", "cosine", "--logging_steps", "10", "--save_strategy", "no", "--eval_strategy", "no",
         "--medusa_num_heads", "3", "--medusa_num_layers", "1", "--disable_tqdm", "True", "--auto_resume", "False",
         "--medusa_hidden_cache_dir", str(out / "hidden-cache"), *CONFIGS[name],
@@ -102,7 +103,7 @@ def score(out: Path, args: argparse.Namespace) -> dict:
         "heldout_top1": [round(a.top(1), 4) for a in accuracy[1:]],
         "mean_accepted_length": accepted_length(draft),
     }
-    if draft:  # what an engine that proposes from the whole vocabulary (TGI) gets from the same heads
+    if draft and not args.skip_full_vocab:  # what an engine proposing from the whole vocabulary (TGI) gets
         scores["mean_accepted_length_full_vocab"] = accepted_length(model.base.get_output_embeddings().weight.shape[0])
     return scores
 
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--data", default="runs/distill-bench.jsonl")
     parser.add_argument("--samples", type=int, default=64, help="Conversations trained on (of the data file).")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="The tutorial's 1e-3.")
+    parser.add_argument("--skip-full-vocab", action="store_true", help="Score draft-vocabulary heads only as trained.")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--configs", default="baseline,defaults")
     parser.add_argument("--eval-conversations", type=int, default=30)
