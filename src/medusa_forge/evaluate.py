@@ -392,7 +392,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     sizes = _parse_sizes(args.tree_sizes)
     model, tokenizer = load_medusa(args.heads, args.model, args.dtype, args.device)
     if args.draft_vocab is None:
-        args.draft_vocab = model.heads.config.draft_vocab_size
+        args.draft_vocab = getattr(getattr(model.heads, "config", None), "draft_vocab_size", None)
     conversations = load_conversations(args.data, args.max_conversations)
     accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length, draft_vocab=args.draft_vocab)
     for row in accuracy:

@@ -93,7 +93,7 @@ class MedusaDecoder:
         self.heads_dtype = next(model.heads.parameters()).dtype
         self.draft_projections = None
         if draft_vocab is None:  # heads trained on a draft vocabulary propose from it unless told otherwise
-            draft_vocab = model.heads.config.draft_vocab_size
+            draft_vocab = getattr(getattr(model.heads, "config", None), "draft_vocab_size", None)
         if draft_vocab is not None:
             vocab = self.lm_head.weight.shape[0]
             if not 0 < draft_vocab <= vocab:
