@@ -111,7 +111,10 @@ def train(argv: list[str]) -> Path:
     cache_seconds = time.perf_counter() - cache_seconds
     # In config.json: what the user passed, but aliases become the folder a server can load.
     heads = MedusaHeads.for_base_model(base, medusa_args.medusa_num_heads, medusa_args.medusa_num_layers, base_path)
-    heads.config.draft_vocab_size = medusa_args.medusa_draft_vocab_size
+    draft_vocab = medusa_args.medusa_draft_vocab_size or None
+    if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:
+        draft_vocab = None  # the whole vocabulary anyway
+    heads.config.draft_vocab_size = draft_vocab
     if medusa_args.medusa_freeze_projection:
         for head in heads:
             head[-1].weight.requires_grad_(False)
@@ -121,7 +124,7 @@ def train(argv: list[str]) -> Path:
         head_weights(medusa_args.medusa_num_heads, medusa_args.medusa_decay_coefficient),
         soft_labels=medusa_args.medusa_soft_labels,
         chunk_size=medusa_args.medusa_loss_chunk_size,
-        draft_vocab_size=medusa_args.medusa_draft_vocab_size,
+        draft_vocab_size=draft_vocab,
     )
     training_args.label_names = ["labels"]
     if not torch.cuda.is_available():
