@@ -383,7 +383,7 @@ def render_markdown(report: dict) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from medusa_forge.decode.generation import MedusaDecoder
+    from medusa_forge.decode.generation import MedusaDecoder, trained_draft_vocab
     from medusa_forge.decode.loading import eos_token_ids, load_medusa
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree, save_tree
 
@@ -392,7 +392,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     sizes = _parse_sizes(args.tree_sizes)
     model, tokenizer = load_medusa(args.heads, args.model, args.dtype, args.device)
     if args.draft_vocab is None:
-        args.draft_vocab = getattr(getattr(model.heads, "config", None), "draft_vocab_size", None)
+        args.draft_vocab = trained_draft_vocab(model)
     conversations = load_conversations(args.data, args.max_conversations)
     accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length, draft_vocab=args.draft_vocab)
     for row in accuracy:

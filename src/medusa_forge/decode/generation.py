@@ -74,6 +74,11 @@ def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Ten
             setattr(layer, name, states[..., : prefix_length + len(nodes), :])
 
 
+def trained_draft_vocab(model: MedusaModel) -> int | None:
+    """The draft vocabulary the heads were trained on (config draft_vocab_size), None for the whole vocabulary."""
+    return getattr(getattr(model.heads, "config", None), "draft_vocab_size", None)
+
+
 class MedusaDecoder:
     """Generates with a MedusaModel and one tree; reusable across prompts (the tree buffers are built once)."""
 
@@ -93,7 +98,7 @@ class MedusaDecoder:
         self.heads_dtype = next(model.heads.parameters()).dtype
         self.draft_projections = None
         if draft_vocab is None:  # heads trained on a draft vocabulary propose from it unless told otherwise
-            draft_vocab = getattr(getattr(model.heads, "config", None), "draft_vocab_size", None)
+            draft_vocab = trained_draft_vocab(model)
         if draft_vocab is not None:
             vocab = self.lm_head.weight.shape[0]
             if not 0 < draft_vocab <= vocab:
