@@ -190,6 +190,29 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, c
     assert f"checkpoint-{reached}" in caplog.text
 
 
+def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, capfd):
+    """Several processes (here 2 CPU ranks over gloo) train the heads; the pipeline carries on from their folder."""
+    config = yaml.safe_load(tiny_config(tmp_path, tiny_model_dir).read_text())
+    config["distill"] = {"enabled": False}  # train on the given conversations as they are
+    config["train_launcher"] = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2"
+    config["export"] = {"formats": ["tgi"]}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    assert main(["pipeline", "--config", str(path), "--workdir", str(workdir)]) == 0
+    err = capfd.readouterr().err
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m medusa_forge.train" in err
+    assert "training on 2 processes" in err, err[-3000:]
+    metrics = json.loads((workdir / "heads" / "training_metrics.json").read_text())
+    assert [row["step"] for row in metrics["train"]["0"]] == [1, 2]
+    assert events(workdir)["distill"] == ["not-configured"]
+    assert (workdir / "export" / "tgi" / "medusa_lm_head.safetensors").is_file()
+
+
+ # --- config ---------------------------------------------------------------------------------------------------
+
+
 # --- config ---------------------------------------------------------------------------------------------------
 
 

@@ -166,4 +166,8 @@ def cli_main(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun: leave the process group cleanly, or gloo may abort a rank at interpreter exit.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
