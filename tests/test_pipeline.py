@@ -244,6 +244,6 @@ def test_overrides_and_the_example_config(tmp_path):
     config = load_config(str(REPO / "pipeline.example.yaml"), ["train.num_train_epochs=2", "export.formats=[vllm]"])
     assert config.train["num_train_epochs"] == 2 and config.export.formats == ["vllm"]
     assert config.distill.enabled is True and config.push.repo is None  # nothing is pushed unless asked
-    quick = load_config(None, ["distill.max_samples=8"], QUICKSTART)
-    assert quick.model == "smollm2" and quick.distill.flags["max_samples"] == 8
+    quick = load_config(None, ["distill.max_samples=8", "distill.enabled=true"], QUICKSTART)
+    assert quick.model == "smollm2" and quick.distill.enabled and quick.distill.flags["max_samples"] == 8
     assert quick.train["num_train_epochs"] == QUICKSTART["train"]["num_train_epochs"]
