@@ -5,8 +5,8 @@
 Each configuration trains 3 heads on the embedded model (SmolLM2-135M) in its own process (so peak memory is
 its own), then is scored the same way: teacher-forced top-1 per head on held-out ShareGPT conversations, and
 mean accepted length of greedy Medusa decoding with one fixed tree on held-out prompts.
-The data set is self-distilled by `medusa-forge distill` on first use (first user turn of 160 training
-conversations, greedy replies of at most 200 tokens), then reused.
+The data set is self-distilled by `medusa-forge distill` on first use (first user turn of the training
+conversations, greedy replies of at most 200 tokens, enough for --samples), then reused and extended as needed.
 """
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ CONFIGS = {
 
 
 def ensure_data(path: Path, samples: int) -> Path:
+    """Distil (or extend, resuming) until the file holds `samples` conversations; prompts that leave no room for
+    a reply within 512 tokens are skipped, hence the margin."""
     if not path.is_file() or sum(1 for _ in path.open()) < samples:
         subprocess.run(
             [sys.executable, "-m", "medusa_forge.cli", "distill", "--input-filename", "sharegpt", "--output-filename",
-             str(path), "--max-samples", "160", "--max-new-tokens", "200", "--max-turns", "1", "--temperature", "0",
-             "--concurrency", "16"],
+             str(path), "--max-samples", str(samples * 5 // 4 + 8), "--max-new-tokens", "200", "--max-turns", "1",
+             "--temperature", "0", "--concurrency", "16", "--max-context", "512"],
             check=True,
         )  # fmt: skip
     return path
