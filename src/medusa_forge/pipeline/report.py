@@ -116,14 +116,15 @@ def write_report(ctx) -> list[Path]:
     final = metrics.get("final", {})
     history = metrics.get("train", {})
     if history:
-        lines += ["| head | predicts | last logged loss | last logged top-1 |", "|---|---|---|---|"]
+        lines += ["| head | predicts | last logged loss | last logged top-1 (training batches) |", "|---|---|---|---|"]
         for head, entries in sorted(history.items(), key=lambda kv: int(kv[0])):
             last = entries[-1]
             lines.append(f"| {head} | t+{int(head) + 2} | {last.get('loss', 0):.3f} | {last.get('top1', 0):.3f} |")
         lines.append("")
     if final.get("train_runtime"):
-        lines += [f"Training time {final['train_runtime']:.0f} s (hidden-state cache "
-                  f"{final.get('hidden_cache_seconds', 0):.0f} s of it before the first step).", ""]  # fmt: skip
+        cache = final.get("hidden_cache_seconds", 0)
+        before = f", after {cache:.0f} s building the hidden-state cache (one frozen pass)" if cache >= 1 else ""
+        lines += [f"Head training {final['train_runtime']:.0f} s{before}.", ""]
 
     if evaluation:
         lines += ["## The decoding tree", ""]
