@@ -190,7 +190,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, c
     assert f"checkpoint-{reached}" in caplog.text
 
 
-def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, capfd):
+def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, capfd, monkeypatch):
     """Several processes (here 2 CPU ranks over gloo) train the heads; the pipeline carries on from their folder."""
     config = yaml.safe_load(tiny_config(tmp_path, tiny_model_dir).read_text())
     config["distill"] = {"enabled": False}  # train on the given conversations as they are
@@ -199,7 +199,7 @@ def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, c
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
     workdir = tmp_path / "work"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on two cores
     assert main(["pipeline", "--config", str(path), "--workdir", str(workdir)]) == 0
     err = capfd.readouterr().err
     assert "torch.distributed.run --standalone --nproc_per_node=2 -m medusa_forge.train" in err
@@ -208,9 +208,6 @@ def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, c
     assert [row["step"] for row in metrics["train"]["0"]] == [1, 2]
     assert events(workdir)["distill"] == ["not-configured"]
     assert (workdir / "export" / "tgi" / "medusa_lm_head.safetensors").is_file()
-
-
- # --- config ---------------------------------------------------------------------------------------------------
 
 
 # --- config ---------------------------------------------------------------------------------------------------

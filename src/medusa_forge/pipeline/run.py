@@ -43,10 +43,8 @@ logger = logging.getLogger("medusa_forge.pipeline")
 QUICKSTART: dict = {
     "model": "smollm2",
     "data": "sharegpt",
-    # No generation: on this CPU a generated reply token costs ~7x a token of existing text through the frozen
-    # model (~80 vs ~570 tokens/s), and with soft labels (the model's own next-token distribution as the target)
-    # ShareGPT's text teaches the heads as much as self-distilled replies do at 3x the tokens, so 15 minutes go
-    # further on text. With a GPU server, distil (pipeline.example.yaml).
+    # No generation: on a CPU, ShareGPT's own text with soft labels trains better heads per minute than
+    # self-distilled replies (BENCHMARKS.md, "Quickstart"). With a GPU server, distil (pipeline.example.yaml).
     "distill": {"enabled": False},
     "train": {
         "max_samples": 500,
@@ -141,14 +139,15 @@ class PipelineConfig:
 # --- config: YAML + overrides -> validated PipelineConfig ---------------------------------------------------------
 
 
-@functools.cache  # built once per process: each build imports and constructs every flag
+# The flag parsers are built once per process (each build imports its command and constructs every flag).
+@functools.cache
 def _distill_parser() -> argparse.ArgumentParser:
     from medusa_forge.distill.cli import build_parser
 
     return build_parser()
 
 
-@functools.cache  # built once per process: each build imports and constructs every flag
+@functools.cache
 def _eval_parser() -> argparse.ArgumentParser:
     from medusa_forge.evaluate import build_parser
 
@@ -160,7 +159,7 @@ def _option_map(parser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if any(s.startswith("--") for s in a.option_strings)}
 
 
-@functools.cache  # built once per process: each build imports and constructs every flag
+@functools.cache
 def _train_parser():
     from transformers import HfArgumentParser
 
