@@ -24,3 +24,8 @@ def test_cache_validation(tmp_path, smollm2_dir):
     shutil.copytree(smollm2_dir, partial, ignore=shutil.ignore_patterns(_MARKER))  # conversion never finished
     assert not _cache_is_valid(partial, stamp)
     assert json.loads((smollm2_dir / _MARKER).read_text()) == stamp
+
+    older = tmp_path / "older"  # converted by a version whose tokenizer files transformers 4.x could not read
+    shutil.copytree(smollm2_dir, older)
+    (older / _MARKER).write_text(json.dumps({k: v for k, v in stamp.items() if k != "format"}))
+    assert _cache_is_valid(smollm2_dir, stamp) and not _cache_is_valid(older, stamp)

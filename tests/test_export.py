@@ -6,6 +6,7 @@ The expected names below were read from the engines' own loaders (paths cited ne
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ TRT_CONFIG_KEYS = {"medusa_num_heads", "medusa_num_layers"}
 # vllm/model_executor/models/medusa.py (ResidualBlock bias=getattr(config, "medusa_fc_bias", False)).
 VLLM_CONFIG = {"model_type": "medusa", "architectures": ["MedusaModel"], "medusa_fc_bias": True}
 VLLM_CONFIG_KEYS = {"hidden_size", "vocab_size", "num_heads", "num_hidden_layers", "truncated_vocab_size"}
+VLLM_RELEASES = ("0.10.2", "0.32.0")  # the oldest with today's loader, and the last one with Medusa
 
 
 def tgi_names(k: int, n_layers: int) -> set[str]:
@@ -59,19 +61,73 @@ def vllm_names(k: int, n_layers: int) -> set[str]:
     return names
 
 
-class VllmStyleMedusa(nn.Module):
-    """The module structure vLLM builds (names and forward), to load an exported folder the way vLLM does."""
+class VllmMedusa(nn.Module):
+    """vLLM's Medusa draft model as releases 0.10.2 and 0.32.0 build and load a folder, mirrored from the files
+    in their wheels (vllm-0.10.2 and vllm-0.32.0 on PyPI):
+    - transformers_utils/configs/medusa.py, MedusaConfig.from_pretrained: a config key holding "num" and "heads"
+      becomes num_heads, "num" and "layers" num_hidden_layers; truncated_vocab_size defaults to vocab_size.
+    - model_executor/models/medusa.py: blocks[i].layers[j] = Linear(H, H, bias=medusa_fc_bias); lm_heads[i] =
+      ParallelLMHead with truncated_vocab_size rows (0.10.2) or vocab_size rows (0.11 to 0.32.0). load_weights
+      strips "medusa_heads.", maps the original Medusa names (0.32.0 only), keeps a token_map only when
+      truncated_vocab_size < vocab_size, cuts lm_head rows down to the token_map, and finally asserts
+      truncated_vocab_size == vocab_size or a token_map was loaded.
+    - layers/vocab_parallel_embedding.py, VocabParallelEmbedding.weight_loader: asserts that the checkpoint has
+      exactly the rows the layer was built with (org_vocab_size); weight_utils.default_weight_loader: same shape.
+    - model_loader/default_loader.py, track_weights_loading: ValueError "Following weights were not initialized
+      from checkpoint" for any parameter load_weights did not fill.
+    compute_logits: with a token_map, the mapped ids' logits and -inf for every other id."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, folder: Path, release: str) -> None:
         super().__init__()
-        hidden, bias = config["hidden_size"], config.get("medusa_fc_bias", False)
+        raw = json.loads((folder / "config.json").read_text())
+        for key in list(raw):
+            if "num" in key and "heads" in key:
+                raw["num_heads"] = raw.pop(key)
+            elif "num" in key and "layers" in key:
+                raw["num_hidden_layers"] = raw.pop(key)
+        hidden, vocab = raw["hidden_size"], raw["vocab_size"]
+        self.vocab_size, self.truncated = vocab, raw.get("truncated_vocab_size") or vocab
+        bias = raw.get("medusa_fc_bias", False)
         self.blocks = nn.ModuleList(
             nn.ModuleDict({"layers": nn.ModuleList(nn.Linear(hidden, hidden, bias=bias) for _ in range(n))})
-            for n in [config["num_hidden_layers"]] * config["num_heads"]
+            for n in [raw["num_hidden_layers"]] * raw["num_heads"]
         )
-        self.lm_heads = nn.ModuleList(
-            nn.Linear(hidden, config["truncated_vocab_size"], bias=False) for _ in range(config["num_heads"])
-        )
+        rows = self.truncated if release == "0.10.2" else vocab
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden, rows, bias=False) for _ in range(raw["num_heads"]))
+        self.token_map = None
+        weights = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            weights |= load_file(str(path))
+        self._load_weights(weights, release)
+
+    def _load_weights(self, weights: dict[str, torch.Tensor], release: str) -> None:
+        params = dict(self.named_parameters())
+        loaded, weights_map = set(), {}
+        for name, tensor in weights.items():
+            name = name.replace("medusa_heads.", "")
+            parts = name.split(".")
+            if release != "0.10.2" and len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+                rest = parts[2:]
+                if "linear" in rest:
+                    name = f"blocks.{parts[0]}.layers.{parts[1]}." + ".".join(rest[rest.index("linear") + 1 :])
+                else:
+                    name = f"lm_heads.{parts[0]}." + ".".join(rest)
+            if name == "token_map":
+                if self.truncated < self.vocab_size:
+                    self.token_map = tensor
+            elif name in params:
+                weights_map[name] = tensor
+        for name, tensor in weights_map.items():
+            if "lm_head" in name and self.token_map is not None and tensor.shape[0] > self.token_map.shape[0]:
+                tensor = tensor[self.token_map]
+            param = params[name]
+            assert tensor.shape == param.shape, f"{name}: checkpoint {tuple(tensor.shape)}, layer {tuple(param.shape)}"
+            with torch.no_grad():
+                param.copy_(tensor)
+            loaded.add(name)
+        assert self.truncated == self.vocab_size or self.token_map is not None
+        if set(params) - loaded:
+            raise ValueError(f"Following weights were not initialized from checkpoint: {set(params) - loaded}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = []
@@ -79,7 +135,12 @@ class VllmStyleMedusa(nn.Module):
             h = x
             for layer in block["layers"]:
                 h = h + torch.nn.functional.silu(layer(h))
-            out.append(lm_head(h))
+            logits = lm_head(h)
+            if self.token_map is not None:
+                full = torch.full((*logits.shape[:-1], self.vocab_size), -torch.inf)
+                full[..., self.token_map] = logits
+                logits = full
+            out.append(logits)
         return torch.stack(out)
 
 
@@ -111,9 +172,16 @@ def test_tgi_folder_has_exactly_what_tgi_reads(tmp_path, heads_dir, tiny_model_d
     assert config["medusa_num_heads"] == K and config["medusa_num_layers"] == L
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
     assert set(load_file(str(tmp_path / "tgi" / TGI_WEIGHTS_FILE))) == tgi_names(K, L)
-    # TGI's router reads the tokenizer from --model-id when config.json has no model_type.
-    assert (tmp_path / "tgi" / "tokenizer.json").is_file() and (tmp_path / "tgi" / "tokenizer_config.json").is_file()
+    # TGI's router reads the tokenizer of --model-id, and the chat template from its tokenizer_config.json
+    # (router/src/server.rs); test_tokenizer_transformers4.py loads these files with TGI's transformers.
+    tokenizer_config = json.loads((tmp_path / "tgi" / "tokenizer_config.json").read_text())
+    assert (tmp_path / "tgi" / "tokenizer.json").is_file() and "<|im_start|>" in tokenizer_config["chat_template"]
     assert f"--model-id {tmp_path / 'tgi'} --speculate {K}" in result.serve_commands[0]
+    # docker: the heads, and the local base at the very path config.json names, pinned to TGI's last release
+    assert (
+        f"-v {tmp_path / 'tgi'}:/data/heads -v {tiny_model_dir}:{tiny_model_dir}:ro "
+        f"ghcr.io/huggingface/text-generation-inference:3.3.6 --model-id /data/heads --speculate {K}"
+    ) in result.serve_commands[1]
 
 
 def test_tensorrt_llm_folder_has_what_its_converter_reads(tmp_path, heads_dir):
@@ -129,10 +197,12 @@ def test_tensorrt_llm_folder_has_what_its_converter_reads(tmp_path, heads_dir):
             assert state[f"{h}.{layer}.linear.bias"].shape == (32,)
         assert f"{h}.{config['medusa_num_layers']}.weight" in state
     assert f"--medusa_model_dir {tmp_path / 'trt'}" in result.serve_commands[0]
-    assert f"--num_medusa_heads {K}" in result.serve_commands[0]
+    assert f"--num_medusa_heads {K}" in result.serve_commands[0]  # required: the converter's default is 4 heads
+    assert "pip install tensorrt_llm==1.2.1" in result.serve_commands[0]
 
 
-def test_vllm_folder_loads_into_vllms_module_and_computes_the_same_logits(tmp_path, heads_dir):
+@pytest.mark.parametrize("release", VLLM_RELEASES)
+def test_vllm_folder_loads_in_vllm_and_computes_the_same_logits(tmp_path, heads_dir, release):
     result = export_heads(heads_dir, "vllm", tmp_path / "vllm")
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
     assert VLLM_CONFIG.items() <= config.items() and VLLM_CONFIG_KEYS <= config.keys()
@@ -141,14 +211,13 @@ def test_vllm_folder_loads_into_vllms_module_and_computes_the_same_logits(tmp_pa
     weights = {}
     for path in (tmp_path / "vllm").glob("*.safetensors"):  # vLLM reads every *.safetensors in the folder
         weights |= load_file(str(path))
-    assert set(weights) == vllm_names(K, L)
-    module = VllmStyleMedusa(config)
-    assert set(dict(module.named_parameters())) == set(weights)  # vLLM skips unknown names silently
-    module.load_state_dict(weights, strict=True)
-    ours = MedusaHeads.load(heads_dir)
+    assert set(weights) == vllm_names(K, L)  # vLLM skips unknown names silently: the set must be exact
+    module = VllmMedusa(tmp_path / "vllm", release)
     x = torch.randn(5, 32)
-    assert torch.equal(module(x), ours(x))
-    spec = json.loads(result.serve_commands[0].split("--speculative-config ")[1].strip("'"))
+    assert torch.equal(module(x), MedusaHeads.load(heads_dir)(x))
+    command = result.serve_commands[0]
+    assert command.startswith("pip install vllm==0.32.0 && vllm serve ")
+    spec = json.loads(command.split("--speculative-config ")[1].strip("'"))
     assert spec == {"method": "medusa", "model": str(tmp_path / "vllm"), "num_speculative_tokens": K}
 
 
@@ -186,7 +255,8 @@ def test_cli_prints_the_serve_command(tmp_path, heads_dir, capsys):
     assert "--speculative-config" in out and f'"num_speculative_tokens": {K}' in out and "model.safetensors" in out
     assert cli_main(["--heads", str(heads_dir), "--format", "tgi", "--output-dir", str(tmp_path / "t"),
                      "--base-model-id", "acme/base-7b"]) == 0  # fmt: skip
-    assert f"--speculate {K}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"--speculate {K}" in out and ":ro" not in out  # a Hub base: nothing to mount
     assert json.loads((tmp_path / "t" / "config.json").read_text())["base_model_name_or_path"] == "acme/base-7b"
 
 
@@ -240,29 +310,55 @@ def test_output_folder_with_other_weights_is_refused(tmp_path, heads_dir, capsys
     export_heads(heads_dir, "tgi", tmp_path / "again")  # rewriting the same export is fine
 
 
-def test_draft_vocabulary_becomes_vllms_truncated_vocab_and_comes_back(tmp_path, heads_dir):
-    """Heads trained with --medusa_draft_vocab_size N propose ids < N only; vLLM expresses that as
-    truncated_vocab_size N + a token_map (models/medusa.py: lm_heads rows sliced by token_map, other ids -inf)."""
-    source = tmp_path / "draft"
-    source.mkdir()
-    config = json.loads((heads_dir / "config.json").read_text()) | {"draft_vocab_size": 100}
-    (source / "config.json").write_text(json.dumps(config))
-    (source / "medusa_lm_head.safetensors").write_bytes((heads_dir / "medusa_lm_head.safetensors").read_bytes())
+def _with_draft_vocabulary(heads_dir: Path, folder: Path, draft: int) -> Path:
+    """The heads as `medusa-forge train` leaves them by default: trained on ids < draft, all rows stored."""
+    folder.mkdir()
+    config = json.loads((heads_dir / "config.json").read_text()) | {"draft_vocab_size": draft}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "medusa_lm_head.safetensors").write_bytes((heads_dir / "medusa_lm_head.safetensors").read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("release", VLLM_RELEASES)
+def test_default_trained_heads_load_in_vllm_with_every_row_and_come_back_with_their_draft_vocabulary(
+    tmp_path, heads_dir, release
+):
+    """vLLM 0.11-0.32 cannot take a truncated vocabulary (see VllmMedusa), so heads trained on a draft
+    vocabulary go out with all rows and no token_map; our own key brings the draft vocabulary back on import."""
+    source = _with_draft_vocabulary(heads_dir, tmp_path / "draft", 100)
     result = export_heads(source, "vllm", tmp_path / "vllm")
     vconfig = json.loads((tmp_path / "vllm" / "config.json").read_text())
-    assert (vconfig["truncated_vocab_size"], vconfig["vocab_size"]) == (100, 400)
-    weights = load_file(str(tmp_path / "vllm" / "model.safetensors"))
-    assert torch.equal(weights.pop("token_map"), torch.arange(100)) and set(weights) == vllm_names(K, L)
-    # What vLLM computes: the first 100 rows of each head, every other id at -inf.
-    module = VllmStyleMedusa(vconfig)
-    module.load_state_dict({k: v[:100] if k.startswith("lm_heads") else v for k, v in weights.items()})
+    assert (vconfig["truncated_vocab_size"], vconfig["vocab_size"], vconfig["draft_vocab_size"]) == (400, 400, 100)
+    assert set(load_file(str(tmp_path / "vllm" / "model.safetensors"))) == vllm_names(K, L)  # no token_map
     x = torch.randn(4, 32)
-    ours = MedusaHeads.load(source)(x)
-    assert torch.equal(module(x), ours[..., :100])
-    assert not any("draft vocabulary" in note for note in result.notes)
-    loaded, _ = import_heads(tmp_path / "vllm", tmp_path / "back")
+    assert torch.equal(VllmMedusa(tmp_path / "vllm", release)(x), MedusaHeads.load(source)(x))
+    assert any("vllm has no usable draft vocabulary" in note and "propose from all 400 ids" in note
+               for note in result.notes)  # fmt: skip
+    import_heads(tmp_path / "vllm", tmp_path / "back")
     assert MedusaConfig.load(tmp_path / "back").draft_vocab_size == 100
     assert same_tensors(load_file(str(tmp_path / "back" / "medusa_lm_head.safetensors")),
                         load_file(str(source / "medusa_lm_head.safetensors")))  # fmt: skip
     tgi = export_heads(source, "tgi", tmp_path / "tgi")
-    assert any("tgi has no draft vocabulary" in note for note in tgi.notes)
+    assert any("tgi has no usable draft vocabulary" in note for note in tgi.notes)
+
+
+def test_a_token_map_export_loads_in_vllm_0_10_only(tmp_path, heads_dir):
+    """What our export wrote before (truncated_vocab_size N + token_map 0..N-1): vLLM 0.10.2 loads it and
+    gives every id >= N -inf; 0.32.0 cuts the rows to N and its weight loader asserts (the failure users met).
+    Such folders (ours or other tools') still import with their draft vocabulary."""
+    source = _with_draft_vocabulary(heads_dir, tmp_path / "draft", 100)
+    folder = tmp_path / "token-map"
+    export_heads(source, "vllm", folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["draft_vocab_size"]
+    (folder / "config.json").write_text(json.dumps(config | {"truncated_vocab_size": 100}))
+    weights = load_file(str(folder / "model.safetensors")) | {"token_map": torch.arange(100)}
+    save_file(weights, str(folder / "model.safetensors"))
+    x = torch.randn(4, 32)
+    logits = VllmMedusa(folder, "0.10.2")(x)
+    assert torch.equal(logits[..., :100], MedusaHeads.load(source)(x)[..., :100])
+    assert torch.isneginf(logits[..., 100:]).all()
+    with pytest.raises(AssertionError, match=r"lm_heads.0.weight: checkpoint \(100, 32\), layer \(400, 32\)"):
+        VllmMedusa(folder, "0.32.0")
+    loaded, _ = import_heads(folder, tmp_path / "back")
+    assert loaded.config.draft_vocab_size == 100

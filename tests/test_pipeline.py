@@ -101,7 +101,8 @@ def test_every_artefact(finished, capsys):
     commands = json.loads((workdir / "export" / "serve_commands.json").read_text())
     tgi = commands["tgi"][0]
     assert tgi.startswith("text-generation-launcher --model-id") and "--speculate 3" in tgi
-    assert commands["vllm"][0].startswith("vllm serve") and '"method": "medusa"' in commands["vllm"][0]
+    vllm_command = commands["vllm"][0]
+    assert vllm_command.startswith("pip install vllm==0.32.0 && vllm serve") and '"method": "medusa"' in vllm_command
     # report: the numbers, the plots it links, the tree, time per stage, serve commands
     report = (workdir / "report.md").read_text()
     for png in ("training_curves.png", "acceptance.png", "tokens_per_second.png", "tree_size.png", "stage_times.png"):

@@ -167,7 +167,7 @@ def trained_folder(tmp_path_factory, tiny_model_dir):
     base = load_base_model(str(tiny_model_dir))
     heads = MedusaHeads.for_base_model(base, 3, 1, str(tiny_model_dir))
     heads.save(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
     metrics = {"medusa0_top1": 0.61, "medusa0_top5": 0.83, "medusa1_top1": 0.42, "medusa2_top1": 0.30}
     facts = {"Training data": "`sharegpt` (64 conversations)"}
@@ -186,14 +186,14 @@ def trained_folder(tmp_path_factory, tiny_model_dir):
 
 EXPECTED_FILES = {
     "README.md", "config.json", "medusa_lm_head.safetensors", "model_card.json", "tokenizer.json",
-    "tokenizer_config.json", "eval/eval.json",
+    "tokenizer_config.json", "chat_template.jinja", "eval/eval.json",
 }  # fmt: skip
 
 
-def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folder, capsys):
+def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folder, tiny_model_dir, capsys):
     assert cli_main(["--folder", str(trained_folder), "--repo", "alice/tiny-medusa", "--private"]) == 0
     out = capsys.readouterr().out
-    assert "uploaded 7 files to alice/tiny-medusa" in out and "commit: " in out
+    assert "uploaded 8 files to alice/tiny-medusa" in out and "commit: " in out
     sequence = [(m, p) for m, p in hub.requests if not p.startswith("/lfs-upload/")]
     assert sequence == [
         ("GET", "/api/whoami-v2"),
@@ -208,8 +208,16 @@ def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folde
     assert hub.repos["alice/tiny-medusa"]["private"] is True
     stored = hub.repos["alice/tiny-medusa"]["branches"]["main"]
     assert set(stored) == EXPECTED_FILES
-    for name in EXPECTED_FILES - {"README.md", "config.json"}:
+    for name in EXPECTED_FILES - {"README.md", "config.json", "tokenizer_config.json"}:
         assert stored[name] == (trained_folder / name).read_bytes(), name
+    # The folder's tokenizer_config.json was written by transformers 5 alone (as before this project wrote it for
+    # both): the Hub copy is the one TGI's transformers 4.x reads, the local file is left as it was.
+    local_tokenizer = json.loads((trained_folder / "tokenizer_config.json").read_text())
+    assert local_tokenizer["tokenizer_class"] == "TokenizersBackend" and "chat_template" not in local_tokenizer
+    assert json.loads(stored["tokenizer_config.json"]) == local_tokenizer | {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": (tiny_model_dir / "chat_template.jinja").read_text(),
+    }
     # config.json names the base by the Hub id training recorded; the local copy keeps the local folder.
     local = json.loads((trained_folder / "config.json").read_text())
     assert json.loads(stored["config.json"]) == local | {"base_model_name_or_path": "acme/tiny-llama"}
@@ -234,7 +242,7 @@ def test_dry_run_lists_the_files_and_sends_nothing(hub, trained_folder, capsys):
     readme = (trained_folder / "README.md").read_text()
     assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "dry run: would upload 7 files to alice/x" in out and "note: token found" in out
+    assert "dry run: would upload 8 files to alice/x" in out and "note: token found" in out
     for name in EXPECTED_FILES:
         assert f"  {name}  (" in out
     assert "checkpoint-10" not in out and "training_args.bin" not in out

@@ -53,9 +53,14 @@ def sharegpt_path() -> Path:
     return path
 
 
+# Bumped when the converted folder's contents change, so older caches are rebuilt (2: tokenizer files that
+# transformers 4.x reads too).
+_CACHE_FORMAT = 2
+
+
 def _source_stamp(gguf: Path) -> dict:
     stat = gguf.stat()
-    return {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": _CACHE_FORMAT}
 
 
 def _cache_is_valid(folder: Path, stamp: dict) -> bool:
@@ -89,6 +94,8 @@ def smollm2_dir() -> Path:
         logger.warning("Converting %s to a cached Hugging Face folder at %s (once, ~30 s)", gguf.name, folder)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from medusa_forge.tokenizer_files import save_tokenizer
+
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -99,7 +106,7 @@ def smollm2_dir() -> Path:
             del model.config.quantization_config
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
         model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)  # TGI falls back to the base's tokenizer: 4.x must read it too
         (tmp / _MARKER).write_text(json.dumps(stamp))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)

@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
 from medusa_forge.errors import UserError
 from medusa_forge.formats import (
     FORMATS,
     LAYOUTS,
-    TOKENIZER_FILES,
     TREE_FILE,
     LoadedHeads,
     copy_sidecars,
@@ -28,6 +28,7 @@ from medusa_forge.formats import (
     write_vllm,
 )
 from medusa_forge.model_card import CARD_INPUTS_NAME
+from medusa_forge.tokenizer_files import copy_tokenizer, save_tokenizer
 
 
 @dataclass
@@ -45,17 +46,18 @@ def _is_local_path(name: str) -> bool:
 def _ship_tokenizer(
     loaded: LoadedHeads, output_dir: Path, tokenizer: str | None, trained_base: str
 ) -> tuple[list[Path], str]:
-    """TGI's router reads the tokenizer from --model-id (the heads folder), not from the base model."""
+    """TGI's router reads the tokenizer from --model-id (the heads folder), with transformers 4.x."""
     if tokenizer is None:
-        copied = copy_sidecars(loaded.source, output_dir, TOKENIZER_FILES)
+        copied = copy_tokenizer(loaded.source, output_dir)
         if copied:
-            return copied, "tokenizer files copied from the heads folder"
+            return copied, "tokenizer files copied from the heads folder (readable by TGI's transformers 4.x)"
         tokenizer = trained_base
+    from medusa_forge.data.tokenize import ensure_chat_template
     from medusa_forge.modeling import load_tokenizer
 
-    before = set(output_dir.iterdir())
-    load_tokenizer(tokenizer).save_pretrained(output_dir)
-    return sorted(set(output_dir.iterdir()) - before), f"tokenizer files written from {tokenizer}"
+    # The chat template training used (a base without one trained with the documented fallback).
+    written = save_tokenizer(ensure_chat_template(load_tokenizer(tokenizer)), output_dir)
+    return written, f"tokenizer files written from {tokenizer} (readable by TGI's transformers 4.x)"
 
 
 def _tree(loaded: LoadedHeads) -> list[list[int]]:
@@ -66,23 +68,32 @@ def _tree(loaded: LoadedHeads) -> list[list[int]]:
 
 
 def serve_commands(fmt: str, output_dir: Path, loaded: LoadedHeads) -> list[str]:
-    """Copy-paste commands that serve the exported folder."""
+    """Copy-paste commands that serve the exported folder, pinned to an engine release that loads Medusa."""
     k = loaded.config.medusa_num_heads
     base = loaded.config.base_model_name_or_path
     out = shlex.quote(str(output_dir))
     if fmt == "tgi":
+        # TGI loads the base from config.json's base_model_name_or_path: a local base is mounted at that same path.
+        mounts = f"-v {shlex.quote(str(output_dir.resolve()))}:/data/heads"
+        if _is_local_path(base):
+            mounts += f" -v {shlex.quote(base)}:{shlex.quote(base)}:ro"
         return [
             f"text-generation-launcher --model-id {out} --speculate {k}",
-            f"docker run --gpus all --shm-size 1g -p 8080:80 -v {shlex.quote(str(output_dir.resolve()))}:/data/heads "
-            f"ghcr.io/huggingface/text-generation-inference:latest --model-id /data/heads --speculate {k}",
+            f"docker run --gpus all --shm-size 1g -p 8080:80 {mounts} {TGI_IMAGE} --model-id /data/heads "
+            f"--speculate {k}",
         ]
     if fmt == "vllm":
         spec = json.dumps({"method": "medusa", "model": str(output_dir), "num_speculative_tokens": k})
-        return [f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"]
+        return [
+            f"pip install vllm=={VLLM_MEDUSA_RELEASE} && "  # the last vLLM with Medusa
+            f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
+        ]
     choices = json.dumps(_tree(loaded), separators=(",", ":"))
+    release = TENSORRT_LLM_MEDUSA_RELEASE
     return [
         f"python examples/medusa/convert_checkpoint.py --model_dir {shlex.quote(base)} --medusa_model_dir {out} "
-        f"--output_dir tllm_checkpoint_medusa --dtype float16 --num_medusa_heads {k}",
+        f"--output_dir tllm_checkpoint_medusa --dtype float16 --num_medusa_heads {k}  # TensorRT-LLM {release}: "
+        f"pip install tensorrt_llm=={release}, examples/ from its v{release} source tree (main has no Medusa)",
         "trtllm-build --checkpoint_dir tllm_checkpoint_medusa --output_dir trt_engines_medusa "
         "--gemm_plugin float16 --speculative_decoding_mode medusa --max_batch_size 8",
         f"python examples/run.py --engine_dir trt_engines_medusa --tokenizer_dir {shlex.quote(base)} "
@@ -111,15 +122,19 @@ def export_heads(
         loaded.config.base_model_name_or_path = base_model_id
     base = loaded.config.base_model_name_or_path
     if fmt != "vllm" and _is_local_path(base):
+        # The engine loads the base from this path: make it absolute, so it means the same from any folder.
+        base = loaded.config.base_model_name_or_path = str(Path(base).expanduser().resolve())
         notes.append(
             f"base_model_name_or_path is the local path {base!r}: the engine loads the base from it, so it must "
-            "exist where the engine runs (pass --base-model-id HUB_ID to name a Hub model instead)"
+            "exist where the engine runs (the docker command mounts it; pass --base-model-id HUB_ID to name a "
+            "Hub model instead)"
         )
     draft = loaded.config.draft_vocab_size
-    if draft and fmt != "vllm":
+    if draft:
         notes.append(
-            f"{fmt} has no draft vocabulary: the heads (trained on ids < {draft}) propose from all "
-            f"{loaded.config.vocab_size} ids there; vLLM keeps the restriction (truncated_vocab_size + token_map)"
+            f"{fmt} has no usable draft vocabulary: the heads (trained on ids < {draft}) propose from all "
+            f"{loaded.config.vocab_size} ids there (rows >= {draft} are the base lm_head's); medusa-forge's own "
+            f"decoder keeps to ids < {draft}"
         )
     files = write_vllm(loaded, output_dir) if fmt == "vllm" else write_medusa(loaded, output_dir)
     # The tree for engines that take one, and what a later `push` of this folder needs for its model card.
@@ -134,6 +149,8 @@ def export_heads(
         raise UserError(f"{output_dir}: the written heads differ from the source; please report this")
     if fmt == "vllm":
         notes.append("vLLM reads the tokenizer from the base model; medusa_fc_bias is true so biases are loaded")
+    notes.append(f"Medusa heads load in TGI's last release, vLLM <= {VLLM_MEDUSA_RELEASE} and TensorRT-LLM "
+                 f"{TENSORRT_LLM_MEDUSA_RELEASE}; {EAGLE3_ONLY}")
     return ExportResult(output_dir, files, serve_commands(fmt, output_dir, loaded), notes)
 
 

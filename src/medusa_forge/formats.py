@@ -27,16 +27,6 @@ ORIGINAL_PT_NAME = "medusa_lm_head.pt"  # FasterDecoding/Medusa medusa/model/med
 VLLM_WEIGHTS_NAME = "model.safetensors"  # vLLM reads any *.safetensors in the draft folder
 FULL_PREFIX = "medusa_head."  # full-model checkpoints of the original trainer (Medusa-2, "new" model class)
 VLLM_PREFIX = "medusa_heads."  # vLLM's load_weights strips it
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
 TREE_FILE = "medusa_choices.json"  # the decoding tree chosen by `medusa-forge eval`; engines ignore it
 
 LAYOUTS = {
@@ -277,8 +267,9 @@ def _read_medusa(weights: Path) -> dict[str, torch.Tensor]:
 def _read_vllm(
     folder: Path, raw: dict | None, files: list[Path], notes: list[str]
 ) -> tuple[dict[str, torch.Tensor], int | None]:
-    """vLLM names -> canonical, plus the draft vocabulary (a token_map of the first N ids). Reads config keys
-    the way vLLM's MedusaConfig does (num_heads, ...)."""
+    """vLLM names -> canonical, plus the draft vocabulary (our `draft_vocab_size` key, or a token_map of the
+    first N ids as older exports and other tools write it). Reads config keys the way vLLM's MedusaConfig does
+    (num_heads, ...)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         part = _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle(path)
@@ -309,7 +300,7 @@ def _read_vllm(
         lm_heads = {i: lm_heads[0] for i in range(count)}
         notes.append("original_lm_head: the one shared projection was copied into every head")
     vocab, truncated = raw.get("vocab_size"), raw.get("truncated_vocab_size")
-    draft_vocab = None
+    draft_vocab = raw.get("draft_vocab_size")  # ours, kept next to vLLM's keys by our export (vLLM ignores it)
     if truncated is not None and vocab is not None and truncated < vocab:
         rows = {t.shape[0] for t in lm_heads.values()}
         if rows != {vocab}:
@@ -527,6 +518,10 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def to_vllm(state: dict[str, torch.Tensor], config: MedusaConfig) -> dict[str, torch.Tensor]:
+    """Canonical -> vLLM names, every lm_heads.{i} with all vocabulary rows and no token_map: vLLM 0.11-0.32
+    size each lm_head from `vocab_size` and assert the row count after cutting rows by a token_map, so a draft
+    vocabulary cannot be expressed there (vllm/model_executor/models/medusa.py). The heads then propose from the
+    whole vocabulary; rows >= draft_vocab_size are the base lm_head's, as training initialised them."""
     out = {}
     num_layers = config.medusa_num_layers
     for i in range(config.medusa_num_heads):
@@ -534,23 +529,20 @@ def to_vllm(state: dict[str, torch.Tensor], config: MedusaConfig) -> dict[str, t
             out[f"blocks.{i}.layers.{j}.weight"] = state[f"{i}.{j}.linear.weight"]
             out[f"blocks.{i}.layers.{j}.bias"] = state[f"{i}.{j}.linear.bias"]
         out[f"lm_heads.{i}.weight"] = state[f"{i}.{num_layers}.weight"]
-    if config.draft_vocab_size and config.draft_vocab_size < config.vocab_size:
-        # vLLM keeps lm_heads rows token_map[...] and gives every other id -inf: the decoder's draft vocabulary.
-        out["token_map"] = torch.arange(config.draft_vocab_size, dtype=torch.long)
     return out
 
 
 def vllm_config(config: MedusaConfig, dtype: torch.dtype) -> dict:
     """The keys vLLM's MedusaConfig and Medusa model read. medusa_fc_bias must be true, or vLLM builds the
-    blocks without bias and silently drops ours. Heads trained with a draft vocabulary of N get
-    truncated_vocab_size N (plus a token_map of ids 0..N-1 in the weights), as vLLM needs."""
-    draft = config.draft_vocab_size or config.vocab_size
-    return {
+    blocks without bias and silently drops ours. truncated_vocab_size = vocab_size (see `to_vllm`); our
+    draft_vocab_size rides along (vLLM keeps unknown keys as attributes and never reads it) so that an import
+    of this folder gives the heads back as they were trained."""
+    raw = {
         "model_type": "medusa",
         "architectures": ["MedusaModel"],
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
-        "truncated_vocab_size": draft,
+        "truncated_vocab_size": config.vocab_size,
         "num_heads": config.medusa_num_heads,
         "num_hidden_layers": config.medusa_num_layers,
         "medusa_fc_bias": True,
@@ -559,6 +551,9 @@ def vllm_config(config: MedusaConfig, dtype: torch.dtype) -> dict:
         "torch_dtype": str(dtype).removeprefix("torch."),
         "base_model_name_or_path": config.base_model_name_or_path,
     }
+    if config.draft_vocab_size:
+        raw["draft_vocab_size"] = config.draft_vocab_size
+    return raw
 
 
 def check_no_other_weights(output_dir: Path, writing: str) -> None:
@@ -594,7 +589,7 @@ def write_vllm(loaded: LoadedHeads, output_dir: Path) -> list[Path]:
 
 
 def copy_sidecars(source: Path, output_dir: Path, names: tuple[str, ...]) -> list[Path]:
-    """Copy the named files that exist next to the source heads (tokenizer, tree)."""
+    """Copy the named files that exist next to the source heads (tokenizer, tree, card inputs)."""
     folder = source if source.is_dir() else source.parent
     copied = []
     for name in names:

@@ -20,6 +20,7 @@ from medusa_forge.errors import UserError
 from medusa_forge.formats import LAYOUTS, read_heads
 from medusa_forge.heads import CONFIG_NAME
 from medusa_forge.model_card import CARD_INPUTS_NAME, README_NAME, hub_base_id, refreshed_model_card
+from medusa_forge.tokenizer_files import TOKENIZER_CONFIG, portable_config
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Not for the Hub: Trainer checkpoints and logs, the pickled TrainingArguments, caches.
@@ -129,6 +130,13 @@ def push(
             f"uploaded config.json names the base {new_base!r} (the local one keeps {config.base_model_name_or_path!r})"
         )
         config.base_model_name_or_path = new_base
+    overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
+    tokenizer_config = portable_config(folder)
+    if tokenizer_config is not None:  # a folder trained before tokenizers were written for both versions
+        overrides[TOKENIZER_CONFIG] = tokenizer_config
+        notes.append(
+            f"uploaded {TOKENIZER_CONFIG} is readable by TGI's transformers 4.x (the local file is left alone)"
+        )
     card = refreshed_model_card(folder, config, repo, new_base, loaded.layout)
     readme_exists = (folder / README_NAME).is_file()
     card_state = "kept (edited by hand)" if card is None else "refreshed" if readme_exists else "written"
@@ -154,7 +162,6 @@ def push(
     api = HfApi(endpoint=endpoint, token=token)
     # The Hub copy names the base by its Hub id; the local config keeps the local path so that local commands
     # keep working offline. Files are linked into a staging folder, not copied.
-    overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
     with tempfile.TemporaryDirectory(prefix="medusa-forge-push-") as staging:
         _stage(folder, files, Path(staging), overrides)
         try:

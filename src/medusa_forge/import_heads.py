@@ -11,7 +11,6 @@ from pathlib import Path
 from medusa_forge.errors import UserError
 from medusa_forge.formats import (
     LAYOUTS,
-    TOKENIZER_FILES,
     TREE_FILE,
     LoadedHeads,
     copy_sidecars,
@@ -21,6 +20,7 @@ from medusa_forge.formats import (
     write_medusa,
 )
 from medusa_forge.heads import WEIGHTS_NAME
+from medusa_forge.tokenizer_files import copy_tokenizer
 
 
 def import_heads(
@@ -38,7 +38,7 @@ def import_heads(
     if (output_dir / WEIGHTS_NAME).exists():
         loaded.notes.append(f"replaced the heads already in {output_dir}")
     files = write_medusa(loaded, output_dir)
-    files += copy_sidecars(source, output_dir, TOKENIZER_FILES + (TREE_FILE,))
+    files += copy_tokenizer(source, output_dir) + copy_sidecars(source, output_dir, (TREE_FILE,))
     written = read_heads(output_dir, layout="medusa", check_base=False)
     if not same_tensors(written.state, loaded.state):
         raise UserError(f"{output_dir}: the written heads differ from the source; please report this")

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
 from medusa_forge.heads import MedusaConfig
 
 README_NAME = "README.md"
@@ -121,7 +122,12 @@ def render_model_card(
         *facts.items(),
     ]
     if getattr(config, "draft_vocab_size", None):
-        rows.append(("Draft vocabulary", f"heads propose ids < {config.draft_vocab_size} (vLLM: truncated_vocab_size)"))
+        rows.append((
+            "Draft vocabulary",
+            f"trained on ids < {config.draft_vocab_size}: `medusa-forge generate/eval/serve` propose only those; "
+            f"TGI, vLLM and TensorRT-LLM propose from all {config.vocab_size} ids (rows >= "
+            f"{config.draft_vocab_size} keep the base lm_head's weights)",
+        ))
     summary = evaluation_summary(evaluation)
     if "mean_accepted_length" in summary:
         rows.append(("Mean accepted tokens per step", f"{summary['mean_accepted_length']:.2f} (plain decoding: 1.00)"))
@@ -184,7 +190,10 @@ def render_model_card(
 
 ## Serve
 
+Medusa heads load in vLLM up to {VLLM_MEDUSA_RELEASE} (0.33 removed Medusa):
+
 ```bash
+pip install vllm=={VLLM_MEDUSA_RELEASE}
 vllm serve {serve_base} --speculative-config \
     '{json.dumps({"method": "medusa", "model": where, "num_speculative_tokens": k})}'
 ```
@@ -209,13 +218,16 @@ pass of the base model, so generation is faster and greedy output is unchanged.
 
 ## Serve
 
+Medusa heads load in TGI's last release, vLLM up to {VLLM_MEDUSA_RELEASE} and TensorRT-LLM
+{TENSORRT_LLM_MEDUSA_RELEASE}; {EAGLE3_ONLY}.
+
 **TGI** reads this layout as-is (`config.json` + `medusa_lm_head.safetensors`; it loads the base model named in
 `config.json`). `--speculate` must be at most {k}:
 
 ```bash
 text-generation-launcher --model-id {where} --speculate {k}
 # or with docker:
-docker run --gpus all --shm-size 1g -p 8080:80 ghcr.io/huggingface/text-generation-inference:latest \\
+docker run --gpus all --shm-size 1g -p 8080:80 {TGI_IMAGE} \\
     --model-id {where} --speculate {k}
 ```
 
@@ -224,11 +236,13 @@ docker run --gpus all --shm-size 1g -p 8080:80 ghcr.io/huggingface/text-generati
 ```bash
 hf download {where} --local-dir heads
 medusa-forge export --heads heads --format vllm --output-dir heads-vllm
+pip install vllm=={VLLM_MEDUSA_RELEASE}
 vllm serve {serve_base} --speculative-config '{spec}'
 ```
 
-**TensorRT-LLM**: `medusa-forge export --heads heads --format tensorrt-llm --output-dir heads-trt` prints the
-`convert_checkpoint.py --medusa_model_dir` and `trtllm-build` commands.
+**TensorRT-LLM {TENSORRT_LLM_MEDUSA_RELEASE}**: `medusa-forge export --heads heads --format tensorrt-llm
+--output-dir heads-trt` prints the `convert_checkpoint.py --medusa_model_dir` and `trtllm-build` commands
+(`examples/medusa` of the v{TENSORRT_LLM_MEDUSA_RELEASE} source tree; main no longer has it).
 """
 
 

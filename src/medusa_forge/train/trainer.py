@@ -11,6 +11,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from medusa_forge.heads import WEIGHTS_NAME
+from medusa_forge.tokenizer_files import save_tokenizer
 from medusa_forge.train.model import summarise_head_stats
 
 
@@ -66,7 +67,7 @@ class MedusaTrainer(Trainer):
         saved.load_state_dict({k: heads_state.get(k, v) for k, v in original.items()})
         saved.save(output_dir)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            save_tokenizer(self.processing_class, output_dir)  # readable by TGI's transformers 4.x too
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -1,0 +1,15 @@
+"""The engine releases that still load Medusa heads (November 2026), in one place: `export` pins its printed
+commands to them, the model card and the README name them.
+
+- TGI: maintenance mode since December 2025, repository archived March 2026; its last release still runs.
+- vLLM: 0.33 removed Medusa (and the MLP speculator); 0.32.0 is the last release that serves it.
+- TensorRT-LLM: `examples/medusa` (convert_checkpoint.py) was removed on main after release 1.2.1.
+- SGLang never served Medusa.
+"""
+
+TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
+VLLM_MEDUSA_RELEASE = "0.32.0"
+TENSORRT_LLM_MEDUSA_RELEASE = "1.2.1"
+EAGLE3_ONLY = (
+    "vLLM 0.33 and later, SGLang and TensorRT-LLM's current main serve EAGLE-3 drafts, not Medusa heads"
+)
