@@ -25,9 +25,9 @@ from transformers import DynamicCache
 
 from medusa_forge.decode.generation import MedusaDecoder, causal_bias, keep_cache_entries
 from medusa_forge.decode.loading import load_medusa
-from medusa_forge.decode.tree import build_tree
 from medusa_forge.evaluate import build_parser as eval_parser
 from medusa_forge.evaluate import evaluate
+from medusa_forge.formats.tree_file import build_tree
 
 
 @torch.no_grad()

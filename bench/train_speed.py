@@ -81,8 +81,8 @@ def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dic
 def score(out: Path, args: argparse.Namespace) -> dict:
     from medusa_forge.data.conversations import load_conversations
     from medusa_forge.decode.generation import MedusaDecoder
-    from medusa_forge.decode.tree import default_choices
     from medusa_forge.evaluate import _first_prompts, measure_accuracy
+    from medusa_forge.formats.tree_file import default_choices
     from medusa_forge.heads import MedusaModel
     from medusa_forge.modeling import load_tokenizer
 

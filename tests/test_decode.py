@@ -25,8 +25,9 @@ from medusa_forge.decode.generation import (
     greedy_generate,
     keep_cache_entries,
 )
-from medusa_forge.decode.tree import TreeBuffers, default_choices
+from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.errors import UserError
+from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
 
 INIT_SCALE = {"llama": 0.3, "qwen2": 0.3, "mistral": 0.3, "gemma": 1.0, "gpt2": 0.5}

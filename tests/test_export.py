@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_forge.decode.generation import MedusaDecoder
-from medusa_forge.decode.tree import default_choices
 from medusa_forge.export import cli_main, export_heads
-from medusa_forge.formats import same_tensors
+from medusa_forge.formats.files import same_tensors
+from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaConfig, MedusaHeads, MedusaModel
 from medusa_forge.import_heads import import_heads
 from medusa_forge.modeling import load_base_model

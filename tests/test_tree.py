@@ -9,18 +9,16 @@ import random
 import pytest
 import torch
 
-from medusa_forge.decode.tree import (
+from medusa_forge.decode.tree import TreeBuffers, expected_accept_length, resolve_tree
+from medusa_forge.errors import UserError
+from medusa_forge.formats.tree_file import (
     DEFAULT_TREE_SIZES,
-    TreeBuffers,
     build_tree,
     default_choices,
-    expected_accept_length,
     load_tree,
-    resolve_tree,
     save_tree,
     validate_choices,
 )
-from medusa_forge.errors import UserError
 
 TREES = {
     "chain": [[0], [0, 0], [0, 0, 0]],

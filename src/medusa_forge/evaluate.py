@@ -143,7 +143,8 @@ def choose_tree(
     """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
     budget with the most expected tokens per second."""
     from medusa_forge.decode.generation import measure_step_seconds
-    from medusa_forge.decode.tree import build_tree, expected_accept_length
+    from medusa_forge.decode.tree import expected_accept_length
+    from medusa_forge.formats.tree_file import build_tree
 
     trees = [build_tree(rank_accuracy, n) for n in sizes]
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
@@ -385,7 +386,8 @@ def render_markdown(report: dict) -> str:
 def evaluate(args: argparse.Namespace) -> dict:
     from medusa_forge.decode.generation import MedusaDecoder, trained_draft_vocab
     from medusa_forge.decode.loading import eos_token_ids, load_medusa
-    from medusa_forge.decode.tree import expected_accept_length, resolve_tree, save_tree
+    from medusa_forge.decode.tree import expected_accept_length, resolve_tree
+    from medusa_forge.formats.tree_file import save_tree
 
     if args.max_prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--max-prompts and --max-new-tokens must be at least 1")

@@ -2,7 +2,7 @@
 check the result by reading it back, and print the command that serves it.
 
 TGI and TensorRT-LLM read our own layout (config.json + medusa_lm_head.safetensors); vLLM needs its own names
-and config keys. Layouts: DESIGN.md and medusa_forge/formats.py.
+and config keys. Layouts: README, "Export, import and push", and medusa_forge/formats/.
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ from pathlib import Path
 
 from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
 from medusa_forge.errors import UserError
-from medusa_forge.formats import (
-    FORMATS,
-    LAYOUTS,
-    TREE_FILE,
-    LoadedHeads,
-    copy_sidecars,
-    read_heads,
-    same_tensors,
-    write_medusa,
-    write_vllm,
-)
+from medusa_forge.formats.files import copy_sidecars, same_tensors
+from medusa_forge.formats.layouts import FORMATS, LAYOUTS, LoadedHeads
+from medusa_forge.formats.medusa import write_medusa
+from medusa_forge.formats.read import read_heads
+from medusa_forge.formats.tree_file import TREE_FILE, Choices, default_choices, load_tree
+from medusa_forge.formats.vllm import write_vllm
 from medusa_forge.model_card import CARD_INPUTS_NAME
 from medusa_forge.tokenizer_files import copy_tokenizer, save_tokenizer
 
@@ -60,9 +55,7 @@ def _ship_tokenizer(
     return written, f"tokenizer files written from {tokenizer} (readable by TGI's transformers 4.x)"
 
 
-def _tree(loaded: LoadedHeads) -> list[list[int]]:
-    from medusa_forge.decode.tree import default_choices, load_tree
-
+def _tree(loaded: LoadedHeads) -> Choices:
     folder = loaded.source if loaded.source.is_dir() else loaded.source.parent
     return load_tree(folder) or default_choices(16, loaded.config.medusa_num_heads)
 

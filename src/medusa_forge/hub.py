@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medusa_forge.errors import UserError
-from medusa_forge.formats import LAYOUTS, read_heads
+from medusa_forge.formats.layouts import LAYOUTS
+from medusa_forge.formats.read import read_heads
 from medusa_forge.heads import CONFIG_NAME
 from medusa_forge.model_card import CARD_INPUTS_NAME, README_NAME, hub_base_id, refreshed_model_card
 from medusa_forge.tokenizer_files import TOKENIZER_CONFIG, portable_config

@@ -9,16 +9,11 @@ import sys
 from pathlib import Path
 
 from medusa_forge.errors import UserError
-from medusa_forge.formats import (
-    LAYOUTS,
-    TREE_FILE,
-    LoadedHeads,
-    copy_sidecars,
-    describe,
-    read_heads,
-    same_tensors,
-    write_medusa,
-)
+from medusa_forge.formats.files import copy_sidecars, same_tensors
+from medusa_forge.formats.layouts import LAYOUTS, LoadedHeads, describe
+from medusa_forge.formats.medusa import write_medusa
+from medusa_forge.formats.read import read_heads
+from medusa_forge.formats.tree_file import TREE_FILE
 from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.tokenizer_files import copy_tokenizer
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from medusa_forge.errors import UserError
-from medusa_forge.formats import copy_sidecars
+from medusa_forge.formats.files import copy_sidecars
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

@@ -23,8 +23,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from medusa_forge.decode.acceptance import greedy_accept, typical_accept
-from medusa_forge.decode.tree import Choices, TreeBuffers
+from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.errors import UserError
+from medusa_forge.formats.tree_file import Choices
 from medusa_forge.heads import MedusaModel, backbone
 
 

@@ -257,7 +257,7 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
 
 def _validate(config: PipelineConfig, source: str) -> None:
     """Everything that can be checked before hours of work: flags parse, formats exist, eval data is named."""
-    from medusa_forge.formats import FORMATS
+    from medusa_forge.formats.layouts import FORMATS
     from medusa_forge.train.args import parse_args
 
     if config.eval_data is None and config.data != "sharegpt":
@@ -591,8 +591,8 @@ def plan_evaluate(ctx: Context) -> Plan:
 
 
 def run_evaluate(ctx: Context) -> list[Path]:
-    from medusa_forge.decode.tree import TREE_FILE
     from medusa_forge.evaluate import build_parser, evaluate
+    from medusa_forge.formats.tree_file import TREE_FILE
 
     argv = ["--heads", str(ctx.heads), "--data", ctx.config.held_out, "--output-dir", str(ctx.eval_dir)]
     args = build_parser().parse_args(argv + flags_to_argv(ctx.config.eval, _eval_parser()))
@@ -605,7 +605,7 @@ def run_evaluate(ctx: Context) -> list[Path]:
 
 
 def plan_export(ctx: Context) -> Plan:
-    from medusa_forge.decode.tree import TREE_FILE
+    from medusa_forge.formats.tree_file import TREE_FILE
 
     heads = _heads_inputs(ctx)
     if (ctx.heads / TREE_FILE).is_file():

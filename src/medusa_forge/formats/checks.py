@@ -1,0 +1,161 @@
+"""Are these tensors valid Medusa heads? Names, numbering and shapes of the canonical state dict, the
+config's counts against the tensors, and the sizes against a base model. Every reader uses these, because an
+engine that meets wrong names silently skips them (vLLM) and the heads then accept nothing.
+
+The canonical names are ours, which are also TGI's, TensorRT-LLM's and the original Medusa's:
+`{i}.{j}.linear.weight` [H, H], `{i}.{j}.linear.bias` [H] for blocks j < L, `{i}.{L}.weight` [V, H].
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa_forge.errors import UserError
+
+CANONICAL_NAME = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+@dataclass
+class HeadsShape:
+    """What the tensors themselves say; `has_projections` is False for the "version 2" variant."""
+
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int | None
+    dtype: torch.dtype
+    has_projections: bool
+
+
+def check_canonical(state: dict[str, torch.Tensor], where: str) -> HeadsShape:
+    """Validate canonical names, contiguous head/layer numbering and shapes; name the first bad tensor."""
+    if not state:
+        raise UserError(f"{where}: holds no tensors")
+    unexpected = [k for k in state if not CANONICAL_NAME.match(k)]
+    if unexpected:
+        raise UserError(
+            f"{where}: unexpected tensor names {unexpected[:5]}; Medusa heads use "
+            "`{i}.{j}.linear.weight`, `{i}.{j}.linear.bias` and `{i}.{L}.weight`"
+        )
+    blocks: dict[int, set[int]] = {}
+    projections: dict[int, int] = {}
+    for key in state:
+        i, j, kind = CANONICAL_NAME.match(key).groups()
+        if kind == "weight":
+            projections[int(i)] = int(j)
+        else:
+            blocks.setdefault(int(i), set()).add(int(j))
+    heads = sorted(set(blocks) | set(projections))
+    if heads != list(range(len(heads))):
+        missing = sorted(set(range(max(heads) + 1)) - set(heads))
+        raise UserError(f"{where}: heads are numbered {heads}; head(s) {missing} are missing")
+    layer_counts = {i: len(blocks.get(i, ())) for i in heads}
+    if len(set(layer_counts.values())) != 1:
+        raise UserError(f"{where}: heads have different numbers of residual blocks: {layer_counts}")
+    num_layers = layer_counts[0]
+    for i in heads:
+        if blocks.get(i, set()) != set(range(num_layers)):
+            raise UserError(f"{where}: head {i} has blocks {sorted(blocks.get(i, ()))}, expected 0..{num_layers - 1}")
+        for j in range(num_layers):
+            for part in ("weight", "bias"):
+                if f"{i}.{j}.linear.{part}" not in state:
+                    raise UserError(f"{where}: tensor {i}.{j}.linear.{part} is missing")
+        if i in projections and projections[i] != num_layers:
+            raise UserError(
+                f"{where}: head {i}'s projection is named {i}.{projections[i]}.weight, but with {num_layers} "
+                f"block(s) it must be {i}.{num_layers}.weight"
+            )
+    if projections and set(projections) != set(heads):
+        raise UserError(
+            f"{where}: only heads {sorted(projections)} have a vocabulary projection ({{i}}.{num_layers}.weight); "
+            f"all {len(heads)} heads need one, or none (version 2, which reuses the base lm_head)"
+        )
+    if num_layers == 0 and not projections:
+        raise UserError(f"{where}: no residual blocks and no projections")
+    first = state["0.0.linear.weight"] if num_layers else state[f"0.{num_layers}.weight"]
+    # The hidden size most tensors agree on, so the odd one out is the one named in the error.
+    hidden = Counter(t.shape[-1] for t in state.values() if t.dim() > 0).most_common(1)[0][0]
+    vocab = state[f"0.{num_layers}.weight"].shape[0] if projections else None
+    for key, tensor in state.items():
+        kind = CANONICAL_NAME.match(key).group(3)
+        expected = {"linear.weight": (hidden, hidden), "linear.bias": (hidden,), "weight": (vocab, hidden)}[kind]
+        if tuple(tensor.shape) != expected:
+            raise UserError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {expected} (hidden {hidden})")
+    return HeadsShape(len(heads), num_layers, hidden, vocab, first.dtype, bool(projections))
+
+
+def check_config_counts(raw: dict, shape: HeadsShape, where: str, keys: tuple[str, str]) -> None:
+    """The config's head/layer counts (and sizes, when present) must match the tensors."""
+    heads_key, layers_key = keys
+    problems = []
+    if raw.get(heads_key) is not None and raw[heads_key] != shape.num_heads:
+        problems.append(
+            f"{heads_key} is {raw[heads_key]} but the weights hold {shape.num_heads} heads "
+            f"(if the weights are right, pass --num-heads {shape.num_heads})"
+        )
+    if raw.get(layers_key) is not None and raw[layers_key] != shape.num_layers:
+        problems.append(f"{layers_key} is {raw[layers_key]} but the weights hold {shape.num_layers} block(s) per head")
+    if raw.get("hidden_size") is not None and raw["hidden_size"] != shape.hidden_size:
+        problems.append(f"hidden_size is {raw['hidden_size']} but the weights have {shape.hidden_size}")
+    if raw.get("vocab_size") is not None and shape.vocab_size is not None and raw["vocab_size"] != shape.vocab_size:
+        problems.append(f"vocab_size is {raw['vocab_size']} but the projections have {shape.vocab_size} rows")
+    if problems:
+        raise UserError(
+            f"{where} does not match its weights: " + "; ".join(problems) + ". Fix the config or the weights."
+        )
+
+
+def base_dims(base: str) -> tuple[int, int] | None:
+    """(hidden_size, vocab_size) of a base model from its config, local files only; None if unavailable."""
+    from transformers import AutoConfig
+
+    from medusa_forge.defaults import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(base), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
+    return (hidden, vocab) if isinstance(hidden, int) and isinstance(vocab, int) else None
+
+
+def check_against_base(shape: HeadsShape, base: str, where: str, required: bool) -> str:
+    """Refuse heads whose sizes differ from the base model's; returns a note for the user."""
+    dims = base_dims(base)
+    if dims is None:
+        if required:
+            raise UserError(
+                f"--base-model {base}: no config.json found locally; pass a local folder or a cached Hub id"
+            )
+        return f"not checked against base model {base!r} (its config is not available locally)"
+    hidden, vocab = dims
+    if hidden != shape.hidden_size:
+        raise UserError(
+            f"{where}: heads have hidden size {shape.hidden_size}, but base model {base} has hidden_size {hidden}; "
+            "these heads were trained for another model (pass the right one with --base-model)"
+        )
+    if shape.vocab_size is not None and vocab != shape.vocab_size:
+        raise UserError(
+            f"{where}: heads project to {shape.vocab_size} tokens, but base model {base} has vocab_size {vocab}; "
+            "these heads were trained for another model or tokenizer (pass the right one with --base-model)"
+        )
+    return f"sizes match base model {base} (hidden {hidden}, vocabulary {vocab})"
+
+
+def check_no_other_weights(output_dir: Path, writing: str) -> None:
+    """Refuse a folder that already holds other weights: an engine would read those (TensorRT-LLM prefers
+    medusa_lm_head.pt; vLLM reads every *.safetensors) and a later import would find two sets of heads."""
+    if not output_dir.is_dir():
+        return
+    stale = [p.name for p in output_dir.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.name != writing]
+    if stale:
+        raise UserError(
+            f"--output-dir {output_dir} already holds other weights ({', '.join(sorted(stale))}) that an engine "
+            "would also read; choose an empty or new folder"
+        )
