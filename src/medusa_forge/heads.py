@@ -19,6 +19,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from medusa_forge.errors import UserError
+from medusa_forge.formats.checks import check_canonical, check_config_counts, check_has_projections
+from medusa_forge.formats.files import read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.safetensors"
@@ -46,10 +48,7 @@ class MedusaConfig:
         path = Path(folder, CONFIG_NAME)
         if not path.is_file():
             raise UserError(f"{folder} is not a Medusa heads folder: {CONFIG_NAME} is missing")
-        try:
-            raw = json.loads(path.read_text())
-        except ValueError as err:
-            raise UserError(f"{path} is not valid JSON: {err}") from None
+        raw = read_json(path)
         missing = [k for k in ("medusa_num_heads", "medusa_num_layers", "base_model_name_or_path") if k not in raw]
         if missing:
             raise UserError(f"{path} lacks {missing}; is this a Medusa heads folder in the TGI layout?")
@@ -113,17 +112,12 @@ class MedusaHeads(nn.ModuleList):
         if not weights_path.is_file():
             raise UserError(f"{folder}: {WEIGHTS_NAME} is missing")
         state = load_file(str(weights_path))
+        # The checks every layout reader uses: names, numbering and shapes, then the config's counts and sizes.
+        shape = check_canonical(state, str(weights_path))
+        config_path = str(Path(folder, CONFIG_NAME))
+        check_config_counts(asdict(config), shape, config_path, ("medusa_num_heads", "medusa_num_layers"))
+        check_has_projections(shape, str(weights_path))
         heads = cls(config)
-        expected = heads.state_dict()
-        problems = [f"missing {k}" for k in expected if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [
-            f"{k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if problems:
-            raise UserError(f"{weights_path} does not match {CONFIG_NAME}: " + "; ".join(problems[:5]))
         heads.load_state_dict(state)
         return heads
 

@@ -1,9 +1,10 @@
 """Are these tensors valid Medusa heads? Names, numbering and shapes of the canonical state dict, the
-config's counts against the tensors, and the sizes against a base model. Every reader uses these, because an
-engine that meets wrong names silently skips them (vLLM) and the heads then accept nothing.
+config's counts against the tensors, and the sizes against a base model. Every reader and `MedusaHeads.load`
+use these, because an engine that meets wrong names silently skips them (vLLM) and the heads then accept nothing.
 
 The canonical names are ours, which are also TGI's, TensorRT-LLM's and the original Medusa's:
 `{i}.{j}.linear.weight` [H, H], `{i}.{j}.linear.bias` [H] for blocks j < L, `{i}.{L}.weight` [V, H].
+This module does not import `heads.py`, which imports it.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def check_canonical(state: dict[str, torch.Tensor], where: str) -> HeadsShape:
                 f"block(s) it must be {i}.{num_layers}.weight"
             )
     if projections and set(projections) != set(heads):
+        missing = ", ".join(f"{i}.{num_layers}.weight" for i in heads if i not in projections)
         raise UserError(
-            f"{where}: only heads {sorted(projections)} have a vocabulary projection ({{i}}.{num_layers}.weight); "
-            f"all {len(heads)} heads need one, or none (version 2, which reuses the base lm_head)"
+            f"{where}: only heads {sorted(projections)} have a vocabulary projection ({{i}}.{num_layers}.weight), "
+            f"missing {missing}; all {len(heads)} heads need one, or none (version 2, which reuses the base lm_head)"
         )
     if num_layers == 0 and not projections:
         raise UserError(f"{where}: no residual blocks and no projections")
@@ -107,6 +109,16 @@ def check_config_counts(raw: dict, shape: HeadsShape, where: str, keys: tuple[st
     if problems:
         raise UserError(
             f"{where} does not match its weights: " + "; ".join(problems) + ". Fix the config or the weights."
+        )
+
+
+def check_has_projections(shape: HeadsShape, where: str) -> None:
+    """Heads used as they are need their own projections; version 2 heads get them from `medusa-forge import`."""
+    if not shape.has_projections:
+        missing = ", ".join(f"{i}.{shape.num_layers}.weight" for i in range(shape.num_heads))
+        raise UserError(
+            f"{where}: missing {missing}: version 2 heads (no vocabulary projections) must be converted with "
+            "`medusa-forge import`, which copies the base model's lm_head into each head"
         )
 
 
