@@ -27,4 +27,5 @@ def read_full(folder: Path, files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def has_head_names(names: list[str]) -> bool:
+    """Whether a weight file holds Medusa head tensors under the full-checkpoint prefix."""
     return any(name.startswith(FULL_PREFIX) for name in names)
