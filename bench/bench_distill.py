@@ -30,9 +30,10 @@ import torch
 
 from medusa_forge.data.conversations import Conversation, load_conversations
 from medusa_forge.distill.backends import HttpBackend
-from medusa_forge.distill.engine import GenerationRequest, HFGenerator
 from medusa_forge.distill.runner import ReplayOptions, run
 from medusa_forge.distill.store import OutputStore
+from medusa_forge.generation.generator import GenerationRequest
+from medusa_forge.generation.hf import HFGenerator
 
 
 def first_user_turns(count: int, prompt_chars: int) -> list[list[dict]]:
@@ -73,7 +74,7 @@ def bench_in_process(generator: HFGenerator, prompts: list[list[dict]], single: 
 
 def bench_engines(generator: HFGenerator, prompts: list[list[dict]], max_new_tokens: int, max_batch: int) -> list:
     """A distill-like load: all prompts submitted at once, natural end-of-turn, batch <= max_batch."""
-    from medusa_forge.distill.continuous import make_engine
+    from medusa_forge.generation.batching import make_engine
 
     requests = [GenerationRequest(generator.encode_chat(p), max_new_tokens) for p in prompts]
     rows = []

@@ -11,7 +11,7 @@ import torch
 from test_serve import HELLO, ServerThread, chat, solo
 
 from medusa_forge.decode.serving import MedusaServeGenerator
-from medusa_forge.distill.engine import HFGenerator
+from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.serve import create_app

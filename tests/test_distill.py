@@ -20,7 +20,7 @@ from test_serve import ServerThread, free_port
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.distill.cli import cli_main
-from medusa_forge.distill.engine import HFGenerator
+from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.serve import create_app
 
 

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import uvicorn
 
-from medusa_forge.distill.engine import GenerationRequest, HFGenerator
+from medusa_forge.generation.generator import GenerationRequest
+from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.serve import cli_main, create_app
 
 
@@ -231,7 +232,7 @@ def test_tokenizer_without_chat_template_uses_the_training_fallback(tmp_path):
 
 def test_engine_groups_by_sampling_settings_and_prompt_length(generator):
     """One burst of mixed requests: each generate call holds one sampling setting and neighbouring lengths."""
-    from medusa_forge.distill.engine import BatchingEngine
+    from medusa_forge.generation.static import BatchingEngine
 
     calls = []
 
@@ -269,7 +270,7 @@ def test_engine_groups_by_sampling_settings_and_prompt_length(generator):
 def test_continuous_rows_join_and_leave_with_plain_greedy_results(generator):
     """Staggered arrivals, a batch of 3 and different lengths: rows are admitted into a running batch and leave
     as they finish, and every reply is token for token what transformers' greedy `generate` gives alone."""
-    from medusa_forge.distill.continuous import ContinuousEngine
+    from medusa_forge.generation.continuous import ContinuousEngine
 
     prompts = [generator.encode_chat([{"role": "user", "content": f"Q{i}: {'fox ' * (3 * i)}"}]) for i in range(7)]
     limits = [3 + (7 * i) % 15 for i in range(7)]
@@ -294,7 +295,7 @@ def test_continuous_rows_join_and_leave_with_plain_greedy_results(generator):
 
 
 def test_continuous_seeded_sampling_does_not_depend_on_batch_mates(generator):
-    from medusa_forge.distill.continuous import ContinuousEngine
+    from medusa_forge.generation.continuous import ContinuousEngine
 
     seeded = GenerationRequest(generator.encode_chat(HELLO), 10, temperature=1.0, top_p=0.8, seed=123)
     others = [GenerationRequest(generator.encode_chat([{"role": "user", "content": "x" * i}]), 6) for i in (3, 9)]
@@ -311,9 +312,10 @@ def test_continuous_seeded_sampling_does_not_depend_on_batch_mates(generator):
 
 
 def test_make_engine_choices(generator):
-    from medusa_forge.distill.continuous import ContinuousEngine, make_engine
-    from medusa_forge.distill.engine import BatchingEngine
     from medusa_forge.errors import UserError
+    from medusa_forge.generation.batching import make_engine
+    from medusa_forge.generation.continuous import ContinuousEngine
+    from medusa_forge.generation.static import BatchingEngine
 
     assert isinstance(make_engine(generator), ContinuousEngine)
     assert isinstance(make_engine(generator, "static"), BatchingEngine)
@@ -332,7 +334,7 @@ def test_make_engine_choices(generator):
 def test_continuous_batching_matches_generate_on_other_architectures(tmp_path, arch):
     from conftest import build_tokenizer, make_tiny_model
 
-    from medusa_forge.distill.continuous import ContinuousEngine
+    from medusa_forge.generation.continuous import ContinuousEngine
 
     generator = HFGenerator.load(str(make_tiny_model(arch, tmp_path / arch, build_tokenizer())))
     assert ContinuousEngine.supports(generator)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX, tokenize_conversation
 from medusa_forge.errors import UserError
+from medusa_forge.generation.text import encode_chat
 
 logger = logging.getLogger("medusa_forge.eval")
 
@@ -172,8 +173,7 @@ def _first_prompts(tokenizer, conversations, count: int, max_prompt_tokens: int)
                 break
         if not messages or messages[-1]["role"] != "user":
             continue
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode_chat(tokenizer, messages)
         if len(ids) <= max_prompt_tokens:
             prompts.append(ids)
         if len(prompts) == count:
@@ -385,9 +385,10 @@ def render_markdown(report: dict) -> str:
 
 def evaluate(args: argparse.Namespace) -> dict:
     from medusa_forge.decode.generation import MedusaDecoder, trained_draft_vocab
-    from medusa_forge.decode.loading import eos_token_ids, load_medusa
+    from medusa_forge.decode.loading import load_medusa
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
     from medusa_forge.formats.tree_file import save_tree
+    from medusa_forge.generation.text import eos_token_ids
 
     if args.max_prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--max-prompts and --max-new-tokens must be at least 1")
@@ -399,7 +400,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     accuracy = measure_accuracy(model, tokenizer, conversations, args.max_length, draft_vocab=args.draft_vocab)
     for row in accuracy:
         logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
-    eos = eos_token_ids(model, tokenizer)
+    eos = eos_token_ids(model.base, tokenizer)
     prompts = _first_prompts(
         tokenizer,
         load_conversations(args.data, None),

@@ -1,7 +1,7 @@
 """`medusa-forge serve`: an OpenAI-compatible chat completions server over the in-process model.
 
 Endpoints: POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, GET /health.
-Every request, streaming or not, goes through one engine (`distill.continuous.make_engine`): by default
+Every request, streaming or not, goes through one engine (`generation.batching.make_engine`): by default
 continuous batching (requests join and leave the running batch between decode steps), or static batching
 (`--batching static`: requests arriving together with the same sampling settings share one left-padded
 `generate`). Streamed requests receive their text as each step decodes it.
@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medusa_forge.distill.continuous import BATCHING_MODES, make_engine
-from medusa_forge.distill.engine import ContextLengthError, GenerationRequest, Generator, HFGenerator
 from medusa_forge.errors import UserError
+from medusa_forge.generation.batching import BATCHING_MODES, make_engine
+from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator
+from medusa_forge.generation.hf import HFGenerator
 
 logger = logging.getLogger("medusa_forge.serve")
 
@@ -80,7 +81,7 @@ def create_app(
     default_max_tokens: int = 512,
     batching: str = "auto",
 ) -> FastAPI:
-    """The FastAPI app; `generator` does the decoding (see `distill.engine.Generator`)."""
+    """The FastAPI app; `generator` does the decoding (see `generation.generator.Generator`)."""
     engine = make_engine(generator, batching, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
     app = FastAPI(title="medusa-forge serve")
     app.state.engine = engine

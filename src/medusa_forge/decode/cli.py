@@ -8,6 +8,7 @@ import sys
 import time
 
 from medusa_forge.errors import UserError
+from medusa_forge.generation.text import StreamedText
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,28 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class TextStream:
-    """Decode the growing token list and print only what is new (holding back half a multi-byte character)."""
+    """Print the growing reply as it decodes, only what is new (`StreamedText` holds back half a character)."""
 
     def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+        self.out = out
         self.tokens: list[int] = []
-        self.printed = ""
+        self.text = StreamedText(tokenizer)
 
     def add(self, tokens: list[int], final: bool = False) -> None:
         self.tokens.extend(tokens)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return
-        if text.startswith(self.printed):
-            self.out.write(text[len(self.printed) :])
+        if delta := self.text.update(self.tokens, final):
+            self.out.write(delta)
             self.out.flush()
-            self.printed = text
 
 
 def generate(args: argparse.Namespace) -> None:
     from medusa_forge.decode.generation import GenerationResult, MedusaDecoder
-    from medusa_forge.decode.loading import encode_prompt, eos_token_ids, load_medusa
+    from medusa_forge.decode.loading import encode_prompt, load_medusa
     from medusa_forge.decode.tree import resolve_tree
+    from medusa_forge.generation.text import eos_token_ids
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -80,7 +78,7 @@ def generate(args: argparse.Namespace) -> None:
     for tokens in decoder.stream(
         prompt,
         args.max_new_tokens,
-        eos_token_ids=eos_token_ids(model, tokenizer),
+        eos_token_ids=eos_token_ids(model.base, tokenizer),
         temperature=args.temperature,
         posterior_threshold=args.posterior_threshold,
         posterior_alpha=args.posterior_alpha,

@@ -18,9 +18,10 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from medusa_forge.distill.continuous import make_engine
-from medusa_forge.distill.engine import ContextLengthError, GenerationRequest, HFGenerator
 from medusa_forge.errors import UserError
+from medusa_forge.generation.batching import make_engine
+from medusa_forge.generation.generator import ContextLengthError, GenerationRequest
+from medusa_forge.generation.hf import HFGenerator
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import sys
 
 from medusa_forge.data.conversations import Conversation, load_conversations
 from medusa_forge.distill.backends import HttpBackend, LocalBackend
-from medusa_forge.distill.continuous import BATCHING_MODES
-from medusa_forge.distill.engine import HFGenerator
 from medusa_forge.distill.runner import ReplayOptions, Summary, run
 from medusa_forge.distill.store import OutputStore
 from medusa_forge.errors import UserError
+from medusa_forge.generation.batching import BATCHING_MODES
+from medusa_forge.generation.hf import HFGenerator
 
 logger = logging.getLogger("medusa_forge")
 

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from medusa_forge.data.conversations import Conversation
 from medusa_forge.distill.backends import BackendUnavailable, SamplingParams
-from medusa_forge.distill.engine import ContextLengthError
 from medusa_forge.distill.store import OutputStore
 from medusa_forge.errors import UserError
+from medusa_forge.generation.generator import ContextLengthError
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from medusa_forge.distill.engine import GenerationRequest, GenerationResult, HFGenerator
+from medusa_forge.generation.generator import Completion, GenerationRequest
+from medusa_forge.generation.hf import HFGenerator
+from medusa_forge.generation.text import StreamedText, decode_text
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +33,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Row:
     request: GenerationRequest
-    settle: Callable[[GenerationResult | BaseException], None]
+    settle: Callable[[Completion | BaseException], None]
     on_text: Callable[[str], None] | None
     is_cancelled: Callable[[], bool]
     rng: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
-    sent: str = ""
+    streamed: StreamedText | None = None  # set for rows with `on_text`
 
 
 def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -96,9 +98,7 @@ class ContinuousEngine:
 
     # --- asyncio side -------------------------------------------------------------------------------------------
 
-    async def submit(
-        self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
-    ) -> GenerationResult:
+    async def submit(self, request: GenerationRequest, on_text: Callable[[str], None] | None = None) -> Completion:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -115,7 +115,8 @@ class ContinuousEngine:
 
         text = (lambda delta: loop.call_soon_threadsafe(on_text, delta)) if on_text else None
         self._ensure_thread()
-        self._inbox.put(_Row(request, settle, text, future.cancelled))
+        streamed = StreamedText(self.generator.tokenizer) if on_text else None
+        self._inbox.put(_Row(request, settle, text, future.cancelled, streamed=streamed))
         return await future
 
     async def close(self) -> None:
@@ -274,48 +275,14 @@ class ContinuousEngine:
         return [rows[i] for i in keep], cache, mask[:, start:]
 
     def _emit(self, row: _Row, final: bool) -> None:
-        text = self.generator.decode(row.tokens)
-        if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return
-        if text.startswith(row.sent) and len(text) > len(row.sent):
-            row.on_text(text[len(row.sent) :])
-            row.sent = text
+        if delta := row.streamed.update(row.tokens, final):
+            row.on_text(delta)
 
     def _finish(self, row: _Row, finish_reason: str) -> None:
         if row.on_text is not None:
             self._emit(row, final=True)
-            text = row.sent
+            text = row.streamed.sent
         else:
-            text = self.generator.decode(row.tokens)
+            text = decode_text(self.generator.tokenizer, row.tokens)
         completion = len(row.tokens) + (finish_reason == "stop")
-        row.settle(GenerationResult(text, len(row.request.prompt_ids), completion, finish_reason))
-
-
-BATCHING_MODES = ("auto", "continuous", "static")
-
-
-def make_engine(generator, batching: str = "auto", max_batch_size: int = 16, batch_wait_ms: float = 25.0):
-    """The engine for `generator`: continuous batching where the model supports it (`auto`), else static.
-
-    Generators other than `HFGenerator` (e.g. Medusa decoding) get the static `BatchingEngine`, which calls their
-    own `generate_batch`."""
-    from medusa_forge.distill.engine import BatchingEngine
-    from medusa_forge.errors import UserError
-
-    if batching not in BATCHING_MODES:
-        raise UserError(f"--batching {batching!r}: choose one of {', '.join(BATCHING_MODES)}")
-    if max_batch_size < 1:
-        raise UserError(f"the batch size must be at least 1, got {max_batch_size}")
-    # Exactly HF generation: a subclass with its own generate_batch (another decoder) must not be bypassed.
-    plain = isinstance(generator, HFGenerator) and type(generator).generate_batch is HFGenerator.generate_batch
-    if batching != "static" and plain:
-        if ContinuousEngine.supports(generator):
-            return ContinuousEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
-        if batching == "continuous":
-            raise UserError(
-                f"--batching continuous: model {generator.model.name_or_path!r} has a cache layout that cannot be "
-                f"merged row by row (sliding window, quantised or encoder-decoder); use --batching static"
-            )
-    elif batching == "continuous":
-        raise UserError("--batching continuous works with the plain in-process model only (not with --heads)")
-    return BatchingEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+        row.settle(Completion(text, len(row.request.prompt_ids), completion, finish_reason))

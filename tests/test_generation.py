@@ -1,0 +1,55 @@
+"""The generation package's shared helpers: streamed text, the context check, end-of-sequence ids, dtype/device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_forge.errors import UserError
+from medusa_forge.generation.device import resolve_device, resolve_dtype
+from medusa_forge.generation.generator import ContextLengthError, check_context
+from medusa_forge.generation.text import StreamedText, decode_text, eos_token_ids
+
+
+def test_streamed_text_never_sends_half_a_character(tiny_tokenizer):
+    ids = tiny_tokenizer("é€😀 ok", add_special_tokens=False)["input_ids"]
+    assert any(decode_text(tiny_tokenizer, ids[:n]).endswith("\ufffd") for n in range(1, len(ids)))  # bytes split
+    streamed = StreamedText(tiny_tokenizer)
+    pieces = [streamed.update(ids[:n]) for n in range(1, len(ids) + 1)]
+    pieces.append(streamed.update(ids, final=True))
+    assert "".join(pieces) == "é€😀 ok" == streamed.sent
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_streamed_text_final_update_sends_what_is_held_back(tiny_tokenizer):
+    ids = tiny_tokenizer("é€", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if decode_text(tiny_tokenizer, ids[:n]).endswith("\ufffd"))
+    streamed = StreamedText(tiny_tokenizer)
+    held = streamed.update(ids[:cut])
+    assert "\ufffd" not in held
+    assert held + streamed.update(ids[:cut], final=True) == decode_text(tiny_tokenizer, ids[:cut])
+
+
+def test_check_context_names_the_limit():
+    check_context(10, 6, 16)
+    with pytest.raises(ContextLengthError, match="this model's maximum context length is 16 tokens"):
+        check_context(10, 7, 16)
+    with pytest.raises(ContextLengthError, match="^with Medusa heads"):
+        check_context(10, 7, 16, "with Medusa heads this model's maximum context length")
+
+
+def test_eos_token_ids_joins_generation_config_and_tokenizer(tiny_tokenizer):
+    class Model:
+        generation_config = type("Config", (), {"eos_token_id": [0, 5]})()
+
+    assert eos_token_ids(Model(), tiny_tokenizer) == {0, 5, tiny_tokenizer.eos_token_id}
+
+
+def test_dtype_and_device_names():
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(UserError, match="choose one of float32, bfloat16, float16"):
+        resolve_dtype("fp8")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="--device 'gpu0'"):
+        resolve_device("gpu0")
