@@ -11,7 +11,7 @@ from conftest import make_tiny_model, write_conversations
 from medusa_forge.cli import main
 from medusa_forge.decode.loading import load_medusa
 from medusa_forge.decode.tree import TREE_FILE, load_tree
-from medusa_forge.evaluate import measure_accuracy
+from medusa_forge.evaluate.accuracy import measure_accuracy
 from medusa_forge.heads import MedusaModel
 
 

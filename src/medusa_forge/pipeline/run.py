@@ -149,7 +149,7 @@ def _distill_parser() -> argparse.ArgumentParser:
 
 @functools.cache
 def _eval_parser() -> argparse.ArgumentParser:
-    from medusa_forge.evaluate import build_parser
+    from medusa_forge.evaluate.cli import build_parser
 
     return build_parser()
 
@@ -592,7 +592,7 @@ def plan_evaluate(ctx: Context) -> Plan:
 
 def run_evaluate(ctx: Context) -> list[Path]:
     from medusa_forge.decode.tree import TREE_FILE
-    from medusa_forge.evaluate import build_parser, evaluate
+    from medusa_forge.evaluate.cli import build_parser, evaluate
 
     argv = ["--heads", str(ctx.heads), "--data", ctx.config.held_out, "--output-dir", str(ctx.eval_dir)]
     args = build_parser().parse_args(argv + flags_to_argv(ctx.config.eval, _eval_parser()))
