@@ -47,7 +47,8 @@ def _check(value: Any, kind: str, where: str) -> Any:
         "object": isinstance(value, dict),
     }[kind]
     if not ok:
-        raise _Broken(f"{where} should be a {kind}, not {json.dumps(value)[:60]}")
+        expected = {"integer": "an integer", "text": "a string", "flag": "true or false", "object": "an object"}
+        raise _Broken(f"{where} should be {expected.get(kind, 'a ' + kind)}, not {json.dumps(value)[:60]}")
     return value
 
 
@@ -71,11 +72,11 @@ def _table(data: dict, key: str, kind: str, where: str) -> dict[str, Any]:
     return _mapping(_get(data, key, "object", where, {}), kind, f"{where}{key}")
 
 
-def _parse(cls, data: Any, source: Path):
+def _parse(cls, data: Any, source: Path, writer: str):
     try:
         return cls._from_json(_check(data, "object", "the top level"))
     except _Broken as err:
-        raise UserError(f"{source} is broken: {err}") from None
+        raise UserError(f"{source} is broken: {err}; `{writer}` writes it, run it again") from None
 
 
 # --- eval.json ----------------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class EvalReport:
 
     @classmethod
     def from_json(cls, data: Any, source: Path) -> EvalReport:
-        return _parse(cls, data, source)
+        return _parse(cls, data, source, "medusa-forge eval")
 
     @classmethod
     def _from_json(cls, data: dict) -> EvalReport:
@@ -303,7 +304,7 @@ class TrainingMetrics:
 
     @classmethod
     def from_json(cls, data: Any, source: Path) -> TrainingMetrics:
-        return _parse(cls, data, source)
+        return _parse(cls, data, source, "medusa-forge train")
 
     @classmethod
     def _from_json(cls, data: dict) -> TrainingMetrics:
