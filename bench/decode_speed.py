@@ -25,8 +25,8 @@ from transformers import DynamicCache
 
 from medusa_forge.decode.generation import MedusaDecoder, causal_bias, keep_cache_entries
 from medusa_forge.decode.loading import load_medusa
-from medusa_forge.evaluate import build_parser as eval_parser
-from medusa_forge.evaluate import evaluate
+from medusa_forge.evaluate.cli import build_parser as eval_parser
+from medusa_forge.evaluate.cli import evaluate
 from medusa_forge.formats.tree_file import build_tree
 
 
@@ -104,19 +104,17 @@ def main() -> None:
         )  # fmt: skip
         report = evaluate(eval_args)
         summary["eval"] = {
-            "accuracy": {r["name"]: [round(r["top1"], 3), round(r["top5"], 3)] for r in report["accuracy"]},
-            "accuracy_own_answers": {
-                r["name"]: [round(r["top1"], 3), round(r["top5"], 3)] for r in report["accuracy_own_answers"]
-            },
-            "tree_nodes": len(report["tree"]),
-            "mean_accept_length": report["acceptance"]["mean_accept_length"],
-            "expected_accept_length": report["acceptance"]["expected_accept_length"],
-            "tokens_per_second": report["speed"]["tokens_per_second"],
-            "speedup": report["speed"]["speedup"],
-            "median_per_prompt_speedup": report["speed"]["median_per_prompt_speedup"],
-            "outputs_equal": report["speed"]["outputs_equal"],
+            "accuracy": {r.name: [round(r.top1, 3), round(r.top5, 3)] for r in report.accuracy},
+            "accuracy_own_answers": {r.name: [round(r.top1, 3), round(r.top5, 3)] for r in report.accuracy_own_answers},
+            "tree_nodes": len(report.tree),
+            "mean_accept_length": report.acceptance.mean_accept_length,
+            "expected_accept_length": report.acceptance.expected_accept_length,
+            "tokens_per_second": report.speed.tokens_per_second,
+            "speedup": report.speed.speedup,
+            "median_per_prompt_speedup": report.speed.median_per_prompt_speedup,
+            "outputs_equal": report.speed.outputs_equal,
         }
-        rank_accuracy = [r["rank_accuracy"] for r in (report["accuracy_own_answers"] or report["accuracy"])[1:]]
+        rank_accuracy = [r.rank_accuracy for r in (report.accuracy_own_answers or report.accuracy)[1:]]
     else:
         rank_accuracy = None
     model, _ = load_medusa(args.heads, device="cpu")

@@ -81,7 +81,8 @@ def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dic
 def score(out: Path, args: argparse.Namespace) -> dict:
     from medusa_forge.data.conversations import load_conversations
     from medusa_forge.decode.generation import MedusaDecoder
-    from medusa_forge.evaluate import _first_prompts, measure_accuracy
+    from medusa_forge.evaluate.accuracy import measure_accuracy
+    from medusa_forge.evaluate.speed import first_prompts
     from medusa_forge.formats.tree_file import default_choices
     from medusa_forge.heads import MedusaModel
     from medusa_forge.modeling import load_tokenizer
@@ -91,7 +92,7 @@ def score(out: Path, args: argparse.Namespace) -> dict:
     draft = model.heads.config.draft_vocab_size
     heldout = load_conversations("sharegpt-heldout", args.eval_conversations)
     accuracy = measure_accuracy(model, tokenizer, heldout, args.max_length, progress=False, draft_vocab=draft)
-    prompts = _first_prompts(tokenizer, heldout, args.eval_prompts, 384)
+    prompts = first_prompts(tokenizer, heldout, args.eval_prompts, 384)
 
     def accepted_length(draft_vocab: int | None) -> float:
         decoder = MedusaDecoder(model, default_choices(16, 3), draft_vocab=draft_vocab)

@@ -10,9 +10,10 @@ from conftest import make_tiny_model, write_conversations
 
 from medusa_forge.cli import main
 from medusa_forge.decode.loading import load_medusa
-from medusa_forge.evaluate import measure_accuracy
+from medusa_forge.evaluate.accuracy import measure_accuracy
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree
 from medusa_forge.heads import MedusaModel
+from medusa_forge.results import EvalReport
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     argv += ["--max-conversations", "4", "--tree-sizes", "2,4,8", "--output-dir", str(out), "--device", "cpu"]
     assert main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
+    assert EvalReport.load(out / "eval.json").to_json() == report  # read back as written
     assert report["speed"]["outputs_equal"] is True
     assert report["speed"]["prompts"] == 3
     assert set(report["speed"]["tokens_per_second"]) == {"greedy", "medusa", "prompt_lookup"}

@@ -13,6 +13,7 @@ from conftest import make_tiny_model, write_conversations
 from safetensors.torch import load_file
 
 from medusa_forge.errors import UserError
+from medusa_forge.results import TrainingMetrics
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.run import cli_main, train
 
@@ -91,6 +92,7 @@ def test_output_folder(tmp_path, tiny_model_dir):
     metrics = json.loads((out / "training_metrics.json").read_text())
     assert set(metrics["train"]) == {"0", "1", "2"} and metrics["eval"]["0"][-1]["top1"] >= 0
     assert "eval_medusa2_top5" in metrics["final"]
+    assert TrainingMetrics.load(out / "training_metrics.json").to_json() == metrics  # read back as written
     card = (out / "README.md").read_text()
     assert "--speculate 3" in card and "medusa" in card
 

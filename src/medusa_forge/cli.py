@@ -11,7 +11,7 @@ COMMANDS = {
     "distill": ("medusa_forge.distill.cli", "replay conversations against the model and keep its replies"),
     "serve": ("medusa_forge.serve", "OpenAI-compatible chat completions server over the local model"),
     "generate": ("medusa_forge.decode.cli", "generate with Medusa heads; reports tokens/s and accepted tokens/step"),
-    "eval": ("medusa_forge.evaluate", "head accuracy, accepted tokens per step and real speed-up vs greedy"),
+    "eval": ("medusa_forge.evaluate.cli", "head accuracy, accepted tokens per step and real speed-up vs greedy"),
     "export": ("medusa_forge.export", "write heads for TGI, vLLM or TensorRT-LLM; prints the serve command"),
     "import": ("medusa_forge.import_heads", "convert heads from any known layout (.pt, version 2, vLLM, ...) to ours"),
     "push": ("medusa_forge.hub", "validate a heads folder, refresh its model card and upload it to the Hub"),

@@ -23,6 +23,7 @@ from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE, Choices, default_choices, load_tree
 from medusa_forge.formats.vllm import write_vllm
 from medusa_forge.model_card import CARD_INPUTS_NAME
+from medusa_forge.results import TRAINING_METRICS_FILE
 from medusa_forge.tokenizer_files import copy_tokenizer, save_tokenizer
 
 
@@ -131,7 +132,7 @@ def export_heads(
         )
     files = write_vllm(loaded, output_dir) if fmt == "vllm" else write_medusa(loaded, output_dir)
     # The tree for engines that take one, and what a later `push` of this folder needs for its model card.
-    files += copy_sidecars(loaded.source, output_dir, (TREE_FILE, CARD_INPUTS_NAME, "training_metrics.json"))
+    files += copy_sidecars(loaded.source, output_dir, (TREE_FILE, CARD_INPUTS_NAME, TRAINING_METRICS_FILE))
     if fmt == "tgi":
         shipped, note = _ship_tokenizer(loaded, output_dir, tokenizer, trained_base)
         files += shipped

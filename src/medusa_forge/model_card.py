@@ -8,11 +8,23 @@ with whatever `medusa-forge eval` measured since (eval.json), unless the user ed
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
+from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaConfig
+from medusa_forge.results import (
+    EVAL_REPORT_FILE,
+    TRAINING_METRICS_FILE,
+    Acceptance,
+    EvalReport,
+    SpeedComparison,
+    TrainingMetrics,
+)
+
+logger = logging.getLogger("medusa_forge")
 
 README_NAME = "README.md"
 CARD_INPUTS_NAME = "model_card.json"
@@ -32,61 +44,42 @@ def hub_base_id(name: str | None) -> str | None:
     return name
 
 
-def _number(value) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
-def _get(report: dict, *path):
-    for key in path:
-        if not isinstance(report, dict) or key not in report:
-            return None
-        report = report[key]
-    return report
-
-
-def load_eval(folder: str | Path) -> dict | None:
-    """The report `medusa-forge eval` wrote (folder/eval.json or folder/eval/eval.json), None if absent or
-    unreadable. Read defensively: the report's fields may grow; missing ones are simply not shown."""
-    for path in (Path(folder, "eval.json"), Path(folder, "eval", "eval.json")):
+def load_eval(folder: str | Path) -> EvalReport | None:
+    """The report `medusa-forge eval` wrote (folder/eval.json or folder/eval/eval.json), None if absent. A broken
+    one is left off the card with a warning: the card is worth writing without it."""
+    for path in (Path(folder, EVAL_REPORT_FILE), Path(folder, "eval", EVAL_REPORT_FILE)):
         if path.is_file():
             try:
-                report = json.loads(path.read_text())
-            except ValueError:
+                return EvalReport.load(path)
+            except UserError as err:
+                logger.warning("model card without evaluation: %s", err)
                 return None
-            return report if isinstance(report, dict) else None
     return None
 
 
-def evaluation_summary(report: dict | None) -> dict:
-    """The few numbers a card shows, from either the nested eval.json layout or flat keys."""
-    if not report:
+def evaluation_summary(report: EvalReport | None) -> dict:
+    """The few numbers a card shows; what the report lacks is left out."""
+    if report is None:
         return {}
-    accept = _number(_get(report, "acceptance", "mean_accept_length"))
-    accept = (
-        accept if accept is not None else _number(report.get("mean_accepted_length", report.get("mean_accept_length")))
-    )
-    speedup = _get(report, "speed", "speedup")
-    speedup = _number(speedup.get("medusa")) if isinstance(speedup, dict) else _number(report.get("speedup"))
-    tps = _get(report, "speed", "tokens_per_second")
-    rows = [r for r in report.get("accuracy", []) if isinstance(r, dict) and str(r.get("name", "")).startswith("head")]
-    tree = report.get("tree")
+    acceptance, speed = report.acceptance or Acceptance(), report.speed or SpeedComparison()
+    heads = [r for r in report.accuracy if r.name.startswith("head")]
     return {
         k: v
         for k, v in {
-            "mean_accepted_length": accept,
-            "speedup": speedup,
-            "greedy_tps": _number(tps.get("greedy")) if isinstance(tps, dict) else None,
-            "medusa_tps": _number(tps.get("medusa")) if isinstance(tps, dict) else None,
-            "machine": report.get("machine") if isinstance(report.get("machine"), str) else None,
-            "tree_nodes": len(tree) if isinstance(tree, list) else None,
-            "outputs_equal": _get(report, "speed", "outputs_equal"),
-            "prompts": _get(report, "speed", "prompts"),
-            "data": report.get("data") if isinstance(report.get("data"), str) else None,
-            "head_accuracy": [(str(r["name"]), _number(r.get("top1")), _number(r.get("top5"))) for r in rows],
+            "mean_accepted_length": _finite(acceptance.mean_accept_length),
+            "speedup": _finite(speed.speedup.get("medusa")),
+            "greedy_tps": _finite(speed.tokens_per_second.get("greedy")),
+            "medusa_tps": _finite(speed.tokens_per_second.get("medusa")),
+            "machine": report.machine,
+            "tree_nodes": len(report.tree) if report.tree else None,
+            "outputs_equal": speed.outputs_equal,
+            "prompts": speed.prompts,
+            "data": report.data,
+            "head_accuracy": [(r.name, _finite(r.top1), _finite(r.top5)) for r in heads],
         }.items()
         if v not in (None, [])
     }
@@ -101,12 +94,12 @@ def render_model_card(
     base_model_id: str,
     facts: dict[str, str] | None = None,
     metrics: dict[str, float] | None = None,
-    evaluation: dict | None = None,
+    evaluation: EvalReport | None = None,
     repo_id: str | None = None,
     layout: str = "medusa",
 ) -> str:
     """Markdown with a YAML header. `facts`: extra rows (training data and size); `metrics`: held-out head
-    accuracies from training (`medusa{i}_top1`, `medusa{i}_top5`); `evaluation`: an eval.json report;
+    accuracies from training (`medusa{i}_top1`, `medusa{i}_top5`); `evaluation`: the report eval wrote;
     `layout`: the folder's layout ("medusa" = TGI's, or "vllm"), which decides which engine reads it as-is."""
     facts, metrics = facts or {}, metrics or {}
     k = config.medusa_num_heads
@@ -263,13 +256,15 @@ def write_model_card(
 
 
 def _training_metrics(folder: Path) -> dict[str, float]:
-    try:
-        final = json.loads((folder / "training_metrics.json").read_text()).get("final", {})
-    except (OSError, ValueError, AttributeError):
+    """Held-out head metrics from training_metrics.json, for a folder whose card inputs were lost."""
+    path = folder / TRAINING_METRICS_FILE
+    if not path.is_file():
         return {}
-    return {
-        k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_medusa") and _number(v) is not None
-    }
+    try:
+        return TrainingMetrics.load(path).held_out_head_metrics()
+    except UserError as err:
+        logger.warning("model card without training metrics: %s", err)
+        return {}
 
 
 def refreshed_model_card(

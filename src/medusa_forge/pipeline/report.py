@@ -11,6 +11,15 @@ import shlex
 import shutil
 from pathlib import Path
 
+from medusa_forge.results import (
+    EVAL_REPORT_FILE,
+    TRAINING_METRICS_FILE,
+    Acceptance,
+    EvalReport,
+    SpeedComparison,
+    TrainingMetrics,
+)
+
 STAGE_TIMES_PNG = "stage_times.png"
 
 
@@ -23,7 +32,8 @@ def tree_lines(choices: list[list[int]]) -> list[str]:
     return lines
 
 
-def _read_json(path: Path) -> dict:
+def _read_json_or_empty(path: Path) -> dict:
+    """The JSON object in `path`, or {} when it is missing or unreadable: the report shows what there is."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -50,15 +60,16 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def write_report(ctx) -> list[Path]:
+def write_pipeline_report(ctx) -> list[Path]:
     """Write report.md + PNGs into ctx.workdir; returns the files written."""
     workdir: Path = ctx.workdir
     config = ctx.config
     stages = ctx.state.get("stages", {})
-    metrics = _read_json(ctx.heads / "training_metrics.json")
-    evaluation = _read_json(ctx.eval_dir / "eval.json")
-    heads_config = _read_json(ctx.heads / "config.json")
-    commands = _read_json(workdir / "export" / "serve_commands.json")
+    metrics_path, eval_path = ctx.heads / TRAINING_METRICS_FILE, ctx.eval_dir / EVAL_REPORT_FILE
+    metrics = TrainingMetrics.load(metrics_path) if metrics_path.is_file() else TrainingMetrics()
+    evaluation = EvalReport.load(eval_path) if eval_path.is_file() else None
+    heads_config = _read_json_or_empty(ctx.heads / "config.json")
+    commands = _read_json_or_empty(workdir / "export" / "serve_commands.json")
     written: list[Path] = []
 
     def copy_png(source: Path) -> str | None:
@@ -70,8 +81,6 @@ def write_report(ctx) -> list[Path]:
         return source.name
 
     lines = [f"# Medusa heads for `{config.model}`", ""]
-    speed = evaluation.get("speed", {})
-    acceptance = evaluation.get("acceptance", {})
     distilled = stages.get("distill", {}).get("details", {}).get("conversations")
     data = f"`{config.data}`" + (f", self-distilled: {distilled} conversations" if distilled else "")
     rows = [
@@ -83,18 +92,20 @@ def write_report(ctx) -> list[Path]:
         ),
     ]
     if evaluation:
-        tps = speed.get("tokens_per_second", {})
+        speed = evaluation.speed or SpeedComparison()
+        tps = speed.tokens_per_second
+        mean_accept_length = (evaluation.acceptance or Acceptance()).mean_accept_length or 0
         rows += [
-            ("Mean accepted tokens per step", f"**{acceptance.get('mean_accept_length', 0):.2f}** (plain: 1.00)"),
-            ("Speed-up over plain greedy", f"**{speed.get('speedup', {}).get('medusa', 0):.2f}x** "
+            ("Mean accepted tokens per step", f"**{mean_accept_length:.2f}** (plain: 1.00)"),
+            ("Speed-up over plain greedy", f"**{speed.speedup.get('medusa', 0):.2f}x** "
              f"({tps.get('medusa', 0):.1f} vs {tps.get('greedy', 0):.1f} tokens/s)"),
         ]  # fmt: skip
         if "prompt_lookup" in tps:
-            rows.append(("Prompt-lookup decoding", f"{speed['speedup']['prompt_lookup']:.2f}x"))
+            rows.append(("Prompt-lookup decoding", f"{speed.speedup['prompt_lookup']:.2f}x"))
         rows += [
-            ("Output identical to greedy", str(speed.get("outputs_equal"))),
-            ("Measured on", f"{evaluation.get('machine')}; {speed.get('prompts')} held-out prompts "
-             f"(`{evaluation.get('data')}`), up to {speed.get('max_new_tokens')} new tokens each"),
+            ("Output identical to greedy", str(speed.outputs_equal)),
+            ("Measured on", f"{evaluation.machine}; {speed.prompts} held-out prompts "
+             f"(`{evaluation.data}`), up to {speed.max_new_tokens} new tokens each"),
         ]  # fmt: skip
     lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
 
@@ -113,13 +124,12 @@ def write_report(ctx) -> list[Path]:
     curves = copy_png(ctx.heads / "training_curves.png")
     if curves:
         lines += [f"![per-head loss and top-1 during training]({curves})", ""]
-    final = metrics.get("final", {})
-    history = metrics.get("train", {})
-    if history:
+    final = metrics.final
+    if metrics.train:
         lines += ["| head | predicts | last logged loss | last logged top-1 (training batches) |", "|---|---|---|---|"]
-        for head, entries in sorted(history.items(), key=lambda kv: int(kv[0])):
+        for head, entries in sorted(metrics.train.items()):
             last = entries[-1]
-            lines.append(f"| {head} | t+{int(head) + 2} | {last.get('loss', 0):.3f} | {last.get('top1', 0):.3f} |")
+            lines.append(f"| {head} | t+{head + 2} | {last.get('loss', 0):.3f} | {last.get('top1', 0):.3f} |")
         lines.append("")
     if final.get("train_runtime"):
         cache = final.get("hidden_cache_seconds", 0)
@@ -128,9 +138,9 @@ def write_report(ctx) -> list[Path]:
 
     if evaluation:
         lines += ["## The decoding tree", ""]
-        tree = evaluation.get("tree", [])
+        tree = evaluation.tree
         lines += [
-            f"{len(tree)} nodes, built from the heads' accuracy on {evaluation.get('tree_accuracy_source')} and sized "
+            f"{len(tree)} nodes, built from the heads' accuracy on {evaluation.tree_accuracy_source} and sized "
             "by the step latency measured on this machine; stored as `heads/medusa_choices.json` "
             "(`medusa-forge generate` and `serve` use it; TensorRT-LLM takes it as `--medusa_choices`).",
             "",
@@ -149,7 +159,7 @@ def write_report(ctx) -> list[Path]:
             if copy_png(ctx.eval_dir / name):
                 lines += [f"![{alt}]({name})", ""]
         lines += ["| predictor | top-1 (held-out) | top-5 (held-out) |", "|---|---|---|"]
-        lines += [f"| {r['name']} | {r['top1']:.3f} | {r['top5']:.3f} |" for r in evaluation.get("accuracy", [])]
+        lines += [f"| {r.name} | {r.top1:.3f} | {r.top5:.3f} |" for r in evaluation.accuracy]
         lines += ["", "Full evaluation: [`heads/eval/eval.md`](heads/eval/eval.md).", ""]
 
     lines += ["## Serve it", ""]
@@ -166,7 +176,7 @@ def write_report(ctx) -> list[Path]:
         "```",
         "",
     ]
-    push = _read_json(workdir / "push.json")
+    push = _read_json_or_empty(workdir / "push.json")
     if push:
         verb = "would be uploaded (dry run)" if push.get("dry_run") else "uploaded"
         lines += [f"Hub: {len(push.get('files', []))} files {verb} to `{push.get('repo')}`"

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from medusa_forge.errors import UserError
+from medusa_forge.results import EVAL_REPORT_FILE, TRAINING_METRICS_FILE, EvalReport
 
 logger = logging.getLogger("medusa_forge.pipeline")
 
@@ -149,7 +150,7 @@ def _distill_parser() -> argparse.ArgumentParser:
 
 @functools.cache
 def _eval_parser() -> argparse.ArgumentParser:
-    from medusa_forge.evaluate import build_parser
+    from medusa_forge.evaluate.cli import build_parser
 
     return build_parser()
 
@@ -577,7 +578,7 @@ def run_train(ctx: Context) -> list[Path]:
         out = ctx.heads
     else:
         out = train(train_argv(ctx))
-    return [out / "config.json", out / "medusa_lm_head.safetensors", out / "training_metrics.json"]
+    return [out / "config.json", out / "medusa_lm_head.safetensors", out / TRAINING_METRICS_FILE]
 
 
 def _heads_inputs(ctx: Context) -> dict:
@@ -591,14 +592,14 @@ def plan_evaluate(ctx: Context) -> Plan:
 
 
 def run_evaluate(ctx: Context) -> list[Path]:
-    from medusa_forge.evaluate import build_parser, evaluate
+    from medusa_forge.evaluate.cli import build_parser, evaluate
     from medusa_forge.formats.tree_file import TREE_FILE
 
     argv = ["--heads", str(ctx.heads), "--data", ctx.config.held_out, "--output-dir", str(ctx.eval_dir)]
     args = build_parser().parse_args(argv + flags_to_argv(ctx.config.eval, _eval_parser()))
     (ctx.heads / TREE_FILE).unlink(missing_ok=True)  # a tree from an earlier evaluation must not survive
     evaluate(args)
-    outputs = [ctx.eval_dir / "eval.json"]
+    outputs = [ctx.eval_dir / EVAL_REPORT_FILE]
     if (ctx.heads / TREE_FILE).is_file():
         outputs.append(ctx.heads / TREE_FILE)
     return outputs
@@ -638,7 +639,7 @@ def plan_push(ctx: Context) -> Plan | None:
     if not push.repo:
         return None
     settings = {f.name: getattr(push, f.name) for f in fields(PushSection)}
-    return Plan(settings, {"heads": _heads_inputs(ctx), "eval": file_digest(ctx.eval_dir / "eval.json")})
+    return Plan(settings, {"heads": _heads_inputs(ctx), "eval": file_digest(ctx.eval_dir / EVAL_REPORT_FILE)})
 
 
 def run_push(ctx: Context) -> list[Path]:
@@ -665,9 +666,9 @@ def plan_report(ctx: Context) -> Plan:
 
 def _report_inputs(ctx: Context) -> list[Path]:
     candidates = [
-        ctx.heads / "training_metrics.json",
+        ctx.heads / TRAINING_METRICS_FILE,
         ctx.heads / "training_curves.png",
-        ctx.eval_dir / "eval.json",
+        ctx.eval_dir / EVAL_REPORT_FILE,
         ctx.workdir / "export" / "serve_commands.json",
         ctx.workdir / "push.json",
     ]
@@ -675,9 +676,9 @@ def _report_inputs(ctx: Context) -> list[Path]:
 
 
 def run_report(ctx: Context) -> list[Path]:
-    from medusa_forge.pipeline.report import write_report
+    from medusa_forge.pipeline.report import write_pipeline_report
 
-    return write_report(ctx)
+    return write_pipeline_report(ctx)
 
 
 @dataclass
@@ -917,15 +918,15 @@ def build_parser(prog: str = "medusa-forge pipeline") -> argparse.ArgumentParser
 
 def _summary(ctx: Context) -> list[str]:
     lines = [f"report: {ctx.workdir / 'report.md'}"]
-    eval_json = ctx.eval_dir / "eval.json"
+    eval_json = ctx.eval_dir / EVAL_REPORT_FILE
     if eval_json.is_file():
-        report = json.loads(eval_json.read_text())
-        speed = report["speed"]
+        report = EvalReport.load(eval_json)
+        speed = report.speed
         lines.insert(
             0,
-            f"mean accepted tokens per step {report['acceptance']['mean_accept_length']:.2f}; Medusa "
-            f"{speed['tokens_per_second']['medusa']:.1f} tokens/s vs greedy {speed['tokens_per_second']['greedy']:.1f}"
-            f" ({speed['speedup']['medusa']:.2f}x); outputs equal to greedy: {speed['outputs_equal']}",
+            f"mean accepted tokens per step {report.acceptance.mean_accept_length:.2f}; Medusa "
+            f"{speed.tokens_per_second['medusa']:.1f} tokens/s vs greedy {speed.tokens_per_second['greedy']:.1f}"
+            f" ({speed.speedup['medusa']:.2f}x); outputs equal to greedy: {speed.outputs_equal}",
         )
     total = sum(r.get("seconds", 0.0) for r in ctx.state["stages"].values())
     lines.append(f"time in stages (all runs): {_fmt_seconds(total)}")

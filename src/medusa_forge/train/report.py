@@ -1,9 +1,10 @@
-"""What a training run leaves besides the heads: training_metrics.json, a loss/top-1 plot, the model card."""
+"""What a training run leaves besides the heads: training_metrics.json (TrainingMetrics) and a loss/top-1 plot."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from medusa_forge.results import TrainingMetrics
 
 
 def head_history(log_history: list[dict], prefix: str = "") -> dict[int, list[dict]]:
@@ -22,19 +23,19 @@ def head_history(log_history: list[dict], prefix: str = "") -> dict[int, list[di
     return history
 
 
-def write_metrics(folder: Path, log_history: list[dict], final: dict) -> None:
-    payload = {
-        "final": final,
-        "epoch_seconds": [entry["epoch_seconds"] for entry in log_history if "epoch_seconds" in entry],
-        "train": head_history(log_history),
-        "eval": head_history(log_history, "eval_"),
-    }
-    (folder / "training_metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+def training_metrics(log_history: list[dict], final: dict[str, float]) -> TrainingMetrics:
+    """What training_metrics.json holds, from the Trainer's log history and the run's final metrics."""
+    return TrainingMetrics(
+        final=final,
+        epoch_seconds=[entry["epoch_seconds"] for entry in log_history if "epoch_seconds" in entry],
+        train=head_history(log_history),
+        eval=head_history(log_history, "eval_"),
+    )
 
 
-def plot_history(folder: Path, log_history: list[dict]) -> Path | None:
+def plot_history(folder: Path, metrics: TrainingMetrics) -> Path | None:
     """training_curves.png: per-head loss and top-1 against step (train solid, eval dashed)."""
-    train, evaluation = head_history(log_history), head_history(log_history, "eval_")
+    train, evaluation = metrics.train, metrics.eval
     if not train and not evaluation:
         return None
     import matplotlib

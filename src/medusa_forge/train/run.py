@@ -22,7 +22,7 @@ from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache
 from medusa_forge.train.model import MedusaForTraining, head_weights
-from medusa_forge.train.report import plot_history, write_metrics
+from medusa_forge.train.report import plot_history, training_metrics
 from medusa_forge.train.trainer import MedusaTrainer
 
 logger = logging.getLogger("medusa_forge")
@@ -144,9 +144,10 @@ def train(argv: list[str]) -> Path:
     trainer.save_model(training_args.output_dir)
     output = Path(training_args.output_dir)
     if is_main:
-        write_metrics(output, trainer.state.log_history, final)
-        plot_history(output, trainer.state.log_history)
-        card_metrics = {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_medusa")}
+        metrics = training_metrics(trainer.state.log_history, final)
+        metrics.save(output)
+        plot_history(output, metrics)
+        card_metrics = metrics.held_out_head_metrics()
         facts = {
             "Training data": f"`{data_args.data_path}` ({len(train_set)} conversations)",
             "Epochs / max length": f"{training_args.num_train_epochs:g} / {training_args.model_max_length}",

@@ -1,0 +1,116 @@
+"""The evaluation's outputs: eval.json (EvalReport.save), eval.md and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medusa_forge.results import EvalReport
+
+
+def write_eval_report(report: EvalReport, folder: Path) -> list[Path]:
+    """eval.json, eval.md and the PNG plots; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [report.save(folder), folder / "eval.md"]
+    paths[1].write_text(render_markdown(report))
+
+    histogram = report.acceptance.histogram
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    lengths = sorted(histogram)
+    total = sum(histogram.values()) or 1
+    ax.bar(lengths, [histogram[k] / total for k in lengths])
+    ax.set_xlabel("tokens accepted per step (base token included)")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title(f"mean {report.acceptance.mean_accept_length:.2f} tokens/step")
+    fig.tight_layout()
+    fig.savefig(folder / "acceptance.png", dpi=120)
+    plt.close(fig)
+
+    speed = report.speed
+    names = list(speed.tokens_per_second)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(names, [speed.tokens_per_second[n] for n in names], color=["grey", "tab:blue", "tab:orange"][: len(names)])
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"Medusa {speed.speedup['medusa']:.2f}x over greedy")
+    fig.tight_layout()
+    fig.savefig(folder / "tokens_per_second.png", dpi=120)
+    plt.close(fig)
+    paths += [folder / "acceptance.png", folder / "tokens_per_second.png"]
+
+    tree = report.tree_search
+    if tree:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(tree.sizes, tree.expected_tokens_per_second, marker="o")
+        ax.axhline(1 / tree.plain_step_seconds, color="grey", linestyle="--", label="plain greedy step")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tree nodes")
+        ax.set_ylabel("expected tokens / s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "tree_size.png", dpi=120)
+        plt.close(fig)
+        paths.append(folder / "tree_size.png")
+    return paths
+
+
+def render_markdown(report: EvalReport) -> str:
+    """eval.md, also printed by `medusa-forge eval`. For a report eval wrote (every section present)."""
+    lines = [
+        f"# Medusa evaluation: {report.heads}",
+        "",
+        f"Base model: `{report.base_model}`; {report.machine}.",
+        "",
+    ]
+    lines += ["## Teacher-forced accuracy (held-out assistant tokens)", "", "| predictor | tokens | top-1 | top-5 |"]
+    lines += ["|---|---|---|---|"]
+    for row in report.accuracy:
+        lines.append(f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |")
+    if report.accuracy_own_answers:
+        lines += [
+            "",
+            f"On the model's own greedy answers to {report.calibration_prompts} other held-out prompts:",
+            "",
+        ]
+        lines += ["| predictor | tokens | top-1 | top-5 |", "|---|---|---|---|"]
+        for row in report.accuracy_own_answers:
+            lines.append(f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |")
+    acceptance = report.acceptance
+    lines += ["", "## Acceptance", ""]
+    lines.append(f"Tree: {len(report.tree)} nodes, built from the heads' accuracy on {report.tree_accuracy_source}.")
+    lines.append("")
+    lines.append(
+        f"Mean accepted tokens per step: **{acceptance.mean_accept_length:.2f}** over {acceptance.steps} steps "
+        f"(tree's expected value from the accuracies: {acceptance.expected_accept_length:.2f})."
+    )
+    lines += ["", "| tokens per step | steps |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(acceptance.histogram.items())]
+    speed = report.speed
+    lines += ["", "## Speed", "", "| decoder | tokens/s | speed-up |", "|---|---|---|"]
+    for name, tps in speed.tokens_per_second.items():
+        lines.append(f"| {name} | {tps:.2f} | {speed.speedup[name]:.2f}x |")
+    lines += [
+        "",
+        f"{speed.prompts} prompts, at most {speed.max_new_tokens} new tokens each, run back to back per prompt "
+        f"after a warm-up; Medusa output equal to plain greedy on every prompt: {speed.outputs_equal}.",
+    ]
+    tree = report.tree_search
+    if tree:
+        lines += ["", "## Tree size chosen from measured latency", ""]
+        lines += ["| nodes | expected tokens/step | step ms | expected tokens/s |", "|---|---|---|---|"]
+        for n, e, s, t in zip(
+            tree.sizes,
+            tree.expected_accept_length,
+            tree.step_seconds,
+            tree.expected_tokens_per_second,
+            strict=True,
+        ):
+            lines.append(f"| {n} | {e:.2f} | {1000 * s:.1f} | {t:.2f} |")
+        lines += [
+            "",
+            f"Plain greedy step: {1000 * tree.plain_step_seconds:.1f} ms. Chosen: {tree.chosen_size} nodes.",
+        ]
+    return "\n".join(lines) + "\n"

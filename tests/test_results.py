@@ -1,0 +1,51 @@
+"""eval.json and training_metrics.json: what `save` writes `load` reads back; a broken file is a UserError naming it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medusa_forge.errors import UserError
+from medusa_forge.results import Acceptance, EvalReport, PredictorAccuracy, SpeedComparison, TrainingMetrics, TreeSearch
+
+
+def test_eval_report_round_trip(tmp_path):
+    report = EvalReport(
+        heads="h", base_model="b", data="d", machine="m",
+        accuracy=[PredictorAccuracy("base", 10, 0.5, 0.9, [0.5, 0.2])], tree=[[0], [0, 0]], draft_vocab=None,
+        tree_search=TreeSearch([2, 4], [1.5, 1.8], [0.1, 0.2], 0.05, 2, [[0], [0, 0]]),
+        acceptance=Acceptance(1.6, 1.5, 5, {1: 2, 2: 3}),
+        speed=SpeedComparison(3, 8, {"greedy": 24}, {"greedy": 2.0}, {"greedy": 12.0}, {"greedy": 1.0}, 1.1, True),
+    )  # fmt: skip
+    path = report.save(tmp_path)
+    data = json.loads(path.read_text())
+    assert data["acceptance"]["histogram"] == {"1": 2, "2": 3}
+    assert data["tree_search"]["expected_tokens_per_second"] == pytest.approx([15.0, 9.0])
+    assert EvalReport.load(path) == report
+
+
+def test_training_metrics_round_trip(tmp_path):
+    metrics = TrainingMetrics({"train_runtime": 3.0, "eval_medusa0_top1": 0.4}, [1.5], {0: [{"step": 1, "loss": 2.0}]})
+    path = metrics.save(tmp_path)
+    assert json.loads(path.read_text())["train"] == {"0": [{"step": 1, "loss": 2.0}]}
+    assert TrainingMetrics.load(path) == metrics
+    assert metrics.held_out_head_metrics() == {"medusa0_top1": 0.4}
+
+
+@pytest.mark.parametrize(
+    "cls, content, message",
+    [
+        (EvalReport, "not json", "is not valid JSON"),
+        (EvalReport, "[1, 2]", "the top level should be an object"),
+        (EvalReport, '{"speed": {"speedup": {"medusa": "fast"}}}', "speed.speedup.medusa should be a number"),
+        (EvalReport, '{"tree_search": {"sizes": [2]}}', "tree_search.expected_accept_length is missing"),
+        (TrainingMetrics, '{"train": {"0": [{"step": "one"}]}}', "train.0[0].step should be a number"),
+    ],
+)
+def test_broken_file_names_itself(tmp_path, cls, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=str(path)) as caught:
+        cls.load(path)
+    assert message in str(caught.value)
