@@ -18,14 +18,10 @@ from conftest import TINY_CONFIGS
 from torch import nn
 
 from medusa_forge.decode.acceptance import greedy_accept, typical_accept
-from medusa_forge.decode.generation import (
-    MedusaDecoder,
-    causal_bias,
-    check_tree_support,
-    greedy_generate,
-    keep_cache_entries,
-)
+from medusa_forge.decode.generation import MedusaDecoder, greedy_generate
 from medusa_forge.decode.tree import TreeBuffers, default_choices
+from medusa_forge.decode.tree_support import check_tree_support
+from medusa_forge.decode.verification import causal_bias, keep_cache_entries
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
 
@@ -277,15 +273,16 @@ def test_draft_vocabulary_keeps_output_exact_and_proposes_only_its_ids():
     model = MedusaModel(base, heads)
     decoder = MedusaDecoder(model, TREES["default-16"], draft_vocab=50)
     hidden = torch.randn(32)
-    draft = decoder._heads(hidden)
+    draft = decoder.drafter.head_logits(hidden)
     assert draft.shape == (NUM_HEADS, 50)
     torch.testing.assert_close(draft, heads(hidden)[:, :50])  # the same logits, restricted to ids < 50
     assert decoder.generate(PROMPT, 24).tokens == ref
     with pytest.raises(UserError, match="draft-vocab"):
         MedusaDecoder(model, TREES["chain"], draft_vocab=10**6)
     # Heads trained on a draft vocabulary (config.draft_vocab_size) propose from it by default
-    assert MedusaDecoder(model, TREES["chain"]).draft_projections is None
+    assert MedusaDecoder(model, TREES["chain"]).drafter.draft_projections is None
     heads.config.draft_vocab_size = 50
-    assert MedusaDecoder(model, TREES["chain"])._heads(hidden).shape == (NUM_HEADS, 50)
+    assert MedusaDecoder(model, TREES["chain"]).drafter.head_logits(hidden).shape == (NUM_HEADS, 50)
     vocab = base.get_output_embeddings().weight.shape[0]
-    assert MedusaDecoder(model, TREES["chain"], draft_vocab=vocab)._heads(hidden).shape == (NUM_HEADS, vocab)
+    whole = MedusaDecoder(model, TREES["chain"], draft_vocab=vocab).drafter
+    assert whole.head_logits(hidden).shape == (NUM_HEADS, vocab)

@@ -142,7 +142,7 @@ def choose_tree(
 ) -> TreeChoice:
     """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
     budget with the most expected tokens per second."""
-    from medusa_forge.decode.generation import measure_step_seconds
+    from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import build_tree, expected_accept_length
 
     trees = [build_tree(rank_accuracy, n) for n in sizes]
@@ -383,7 +383,8 @@ def render_markdown(report: dict) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from medusa_forge.decode.generation import MedusaDecoder, trained_draft_vocab
+    from medusa_forge.decode.drafters import trained_draft_vocab
+    from medusa_forge.decode.generation import MedusaDecoder
     from medusa_forge.decode.loading import eos_token_ids, load_medusa
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree, save_tree
 
