@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 import torch
 
-from medusa_forge.decode.generation import STEP_PARTS, DecodeState, MedusaDecoder
+from medusa_forge.decode.generation import STEP_PARTS, DecodeState, MedusaDecoder, SpeculativeDecoder
 from medusa_forge.decode.tree import Choices
 from medusa_forge.heads import MedusaModel
 
 
-def plain_step(decoder: MedusaDecoder, state: DecodeState, mark: Callable[[str], None]) -> int:
+def plain_step(decoder: SpeculativeDecoder, state: DecodeState, mark: Callable[[str], None]) -> int:
     """One plain greedy step, the reference a tree must beat: the root through the base model ("verify") and its
     lm_head ("accept"). Only its time matters: `state` is left as it is apart from the root's KV entry."""
     verifier = decoder.verifier
