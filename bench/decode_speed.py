@@ -3,8 +3,8 @@ plain greedy, and where the time of one step goes.
 
 1. Runs `medusa-forge eval` (teacher-forced head accuracy, tree from accuracy + measured latency, then greedy /
    Medusa / prompt lookup back to back per prompt, outputs checked equal).
-2. Profiles one decoding step per tree size: backbone forward, lm_head over the tree, acceptance + KV pruning,
-   heads on the accepted node; next to one plain greedy step.
+2. Profiles one decoding step per tree size: the heads' proposal (top-k), the backbone forward over the tree, lm_head
+   + acceptance, KV pruning, heads on the last accepted node; next to one plain greedy step.
 
 Heads: --heads DIR (trained e.g. by `medusa-forge distill` + `medusa-forge train`, see BENCHMARKS.md); no weights
 are committed. Run: python bench/decode_speed.py --heads DIR [--max-prompts 8] [--max-new-tokens 128]
@@ -17,61 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
-from medusa_forge.decode.generation import MedusaDecoder, causal_bias, keep_cache_entries
+from medusa_forge.decode.generation import STEP_PARTS
 from medusa_forge.decode.loading import load_medusa
+from medusa_forge.decode.step_latency import time_step_parts
 from medusa_forge.evaluate.cli import build_parser as eval_parser
 from medusa_forge.evaluate.cli import evaluate
 from medusa_forge.formats.tree_file import build_tree
 
 
-@torch.no_grad()
 def profile_steps(model, trees, prefix_length: int, repeats: int, draft_vocab=None) -> list[dict[str, float]]:
     """Median milliseconds of each part of one step, per tree (None: a plain one-token step), timed round-robin."""
-    decoders = [MedusaDecoder(model, t or [[0]], check=False, draft_vocab=draft_vocab) for t in trees]
-    vocab = decoders[0].lm_head.weight.shape[0]
-    dtype = decoders[0].dtype
-    gen = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen)
-    caches = []
-    for decoder in decoders:
-        caches.append(DynamicCache())
-        decoder._forward(prefix, torch.arange(prefix_length), causal_bias(prefix_length, dtype), caches[-1])
-    names = ("backbone", "lm_head+accept", "kv prune", "heads")
-    parts = [{name: [] for name in names} for _ in trees]
-    for _ in range(repeats + 1):
-        for choices, decoder, cache, timings in zip(trees, decoders, caches, parts, strict=True):
-            tree = decoder.tree
-            tokens = torch.randint(0, vocab, (tree.size if choices else 1,), generator=gen)
-            if choices:
-                bias, positions = tree.attention_bias(prefix_length, dtype), prefix_length + tree.depths
-            else:
-                bias, positions = torch.zeros(1, 1, 1, prefix_length + 1), torch.tensor([prefix_length])
-            t0 = time.perf_counter()
-            hidden = decoder._forward(tokens, positions, bias, cache)
-            t1 = time.perf_counter()
-            if choices:
-                nodes, _ = decoder._accept(tokens, hidden)  # lm_head over internal nodes (+ a leaf) and acceptance
-                t2 = time.perf_counter()
-                keep_cache_entries(cache, prefix_length, nodes)
-                kept = len(nodes)
-            else:
-                int(decoder.lm_head(hidden[-1]).argmax())
-                t2 = time.perf_counter()
-                kept = 1
-            t3 = time.perf_counter()
-            if choices:
-                decoder._heads(hidden[-1])
-            t4 = time.perf_counter()
-            cache.crop(-kept)
-            for name, seconds in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                timings[name].append(seconds)
-    return [{name: 1000 * statistics.median(v[1:]) for name, v in timings.items()} for timings in parts]
+    timings = time_step_parts(model, trees, prefix_length, repeats, draft_vocab)
+    return [{part: 1000 * statistics.median(s[part] for s in steps) for part in STEP_PARTS} for steps in timings]
 
 
 def main() -> None:
@@ -130,7 +91,8 @@ def main() -> None:
     summary["step_profile_ms"] = profile
     print(json.dumps(summary, indent=2))
     print(
-        "\n| step | backbone ms | lm_head + accept ms | KV prune ms | heads ms | total ms |\n|---|---|---|---|---|---|"
+        "\n| step | propose ms | backbone ms | lm_head + accept ms | KV prune ms | heads ms | total ms |"
+        "\n|---|---|---|---|---|---|---|"
     )
     for name, parts in profile.items():
         cells = " | ".join(f"{v:.1f}" for v in parts.values())

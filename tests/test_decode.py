@@ -18,14 +18,10 @@ from conftest import TINY_CONFIGS
 from torch import nn
 
 from medusa_forge.decode.acceptance import greedy_accept, typical_accept
-from medusa_forge.decode.generation import (
-    MedusaDecoder,
-    causal_bias,
-    check_tree_support,
-    greedy_generate,
-    keep_cache_entries,
-)
+from medusa_forge.decode.generation import MedusaDecoder, SpeculativeDecoder, greedy_generate
 from medusa_forge.decode.tree import TreeBuffers
+from medusa_forge.decode.tree_support import check_tree_support
+from medusa_forge.decode.verification import causal_bias, keep_cache_entries
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
@@ -278,15 +274,54 @@ def test_draft_vocabulary_keeps_output_exact_and_proposes_only_its_ids():
     model = MedusaModel(base, heads)
     decoder = MedusaDecoder(model, TREES["default-16"], draft_vocab=50)
     hidden = torch.randn(32)
-    draft = decoder._heads(hidden)
+    draft = decoder.drafter.head_logits(hidden)
     assert draft.shape == (NUM_HEADS, 50)
     torch.testing.assert_close(draft, heads(hidden)[:, :50])  # the same logits, restricted to ids < 50
     assert decoder.generate(PROMPT, 24).tokens == ref
     with pytest.raises(UserError, match="draft-vocab"):
         MedusaDecoder(model, TREES["chain"], draft_vocab=10**6)
     # Heads trained on a draft vocabulary (config.draft_vocab_size) propose from it by default
-    assert MedusaDecoder(model, TREES["chain"]).draft_projections is None
+    assert MedusaDecoder(model, TREES["chain"]).drafter.draft_projections is None
     heads.config.draft_vocab_size = 50
-    assert MedusaDecoder(model, TREES["chain"])._heads(hidden).shape == (NUM_HEADS, 50)
+    assert MedusaDecoder(model, TREES["chain"]).drafter.head_logits(hidden).shape == (NUM_HEADS, 50)
     vocab = base.get_output_embeddings().weight.shape[0]
-    assert MedusaDecoder(model, TREES["chain"], draft_vocab=vocab)._heads(hidden).shape == (NUM_HEADS, vocab)
+    whole = MedusaDecoder(model, TREES["chain"], draft_vocab=vocab).drafter
+    assert whole.head_logits(hidden).shape == (NUM_HEADS, vocab)
+
+
+class ReferenceDrafter:
+    """A drafter that is not Medusa heads, shaped like EAGLE-3: it reads two layers of the base model and keeps
+    the accepted tokens as its own state. It proposes the reference continuation along the rank-0 path of the
+    tree and wrong tokens elsewhere, so it gets whole paths accepted only if its state follows the accepted tokens."""
+
+    max_depth = None
+    feature_layers = (1, 2)
+
+    def __init__(self, sequence: list[int], hidden_size: int, vocab: int) -> None:
+        self.sequence, self.width, self.vocab = sequence, 2 * hidden_size, vocab
+
+    def start(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[int]:
+        assert hidden.shape == (len(tokens), self.width)
+        return tokens.tolist()  # the prompt after its first token, then the root: the root is at index len(state)
+
+    def propose(self, state: list[int], root: int, tree: TreeBuffers) -> torch.Tensor:
+        assert state[-1] == root
+        tokens = [root]
+        for path in tree.choices:
+            right = self.sequence[min(len(state) + len(path), len(self.sequence) - 1)]
+            tokens.append((right + 1 + path[-1]) % self.vocab if any(path) else right)
+        return torch.tensor(tokens)
+
+    def advance(self, state: list[int], nodes: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor) -> list[int]:
+        assert len(nodes) == len(tokens) and hidden.shape == (len(tokens), self.width)
+        return state + tokens.tolist()
+
+
+def test_a_drafter_other_than_medusa_plugs_into_verification():
+    base = chaotic_model("llama")
+    ref = reference(base, 24)
+    drafter = ReferenceDrafter(PROMPT + ref, base.config.hidden_size, base.config.vocab_size)
+    for choices in (TREES["chain"], TREES["wide"]):
+        result = SpeculativeDecoder(base, drafter, choices).generate(PROMPT, len(ref))
+        assert result.tokens == ref
+        assert result.accept_lengths[:-1] == [4] * (len(result.accept_lengths) - 1)  # the whole rank-0 path

@@ -59,7 +59,7 @@ class TextStream:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from medusa_forge.decode.generation import GenerationResult, MedusaDecoder
+    from medusa_forge.decode.generation import DecodeResult, MedusaDecoder
     from medusa_forge.decode.loading import encode_prompt, load_medusa
     from medusa_forge.decode.tree import resolve_tree
     from medusa_forge.generation.text import eos_token_ids
@@ -72,7 +72,7 @@ def generate(args: argparse.Namespace) -> None:
     choices = resolve_tree(args.tree, args.heads, len(model.heads))
     decoder = MedusaDecoder(model, choices, draft_vocab=args.draft_vocab)
     prompt = encode_prompt(tokenizer, args.prompt, raw=args.raw, system=args.system)
-    result = GenerationResult([])
+    result = DecodeResult([])
     stream = TextStream(tokenizer)
     start = time.perf_counter()
     for tokens in decoder.stream(

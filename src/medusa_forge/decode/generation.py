@@ -1,36 +1,30 @@
-"""Medusa generation: one forward pass of the base model per step verifies a whole candidate tree.
-
-Per step: the root token (the base model's own choice) plus each head's top-k are arranged as a sparse
-tree; the base model runs over the tree with a 4D additive float mask (each node sees the prefix and its
-ancestors) and explicit position ids (prefix length + depth), reading and extending the KV cache. The
-longest acceptable path is kept (greedy: token-identical to plain greedy decoding), the cache keeps only
-that path's entries, and the same pass gives the next root token and the next heads' logits.
-No model code is copied: any transformers model whose backbone takes a 4D float mask, position ids and a
-DynamicCache works; `check_tree_support` proves it on the model itself before decoding.
-Batch size 1 only: each sequence accepts a different number of tokens per step.
+"""Speculative generation with a tree: per step a drafter proposes a tree of candidate tokens, the base model
+verifies it in one forward pass, and the longest acceptable path is kept (greedy: token-identical to plain greedy
+decoding). `SpeculativeDecoder.step` is that step, the one function `stream`, the latency measurement and the
+benchmark all run. Batch size 1 only: each sequence accepts a different number of tokens per step.
 """
 
 from __future__ import annotations
 
-import inspect
-import statistics
 import time
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from medusa_forge.decode.acceptance import greedy_accept, typical_accept
+from medusa_forge.decode.drafters import Drafter, MedusaDrafter
 from medusa_forge.decode.tree import TreeBuffers
+from medusa_forge.decode.tree_support import check_tree_support
+from medusa_forge.decode.verification import Sampling, TreeVerifier, cache_kwarg, keep_cache_entries
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import Choices
-from medusa_forge.heads import MedusaModel, backbone
+from medusa_forge.heads import MedusaModel
 
 
 @dataclass
-class GenerationResult:
+class DecodeResult:
     """Generated tokens (prompt excluded) and how they were produced."""
 
     tokens: list[int]
@@ -48,125 +42,35 @@ class GenerationResult:
         return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
-    params = inspect.signature(module.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise UserError(f"{type(module).__name__}.forward takes no KV cache argument; Medusa decoding needs one")
+@dataclass
+class DecodeState:
+    """Where a generation stands between steps."""
+
+    cache: DynamicCache  # the base model's KV entries of the prompt and the accepted tokens before `root`
+    prefix_length: int  # entries in `cache`
+    root: int  # the base model's next token, not in the cache yet: the root of the next tree
+    draft: Any  # the drafter's own state
 
 
-def causal_bias(length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[1, 1, length, length] additive float causal mask for the prompt."""
-    bias = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return torch.triu(bias, diagonal=1)[None, None]
+STEP_PARTS = ("propose", "verify", "accept", "prune", "draft")  # what `step` reports to its `mark` hook, in order
 
 
-def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Tensor) -> None:
-    """Keep the first prefix_length entries plus the tree nodes `nodes` (in order) of every layer; drop the rest.
-
-    The accepted nodes are copied down to sit right after the prefix, so positions stay contiguous.
-    """
-    index = nodes + prefix_length
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            states = getattr(layer, name)
-            states[..., prefix_length : prefix_length + len(nodes), :] = states.index_select(-2, index)
-            setattr(layer, name, states[..., : prefix_length + len(nodes), :])
+def _no_mark(part: str) -> None:
+    pass
 
 
-def trained_draft_vocab(model: MedusaModel) -> int | None:
-    """The draft vocabulary the heads were trained on (config draft_vocab_size), None for the whole vocabulary."""
-    return getattr(getattr(model.heads, "config", None), "draft_vocab_size", None)
+class SpeculativeDecoder:
+    """Generates with a base model, a drafter and one tree; reusable across prompts (the tree buffers are built
+    once)."""
 
-
-class MedusaDecoder:
-    """Generates with a MedusaModel and one tree; reusable across prompts (the tree buffers are built once)."""
-
-    def __init__(
-        self, model: MedusaModel, choices: Choices, check: bool = True, draft_vocab: int | None = None
-    ) -> None:
-        """`draft_vocab=N`: the heads propose only token ids < N (vLLM's `truncated_vocab_size`). Their vocabulary
-        projections, as large as the base lm_head each, then cost N/V as much; verification stays exact.
-        Default: the heads' own `draft_vocab_size` (training with a draft vocabulary), else the whole vocabulary."""
-        self.model = model
-        self.base: PreTrainedModel = model.base
-        self.backbone = backbone(model.base)
-        self.lm_head = model.base.get_output_embeddings()
-        self.num_heads = len(model.heads)
-        param = next(self.base.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.heads_dtype = next(model.heads.parameters()).dtype
-        self.draft_projections = None
-        if draft_vocab is None:  # heads trained on a draft vocabulary propose from it unless told otherwise
-            draft_vocab = trained_draft_vocab(model)
-        if draft_vocab is not None:
-            vocab = self.lm_head.weight.shape[0]
-            if not 0 < draft_vocab <= vocab:
-                raise UserError(f"--draft-vocab {draft_vocab}: expected 1..{vocab} (the vocabulary size)")
-            self.draft_projections = [head[-1].weight[:draft_vocab] for head in model.heads]
-        self.tree = TreeBuffers.from_choices(choices, self.num_heads).to(self.device)
-        self.cache_kwarg = _cache_kwarg(self.backbone)
+    def __init__(self, base: PreTrainedModel, drafter: Drafter, choices: Choices, check: bool = True) -> None:
+        self.base = base
+        self.drafter = drafter
+        self.verifier = TreeVerifier(base, TreeBuffers.from_choices(choices, drafter.max_depth), drafter.feature_layers)
+        self.tree = self.verifier.tree
+        self.device = self.verifier.device
         if check:
-            check_tree_support(self.base)
-
-    # -- one forward pass ---------------------------------------------------------------------------------
-    def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, cache: DynamicCache
-    ) -> torch.Tensor:
-        out = self.backbone(
-            input_ids=tokens[None],
-            attention_mask=bias,
-            position_ids=positions[None],
-            use_cache=True,
-            **{self.cache_kwarg: cache},
-        )
-        return out.last_hidden_state[0]
-
-    def _heads(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(self.heads_dtype)
-        if self.draft_projections is None:
-            return self.model.heads(hidden)
-        return torch.stack(
-            [
-                head[:-1](hidden) @ weight.T
-                for head, weight in zip(self.model.heads, self.draft_projections, strict=True)
-            ]
-        )
-
-    def _pick(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-        if temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
-    def _accept(
-        self,
-        tree_tokens: torch.Tensor,
-        hidden: torch.Tensor,
-        temperature: float = 0.0,
-        posterior_threshold: float = 0.09,
-        posterior_alpha: float = 0.3,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """The accepted nodes (root first) and the next root token, from the tree's hidden states [N, H].
-
-        Greedy runs the lm_head only over nodes with children, plus the last accepted node if it is a leaf:
-        on a CPU the vocabulary projection of every tree node is a visible share of the step."""
-        tree = self.tree
-        if temperature > 0:
-            logits = self.lm_head(hidden)
-            nodes, _ = typical_accept(
-                tree_tokens, logits, tree.paths, temperature, posterior_threshold, posterior_alpha
-            )
-            return nodes, self._pick(logits[int(nodes[-1])], temperature, generator)
-        predictions = torch.full((tree.size,), -1, dtype=torch.long, device=hidden.device)
-        predictions[tree.internal] = self.lm_head(hidden[tree.internal]).argmax(dim=-1)
-        nodes, _ = greedy_accept(tree_tokens, predictions, tree.paths)
-        root = int(predictions[int(nodes[-1])])
-        if root < 0:  # the path ended on a leaf
-            root = int(self.lm_head(hidden[int(nodes[-1])]).argmax())
-        return nodes, root
+            check_tree_support(base)
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         config = self.base.config.get_text_config(decoder=True)
@@ -182,6 +86,39 @@ class MedusaDecoder:
         if limit and total > limit:
             raise UserError(f"prompt ({prompt_length}) + max new tokens exceeds the model's {limit} positions")
 
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, sampling: Sampling | None = None) -> DecodeState:
+        """Run the prompt `ids` [P] through the base model: its next token becomes the first tree's root."""
+        cache = DynamicCache()
+        hidden, features = self.verifier.prefill(ids, cache)
+        root = (sampling or Sampling()).pick(self.verifier.lm_head(hidden[-1]))
+        draft = self.drafter.start(torch.cat([ids[1:], ids.new_tensor([root])]), features)
+        return DecodeState(cache, len(ids), root, draft)
+
+    @torch.no_grad()
+    def step(
+        self, state: DecodeState, sampling: Sampling | None = None, mark: Callable[[str], None] = _no_mark
+    ) -> list[int]:
+        """One speculative step (gpt-fast's `speculative_decode`): the drafter proposes a tree after `state.root`,
+        the base model verifies it in one forward pass, and `state` moves past the accepted path. Returns the new
+        tokens: the accepted candidates, then the base model's next token (the new root, not yet in the cache).
+        `mark(part)` is called as each of STEP_PARTS ends, for a profiler."""
+        sampling = sampling or Sampling()
+        tree_tokens = self.drafter.propose(state.draft, state.root, self.tree)
+        mark("propose")
+        hidden, features = self.verifier.verify(tree_tokens, state.cache, state.prefix_length)
+        mark("verify")
+        nodes, root = self.verifier.accept(tree_tokens, hidden, sampling)
+        mark("accept")
+        keep_cache_entries(state.cache, state.prefix_length, nodes)
+        mark("prune")
+        new = tree_tokens[nodes[1:]].tolist() + [root]
+        state.draft = self.drafter.advance(state.draft, nodes, tree_tokens.new_tensor(new), features[nodes])
+        mark("draft")
+        state.prefix_length += len(nodes)
+        state.root = root
+        return new
+
     # -- generation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(
@@ -193,7 +130,7 @@ class MedusaDecoder:
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
         seed: int | None = None,
-        result: GenerationResult | None = None,
+        result: DecodeResult | None = None,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each step (the first yield is the prefill's token). Stops after an EOS token
         (which is yielded) or max_new_tokens. Pass `result` to collect accept lengths and timings."""
@@ -204,49 +141,29 @@ class MedusaDecoder:
             return
         eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
         self._check_length(ids.numel(), max_new_tokens)
-        result = result if result is not None else GenerationResult([])
-        generator = None
+        result = result if result is not None else DecodeResult([])
+        sampling = Sampling(temperature, posterior_threshold, posterior_alpha)
         if temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
-        tree = self.tree
+            sampling.generator = torch.Generator(device=self.device)
+            sampling.generator.manual_seed(seed if seed is not None else torch.seed())
 
         start = time.perf_counter()
-        cache = DynamicCache()
-        prefix = ids.numel()
-        positions = torch.arange(prefix, device=self.device)
-        hidden = self._forward(ids, positions, causal_bias(prefix, self.dtype, self.device), cache)[-1]
-        root = self._pick(self.lm_head(hidden), temperature, generator)
-        head_logits = self._heads(hidden)
+        state = self.prefill(ids, sampling)
         result.prefill_seconds += time.perf_counter() - start
-        result.tokens.append(root)
-        yield [root]
+        result.tokens.append(state.root)
+        yield [state.root]
         produced = 1
-        if root in eos or produced >= max_new_tokens:
+        if state.root in eos or produced >= max_new_tokens:
             return
 
         while True:
             start = time.perf_counter()
-            top = torch.topk(head_logits[: tree.depth], tree.topk, dim=-1).indices  # [D, topk]
-            flat = torch.cat([torch.tensor([root], device=self.device), top.flatten()])
-            tree_tokens = flat[tree.candidate_index]
-            bias = tree.attention_bias(prefix, self.dtype, self.device)
-            hidden = self._forward(tree_tokens, prefix + tree.depths, bias, cache)  # [N, H]
-            nodes, root = self._accept(
-                tree_tokens, hidden, temperature, posterior_threshold, posterior_alpha, generator
-            )
-            last = int(nodes[-1])
-            new = tree_tokens[nodes[1:]].tolist() + [root]
+            new = self.step(state, sampling)[: max_new_tokens - produced]
             stop = produced + len(new) >= max_new_tokens
-            new = new[: max_new_tokens - produced]
             for i, token in enumerate(new):
                 if token in eos:
                     new, stop = new[: i + 1], True
                     break
-            if not stop:
-                keep_cache_entries(cache, prefix, nodes)
-                prefix += len(nodes)
-                head_logits = self._heads(hidden[last])
             produced += len(new)
             result.tokens.extend(new)
             result.accept_lengths.append(len(new))
@@ -255,12 +172,22 @@ class MedusaDecoder:
             if stop:
                 return
 
-    def generate(self, input_ids: list[int] | torch.Tensor, max_new_tokens: int, **kwargs) -> GenerationResult:
+    def generate(self, input_ids: list[int] | torch.Tensor, max_new_tokens: int, **kwargs) -> DecodeResult:
         """Run `stream` to the end; see it for the arguments."""
-        result = GenerationResult([])
+        result = DecodeResult([])
         for _ in self.stream(input_ids, max_new_tokens, result=result, **kwargs):
             pass
         return result
+
+
+class MedusaDecoder(SpeculativeDecoder):
+    """A SpeculativeDecoder whose drafter is a MedusaModel's heads."""
+
+    def __init__(
+        self, model: MedusaModel, choices: Choices, check: bool = True, draft_vocab: int | None = None
+    ) -> None:
+        """`draft_vocab`: see MedusaDrafter."""
+        super().__init__(model.base, MedusaDrafter(model, draft_vocab), choices, check)
 
 
 @torch.no_grad()
@@ -276,7 +203,7 @@ def greedy_generate(
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).flatten()[None]
     cache = DynamicCache()
     tokens: list[int] = []
-    kwarg = _cache_kwarg(base)
+    kwarg = cache_kwarg(base)
     while len(tokens) < max_new_tokens:
         out = base(input_ids=ids, use_cache=True, **{kwarg: cache})  # extends `cache` in place
         token = int(out.logits[0, -1].argmax())
@@ -285,125 +212,3 @@ def greedy_generate(
             break
         ids = torch.tensor([[token]], device=device)
     return tokens
-
-
-_SUPPORTED: weakref.WeakSet = weakref.WeakSet()  # models already proven, so the check runs once per model
-
-
-@torch.no_grad()
-def check_tree_support(base: PreTrainedModel) -> None:
-    """Prove on the model itself that a tree forward (4D float mask, explicit positions, KV cache, pruning)
-    gives the logits of running each path on its own; raise a UserError naming the architecture if not.
-
-    A model that ignores a custom 4D mask would otherwise decode wrong tokens without any error.
-    """
-    if base in _SUPPORTED:
-        return
-    name = type(base).__name__
-    param = next(base.parameters())
-    device, dtype = param.device, param.dtype
-    vocab = base.get_output_embeddings().weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (5,), generator=gen).to(device)
-    tree = TreeBuffers.from_choices([[0], [1], [0, 0], [1, 0]]).to(device)
-    tree_tokens = torch.randint(0, vocab, (tree.size,), generator=gen).to(device)
-    extra = torch.randint(0, vocab, (1,), generator=gen).to(device)
-    kept = tree.paths[-1]  # root -> [1] -> [1, 0]: kept in the cache, then extended by `extra`
-    try:
-        inner = backbone(base)
-        kwarg = _cache_kwarg(inner)
-        lm_head = base.get_output_embeddings()
-
-        def run(tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-            out = inner(
-                input_ids=tokens[None],
-                attention_mask=bias,
-                position_ids=positions[None],
-                use_cache=True,
-                **{kwarg: cache},
-            )
-            return lm_head(out.last_hidden_state[0])
-
-        def fresh(tokens: torch.Tensor) -> torch.Tensor:
-            n = len(tokens)
-            return run(tokens, torch.arange(n, device=device), causal_bias(n, dtype, device), DynamicCache())
-
-        cache = DynamicCache()
-        run(prompt, torch.arange(5, device=device), causal_bias(5, dtype, device), cache)
-        tree_logits = run(tree_tokens, 5 + tree.depths, tree.attention_bias(5, dtype, device), cache)
-        keep_cache_entries(cache, 5, kept)
-        n_kept = 5 + len(kept)
-        pruned_logits = run(
-            extra,
-            torch.tensor([n_kept], device=device),
-            torch.zeros(1, 1, 1, n_kept + 1, dtype=dtype, device=device),
-            cache,
-        )
-        pairs = []  # (tree/pruned logits, the same rows computed without a tree)
-        for row in tree.paths:
-            nodes = row[row >= 0]
-            pairs.append((tree_logits[nodes], fresh(torch.cat([prompt, tree_tokens[nodes]]))[5:]))
-        pairs.append((pruned_logits, fresh(torch.cat([prompt, tree_tokens[kept], extra]))[-1:]))
-    except UserError:
-        raise
-    except Exception as err:  # the architecture's forward rejects our arguments: report it, do not guess
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(
-            f"{name} cannot verify a Medusa tree: its forward does not take a custom 4D attention mask, "
-            f"position ids and a DynamicCache ({type(err).__name__}: {first_line})"
-        ) from err
-    worst = max(float((got - want).abs().max()) for got, want in pairs)
-    scale = 1.0 + max(float(want.abs().max()) for _, want in pairs)
-    tolerance = (1e-3 if dtype in (torch.float32, torch.float64) else 5e-2) * scale
-    if worst > tolerance:
-        raise UserError(
-            f"{name} does not honour a custom 4D attention mask (tree logits differ from per-path logits by "
-            f"{worst:.3g}); Medusa decoding would produce wrong tokens with this architecture"
-        )
-    _SUPPORTED.add(base)
-
-
-@torch.no_grad()
-def measure_step_seconds(
-    model: MedusaModel,
-    trees: list[Choices | None],
-    prefix_length: int = 256,
-    repeats: int = 5,
-    draft_vocab: int | None = None,
-) -> list[float]:
-    """Median wall time of one decoding step per tree, after `prefix_length` cached tokens: the tree forward,
-    lm_head, acceptance, cache pruning and the heads. A `None` tree times one plain greedy step instead (one
-    token through the base model and its lm_head). Trees are timed round-robin, so a burst of load from other
-    processes hits every size alike. The tree's size is what matters, not its tokens."""
-    decoders = [MedusaDecoder(model, t or [[0]], check=False, draft_vocab=draft_vocab) for t in trees]
-    first = decoders[0]
-    device, dtype = first.device, first.dtype
-    vocab = first.lm_head.weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(device)
-    positions = torch.arange(prefix_length, device=device)
-    caches = []
-    for decoder in decoders:
-        caches.append(DynamicCache())
-        decoder._forward(prefix, positions, causal_bias(prefix_length, dtype, device), caches[-1])
-    times: list[list[float]] = [[] for _ in trees]
-    for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for choices, decoder, cache, seconds in zip(trees, decoders, caches, times, strict=True):
-            tree = decoder.tree
-            tokens = torch.randint(0, vocab, (tree.size if choices else 1,), generator=gen).to(device)
-            start = time.perf_counter()
-            if choices:
-                bias = tree.attention_bias(prefix_length, dtype, device)
-                hidden = decoder._forward(tokens, prefix_length + tree.depths, bias, cache)
-                nodes, _ = decoder._accept(tokens, hidden)
-                keep_cache_entries(cache, prefix_length, nodes)
-                decoder._heads(hidden[int(nodes[-1])])
-                kept = len(nodes)
-            else:
-                bias = torch.zeros(1, 1, 1, prefix_length + 1, dtype=dtype, device=device)
-                hidden = decoder._forward(tokens, positions[-1:] + 1, bias, cache)
-                int(decoder.lm_head(hidden[-1]).argmax())
-                kept = 1
-            seconds.append(time.perf_counter() - start)
-            cache.crop(-kept)
-    return [statistics.median(t[1:]) for t in times]

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_forge.decode.generation import GenerationResult as DecodeResult
-from medusa_forge.decode.generation import MedusaDecoder
+from medusa_forge.decode.generation import DecodeResult, MedusaDecoder
 from medusa_forge.decode.loading import load_medusa
 from medusa_forge.decode.tree import resolve_tree
 from medusa_forge.generation.generator import (

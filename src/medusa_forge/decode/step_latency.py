@@ -1,0 +1,84 @@
+"""How long one decoding step takes on this machine, per tree: what the tree choice in `eval` weighs against the
+accepted length, and what bench/decode_speed.py breaks down by part."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from medusa_forge.decode.generation import STEP_PARTS, DecodeState, MedusaDecoder, SpeculativeDecoder
+from medusa_forge.formats.tree_file import Choices
+from medusa_forge.heads import MedusaModel
+
+
+def plain_step(decoder: SpeculativeDecoder, state: DecodeState, mark: Callable[[str], None]) -> int:
+    """One plain greedy step, the reference a tree must beat: the root through the base model ("verify") and its
+    lm_head ("accept"). Only its time matters: `state` is left as it is apart from the root's KV entry."""
+    verifier = decoder.verifier
+    bias = torch.zeros(1, 1, 1, state.prefix_length + 1, dtype=verifier.dtype, device=verifier.device)
+    positions = torch.tensor([state.prefix_length], device=verifier.device)
+    hidden, _ = verifier.forward(torch.tensor([state.root], device=verifier.device), positions, bias, state.cache)
+    mark("verify")
+    token = int(verifier.lm_head(hidden[-1]).argmax())
+    mark("accept")
+    return token
+
+
+def _stopwatch(parts: dict[str, float]) -> Callable[[str], None]:
+    """A `mark` hook that stores in `parts` the seconds since the previous mark (or since it was made)."""
+    last = time.perf_counter()
+
+    def mark(part: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        parts[part], last = now - last, now
+
+    return mark
+
+
+@torch.no_grad()
+def time_step_parts(
+    model: MedusaModel,
+    trees: list[Choices | None],
+    prefix_length: int = 256,
+    repeats: int = 5,
+    draft_vocab: int | None = None,
+) -> list[list[dict[str, float]]]:
+    """Seconds of each of STEP_PARTS of `repeats` steps per tree, after `prefix_length` cached tokens (a random
+    prompt). A `None` tree times one `plain_step` instead. Every step starts from the same cache length, and trees
+    are timed round-robin, so a burst of load from other processes hits every size alike."""
+    decoders = [MedusaDecoder(model, t or [[0]], check=False, draft_vocab=draft_vocab) for t in trees]
+    vocab = decoders[0].verifier.lm_head.weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoders[0].device)
+    states = [decoder.prefill(prefix) for decoder in decoders]
+    timings: list[list[dict[str, float]]] = [[] for _ in trees]
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for choices, decoder, state, steps in zip(trees, decoders, states, timings, strict=True):
+            parts = dict.fromkeys(STEP_PARTS, 0.0)
+            mark = _stopwatch(parts)
+            if choices:
+                kept = len(decoder.step(state, mark=mark))
+            else:
+                plain_step(decoder, state, mark)
+                kept = 1
+            steps.append(parts)
+            state.cache.crop(-kept)
+            state.prefix_length = prefix_length
+    return [steps[1:] for steps in timings]
+
+
+def measure_step_seconds(
+    model: MedusaModel,
+    trees: list[Choices | None],
+    prefix_length: int = 256,
+    repeats: int = 5,
+    draft_vocab: int | None = None,
+) -> list[float]:
+    """Median wall time of one decoding step per tree (see `time_step_parts`): the drafter's proposal, the tree
+    forward, lm_head and acceptance, cache pruning and the drafter's update. A `None` tree: one plain greedy step."""
+    timings = time_step_parts(model, trees, prefix_length, repeats, draft_vocab)
+    return [statistics.median(sum(parts.values()) for parts in steps) for steps in timings]

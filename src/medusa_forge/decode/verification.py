@@ -1,0 +1,140 @@
+"""The base model's side of a decoding step: verify a candidate tree in one forward pass, accept a path, keep its
+KV entries. Nothing here knows which drafter proposed the tree.
+
+The tree runs with a 4D additive float mask (each node sees the prefix and its ancestors) and explicit position
+ids (prefix length + depth), reading and extending the KV cache. No model code is copied: any transformers model
+whose backbone takes a 4D float mask, position ids and a DynamicCache works (`tree_support` proves it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from medusa_forge.decode.acceptance import greedy_accept, typical_accept
+from medusa_forge.decode.tree import TreeBuffers
+from medusa_forge.errors import UserError
+from medusa_forge.heads import backbone
+
+
+@dataclass
+class Sampling:
+    """How the base model's tokens are chosen: greedy at temperature 0, else typical acceptance and sampling."""
+
+    temperature: float = 0.0
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+    generator: torch.Generator | None = None
+
+    def pick(self, logits: torch.Tensor) -> int:
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The name under which `module.forward` takes its KV cache."""
+    params = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise UserError(f"{type(module).__name__}.forward takes no KV cache argument; Medusa decoding needs one")
+
+
+def causal_bias(length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, 1, length, length] additive float causal mask for the prompt."""
+    bias = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.triu(bias, diagonal=1)[None, None]
+
+
+def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Tensor) -> None:
+    """Keep the first prefix_length entries plus the tree nodes `nodes` (in order) of every layer; drop the rest.
+
+    The accepted nodes are copied down to sit right after the prefix, so positions stay contiguous.
+    """
+    index = nodes + prefix_length
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            states = getattr(layer, name)
+            states[..., prefix_length : prefix_length + len(nodes), :] = states.index_select(-2, index)
+            setattr(layer, name, states[..., : prefix_length + len(nodes), :])
+
+
+class TreeVerifier:
+    """Runs the base model over a prompt or a candidate tree and accepts the path it agrees with.
+
+    `feature_layers`: which of the base model's hidden states the drafter reads (indices into the backbone's
+    `hidden_states`, 0 the embeddings); empty: the final hidden state, the one the lm_head reads.
+    """
+
+    def __init__(self, base: PreTrainedModel, tree: TreeBuffers, feature_layers: tuple[int, ...] = ()) -> None:
+        self.base = base
+        self.backbone = backbone(base)
+        self.lm_head = base.get_output_embeddings()
+        param = next(base.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.tree = tree.to(self.device)
+        self.feature_layers = feature_layers
+        self.cache_kwarg = cache_kwarg(self.backbone)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states [n, H] of `tokens` and the drafter's features [n, F] (the same final states
+        unless `feature_layers` asks for others), extending `cache`."""
+        extra = {"output_hidden_states": True} if self.feature_layers else {}
+        out = self.backbone(
+            input_ids=tokens[None],
+            attention_mask=bias,
+            position_ids=positions[None],
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+            **extra,
+        )
+        hidden = out.last_hidden_state[0]
+        if not self.feature_layers:
+            return hidden, hidden
+        return hidden, torch.cat([out.hidden_states[i][0] for i in self.feature_layers], dim=-1)
+
+    def prefill(self, ids: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` over the prompt `ids` [P] into an empty cache."""
+        positions = torch.arange(len(ids), device=self.device)
+        return self.forward(ids, positions, causal_bias(len(ids), self.dtype, self.device), cache)
+
+    def verify(
+        self, tree_tokens: torch.Tensor, cache: DynamicCache, prefix_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` over the tree's tokens [N] after the `prefix_length` cached ones, each node seeing only the
+        prefix and its ancestors."""
+        tree = self.tree
+        bias = tree.attention_bias(prefix_length, self.dtype, self.device)
+        return self.forward(tree_tokens, prefix_length + tree.depths, bias, cache)
+
+    def accept(self, tree_tokens: torch.Tensor, hidden: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, int]:
+        """The accepted nodes (root first) and the next root token, from the tree's final hidden states [N, H].
+
+        Greedy runs the lm_head only over nodes with children, plus the last accepted node if it is a leaf:
+        on a CPU the vocabulary projection of every tree node is a visible share of the step."""
+        tree = self.tree
+        if sampling.temperature > 0:
+            logits = self.lm_head(hidden)
+            nodes, _ = typical_accept(
+                tree_tokens,
+                logits,
+                tree.paths,
+                sampling.temperature,
+                sampling.posterior_threshold,
+                sampling.posterior_alpha,
+            )
+            return nodes, sampling.pick(logits[int(nodes[-1])])
+        predictions = torch.full((tree.size,), -1, dtype=torch.long, device=hidden.device)
+        predictions[tree.internal] = self.lm_head(hidden[tree.internal]).argmax(dim=-1)
+        nodes, _ = greedy_accept(tree_tokens, predictions, tree.paths)
+        root = int(predictions[int(nodes[-1])])
+        if root < 0:  # the path ended on a leaf
+            root = int(self.lm_head(hidden[int(nodes[-1])]).argmax())
+        return nodes, root
