@@ -33,7 +33,8 @@ logger = logging.getLogger("medusa_forge.eval")
 
 
 def evaluate(args: argparse.Namespace) -> EvalReport:
-    from medusa_forge.decode.generation import MedusaDecoder, trained_draft_vocab
+    from medusa_forge.decode.drafters import trained_draft_vocab
+    from medusa_forge.decode.generation import MedusaDecoder
     from medusa_forge.decode.loading import load_medusa
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
     from medusa_forge.formats.tree_file import save_tree

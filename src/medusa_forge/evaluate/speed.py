@@ -29,7 +29,7 @@ def choose_tree(
 ) -> TreeSearch:
     """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
     budget with the most expected tokens per second."""
-    from medusa_forge.decode.generation import measure_step_seconds
+    from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import expected_accept_length
     from medusa_forge.formats.tree_file import build_tree
 
