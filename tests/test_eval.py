@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_accuracy_counts_ranks_by_brute_force(heads_dir):
     assert [r.name for r in rows] == ["base", "head 0", "head 1", "head 2"]
     # Brute force: every position t whose target t+1+shift is an assistant token.
     for which, row in enumerate(rows):
-        tokens = top1 = 0
+        tokens = top1 = top5 = 0
         for conversation in conversations:
             sample = tokenize_conversation(tokenizer, conversation.messages, 128)
             ids = torch.tensor(sample["input_ids"])
@@ -51,13 +52,15 @@ def test_accuracy_counts_ranks_by_brute_force(heads_dir):
                 if sample["labels"][t + which + 1] != IGNORE_INDEX:
                     tokens += 1
                     top1 += int(logits[t].argmax() == ids[t + which + 1])
-        assert row.tokens == tokens
-        assert row.rank_counts[0] == top1
-        assert 0 <= row.top(1) <= row.top(5) <= 1
+                    top5 += int(ids[t + which + 1] in logits[t].topk(5).indices)
+        assert row.tokens == tokens > 0
+        assert row.rank_counts[0] == top1 and row.top(1) == top1 / tokens
+        assert sum(row.rank_counts[:5]) == top5 and row.top(5) == top5 / tokens
 
 
 def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     heads, data = heads_dir
+    heads = shutil.copytree(heads, tmp_path / "heads")  # eval stores its tree there: not in the shared fixture
     out = tmp_path / "report"
     argv = ["eval", "--heads", str(heads), "--data", str(data), "--max-prompts", "3", "--max-new-tokens", "24"]
     argv += ["--calibration-prompts", "2"]
@@ -84,7 +87,7 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert "Mean accepted tokens per step" in capsys.readouterr().out
     MedusaModel.from_pretrained(heads)  # the folder still loads as heads
-    (heads / TREE_FILE).unlink()
+    assert not (heads_dir[0] / TREE_FILE).exists()  # the shared fixture's folder was left alone
 
 
 def test_generate_streams_and_reports(heads_dir, capsys):
