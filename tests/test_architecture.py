@@ -1,0 +1,59 @@
+"""Data flows one way: data -> distill -> train -> drafts -> decode/evaluate -> export/serve -> pipeline. No module
+imports one later in that order (function-local imports included); shared foundations come before all of them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import medusa_forge
+
+PACKAGE = Path(medusa_forge.__file__).parent
+# Module (or package) -> its place in the flow. The longest matching prefix decides.
+ORDER = {
+    # foundations: user errors, the embedded defaults, loading models, what a draft is and how it is stored,
+    # the result files, the engine facts
+    "errors": 0, "defaults": 0, "modeling": 0, "engine_versions": 0, "tokenizer_files": 0, "heads": 0,
+    "formats": 0, "results": 0,
+    "data": 1,
+    "generation": 2,  # the in-process generation engines (distill, serve and decode use them)
+    "distill": 3,
+    "train": 4, "model_card": 4,
+    "decode": 5, "evaluate": 5,
+    "export": 6, "import_heads": 6, "hub": 6, "serve": 6,
+    "pipeline": 7,
+    "cli": 8,
+}  # fmt: skip
+
+
+def place(module: str) -> tuple[str, int]:
+    parts = module.removeprefix("medusa_forge.").split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in ORDER:
+            return key, ORDER[key]
+    raise AssertionError(f"medusa_forge.{module} has no place in ORDER: add it")
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medusa_forge."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("medusa_forge.")}
+    return found
+
+
+def test_no_module_imports_one_later_in_the_flow():
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        if module in ("__init__", "__main__"):
+            continue
+        name, rank = place(module)
+        for imported in sorted(imports_of(path)):
+            other, other_rank = place(imported)
+            if other_rank > rank:
+                problems.append(f"{module} ({name}, {rank}) imports {imported} ({other}, {other_rank})")
+    assert not problems, "\n".join(problems)
