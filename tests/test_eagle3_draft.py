@@ -422,6 +422,23 @@ def test_training_time_test_attention_equals_inference_with_a_cache(targets):
                     torch.testing.assert_close(single.keys[0, :, 0], outputs[j].keys[b, :, t], rtol=1e-5, atol=1e-5)
 
 
+def test_unrolled_steps_backpropagate_without_nans_through_padding(targets):
+    """Training unrolls steps on the draft's own states; a fully padded row must not turn the loss into NaN."""
+    target = targets["llama"]
+    draft = Eagle3Draft.for_target(target, DRAFT_IDS, "tiny")
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])  # the second row is all padding
+    features = torch.randn(2, 4, 3 * target.config.hidden_size)
+    embeds = torch.randn(2, 4, target.config.hidden_size)
+    attention, feature, loss = UnrolledAttention(causal_bias(mask)), draft.combine(features), 0.0
+    for j in range(3):
+        out = draft.layer(embeds, feature, torch.arange(4)[None].expand(2, 4) + j, attention)
+        loss = loss + 0.8**j * draft.logits(out.state).logsumexp(-1).mean()
+        attention, feature = attention.after(out.keys, out.values), out.state
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in draft.parameters())
+    assert draft.fc.weight.grad.abs().sum() > 0
+
+
 def test_cached_attention_with_a_tree_bias_equals_each_branch_as_a_chain(targets):
     """A tree step: node 0 follows the cached prefix; nodes 1 and 2 are both its children. Each node must see
     the prefix and its ancestors only, as if its branch were drafted alone."""
@@ -499,7 +516,7 @@ def test_full_vocabulary_folder_has_no_d2t_and_loads_zero_offsets(tmp_path, targ
 
 def test_for_target_takes_sizes_and_a_sensible_start(targets):
     for arch, layers in (("llama", 8), ("qwen2", 2), ("mistral", 3), ("gemma", 4)):
-        target = targets.get(arch) or tiny_target(arch, layers)
+        target = targets[arch] if arch in targets else tiny_target(arch, layers)
         text = target.config.get_text_config()
         draft = Eagle3Draft.for_target(target, DRAFT_IDS, arch)
         config = draft.config

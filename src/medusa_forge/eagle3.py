@@ -234,7 +234,7 @@ def draft_vocabulary(token_counts: torch.Tensor, size: int) -> tuple[torch.Tenso
     """The `size` most frequent target ids (ties: lower id first; ids that never occurred fill up, lowest
     first), sorted ascending, as (d2t int64 [size], t2d bool [V]). token_counts is [V], e.g. a bincount of
     the loss-masked training tokens with minlength V. size == V gives d2t all zero."""
-    counts = torch.as_tensor(token_counts).flatten()
+    counts = torch.as_tensor(token_counts).flatten().cpu()
     if not 1 <= size <= len(counts):
         raise UserError(f"draft vocabulary size must be between 1 and the vocabulary size {len(counts)}, not {size}")
     # A stable descending sort keeps equal counts in id order, so zero counts come last, lowest id first.
