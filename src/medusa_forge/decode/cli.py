@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TextIO
 
 from medusa_forge.errors import UserError
 from medusa_forge.generation.text import StreamedText
@@ -56,8 +56,8 @@ class GenerateConfig:
 class TextStream:
     """Print the growing reply as it decodes, only what is new (`StreamedText` holds back half a character)."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.out = out
+    def __init__(self, tokenizer, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout  # looked up now: sys.stdout may be replaced after import (tests capture it)
         self.tokens: list[int] = []
         self.text = StreamedText(tokenizer)
 
