@@ -24,8 +24,7 @@ import torch
 from medusa_forge.decode.generation import STEP_PARTS
 from medusa_forge.decode.loading import load_medusa
 from medusa_forge.decode.step_latency import time_step_parts
-from medusa_forge.evaluate.cli import build_parser as eval_parser
-from medusa_forge.evaluate.cli import evaluate
+from medusa_forge.evaluate.cli import EvalConfig, evaluate
 from medusa_forge.formats.tree_file import build_tree
 
 
@@ -55,15 +54,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"threads": torch.get_num_threads()}
     if not args.skip_eval:
-        eval_args = eval_parser().parse_args(
-            [
-                "--heads", args.heads, "--max-prompts", str(args.max_prompts),
-                "--max-new-tokens", str(args.max_new_tokens), "--max-conversations", str(args.max_conversations),
-                "--tree-sizes", args.sizes, "--output-dir", str(out), "--device", "cpu",
-                *(["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab else []),
-            ]
-        )  # fmt: skip
-        report = evaluate(eval_args)
+        eval_config = EvalConfig(
+            heads=args.heads,
+            max_prompts=args.max_prompts,
+            max_new_tokens=args.max_new_tokens,
+            max_conversations=args.max_conversations,
+            tree_sizes=args.sizes,
+            output_dir=str(out),
+            device="cpu",
+            draft_vocab=args.draft_vocab or None,
+        )
+        report = evaluate(eval_config)
         summary["eval"] = {
             "accuracy": {r.name: [round(r.top1, 3), round(r.top5, 3)] for r in report.accuracy},
             "accuracy_own_answers": {r.name: [round(r.top1, 3), round(r.top5, 3)] for r in report.accuracy_own_answers},

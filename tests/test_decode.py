@@ -217,7 +217,7 @@ def trained_heads(tmp_path_factory, tiny_tokenizer):
     """Heads trained with the `train` command on the tiny model's own greedy continuations."""
     import json
 
-    from medusa_forge.train.run import cli_main
+    from medusa_forge.cli import main
 
     folder = tmp_path_factory.mktemp("self-distilled")
     base = chaotic_model("llama")
@@ -237,12 +237,12 @@ def trained_heads(tmp_path_factory, tiny_tokenizer):
         )
     (folder / "data.json").write_text(json.dumps(records))
     argv = [
-        "--model_name_or_path", str(folder / "base"), "--data_path", str(folder / "data.json"),
+        "train", "--model_name_or_path", str(folder / "base"), "--data_path", str(folder / "data.json"),
         "--output_dir", str(folder / "heads"), "--num_train_epochs", "3", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2", "--model_max_length", "128", "--save_strategy", "no", "--eval_strategy", "no",
         "--report_to", "none",
     ]  # fmt: skip
-    assert cli_main(argv) == 0
+    assert main(argv) == 0
     return base, folder / "heads", reference(base, 32)
 
 

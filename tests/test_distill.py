@@ -18,8 +18,8 @@ import pytest
 from conftest import write_conversations
 from test_serve import ServerThread, free_port
 
+from medusa_forge.cli import main
 from medusa_forge.data.conversations import load_conversations
-from medusa_forge.distill.cli import cli_main
 from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.serve import create_app
 
@@ -93,7 +93,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def distill(*flags: str) -> int:
-    return cli_main([*flags, "--no-progress", "--retry-base", "0.01"])
+    return main(["distill", *flags, "--no-progress", "--retry-base", "0.01"])
 
 
 def test_replay_keeps_user_turns_and_replaces_assistant_turns(tmp_path, capsys):

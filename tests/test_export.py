@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medusa_forge.cli import main
 from medusa_forge.decode.generation import MedusaDecoder
-from medusa_forge.export import cli_main, export_heads
+from medusa_forge.export import export_heads
 from medusa_forge.formats.files import same_tensors
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaConfig, MedusaHeads, MedusaModel
@@ -250,10 +251,10 @@ def test_exported_then_imported_heads_decode_identically(tmp_path, base, heads_d
 
 
 def test_cli_prints_the_serve_command(tmp_path, heads_dir, capsys):
-    assert cli_main(["--heads", str(heads_dir), "--format", "vllm", "--output-dir", str(tmp_path / "v")]) == 0
+    assert main(["export", "--heads", str(heads_dir), "--format", "vllm", "--output-dir", str(tmp_path / "v")]) == 0
     out = capsys.readouterr().out
     assert "--speculative-config" in out and f'"num_speculative_tokens": {K}' in out and "model.safetensors" in out
-    assert cli_main(["--heads", str(heads_dir), "--format", "tgi", "--output-dir", str(tmp_path / "t"),
+    assert main(["export", "--heads", str(heads_dir), "--format", "tgi", "--output-dir", str(tmp_path / "t"),
                      "--base-model-id", "acme/base-7b"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert f"--speculate {K}" in out and ":ro" not in out  # a Hub base: nothing to mount
@@ -287,7 +288,7 @@ def _corrupt(heads_dir, tmp_path, edit_config=None, edit_state=None):
 )
 def test_corrupted_folder_is_refused_with_the_reason(tmp_path, heads_dir, capsys, edit_config, edit_state, reason):
     bad = _corrupt(heads_dir, tmp_path, edit_config, edit_state)
-    assert cli_main(["--heads", str(bad), "--format", "tgi", "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["export", "--heads", str(bad), "--format", "tgi", "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and reason in err
     assert not (tmp_path / "out" / "medusa_lm_head.safetensors").exists()
@@ -296,7 +297,8 @@ def test_corrupted_folder_is_refused_with_the_reason(tmp_path, heads_dir, capsys
 def test_heads_for_another_model_are_refused(tmp_path, tiny_model_dir, capsys):
     wrong = MedusaHeads(MedusaConfig(2, 1, 16, 400, str(tiny_model_dir)))  # base has hidden size 32
     wrong.save(tmp_path / "wrong")
-    assert cli_main(["--heads", str(tmp_path / "wrong"), "--format", "vllm", "--output-dir", str(tmp_path / "o")]) == 2
+    argv = ["export", "--heads", str(tmp_path / "wrong"), "--format", "vllm", "--output-dir", str(tmp_path / "o")]
+    assert main(argv) == 2
     assert "heads have hidden size 16, but base model" in capsys.readouterr().err
 
 
@@ -304,7 +306,8 @@ def test_output_folder_with_other_weights_is_refused(tmp_path, heads_dir, capsys
     """A stale medusa_lm_head.pt would be read by TensorRT-LLM's converter before our safetensors."""
     (tmp_path / "out").mkdir()
     torch.save({}, tmp_path / "out" / "medusa_lm_head.pt")
-    assert cli_main(["--heads", str(heads_dir), "--format", "tensorrt-llm", "--output-dir", str(tmp_path / "out")]) == 2
+    argv = ["export", "--heads", str(heads_dir), "--format", "tensorrt-llm", "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
     assert "already holds other weights (medusa_lm_head.pt)" in capsys.readouterr().err
     export_heads(heads_dir, "tgi", tmp_path / "again")
     export_heads(heads_dir, "tgi", tmp_path / "again")  # rewriting the same export is fine

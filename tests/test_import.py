@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medusa_forge.import_heads import cli_main, import_heads
+from medusa_forge.cli import main
+from medusa_forge.import_heads import import_heads
 from medusa_forge.modeling import load_base_model
 
 H, V = 32, 400  # the tiny Llama's sizes
@@ -66,7 +67,7 @@ def test_original_pt_becomes_ours_bit_exact_with_its_dtype(tmp_path, tiny_model_
     src.mkdir()
     torch.save(heads.state_dict(), src / "medusa_lm_head.pt")
     (src / "config.json").write_text(json.dumps(original_config(tiny_model_dir, 3, 2)))
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 0
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "found: original Medusa torch pickle" in out and "heads: 3, blocks per head: 2" in out
     got = ours(tmp_path / "out")
@@ -82,9 +83,9 @@ def test_bare_pt_file_without_config_needs_the_base_model(tmp_path, tiny_model_d
     heads = original_medusa_head(2, 1)
     torch.save(heads.state_dict(), tmp_path / "medusa_lm_head.pt")
     args = ["--from", str(tmp_path / "medusa_lm_head.pt"), "--output-dir", str(tmp_path / "out")]
-    assert cli_main(args) == 2
+    assert main(["import", *args]) == 2
     assert "config.json is missing, so the base model is unknown; pass --base-model" in capsys.readouterr().err
-    assert cli_main([*args, "--base-model", str(tiny_model_dir)]) == 0
+    assert main(["import", *args, "--base-model", str(tiny_model_dir)]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["medusa_num_heads"], config["medusa_num_layers"]) == (2, 1)
     assert all(torch.equal(ours(tmp_path / "out")[k], v) for k, v in heads.state_dict().items())
@@ -95,7 +96,7 @@ def test_pickle_that_is_not_a_state_dict_is_refused_without_running_it(tmp_path,
     src.mkdir()
     torch.save(original_medusa_head(1, 1), src / "medusa_lm_head.pt")  # a whole module: needs unpickling code
     (src / "config.json").write_text(json.dumps(original_config(tiny_model_dir, 1, 1)))
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
     assert "cannot be loaded safely as a dict of tensors" in capsys.readouterr().err
 
 
@@ -129,7 +130,7 @@ def test_full_checkpoint_with_medusa_head_prefix(tmp_path, tiny_model_dir, base,
     config = json.loads((src / "config.json").read_text())
     config |= {"medusa_num_heads": 2, "medusa_num_layers": 1}
     (src / "config.json").write_text(json.dumps(config))
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 0
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out")]) == 0
     assert "found: full model checkpoint whose weights carry a `medusa_head.` prefix" in capsys.readouterr().out
     got = ours(tmp_path / "out")
     assert got.keys() == heads.state_dict().keys()
@@ -174,7 +175,7 @@ def test_vllm_truncated_vocabulary_is_refused_with_the_reason(tmp_path, tiny_mod
     weights = load_file(str(folder / "medusa-heads.safetensors"))
     weights |= {f"lm_heads.{i}.weight": torch.randn(100, H) for i in range(2)} | {"token_map": torch.arange(100)}
     save_file(weights, str(folder / "medusa-heads.safetensors"))
-    assert cli_main(["--from", str(folder), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(folder), "--output-dir", str(tmp_path / "out")]) == 2
     assert "truncated vocabulary (100 of 400 tokens, token_map)" in capsys.readouterr().err
 
 
@@ -183,10 +184,10 @@ def test_vllm_without_a_base_model_name_asks_for_one(tmp_path, tiny_model_dir, c
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     del config["base_model_name_or_path"]
     (tmp_path / "v" / "config.json").write_text(json.dumps(config))
-    assert cli_main(["--from", str(tmp_path / "v"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(tmp_path / "v"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "pass --base-model" in capsys.readouterr().err
     args = ["--from", str(tmp_path / "v"), "--output-dir", str(tmp_path / "out"), "--base-model", str(tiny_model_dir)]
-    assert cli_main(args) == 0
+    assert main(["import", *args]) == 0
 
 
 def test_two_different_sets_of_heads_are_ambiguous(tmp_path, tiny_model_dir, capsys):
@@ -196,10 +197,10 @@ def test_two_different_sets_of_heads_are_ambiguous(tmp_path, tiny_model_dir, cap
     torch.save(original_medusa_head(2, 1, seed=1).state_dict(), src / "medusa_lm_head.pt")
     state = {k: v.contiguous() for k, v in original_medusa_head(2, 1, seed=2).state_dict().items()}
     save_file(state, str(src / "medusa_lm_head.safetensors"))
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "ambiguous" in err and "--layout {medusa,medusa-pt}" in err
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out"), "--layout", "medusa-pt"]) == 0
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out"), "--layout", "medusa-pt"]) == 0
     assert torch.equal(
         ours(tmp_path / "out")["0.0.linear.weight"],
         torch.load(src / "medusa_lm_head.pt", weights_only=True)["0.0.linear.weight"],
@@ -233,7 +234,7 @@ def test_config_that_contradicts_the_tensors_is_refused(
     config = original_config(tiny_model_dir, num_heads, num_layers) | {"hidden_size": hidden}
     (src / "config.json").write_text(json.dumps(config))
     torch.save(original_medusa_head(2, 1).state_dict(), src / "medusa_lm_head.pt")
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
     assert reason in capsys.readouterr().err
 
 
@@ -245,14 +246,14 @@ def test_mislabelled_head_count_can_be_overridden(tmp_path, tiny_model_dir, caps
     (src / "config.json").write_text(json.dumps(original_config(tiny_model_dir, 2, 1)))
     heads = original_medusa_head(4, 1)
     torch.save(heads.state_dict(), src / "medusa_lm_head.pt")
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out")]) == 2
     assert "medusa_num_heads is 2 but the weights hold 4 heads (if the weights are right, pass --num-heads 4)" in (
         capsys.readouterr().err
     )
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "out"), "--num-heads", "4"]) == 0
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "out"), "--num-heads", "4"]) == 0
     assert "overridden by --num-heads 4" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "config.json").read_text())["medusa_num_heads"] == 4
-    assert cli_main(["--from", str(src), "--output-dir", str(tmp_path / "three"), "--num-heads", "3"]) == 0
+    assert main(["import", "--from", str(src), "--output-dir", str(tmp_path / "three"), "--num-heads", "3"]) == 0
     got = ours(tmp_path / "three")
     assert {k.split(".")[0] for k in got} == {"0", "1", "2"}
     assert torch.equal(got["2.1.weight"], heads.state_dict()["2.1.weight"])
@@ -270,13 +271,13 @@ def test_heads_for_a_different_base_are_refused(tmp_path, tiny_model_dir, tiny_t
     (src / "config.json").write_text(json.dumps(original_config(tiny_model_dir, 2, 1)))
     torch.save(original_medusa_head(2, 1).state_dict(), src / "medusa_lm_head.pt")
     args = ["--from", str(src), "--output-dir", str(tmp_path / "out"), "--base-model", str(tmp_path / "other-base")]
-    assert cli_main(args) == 2
+    assert main(["import", *args]) == 2
     assert "heads have hidden size 32, but base model" in capsys.readouterr().err
 
 
 def test_folder_without_heads_lists_what_it_expected(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")
-    assert cli_main(["--from", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert main(["import", "--from", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no Medusa heads found" in err and "notes.txt" in err

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medusa_forge.cli import main
 from medusa_forge.heads import MedusaHeads
-from medusa_forge.hub import cli_main
 from medusa_forge.model_card import CARD_MARKER, write_model_card
 from medusa_forge.modeling import load_base_model
 
@@ -191,7 +191,7 @@ EXPECTED_FILES = {
 
 
 def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folder, tiny_model_dir, capsys):
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/tiny-medusa", "--private"]) == 0
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/tiny-medusa", "--private"]) == 0
     out = capsys.readouterr().out
     assert "uploaded 8 files to alice/tiny-medusa" in out and "commit: " in out
     sequence = [(m, p) for m, p in hub.requests if not p.startswith("/lfs-upload/")]
@@ -229,9 +229,9 @@ def test_push_uploads_the_folder_in_the_hubs_request_sequence(hub, trained_folde
 
 
 def test_push_to_a_revision_creates_the_branch_and_commits_there(hub, trained_folder):
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/rev"]) == 0
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/rev"]) == 0
     # Second push: the repo exists (409 from create), the branch is created from main.
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/rev", "--revision", "v1"]) == 0
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/rev", "--revision", "v1"]) == 0
     paths = [p for _, p in hub.requests]
     assert "/api/models/alice/rev/branch/v1" in paths and "/api/models/alice/rev/commit/v1" in paths
     assert set(hub.repos["alice/rev"]["branches"]["v1"]) == EXPECTED_FILES
@@ -240,7 +240,7 @@ def test_push_to_a_revision_creates_the_branch_and_commits_there(hub, trained_fo
 
 def test_dry_run_lists_the_files_and_sends_nothing(hub, trained_folder, capsys):
     readme = (trained_folder / "README.md").read_text()
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x", "--dry-run"]) == 0
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: would upload 8 files to alice/x" in out and "note: token found" in out
     for name in EXPECTED_FILES:
@@ -251,7 +251,7 @@ def test_dry_run_lists_the_files_and_sends_nothing(hub, trained_folder, capsys):
 
 def test_missing_token_is_a_clear_error(hub, trained_folder, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x"]) == 2
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/x"]) == 2
     err = capsys.readouterr().err
     assert "no Hugging Face token" in err and "HF_TOKEN" in err and "hf auth login" in err
     assert hub.requests == []
@@ -259,13 +259,13 @@ def test_missing_token_is_a_clear_error(hub, trained_folder, monkeypatch, capsys
 
 def test_rejected_token_is_a_clear_error(hub, trained_folder, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x"]) == 2
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/x"]) == 2
     assert "rejected the token (401)" in capsys.readouterr().err
     assert hub.requests == [("GET", "/api/whoami-v2")]
 
 
 def test_namespace_without_write_access_is_a_clear_error(hub, trained_folder, capsys):
-    assert cli_main(["--folder", str(trained_folder), "--repo", "bob/x"]) == 2
+    assert main(["push", "--folder", str(trained_folder), "--repo", "bob/x"]) == 2
     assert "the token may not write to bob/x (403)" in capsys.readouterr().err
 
 
@@ -275,7 +275,7 @@ def test_unreachable_hub_is_a_clear_error(trained_folder, monkeypatch, capsys):
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert cli_main(["--folder", str(trained_folder), "--repo", "alice/x"]) == 2
+    assert main(["push", "--folder", str(trained_folder), "--repo", "alice/x"]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach the Hub at http://127.0.0.1:{port}" in err
 
@@ -289,7 +289,7 @@ def test_invalid_folder_is_refused_before_any_request(hub, trained_folder, tmp_p
     from safetensors.torch import save_file
 
     save_file(state, str(bad / "medusa_lm_head.safetensors"))
-    assert cli_main(["--folder", str(bad), "--repo", "alice/x"]) == 2
+    assert main(["push", "--folder", str(bad), "--repo", "alice/x"]) == 2
     assert "only heads [0, 1] have a vocabulary projection" in capsys.readouterr().err
     assert hub.requests == []
 
@@ -297,9 +297,9 @@ def test_invalid_folder_is_refused_before_any_request(hub, trained_folder, tmp_p
 def test_local_base_path_needs_a_hub_id(hub, tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "heads"
     MedusaHeads.for_base_model(load_base_model(str(tiny_model_dir)), 2, 1, str(tiny_model_dir)).save(folder)
-    assert cli_main(["--folder", str(folder), "--repo", "alice/x", "--dry-run"]) == 2
+    assert main(["push", "--folder", str(folder), "--repo", "alice/x", "--dry-run"]) == 2
     assert "--base-model-id" in capsys.readouterr().err
-    assert cli_main(["--folder", str(folder), "--repo", "alice/x", "--base-model-id", "acme/tiny-llama"]) == 0
+    assert main(["push", "--folder", str(folder), "--repo", "alice/x", "--base-model-id", "acme/tiny-llama"]) == 0
     stored = hub.repos["alice/x"]["branches"]["main"]
     assert json.loads(stored["config.json"])["base_model_name_or_path"] == "acme/tiny-llama"
     # The local folder keeps its local base, so local commands keep working offline.
@@ -316,7 +316,7 @@ def test_hand_edited_card_is_kept(hub, trained_folder, tmp_path):
     config["base_model_name_or_path"] = "acme/tiny-llama"
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# My own words\n")
-    assert cli_main(["--folder", str(folder), "--repo", "alice/edited"]) == 0
+    assert main(["push", "--folder", str(folder), "--repo", "alice/edited"]) == 0
     assert hub.repos["alice/edited"]["branches"]["main"]["README.md"] == b"---\nlicense: mit\n---\n# My own words\n"
 
 
@@ -341,7 +341,7 @@ def test_vllm_export_is_pushed_with_a_vllm_card(hub, trained_folder, tmp_path):
     from medusa_forge.export import export_heads
 
     export_heads(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
-    assert cli_main(["--folder", str(tmp_path / "vllm"), "--repo", "alice/v"]) == 0
+    assert main(["push", "--folder", str(tmp_path / "vllm"), "--repo", "alice/v"]) == 0
     stored = hub.repos["alice/v"]["branches"]["main"]
     assert set(stored) == {"README.md", "config.json", "model.safetensors", "model_card.json"}
     assert json.loads(stored["config.json"])["model_type"] == "medusa"
@@ -355,6 +355,6 @@ def test_other_layouts_are_sent_to_import_first(hub, trained_folder, tmp_path, c
     folder.mkdir()
     (folder / "config.json").write_text((trained_folder / "config.json").read_text())
     torch.save(load_file(str(trained_folder / "medusa_lm_head.safetensors")), folder / "medusa_lm_head.pt")
-    assert cli_main(["--folder", str(folder), "--repo", "alice/x"]) == 2
+    assert main(["push", "--folder", str(folder), "--repo", "alice/x"]) == 2
     assert f"Convert first: medusa-forge import --from {folder}" in capsys.readouterr().err
     assert hub.requests == []

@@ -13,9 +13,10 @@ import httpx
 import pytest
 import uvicorn
 
+from medusa_forge.cli import main
 from medusa_forge.generation.generator import GenerationRequest
 from medusa_forge.generation.hf import HFGenerator
-from medusa_forge.serve import cli_main, create_app
+from medusa_forge.serve import create_app
 
 
 def free_port() -> int:
@@ -210,7 +211,7 @@ def test_context_error_code(server):
 
 
 def test_cli_bad_model_is_a_clear_error(tmp_path, capsys):
-    assert cli_main(["--model", str(tmp_path / "no-such-model"), "--port", "0"]) == 2
+    assert main(["serve", "--model", str(tmp_path / "no-such-model"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not load model") and "Traceback" not in err
 

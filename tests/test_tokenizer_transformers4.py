@@ -25,6 +25,7 @@ from medusa_forge.heads import MedusaHeads
 from medusa_forge.import_heads import import_heads
 from medusa_forge.modeling import load_base_model
 from medusa_forge.tokenizer_files import save_tokenizer
+from medusa_forge.train.args import parse_args
 from medusa_forge.train.run import train
 
 TGI_TRANSFORMERS = "transformers==4.51.3"  # what TGI's last release pins
@@ -85,11 +86,11 @@ def test_every_tokenizer_we_write_reads_the_same_under_tgis_transformers(
     # A heads folder from `medusa-forge train`, its TGI export, and a TGI export of heads without a tokenizer
     # (written from the base model).
     data = write_conversations(tmp_path / "data.json", n=4)
-    trained = train(
+    trained = train(parse_args(
         ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
          str(tmp_path / "trained"), "--max_steps", "1", "--per_device_train_batch_size", "2",
          "--model_max_length", "64", "--save_strategy", "no", "--disable_tqdm", "True", "--report_to", "none"]
-    )  # fmt: skip
+    ))  # fmt: skip
     export_heads(trained, "tgi", tmp_path / "export-tgi")
     bare = tmp_path / "bare-heads"
     MedusaHeads.for_base_model(load_base_model(str(tiny_model_dir)), 2, 1, str(tiny_model_dir)).save(bare)

@@ -12,16 +12,22 @@ import torch
 from conftest import make_tiny_model, write_conversations
 from safetensors.torch import load_file
 
+from medusa_forge.cli import main
 from medusa_forge.errors import UserError
 from medusa_forge.results import TrainingMetrics
 from medusa_forge.train.args import parse_args
-from medusa_forge.train.run import cli_main, train
+from medusa_forge.train.run import train as train_heads
 
 TUTORIAL_FLAGS = """--model_name_or_path HuggingFaceH4/zephyr-7b-beta --data_path zephyr_self_distill.json
 --bf16 True --output_dir zephyr_out --num_train_epochs 5 --per_device_train_batch_size 4
 --per_device_eval_batch_size 4 --gradient_accumulation_steps 4 --evaluation_strategy no --save_strategy no
 --learning_rate 1e-3 --weight_decay 0.0 --warmup_ratio 0.1 --lr_scheduler_type cosine --logging_steps 1
 --tf32 True --model_max_length 2048 --lazy_preprocess True --medusa_num_heads 3 --medusa_num_layers 1""".split()
+
+
+def train(argv: list[str]) -> Path:
+    """Train from the command's flags, as a user types them."""
+    return train_heads(parse_args(argv))
 
 
 def small_run_flags(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -33,14 +39,15 @@ def small_run_flags(model_dir: Path, data: Path, out: Path, *extra: str) -> list
 
 
 def test_tutorial_flags_parse_verbatim(caplog):
-    model, data, medusa, args = parse_args(TUTORIAL_FLAGS)
-    assert model.model_name_or_path == "HuggingFaceH4/zephyr-7b-beta"
-    assert data.data_path == "zephyr_self_distill.json" and data.lazy_preprocess is True
-    assert (medusa.medusa_num_heads, medusa.medusa_num_layers) == (3, 1)
-    assert args.eval_strategy == "no" and args.model_max_length == 2048
-    assert args.gradient_accumulation_steps == 4 and args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.1
+    config = parse_args(TUTORIAL_FLAGS)
+    assert config.model_name_or_path == "HuggingFaceH4/zephyr-7b-beta"
+    assert config.data_path == "zephyr_self_distill.json" and config.lazy_preprocess is True
+    assert (config.medusa_num_heads, config.medusa_num_layers) == (3, 1)
+    assert config.eval_strategy == "no" and config.model_max_length == 2048
+    assert config.gradient_accumulation_steps == 4 and config.lr_scheduler_type == "cosine"
+    assert config.warmup_steps == 0.1
     if not torch.cuda.is_available():
-        assert args.bf16 is False and "--bf16 was requested but no CUDA GPU" in caplog.text
+        assert config.bf16 is False and "--bf16 was requested but no CUDA GPU" in caplog.text
 
 
 def test_deepspeed_without_the_package_is_a_clear_error(tmp_path):
@@ -149,20 +156,22 @@ def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(
 
 
 def test_user_mistakes_exit_2_with_a_message(tmp_path, tiny_model_dir, capsys):
-    assert cli_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(tmp_path / "none.json")]) == 2
+    missing = tmp_path / "none.json"
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--data_path", str(missing)]) == 2
     assert "not found" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"conversations": [{"from": "human", "value": ["not", "text"]}]}]))
-    assert cli_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(bad)]) == 2
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--data_path", str(bad)]) == 2
     assert "record 0, message 0" in capsys.readouterr().err
 
 
 def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = write_conversations(tmp_path / "data.json", n=2)
-    code = cli_main(
-        ["--model_name_or_path", "nobody/no-such-model", "--data_path", str(data), "--output_dir", str(tmp_path)]
-    )
+    code = main(
+        ["train", "--model_name_or_path", "nobody/no-such-model", "--data_path", str(data),
+         "--output_dir", str(tmp_path)]
+    )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "could not load model 'nobody/no-such-model'" in err and "'smollm2'" in err
 

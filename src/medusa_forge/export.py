@@ -7,10 +7,8 @@ and config keys. Layouts: README, "Export, import and push", and medusa_forge/fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,32 +146,38 @@ def export_heads(
     return ExportResult(output_dir, files, serve_commands(fmt, output_dir, loaded), notes)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medusa-forge export", description="Write Medusa heads in the layout an inference engine loads."
+@dataclass
+class ExportConfig:
+    """Write Medusa heads in the layout an inference engine loads."""
+
+    heads: str = field(metadata={"help": "Heads folder (written by `medusa-forge train`, or any layout)."})
+    format: str = field(metadata={"help": "Target engine.", "choices": FORMATS})
+    output_dir: str = field(metadata={"help": "New folder to write."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write this base model name (e.g. a Hub id) into the exported config instead of the heads' own."
+        },
     )
-    parser.add_argument("--heads", required=True, help="Heads folder (written by `medusa-forge train`, or any layout).")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="Target engine.")
-    parser.add_argument("--output-dir", required=True, help="New folder to write.")
-    parser.add_argument(
-        "--base-model-id",
-        help="Write this base model name (e.g. a Hub id) into the exported config instead of the heads' own.",
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "TGI only: take the tokenizer from here (default: heads folder, then base)."}
     )
-    parser.add_argument(
-        "--tokenizer", help="TGI only: take the tokenizer from here (default: heads folder, then base)."
+    layout: str | None = field(
+        default=None, metadata={"help": "Layout of --heads when detection is ambiguous.", "choices": list(LAYOUTS)}
     )
-    parser.add_argument("--layout", choices=list(LAYOUTS), help="Layout of --heads when detection is ambiguous.")
-    return parser
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(f"--format {self.format}: choose from {', '.join(FORMATS)}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise UserError(f"--layout {self.layout}: choose from {', '.join(LAYOUTS)}")
 
 
-def cli_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = export_heads(args.heads, args.format, args.output_dir, args.base_model_id, args.tokenizer, args.layout)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.format} layout to {result.output_dir}:")
+def run_export(config: ExportConfig) -> int:
+    result = export_heads(
+        config.heads, config.format, config.output_dir, config.base_model_id, config.tokenizer, config.layout
+    )
+    print(f"wrote {config.format} layout to {result.output_dir}:")
     for path in result.files:
         print(f"  {path.name}")
     for note in result.notes:

@@ -6,12 +6,10 @@ The token comes from HF_TOKEN or the local login (`hf auth login`); the endpoint
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,38 +205,34 @@ def _stage(folder: Path, files: list[str], staging: Path, overrides: dict[str, b
             target.symlink_to((folder / name).resolve())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medusa-forge push", description="Check a heads folder, refresh its model card and upload it to the Hub."
+@dataclass
+class PushConfig:
+    """Check a heads folder, refresh its model card and upload it to the Hub."""
+
+    folder: str = field(metadata={"help": "Heads folder (written by `medusa-forge train` or import)."})
+    repo: str = field(metadata={"help": "Hub repository USER/NAME (created if missing)."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to (created if missing; default main)."}
     )
-    parser.add_argument("--folder", required=True, help="Heads folder (written by `medusa-forge train` or import).")
-    parser.add_argument("--repo", required=True, help="Hub repository USER/NAME (created if missing).")
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--revision", help="Branch to push to (created if missing; default main).")
-    parser.add_argument("--dry-run", action="store_true", help="List what would be uploaded; send nothing.")
-    parser.add_argument(
-        "--base-model-id",
-        help="Hub id of the base model, for the uploaded config.json when the local one names a folder.",
+    dry_run: bool = field(default=False, metadata={"help": "List what would be uploaded; send nothing."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the base model, for the uploaded config.json when the local one names a folder."},
     )
-    return parser
 
 
-def cli_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = push(args.folder, args.repo, args.private, args.revision, args.dry_run, args.base_model_id)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run_push(config: PushConfig) -> int:
+    result = push(config.folder, config.repo, config.private, config.revision, config.dry_run, config.base_model_id)
     for note in result.notes:
         print(f"note: {note}")
-    target = f"{args.repo}" + (f"@{args.revision}" if args.revision else "")
-    if args.dry_run:
+    target = f"{config.repo}" + (f"@{config.revision}" if config.revision else "")
+    if config.dry_run:
         print(f"dry run: would upload {len(result.files)} files to {target} (model card: {result.card}):")
     else:
         print(f"uploaded {len(result.files)} files to {target} (model card: {result.card}):")
     for name in result.files:
-        size = (Path(args.folder) / name).stat().st_size if (Path(args.folder) / name).exists() else 0
+        size = (Path(config.folder) / name).stat().st_size if (Path(config.folder) / name).exists() else 0
         print(f"  {name}  ({size:,} bytes)")
     if result.url:
         print(f"commit: {result.url}")

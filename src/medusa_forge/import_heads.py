@@ -4,8 +4,7 @@ TGI / TensorRT-LLM load. Says which layout it found; refuses ambiguous or incons
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medusa_forge.errors import UserError
@@ -40,35 +39,33 @@ def import_heads(
     return loaded, files
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medusa-forge import",
-        description="Convert Medusa heads from any known layout into this project's (= TGI's) layout.",
+@dataclass
+class ImportConfig:
+    """Convert Medusa heads from any known layout into this project's (= TGI's) layout."""
+
+    source: str = field(metadata={"flag": "--from", "help": "Heads folder or weights file to read."})
+    output_dir: str = field(metadata={"help": "Folder to write (config.json + medusa_lm_head.safetensors)."})
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model (Hub id or folder) when the source does not name it, or to check sizes against another."
+        },
     )
-    parser.add_argument("--from", dest="source", required=True, help="Heads folder or weights file to read.")
-    parser.add_argument(
-        "--output-dir", required=True, help="Folder to write (config.json + medusa_lm_head.safetensors)."
+    layout: str | None = field(
+        default=None, metadata={"help": "Read this layout instead of detecting it.", "choices": list(LAYOUTS)}
     )
-    parser.add_argument(
-        "--base-model",
-        help="Base model (Hub id or folder) when the source does not name it, or to check sizes against another.",
+    num_heads: int | None = field(
+        default=None,
+        metadata={"help": "Trust the weights, not the config, for the head count (keeps the first N heads)."},
     )
-    parser.add_argument("--layout", choices=list(LAYOUTS), help="Read this layout instead of detecting it.")
-    parser.add_argument(
-        "--num-heads",
-        type=int,
-        help="Trust the weights, not the config, for the head count (keeps the first N heads).",
-    )
-    return parser
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise UserError(f"--layout {self.layout}: choose from {', '.join(LAYOUTS)}")
 
 
-def cli_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        loaded, files = import_heads(args.source, args.output_dir, args.base_model, args.layout, args.num_heads)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run_import(config: ImportConfig) -> int:
+    loaded, files = import_heads(config.source, config.output_dir, config.base_model, config.layout, config.num_heads)
     info = describe(loaded)
     print(f"found: {loaded.description}")
     print(
@@ -78,5 +75,5 @@ def cli_main(argv: list[str]) -> int:
     )
     for note in loaded.notes:
         print(f"note: {note}")
-    print(f"wrote {args.output_dir}: " + ", ".join(p.name for p in files))
+    print(f"wrote {config.output_dir}: " + ", ".join(p.name for p in files))
     return 0

@@ -10,13 +10,11 @@ Another decoder (Medusa heads) plugs in by passing its own `Generator` to `creat
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -221,62 +219,62 @@ async def _stream(engine, request: GenerationRequest, completion_id: str, create
         task.cancel()  # the client went away: drop the request if it has not started yet
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medusa-forge serve", description="OpenAI-compatible server (local model).")
-    parser.add_argument(
-        "--model", default=None, help="Local folder, Hub id or the offline alias 'smollm2' (default: smollm2)."
+@dataclass
+class ServeConfig:
+    """OpenAI-compatible server (local model)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Local folder, Hub id or the offline alias 'smollm2' (default: smollm2)."}
     )
-    parser.add_argument(
-        "--heads",
+    heads: str | None = field(
         default=None,
-        help="Medusa heads folder: decode with the heads, one request at a time (default base: the heads' own).",
+        metadata={
+            "help": "Medusa heads folder: decode with the heads, one request at a time (default base: the heads' own)."
+        },
     )
-    parser.add_argument("--served-model-name", default=None, help="Name in /v1/models and replies (default: --model).")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=16, help="Most requests decoded together.")
-    parser.add_argument(
-        "--batching",
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Name in /v1/models and replies (default: --model)."}
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together."})
+    batching: str = field(
         default="auto",
-        choices=BATCHING_MODES,
-        help="continuous (requests join/leave between steps; auto picks it when the model allows) or static.",
+        metadata={
+            "help": "continuous (requests join/leave between steps; auto picks it when the model allows) or static.",
+            "choices": BATCHING_MODES,
+        },
     )
-    parser.add_argument(
-        "--batch-wait-ms", type=float, default=25.0, help="Gather requests arriving this close together."
-    )
-    parser.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request omits it.")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16.")
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    return parser
+    batch_wait_ms: float = field(default=25.0, metadata={"help": "Gather requests arriving this close together."})
+    default_max_tokens: int = field(default=512, metadata={"help": "max_tokens when a request omits it."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, ..."})
 
-
-def cli_main(argv: list[str]) -> int:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    try:
-        if not 0 <= args.port <= 65535:
-            raise UserError(f"--port {args.port}: expected 0-65535")
-        if args.default_max_tokens < 1:
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port}: expected 0-65535")
+        if self.default_max_tokens < 1:
             raise UserError("--default-max-tokens must be at least 1")
-        if args.heads:
-            from medusa_forge.decode.serving import MedusaServeGenerator
+        if self.batching not in BATCHING_MODES:
+            raise UserError(f"--batching {self.batching}: choose from {', '.join(BATCHING_MODES)}")
 
-            generator = MedusaServeGenerator.load(args.heads, args.model, dtype=args.dtype, device=args.device)
-        else:
-            generator = HFGenerator.load(args.model or "smollm2", dtype=args.dtype, device=args.device)
-        app = create_app(
-            generator,
-            args.served_model_name or args.model or "smollm2",
-            max_batch_size=args.max_batch_size,
-            batch_wait_ms=args.batch_wait_ms,
-            default_max_tokens=args.default_max_tokens,
-            batching=args.batching,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def run_serve(config: ServeConfig) -> int:
+    if config.heads:
+        from medusa_forge.decode.serving import MedusaServeGenerator
+
+        generator = MedusaServeGenerator.load(config.heads, config.model, dtype=config.dtype, device=config.device)
+    else:
+        generator = HFGenerator.load(config.model or "smollm2", dtype=config.dtype, device=config.device)
+    app = create_app(
+        generator,
+        config.served_model_name or config.model or "smollm2",
+        max_batch_size=config.max_batch_size,
+        batch_wait_ms=config.batch_wait_ms,
+        default_max_tokens=config.default_max_tokens,
+        batching=config.batching,
+    )
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0

@@ -1,15 +1,17 @@
-"""`medusa-forge distill --input-filename IN --output-filename OUT [...]`: flags in, `runner.run` out, summary printed.
+"""`medusa-forge distill --input-filename IN --output-filename OUT [...]`: DistillConfig in, `runner.run` out, summary
+printed.
 
 Exit status: 0 all done, 1 some conversations failed or were not attempted (rerun with --resume), 2 user error.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from medusa_forge.data.conversations import Conversation, load_conversations
 from medusa_forge.distill.backends import HttpBackend, LocalBackend
@@ -22,49 +24,74 @@ from medusa_forge.generation.hf import HFGenerator
 logger = logging.getLogger("medusa_forge")
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """`--max-new-tokens` also answers to `--max_new_tokens` (the tutorial's scripts mix both styles)."""
-    names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-    parser.add_argument(*names, **kwargs)
+@dataclass
+class DistillConfig:
+    """Replay conversations against a model turn by turn and keep its own replies (self-distillation)."""
 
+    UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medusa-forge distill",
-        description="Replay conversations against a model turn by turn and keep its own replies (self-distillation).",
+    input_filename: str = field(metadata={"help": "ShareGPT or role/content JSON/JSONL file, or 'sharegpt'."})
+    output_filename: str = field(metadata={"help": "OUT.jsonl (appended as it goes) or OUT.json (a list)."})
+    url: list[str] = field(
+        default_factory=list, metadata={"help": "OpenAI-compatible server; repeat to spread the load."}
     )
-    _flag(parser, "--input-filename", required=True, help="ShareGPT or role/content JSON/JSONL file, or 'sharegpt'.")
-    _flag(parser, "--output-filename", required=True, help="OUT.jsonl (appended as it goes) or OUT.json (a list).")
-    _flag(parser, "--url", action="append", default=[], help="OpenAI-compatible server; repeat to spread the load.")
-    _flag(parser, "--model", default=None, help="In-process model (default smollm2); with --url: the model name sent.")
-    _flag(parser, "--api-key", default=None, help="Bearer token for --url servers (default: $HF_TOKEN if set).")
-    _flag(parser, "--max-samples", type=int, default=None, help="Use the first N conversations of the input.")
-    _flag(parser, "--max-new-tokens", type=int, default=1024, help="Longest reply per turn, in tokens.")
-    _flag(parser, "--temperature", type=float, default=0.0, help="0 = greedy (what greedy Medusa decoding matches).")
-    _flag(parser, "--top-p", type=float, default=1.0)
-    _flag(parser, "--seed", type=int, default=0, help="Sampling seed (a stable per-request seed is derived).")
-    _flag(parser, "--concurrency", type=int, default=16, help="Conversations in flight (in-process: batch size).")
-    _flag(parser, "--max-turns", type=int, default=None, help="Replay at most this many user turns each.")
-    _flag(
-        parser,
-        "--max-context",
-        type=int,
+    model: str | None = field(
+        default=None, metadata={"help": "In-process model (default smollm2); with --url: the model name sent."}
+    )
+    api_key: str | None = field(
+        default=None, metadata={"help": "Bearer token for --url servers (default: $HF_TOKEN if set)."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Use the first N conversations of the input."})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Longest reply per turn, in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (what greedy Medusa decoding matches)."})
+    top_p: float = 1.0
+    seed: int = field(default=0, metadata={"help": "Sampling seed (a stable per-request seed is derived)."})
+    concurrency: int = field(default=16, metadata={"help": "Conversations in flight (in-process: batch size)."})
+    max_turns: int | None = field(default=None, metadata={"help": "Replay at most this many user turns each."})
+    max_context: int | None = field(
         default=None,
-        help="In-process: treat the context as N tokens (prompt + reply), e.g. training's --model_max_length; a "
-        "conversation ends at the last turn that fits, one whose first turn does not fit is skipped.",
+        metadata={
+            "help": "In-process: treat the context as N tokens (prompt + reply), e.g. training's --model_max_length; "
+            "a conversation ends at the last turn that fits, one whose first turn does not fit is skipped."
+        },
     )
-    _flag(parser, "--shard", default=None, help="I/N: take every N-th conversation starting at I (0 <= I < N).")
-    _flag(parser, "--dtype", default="float32", help="In-process model dtype: float32, bfloat16 or float16.")
-    _flag(parser, "--device", default="auto", help="In-process device: auto (cuda if present), cpu, cuda, ...")
-    _flag(parser, "--batching", default="auto", choices=BATCHING_MODES, help="In-process: continuous or static.")
-    _flag(parser, "--max-retries", type=int, default=6, help="Retries per request on errors worth retrying.")
-    _flag(parser, "--retry-base", type=float, default=1.0, help="First back-off delay in seconds (doubles each try).")
-    _flag(parser, "--timeout", type=float, default=600.0, help="Seconds to wait for one reply.")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="Skip conversations already in OUT (the default).")
-    mode.add_argument("--overwrite", action="store_true", help="Delete OUT and start over.")
-    _flag(parser, "--no-progress", action="store_true", help="No progress bar.")
-    return parser
+    shard: str | None = field(
+        default=None, metadata={"help": "I/N: take every N-th conversation starting at I (0 <= I < N)."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "In-process model dtype: float32, bfloat16 or float16."})
+    device: str = field(default="auto", metadata={"help": "In-process device: auto (cuda if present), cpu, cuda, ..."})
+    batching: str = field(
+        default="auto", metadata={"help": "In-process: continuous or static.", "choices": BATCHING_MODES}
+    )
+    max_retries: int = field(default=6, metadata={"help": "Retries per request on errors worth retrying."})
+    retry_base: float = field(default=1.0, metadata={"help": "First back-off delay in seconds (doubles each try)."})
+    timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one reply."})
+    resume: bool = field(
+        default=False, metadata={"help": "Skip conversations already in OUT (the default).", "flag": "--resume"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Delete OUT and start over.", "flag": "--overwrite"})
+    no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pass one"),
+            (self.batching in BATCHING_MODES, f"--batching {self.batching}: choose from {', '.join(BATCHING_MODES)}"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.concurrency >= 1, "--concurrency must be at least 1"),
+            (self.max_turns is None or self.max_turns >= 1, "--max-turns must be at least 1"),
+            (self.max_context is None or self.max_context > self.max_new_tokens,
+             "--max-context must be larger than --max-new-tokens (it holds the prompt and the reply)"),
+            (self.max_context is None or not self.url,
+             "--max-context applies to the in-process model; a server enforces its own context length"),
+            (self.max_samples is None or self.max_samples >= 1, "--max-samples must be at least 1"),
+            (self.max_retries >= 0, "--max-retries must be >= 0"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        parse_shard(self.shard)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -77,25 +104,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise UserError(f"--shard {text!r}: need N >= 1 and 0 <= I < N (shards are numbered from 0)")
     return index, count
-
-
-def _validate(args: argparse.Namespace) -> None:
-    checks = [
-        (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-        (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.concurrency >= 1, "--concurrency must be at least 1"),
-        (args.max_turns is None or args.max_turns >= 1, "--max-turns must be at least 1"),
-        (args.max_context is None or args.max_context > args.max_new_tokens,
-         "--max-context must be larger than --max-new-tokens (it holds the prompt and the reply)"),
-        (args.max_context is None or not args.url,
-         "--max-context applies to the in-process model; a server enforces its own context length"),
-        (args.max_samples is None or args.max_samples >= 1, "--max-samples must be at least 1"),
-        (args.max_retries >= 0, "--max-retries must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
 
 
 def unique_ids(conversations: list[Conversation]) -> list[Conversation]:
@@ -126,76 +134,73 @@ def select(conversations: list[Conversation], shard: tuple[int, int]) -> list[Co
     return conversations[index::count]
 
 
-async def _distill(args, backend, todo: list[Conversation], store: OutputStore, already: int) -> Summary:
+async def _distill(
+    config: DistillConfig, backend, todo: list[Conversation], store: OutputStore, already: int
+) -> Summary:
     options = ReplayOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        max_turns=args.max_turns,
-        concurrency=args.concurrency,
-        max_consecutive_failures=max(32, 2 * args.concurrency),
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        max_turns=config.max_turns,
+        concurrency=config.concurrency,
+        max_consecutive_failures=max(32, 2 * config.concurrency),
     )
     async with backend:
         print(f"distill: {len(todo)} conversations to replay with {backend.description}", file=sys.stderr)
-        return await run(backend, todo, store, options, already_done=already, show_progress=not args.no_progress)
+        return await run(backend, todo, store, options, already_done=already, show_progress=not config.no_progress)
 
 
-def distill(args: argparse.Namespace) -> Summary:
-    _validate(args)
-    shard = parse_shard(args.shard)
-    conversations = select(unique_ids(load_conversations(args.input_filename, args.max_samples)), shard)
-    store = OutputStore(args.output_filename)
+def distill(config: DistillConfig) -> Summary:
+    """Replay the conversations; returns what happened (the summary lines, failures, an early stop)."""
+    shard = parse_shard(config.shard)
+    conversations = select(unique_ids(load_conversations(config.input_filename, config.max_samples)), shard)
+    store = OutputStore(config.output_filename)
     existed = store.exists()
-    done = store.open(overwrite=args.overwrite)
+    done = store.open(overwrite=config.overwrite)
     try:
-        if existed and not args.overwrite:
+        if existed and not config.overwrite:
             print(
-                f"distill: {args.output_filename} exists: resuming ({len(done)} conversations done"
+                f"distill: {config.output_filename} exists: resuming ({len(done)} conversations done"
                 f"{', a torn last line was cut away' if store.repaired_torn_line else ''}); "
                 f"pass --overwrite to start over",
                 file=sys.stderr,
             )
         todo = [c for c in conversations if c.id not in done]
         already = len(conversations) - len(todo)
-        if args.url:
+        if config.url:
             backend = HttpBackend(
-                args.url,
-                model=args.model,
-                api_key=args.api_key or os.environ.get("HF_TOKEN"),
-                timeout_s=args.timeout,
-                max_retries=args.max_retries,
-                retry_base_s=args.retry_base,
-                max_connections=args.concurrency,
+                config.url,
+                model=config.model,
+                api_key=config.api_key or os.environ.get("HF_TOKEN"),
+                timeout_s=config.timeout,
+                max_retries=config.max_retries,
+                retry_base_s=config.retry_base,
+                max_connections=config.concurrency,
             )
         elif todo:
-            generator = HFGenerator.load(args.model or "smollm2", dtype=args.dtype, device=args.device)
-            if args.max_context:
-                generator.max_context = min(generator.max_context, args.max_context)
-            backend = LocalBackend(generator, max_batch_size=args.concurrency, batching=args.batching)
+            generator = HFGenerator.load(config.model or "smollm2", dtype=config.dtype, device=config.device)
+            if config.max_context:
+                generator.max_context = min(generator.max_context, config.max_context)
+            backend = LocalBackend(generator, max_batch_size=config.concurrency, batching=config.batching)
             # Similar lengths in flight together: less padding in each batch.
-            todo.sort(key=lambda c: replayed_chars(c, args.max_turns))
+            todo.sort(key=lambda c: replayed_chars(c, config.max_turns))
         if todo:
-            summary = asyncio.run(_distill(args, backend, todo, store, already))
+            summary = asyncio.run(_distill(config, backend, todo, store, already))
         else:
             summary = Summary(already_done=already)
         total = store.finalize({c.id: i for i, c in enumerate(conversations)})
         if store.final_json:
-            print(f"distill: wrote {total} conversations to {args.output_filename}", file=sys.stderr)
+            print(f"distill: wrote {total} conversations to {config.output_filename}", file=sys.stderr)
         return summary
     finally:
         store.close()
 
 
-def cli_main(argv: list[str]) -> int:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+def run_distill(config: DistillConfig) -> int:
+    """Exit status: 0 all done, 1 some conversations failed or were not attempted, 2 stopped early, 130 Ctrl-C."""
     try:
-        summary = distill(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        summary = distill(config)
     except KeyboardInterrupt:
         print("\ninterrupted: finished conversations are saved; rerun with --resume to finish", file=sys.stderr)
         return 130

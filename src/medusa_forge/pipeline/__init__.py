@@ -4,20 +4,24 @@ from medusa_forge.pipeline.run import (
     QUICKSTART,
     STAGES,
     PipelineConfig,
+    PipelineRunConfig,
+    QuickstartConfig,
     StageFailed,
-    cli_main,
     load_config,
-    quickstart_main,
     run_pipeline,
+    run_pipeline_command,
+    run_quickstart,
 )
 
 __all__ = [
     "QUICKSTART",
     "STAGES",
     "PipelineConfig",
+    "PipelineRunConfig",
+    "QuickstartConfig",
     "StageFailed",
-    "cli_main",
     "load_config",
-    "quickstart_main",
     "run_pipeline",
+    "run_pipeline_command",
+    "run_quickstart",
 ]

@@ -11,16 +11,11 @@ change starts that stage over. State: WORKDIR/pipeline-state.json; every stage e
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import datetime
-import functools
 import hashlib
-import io
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -30,6 +25,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -140,54 +136,6 @@ class PipelineConfig:
 # --- config: YAML + overrides -> validated PipelineConfig ---------------------------------------------------------
 
 
-# The flag parsers are built once per process (each build imports its command and constructs every flag).
-@functools.cache
-def _distill_parser() -> argparse.ArgumentParser:
-    from medusa_forge.distill.cli import build_parser
-
-    return build_parser()
-
-
-@functools.cache
-def _eval_parser() -> argparse.ArgumentParser:
-    from medusa_forge.evaluate.cli import build_parser
-
-    return build_parser()
-
-
-def _option_map(parser) -> dict[str, argparse.Action]:
-    """dest -> action for every `--flag` of an argparse/HfArgumentParser parser."""
-    return {a.dest: a for a in parser._actions if any(s.startswith("--") for s in a.option_strings)}
-
-
-@functools.cache
-def _train_parser():
-    from transformers import HfArgumentParser
-
-    from medusa_forge.train.args import DATACLASSES
-
-    return HfArgumentParser(DATACLASSES)
-
-
-def flags_to_argv(values: dict, parser) -> list[str]:
-    """{dest: value} -> argv for `parser`; None means "the command's default" and is left out."""
-    actions = _option_map(parser)
-    argv: list[str] = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        action = actions[key]
-        option = next(s for s in action.option_strings if s.startswith("--"))
-        if action.nargs == 0:  # store_true / store_false
-            if bool(value) != bool(action.default):
-                argv.append(option)
-        elif isinstance(value, list | tuple):
-            argv += [option, *(str(v) for v in value)]
-        else:
-            argv += [option, str(value)]
-    return argv
-
-
 def _check_keys(where: str, given: dict, valid: list[str]) -> None:
     unknown = sorted(set(given) - set(valid))
     if unknown:
@@ -200,20 +148,25 @@ def _check_keys(where: str, given: dict, valid: list[str]) -> None:
         raise UserError(f"{where}: unknown keys {', '.join(hints)}; valid keys: {', '.join(sorted(valid))}")
 
 
+def _command_config(name: str) -> type:
+    """The config dataclass of the command a section configures (imported when first needed: torch comes with it)."""
+    if name == "distill":
+        from medusa_forge.distill.cli import DistillConfig
+
+        return DistillConfig
+    if name == "train":
+        from medusa_forge.train.args import TrainConfig
+
+        return TrainConfig
+    from medusa_forge.evaluate.cli import EvalConfig
+
+    return EvalConfig
+
+
 def _section_keys(name: str) -> list[str]:
-    parser = {"distill": _distill_parser, "train": _train_parser, "evaluate": _eval_parser}[name]()
-    return sorted(k for k in _option_map(parser) if k not in OWNED[name] and k != "help")
+    from medusa_forge.flags import config_keys
 
-
-def _parse_check(parser: argparse.ArgumentParser, argv: list[str], where: str) -> None:
-    """Run argparse on the argv built from a section so a bad value fails now, naming the section."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            parser.parse_args(argv)
-        except SystemExit:
-            message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "invalid value"
-            raise UserError(f"{where}: {message.split('error: ', 1)[-1]}") from None
+    return config_keys(_command_config(name), OWNED[name])
 
 
 def config_from_dict(raw: dict, source: str) -> PipelineConfig:
@@ -259,22 +212,15 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
 def _validate(config: PipelineConfig, source: str) -> None:
     """Everything that can be checked before hours of work: flags parse, formats exist, eval data is named."""
     from medusa_forge.formats.layouts import FORMATS
-    from medusa_forge.train.args import parse_args
 
     if config.eval_data is None and config.data != "sharegpt":
         raise UserError(
             f"{source}: set 'eval_data' to held-out conversations (a file that training does not see); "
             "the default sharegpt-heldout only fits data: sharegpt"
         )
-    distill_argv = ["--input-filename", "x", "--output-filename", "x"] + flags_to_argv(
-        config.distill.flags, _distill_parser()
-    )
-    _parse_check(_distill_parser(), distill_argv, f"{source}: distill")
-    _parse_check(_eval_parser(), ["--heads", "x", *flags_to_argv(config.eval, _eval_parser())], f"{source}: eval")
-    try:
-        parse_args(flags_to_argv(config.train, _train_parser()))
-    except UserError as err:
-        raise UserError(f"{source}: train: {err}") from None
+    distill_config(config, Path("distill.jsonl"), fresh=False, where=f"{source}: distill")
+    train_config(config, config.data, Path("heads"), where=f"{source}: train")
+    eval_config(config, Path("heads"), Path("eval"), where=f"{source}: eval")
     formats = config.export.formats
     if isinstance(formats, str):
         config.export.formats = formats = [formats]
@@ -509,12 +455,50 @@ def _split(section: dict, stage: str) -> tuple[dict, dict, dict]:
     return rest, extend, cosmetic
 
 
+def _stage_config(name: str, section: dict, where: str, **owned):
+    """The command config a stage runs with: its section's values plus the ones the pipeline sets."""
+    from medusa_forge.flags import config_from_values
+
+    try:
+        return config_from_values(_command_config(name), section, **owned)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def distill_config(config: PipelineConfig, output: Path, fresh: bool, where: str = "distill"):
+    return _stage_config(
+        "distill",
+        distill_flags(config),
+        where,
+        input_filename=config.data,
+        output_filename=str(output),
+        model=config.model,
+        url=list(config.distill.urls),
+        resume=not fresh,
+        overwrite=fresh,
+    )
+
+
+def train_config(config: PipelineConfig, data: str, heads: Path, where: str = "train"):
+    # auto_resume: training restarts from the last checkpoint-* in the heads folder
+    return _stage_config(
+        "train", config.train, where, model_name_or_path=config.model, data_path=data, output_dir=str(heads),
+        auto_resume=True,
+    )  # fmt: skip
+
+
+def eval_config(config: PipelineConfig, heads: Path, output_dir: Path, where: str = "eval"):
+    return _stage_config(
+        "evaluate", config.eval, where, heads=str(heads), data=config.held_out, output_dir=str(output_dir)
+    )
+
+
 def distill_flags(config: PipelineConfig) -> dict:
     """The distill section, plus training's model_max_length as the in-process context: a reply that training
     would cut away is not worth generating."""
     flags = dict(config.distill.flags)
     length = config.train.get("model_max_length")
-    new_tokens = flags.get("max_new_tokens") or _distill_parser().get_default("max_new_tokens")
+    new_tokens = flags.get("max_new_tokens") or _command_config("distill").max_new_tokens
     if not config.distill.urls and flags.get("max_context") is None and length and length > new_tokens:
         flags["max_context"] = length
     return flags
@@ -529,20 +513,17 @@ def plan_distill(ctx: Context) -> Plan | None:
 
 
 def run_distill(ctx: Context) -> list[Path]:
-    from medusa_forge.distill.cli import cli_main
+    from medusa_forge.distill.cli import distill
 
-    config = ctx.config
     ctx.distilled.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["--input-filename", config.data, "--output-filename", str(ctx.distilled), "--model", config.model]
-    for url in config.distill.urls:
-        argv += ["--url", url]
-    argv += flags_to_argv(distill_flags(config), _distill_parser())
-    argv.append("--overwrite" if ctx.fresh else "--resume")
-    code = cli_main(argv)
-    if code == 1:
+    summary = distill(distill_config(ctx.config, ctx.distilled, ctx.fresh))
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    if summary.fatal:
+        raise StageFailed("distill", summary.stopped_early)
+    if summary.failed or summary.not_attempted:
         raise StageFailed("distill", "some conversations failed or were not attempted (listed above); run the same "
                           "command again to retry only those")  # fmt: skip
-    _exit_ok("distill", code, "distill")
     records = sum(1 for line in ctx.distilled.open() if line.strip())
     if records == 0:
         raise StageFailed("distill", f"{ctx.distilled} holds no conversation: check 'data' and distill.max_samples")
@@ -556,10 +537,15 @@ def plan_train(ctx: Context) -> Plan:
     return Plan(rest, inputs, extend, cosmetic)
 
 
-def train_argv(ctx: Context) -> list[str]:
-    argv = ["--model_name_or_path", ctx.config.model, "--data_path", ctx.train_data, "--output_dir", str(ctx.heads)]
-    argv += flags_to_argv(ctx.config.train, _train_parser())
-    return argv + ["--auto_resume", "True"]  # resumes from the last checkpoint-* in the heads folder
+def launcher_argv(ctx: Context) -> list[str]:
+    """The train command's flags for the train stage, for a launcher's own processes (`-m medusa_forge.train`).
+    Every flag of the train command takes a value, so each key becomes `--key VALUE...`."""
+    owned = {"model_name_or_path": ctx.config.model, "data_path": ctx.train_data, "output_dir": str(ctx.heads)}
+    argv: list[str] = []
+    for key, value in {**ctx.config.train, **owned, "auto_resume": True}.items():
+        if value is not None:
+            argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
+    return argv
 
 
 def run_train(ctx: Context) -> list[Path]:
@@ -572,12 +558,12 @@ def run_train(ctx: Context) -> list[Path]:
         print(f"pipeline: train resumes from {checkpoints[-1].name}", file=sys.stderr)
         ctx.details["train"] = {"resumed_from": checkpoints[-1].name}
     if ctx.config.train_launcher:  # e.g. torchrun over several GPUs: training in its own processes
-        command = [*shlex.split(ctx.config.train_launcher), "-m", "medusa_forge.train", *train_argv(ctx)]
+        command = [*shlex.split(ctx.config.train_launcher), "-m", "medusa_forge.train", *launcher_argv(ctx)]
         print(f"pipeline: {shlex.join(command)}", file=sys.stderr)
         _exit_ok("train", subprocess.run(command).returncode, "train (under train_launcher)")
         out = ctx.heads
     else:
-        out = train(train_argv(ctx))
+        out = train(train_config(ctx.config, ctx.train_data, ctx.heads))
     return [out / "config.json", out / "medusa_lm_head.safetensors", out / TRAINING_METRICS_FILE]
 
 
@@ -592,13 +578,12 @@ def plan_evaluate(ctx: Context) -> Plan:
 
 
 def run_evaluate(ctx: Context) -> list[Path]:
-    from medusa_forge.evaluate.cli import build_parser, evaluate
+    from medusa_forge.evaluate.cli import evaluate
     from medusa_forge.formats.tree_file import TREE_FILE
 
-    argv = ["--heads", str(ctx.heads), "--data", ctx.config.held_out, "--output-dir", str(ctx.eval_dir)]
-    args = build_parser().parse_args(argv + flags_to_argv(ctx.config.eval, _eval_parser()))
+    config = eval_config(ctx.config, ctx.heads, ctx.eval_dir)
     (ctx.heads / TREE_FILE).unlink(missing_ok=True)  # a tree from an earlier evaluation must not survive
-    evaluate(args)
+    evaluate(config)
     outputs = [ctx.eval_dir / EVAL_REPORT_FILE]
     if (ctx.heads / TREE_FILE).is_file():
         outputs.append(ctx.heads / TREE_FILE)
@@ -886,34 +871,61 @@ def _print_eta(ctx: Context, index: int, header: str, stage: Stage, event: str, 
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
 
-def build_parser(prog: str = "medusa-forge pipeline") -> argparse.ArgumentParser:
-    quick = prog.endswith("quickstart")
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "The embedded default end to end (SmolLM2 + ShareGPT), sized for ~15 minutes on a 2-core CPU: "
-            if quick
-            else "Distil -> train -> evaluate (choose the tree) -> export -> push (if asked) -> report, "
-        )
-        + "re-runs skip finished stages and resume an interrupted one.",
+@dataclass
+class QuickstartConfig:
+    """The embedded default end to end (SmolLM2 + ShareGPT), sized for ~15 minutes on a 2-core CPU: re-runs skip
+    finished stages and resume an interrupted one."""
+
+    COMMAND: ClassVar[str] = "quickstart"
+
+    workdir: str = field(
+        default=QUICKSTART_WORKDIR, metadata={"help": "Folder for every stage's inputs, outputs, state and the report."}
     )
-    if not quick:
-        parser.add_argument("--config", help="YAML config (see pipeline.example.yaml); default: all defaults.")
-    parser.add_argument(
-        "--workdir",
-        default=QUICKSTART_WORKDIR if quick else "runs/pipeline",
-        help="Folder for every stage's inputs, outputs, state and the report.",
+    overrides: list[str] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--set",
+            "metavar": "KEY=VALUE",
+            "help": "Override a config key (value read as YAML), e.g. --set train.num_train_epochs=2 "
+            "--set eval.max_prompts=3",
+        },
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config key (value read as YAML), e.g. --set train.num_train_epochs=2 --set eval.max_prompts=3",
+    force_from: str | None = field(
+        default=None,
+        metadata={"flag": "--from", "choices": STAGES, "help": "Run this stage and all later ones again."},
     )
-    parser.add_argument("--from", dest="force_from", choices=STAGES, help="Run this stage and all later ones again.")
-    return parser
+
+    def __post_init__(self) -> None:
+        if self.force_from is not None and self.force_from not in STAGES:
+            raise UserError(f"--from {self.force_from}: choose one of {', '.join(STAGES)}")
+
+    @property
+    def command_line(self) -> str:
+        """The command that runs this again (and resumes where it stopped)."""
+        argv = ["medusa-forge", self.COMMAND]
+        if getattr(self, "config", None):
+            argv += ["--config", self.config]
+        argv += ["--workdir", self.workdir]
+        for override in self.overrides:
+            argv += ["--set", override]
+        if self.force_from:
+            argv += ["--from", self.force_from]
+        return shlex.join(argv)
+
+
+@dataclass
+class PipelineRunConfig(QuickstartConfig):
+    """Distil -> train -> evaluate (choose the tree) -> export -> push (if asked) -> report, re-runs skip finished
+    stages and resume an interrupted one."""
+
+    COMMAND: ClassVar[str] = "pipeline"
+
+    workdir: str = field(
+        default="runs/pipeline", metadata={"help": "Folder for every stage's inputs, outputs, state and the report."}
+    )
+    config: str | None = field(
+        default=None, metadata={"help": "YAML config (see pipeline.example.yaml); default: all defaults."}
+    )
 
 
 def _summary(ctx: Context) -> list[str]:
@@ -937,21 +949,16 @@ def _summary(ctx: Context) -> list[str]:
     return lines
 
 
-def main(argv: list[str], prog: str, base: dict | None) -> int:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser(prog).parse_args(argv)
-    resume = shlex.join([*prog.split(), *argv])
+def _run(options: QuickstartConfig, path: str | None, base: dict | None) -> int:
+    """Load the config, run the stages, print the summary; a failed stage exits 1, Ctrl-C 130 (both say how to
+    resume)."""
+    resume = options.command_line
     try:
-        config = load_config(getattr(args, "config", None), args.overrides, base)
-        ctx = run_pipeline(config, args.workdir, resume, args.force_from)
+        ctx = run_pipeline(load_config(path, options.overrides, base), options.workdir, resume, options.force_from)
     except StageFailed as err:
         print(f"error: stage {err.stage} failed: {err.reason}", file=sys.stderr)
         print(f"finished stages are kept; after fixing it, resume with:\n  {resume}", file=sys.stderr)
         return 1
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished stages are kept and this one resumes; continue with:\n  {resume}",
               file=sys.stderr)  # fmt: skip
@@ -960,9 +967,9 @@ def main(argv: list[str], prog: str, base: dict | None) -> int:
     return 0
 
 
-def cli_main(argv: list[str]) -> int:
-    return main(argv, "medusa-forge pipeline", None)
+def run_pipeline_command(config: PipelineRunConfig) -> int:
+    return _run(config, config.config, None)
 
 
-def quickstart_main(argv: list[str]) -> int:
-    return main(argv, "medusa-forge quickstart", QUICKSTART)
+def run_quickstart(config: QuickstartConfig) -> int:
+    return _run(config, None, QUICKSTART)

@@ -2,7 +2,7 @@
 
 import sys
 
-from medusa_forge.train.run import cli_main
+from medusa_forge.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,7 +1,6 @@
-"""The training command's flags: the tutorial's (the original Medusa trainer's) plus every HF TrainingArguments flag.
-
-Flags that cannot apply on this machine (`--bf16`, `--fp16`, `--tf32` without a GPU) are dropped with a
-warning instead of crashing; `--evaluation_strategy` (transformers 4.x) is accepted as `--eval_strategy`.
+"""The training command's config: the tutorial's (the original Medusa trainer's) flags plus every HF
+TrainingArguments flag, in one TrainConfig. `--evaluation_strategy` (transformers 4.x) is accepted as
+`--eval_strategy`, `--warmup_ratio` as `--warmup_steps`.
 """
 
 from __future__ import annotations
@@ -21,14 +20,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
+class TrainConfig(TrainingArguments):
+    """HF TrainingArguments plus the original Medusa trainer's flags (model, data, heads, `model_max_length`), with
+    defaults fit for heads. Without a GPU, bf16/fp16/tf32 cannot apply: they are dropped with a warning (training
+    in float32, also faster on CPU), and use_cpu is set so accelerate runs torchrun processes as real multi-CPU
+    DDP (gloo)."""
+
     model_name_or_path: str = field(
         default="smollm2", metadata={"help": "Base model: local folder, Hub id, or the offline alias 'smollm2'."}
     )
-
-
-@dataclass
-class DataArguments:
     data_path: str = field(
         default="sharegpt",
         metadata={"help": "Training conversations (JSON list or JSONL; ShareGPT or role/content), or 'sharegpt'."},
@@ -42,10 +42,6 @@ class DataArguments:
     )
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many conversations."})
     max_eval_samples: int | None = field(default=200, metadata={"help": "Use at most this many eval conversations."})
-
-
-@dataclass
-class MedusaArguments:
     medusa_num_heads: int = field(default=3, metadata={"help": "Number of heads K (head i predicts token t+2+i)."})
     medusa_num_layers: int = field(default=1, metadata={"help": "Residual blocks per head."})
     medusa_decay_coefficient: float = field(
@@ -76,12 +72,6 @@ class MedusaArguments:
     medusa_loss_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the vocabulary projection + loss (bounds memory)."}
     )
-
-
-@dataclass
-class MedusaTrainingArguments(TrainingArguments):
-    """HF TrainingArguments plus the original trainer's `model_max_length`, with defaults fit for heads."""
-
     model_max_length: int = field(default=2048, metadata={"help": "Truncate conversations to this many tokens."})
     output_dir: str = field(default="medusa-heads", metadata={"help": "Where the heads folder is written."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (heads only)."})
@@ -97,11 +87,35 @@ class MedusaTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Resume from the last checkpoint-* in --output_dir when there is one."}
     )
 
+    def __post_init__(self) -> None:
+        if self.medusa_num_heads < 1 or self.medusa_num_layers < 0:
+            raise UserError("--medusa_num_heads must be >= 1 and --medusa_num_layers >= 0")
+        if self.medusa_draft_vocab_size < 0:
+            raise UserError("--medusa_draft_vocab_size must be >= 0 (0 = the whole vocabulary)")
+        if self.deepspeed:
+            if importlib.util.find_spec("deepspeed") is None:
+                raise UserError("--deepspeed needs the deepspeed package: `pip install deepspeed` (on a CUDA machine)")
+            if isinstance(self.deepspeed, str) and not os.path.isfile(self.deepspeed):
+                raise UserError(f"--deepspeed {self.deepspeed}: file not found")
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            self.use_cpu = True
+            for name in ("bf16", "fp16", "tf32"):
+                if getattr(self, name):
+                    logger.warning(
+                        "--%s was requested but no CUDA GPU is available: ignoring it, training in float32", name
+                    )
+                    setattr(self, name, None if name == "tf32" else False)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
+        self.label_names = ["labels"]  # the only label input of MedusaForTraining
+        try:
+            super().__post_init__()
+        except (ValueError, ImportError) as err:
+            raise UserError(f"invalid training arguments: {err}") from None
 
-DATACLASSES = (ModelArguments, DataArguments, MedusaArguments, MedusaTrainingArguments)
+
 # transformers 4.x names used by the tutorial -> 5.x names (warmup_steps < 1 is a ratio of total steps in 5.x)
 _RENAMED = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
-_TRUE = {"true", "1", "yes", "y", "t"}
 
 
 def _rename_flags(argv: list[str]) -> list[str]:
@@ -112,53 +126,20 @@ def _rename_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def _cpu_fixes(values: dict) -> None:
-    """Without a GPU: bf16/fp16/tf32 cannot apply (warn, train in float32, also faster on CPU), and
-    use_cpu must be set for accelerate to run torchrun processes as real multi-CPU DDP (gloo)."""
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        return
-    values["use_cpu"] = True
-    for name in ("bf16", "fp16", "tf32"):
-        if values.get(name):
-            logger.warning("--%s was requested but no CUDA GPU is available: ignoring it, training in float32", name)
-            values[name] = None if name == "tf32" else False
+def valid_flags() -> list[str]:
+    return sorted("--" + f.name for f in fields(TrainConfig) if f.init) + sorted(_RENAMED)
 
 
-def valid_flags(parser: HfArgumentParser) -> list[str]:
-    flags = (s for action in parser._actions for s in action.option_strings if s.startswith("--"))
-    return sorted(f for f in flags if "-" not in f[2:]) + sorted(_RENAMED)
-
-
-def parse_args(
-    argv: list[str],
-) -> tuple[ModelArguments, DataArguments, MedusaArguments, MedusaTrainingArguments]:
-    parser = HfArgumentParser(DATACLASSES)
+def parse_args(argv: list[str]) -> TrainConfig:
+    """The train command's flags (the tutorial's spellings included) -> a validated TrainConfig."""
+    parser = HfArgumentParser(TrainConfig)
     parser.allow_abbrev = False  # a typo like --medusa_num_head must fail, not match a prefix
     namespace, unknown = parser.parse_known_args(_rename_flags(argv))
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
         hints = []
         for flag in flags:
-            close = difflib.get_close_matches(flag.split("=")[0], valid_flags(parser), n=2)
+            close = difflib.get_close_matches(flag.split("=")[0], valid_flags(), n=2)
             hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
-        raise UserError("unknown flags: " + "; ".join(hints) + "\nvalid flags: " + " ".join(valid_flags(parser)))
-    values = vars(namespace)
-    _cpu_fixes(values)
-    if values.get("deepspeed"):
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("--deepspeed needs the deepspeed package: `pip install deepspeed` (on a CUDA machine)")
-        if isinstance(values["deepspeed"], str) and not os.path.isfile(values["deepspeed"]):
-            raise UserError(f"--deepspeed {values['deepspeed']}: file not found")
-    built = []
-    for dataclass_type in DATACLASSES:
-        keys = {f.name for f in fields(dataclass_type) if f.init}
-        try:
-            built.append(dataclass_type(**{k: v for k, v in values.items() if k in keys}))
-        except (ValueError, ImportError) as err:
-            raise UserError(f"invalid training arguments: {err}") from None
-    model_args, data_args, medusa_args, training_args = built
-    if medusa_args.medusa_num_heads < 1 or medusa_args.medusa_num_layers < 0:
-        raise UserError("--medusa_num_heads must be >= 1 and --medusa_num_layers >= 0")
-    if medusa_args.medusa_draft_vocab_size < 0:
-        raise UserError("--medusa_draft_vocab_size must be >= 0 (0 = the whole vocabulary)")
-    return model_args, data_args, medusa_args, training_args
+        raise UserError("unknown flags: " + "; ".join(hints) + "\nvalid flags: " + " ".join(valid_flags()))
+    return TrainConfig(**vars(namespace))

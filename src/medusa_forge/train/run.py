@@ -1,10 +1,8 @@
-"""The training command: parse flags, build data + model, train with MedusaTrainer, write the heads folder."""
+"""The training command: from a TrainConfig, build data + model, train with MedusaTrainer, write the heads folder."""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
-from medusa_forge.train.args import parse_args
+from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache
 from medusa_forge.train.model import MedusaForTraining, head_weights
@@ -28,21 +26,21 @@ from medusa_forge.train.trainer import MedusaTrainer
 logger = logging.getLogger("medusa_forge")
 
 
-def _base_dtype(training_args) -> torch.dtype:
-    if training_args.bf16:
+def _base_dtype(config: TrainConfig) -> torch.dtype:
+    if config.bf16:
         return torch.bfloat16
-    if training_args.fp16:
+    if config.fp16:
         return torch.float16
     return torch.float32
 
 
-def _resume_checkpoint(training_args) -> str | None:
-    if training_args.resume_from_checkpoint:
-        if not Path(training_args.resume_from_checkpoint).is_dir():
-            raise UserError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such folder")
-        return training_args.resume_from_checkpoint
-    if training_args.auto_resume and Path(training_args.output_dir).is_dir():
-        last = last_complete_checkpoint(Path(training_args.output_dir))
+def _resume_checkpoint(config: TrainConfig) -> str | None:
+    if config.resume_from_checkpoint:
+        if not Path(config.resume_from_checkpoint).is_dir():
+            raise UserError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: no such folder")
+        return config.resume_from_checkpoint
+    if config.auto_resume and Path(config.output_dir).is_dir():
+        last = last_complete_checkpoint(Path(config.output_dir))
         if last:
             logger.warning("resuming from %s (pass --auto_resume False to start over)", last)
         return last
@@ -61,112 +59,103 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def _cached(base, train_set, eval_set, medusa_args, training_args):
+def _cached(base, train_set, eval_set, config: TrainConfig):
     """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait."""
-    root = Path(medusa_args.medusa_hidden_cache_dir or cache_dir() / "hidden")
+    root = Path(config.medusa_hidden_cache_dir or cache_dir() / "hidden")
     out = []
     for dataset in (train_set, eval_set):
         if dataset is None:
             out.append(None)
             continue
         items = dataset.all_items()
-        with training_args.main_process_first(desc="hidden-state cache"):
+        with config.main_process_first(desc="hidden-state cache"):
             cache = build_hidden_cache(base, items, root)
         out.append(CachedHiddenDataset(items, cache))
     return out
 
 
-def train(argv: list[str]) -> Path:
-    """Run training from command-line flags; returns the heads folder."""
-    model_args, data_args, medusa_args, training_args = parse_args(argv)
-    is_main = training_args.process_index == 0
-    if is_main and training_args.world_size > 1:
-        logger.warning("training on %d processes (%s)", training_args.world_size, training_args.parallel_mode.value)
-    base_path = resolve_model(model_args.model_name_or_path)  # rank-safe: converts the alias once, with a lock
+def train(config: TrainConfig) -> Path:
+    """Train the heads as `config` says; returns the heads folder."""
+    is_main = config.process_index == 0
+    if is_main and config.world_size > 1:
+        logger.warning("training on %d processes (%s)", config.world_size, config.parallel_mode.value)
+    base_path = resolve_model(config.model_name_or_path)  # rank-safe: converts the alias once, with a lock
     tokenizer = ensure_chat_template(load_tokenizer(base_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
 
-    conversations = load_conversations(data_args.data_path, data_args.max_samples)
+    conversations = load_conversations(config.data_path, config.max_samples)
     train_set = ConversationDataset(
-        conversations, tokenizer, training_args.model_max_length, data_args.lazy_preprocess, data_args.data_path
+        conversations, tokenizer, config.model_max_length, config.lazy_preprocess, config.data_path
     )
-    eval_path = data_args.eval_data_path or ("sharegpt-heldout" if data_args.data_path == "sharegpt" else None)
+    eval_path = config.eval_data_path or ("sharegpt-heldout" if config.data_path == "sharegpt" else None)
     eval_set = None
-    if training_args.eval_strategy != "no":
+    if config.eval_strategy != "no":
         if eval_path is None:
             raise UserError("--eval_strategy is not 'no': pass --eval_data_path with held-out conversations")
         eval_set = ConversationDataset(
-            load_conversations(eval_path, data_args.max_eval_samples),
+            load_conversations(eval_path, config.max_eval_samples),
             tokenizer,
-            training_args.model_max_length,
-            data_args.lazy_preprocess,
+            config.model_max_length,
+            config.lazy_preprocess,
             eval_path,
         )
 
-    base = load_base_model(base_path, dtype=_base_dtype(training_args)).to(training_args.device)
+    base = load_base_model(base_path, dtype=_base_dtype(config)).to(config.device)
     cache_seconds = time.perf_counter()
-    if medusa_args.medusa_hidden_cache:
-        train_set, eval_set = _cached(base, train_set, eval_set, medusa_args, training_args)
+    if config.medusa_hidden_cache:
+        train_set, eval_set = _cached(base, train_set, eval_set, config)
     cache_seconds = time.perf_counter() - cache_seconds
     # In config.json: what the user passed, but aliases become the folder a server can load.
-    heads = MedusaHeads.for_base_model(base, medusa_args.medusa_num_heads, medusa_args.medusa_num_layers, base_path)
-    draft_vocab = medusa_args.medusa_draft_vocab_size or None
+    heads = MedusaHeads.for_base_model(base, config.medusa_num_heads, config.medusa_num_layers, base_path)
+    draft_vocab = config.medusa_draft_vocab_size or None
     if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:
         draft_vocab = None  # the whole vocabulary anyway
     heads.config.draft_vocab_size = draft_vocab
-    if medusa_args.medusa_freeze_projection:
+    if config.medusa_freeze_projection:
         for head in heads:
             head[-1].weight.requires_grad_(False)
     model = MedusaForTraining(
         base,
         heads,
-        head_weights(medusa_args.medusa_num_heads, medusa_args.medusa_decay_coefficient),
-        soft_labels=medusa_args.medusa_soft_labels,
-        chunk_size=medusa_args.medusa_loss_chunk_size,
+        head_weights(config.medusa_num_heads, config.medusa_decay_coefficient),
+        soft_labels=config.medusa_soft_labels,
+        chunk_size=config.medusa_loss_chunk_size,
         draft_vocab_size=draft_vocab,
     )
-    training_args.label_names = ["labels"]
-    if not torch.cuda.is_available():
-        training_args.dataloader_pin_memory = False
     trainer = MedusaTrainer(
         model=model,
-        args=training_args,
+        args=config,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
+    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
     final = {**result.metrics, "hidden_cache_seconds": cache_seconds}
     if eval_set is not None:
         final.update(trainer.evaluate())
-    trainer.save_model(training_args.output_dir)
-    output = Path(training_args.output_dir)
+    trainer.save_model(config.output_dir)
+    output = Path(config.output_dir)
     if is_main:
         metrics = training_metrics(trainer.state.log_history, final)
         metrics.save(output)
         plot_history(output, metrics)
         card_metrics = metrics.held_out_head_metrics()
         facts = {
-            "Training data": f"`{data_args.data_path}` ({len(train_set)} conversations)",
-            "Epochs / max length": f"{training_args.num_train_epochs:g} / {training_args.model_max_length}",
+            "Training data": f"`{config.data_path}` ({len(train_set)} conversations)",
+            "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
         }
         write_model_card(
-            output, heads.config, hub_base_id(model_args.model_name_or_path) or base_path, facts, card_metrics
+            output, heads.config, hub_base_id(config.model_name_or_path) or base_path, facts, card_metrics
         )
         logger.warning("heads written to %s", output)
     return output
 
 
-def cli_main(argv: list[str]) -> int:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def run_train(config: TrainConfig) -> int:
     try:
-        train(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        train(config)
     finally:
         # Under torchrun: leave the process group cleanly, or gloo may abort a rank at interpreter exit.
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,0 +1,74 @@
+"""Each command's parser and config agree: every field is a flag, every flag a field, defaults only in the config."""
+
+import dataclasses
+import importlib
+import typing
+
+import pytest
+
+from medusa_forge.cli import COMMANDS, main, parse_command
+from medusa_forge.flags import build_parser, flag_names
+
+ARGPARSE_COMMANDS = [name for name, command in COMMANDS.items() if command.parse is None]
+
+
+def config_type(name: str) -> type:
+    return getattr(importlib.import_module(COMMANDS[name].module), COMMANDS[name].config)
+
+
+def required_argv(kind: type) -> tuple[list[str], dict]:
+    argv, values = [], {}
+    for field in dataclasses.fields(kind):
+        if field.init and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            value = field.metadata["choices"][0] if "choices" in field.metadata else "x"
+            argv += [flag_names(kind, field)[0], value]
+            values[field.name] = value
+    return argv, values
+
+
+def sample_value(kind: type, field: dataclasses.Field) -> list[str]:
+    annotation = typing.get_type_hints(kind)[field.name]
+    if annotation is bool:
+        return []
+    if "choices" in field.metadata:
+        return [str(field.metadata["choices"][-1])]
+    return ["3"]
+
+
+@pytest.mark.parametrize("name", ARGPARSE_COMMANDS)
+def test_defaults_come_from_the_config(name):
+    kind = config_type(name)
+    argv, values = required_argv(kind)
+    assert parse_command(name, argv) == kind(**values)
+
+
+@pytest.mark.parametrize("name", ARGPARSE_COMMANDS)
+def test_every_field_is_a_flag_and_every_flag_a_field(name):
+    kind = config_type(name)
+    parser = build_parser(kind, f"medusa-forge {name}")
+    argv, values = required_argv(kind)
+    assert set(vars(parser.parse_args(argv))) == set(values)  # nothing else: the parser holds no defaults
+    for field in dataclasses.fields(kind):
+        if not field.init or field.name in values:
+            continue
+        for spelling in flag_names(kind, field):
+            parsed = vars(parser.parse_args([*argv, spelling, *sample_value(kind, field)]))
+            assert set(parsed) == {*values, field.name}, spelling
+    # and the help lists every flag
+    help_text = parser.format_help()
+    assert all(flag_names(kind, f)[0] in help_text for f in dataclasses.fields(kind) if f.init)
+
+
+def test_train_defaults_come_from_the_config():
+    from medusa_forge.train.args import TrainConfig
+
+    assert parse_command("train", []) == TrainConfig()
+
+
+def test_a_bad_value_exits_2_naming_the_flag(capsys):
+    assert main(["eval", "--heads", "x", "--max-prompts", "0"]) == 2
+    assert "error: --max-prompts and --max-new-tokens must be at least 1" in capsys.readouterr().err
+    assert main(["distill", "--input-filename", "a", "--output-filename", "b", "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "error: --port 70000: expected 0-65535" in capsys.readouterr().err
