@@ -14,7 +14,7 @@ ORDER = {
     # foundations: user errors, the embedded defaults, loading models, what a draft is and how it is stored,
     # the result files, the engine facts
     "errors": 0, "defaults": 0, "modeling": 0, "engine_versions": 0, "tokenizer_files": 0, "heads": 0,
-    "eagle3": 0, "formats": 0, "results": 0,
+    "eagle3": 0, "formats": 0, "results": 0, "flags": 0,
     "data": 1,
     "generation": 2,  # the in-process generation engines (distill, serve and decode use them)
     "distill": 3,
@@ -28,11 +28,13 @@ ORDER = {
 
 def place(module: str) -> tuple[str, int]:
     parts = module.removeprefix("medusa_forge.").split(".")
+    if parts[-1] == "__main__":  # an entry point (`python -m medusa_forge.train`): it runs the CLI
+        return "cli", ORDER["cli"]
     for n in range(len(parts), 0, -1):
         key = ".".join(parts[:n])
         if key in ORDER:
             return key, ORDER[key]
-    raise AssertionError(f"medusa_forge.{module} has no place in ORDER: add it")
+    raise AssertionError(f"{module} has no place in ORDER: add it")
 
 
 def imports_of(path: Path) -> set[str]:
