@@ -28,7 +28,7 @@ class Command:
 
 COMMANDS = {
     "train": Command("medusa_forge.train.run", "TrainConfig", "run_train",
-                     "train Medusa heads on a frozen model (the tutorial's flags)",
+                     "train Medusa heads on a frozen model (the original Medusa trainer's flags)",
                      parse="medusa_forge.train.args:parse_args"),
     "distill": Command("medusa_forge.distill.cli", "DistillConfig", "run_distill",
                        "replay conversations against the model and keep its replies"),

@@ -2,9 +2,9 @@
 choices and spellings in the field's metadata, so a parser and its config cannot disagree.
 
 Field metadata: `help`; `flag` (the spelling when it is not `--field-name`); `choices`; `metavar`.
-A config class with `UNDERSCORE_ALIASES = True` also accepts `--field_name` for every `--field-name` (the
-tutorial's scripts mix both styles). A bool field is a switch (`--no-progress`), a list field is repeatable
-(`--url A --url B`), a field without a default is a required flag.
+A config class with `UNDERSCORE_ALIASES = True` also accepts `--field_name` for every `--field-name` (scripts
+written for the original Medusa tools mix both styles). A bool field is a switch (`--no-progress`), a list
+field is repeatable (`--url A --url B`), a field without a default is a required flag.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`medusa-forge push`: check a heads folder, refresh its model card, and upload it to the Hugging Face Hub
-(create-repo + upload-folder) with the tutorial's flags. `--dry-run` lists what would go up and sends nothing.
+(create-repo + upload-folder). `--dry-run` lists what would go up and sends nothing.
 
 The token comes from HF_TOKEN or the local login (`hf auth login`); the endpoint from HF_ENDPOINT.
 """

@@ -1,4 +1,4 @@
-"""The distill output file: durable appends, resume, and the atomic `.json` list for the tutorial's file name.
+"""The distill output file: durable appends, resume, and the atomic `.json` list when OUT ends in .json.
 
 JSONL output: one `{"id", "messages"}` line per finished conversation, flushed and fsynced, so a crash
 loses only conversations in flight. A line cut short by a crash (no newline, or invalid JSON at the very

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node=N -m medusa_forge.train <flags>`: the tutorial's training command."""
+"""`torchrun --nproc_per_node=N -m medusa_forge.train <flags>`: the original trainer's command line."""
 
 import sys
 

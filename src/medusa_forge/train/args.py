@@ -1,4 +1,4 @@
-"""The training command's config: the tutorial's (the original Medusa trainer's) flags plus every HF
+"""The training command's config: the original Medusa trainer's flags plus every HF
 TrainingArguments flag, in one TrainConfig. `--evaluation_strategy` (transformers 4.x) is accepted as
 `--eval_strategy`, `--warmup_ratio` as `--warmup_steps`.
 """
@@ -64,9 +64,9 @@ class TrainConfig(TrainingArguments):
     medusa_draft_vocab_size: int = field(
         default=8192,
         metadata={
-            "help": "Heads learn and propose only token ids < N (vLLM truncated_vocab_size): N/V of the projection "
-            "cost, the cheapest lever measured (BENCHMARKS.md). 0 = the whole vocabulary. Rows >= N stay at the base "
-            "lm_head; medusa-forge and vLLM propose from ids < N, TGI from all (measured: slightly fewer accepted)."
+            "help": "Heads learn only token ids < N: N/V of the vocabulary projection's cost. 0 = the whole "
+            "vocabulary. Rows >= N stay at the base lm_head; medusa-forge's decoder proposes from ids < N, the "
+            "engines (TGI, vLLM, TensorRT-LLM) from the whole vocabulary."
         },
     )
     medusa_loss_chunk_size: int = field(
@@ -114,7 +114,7 @@ class TrainConfig(TrainingArguments):
             raise UserError(f"invalid training arguments: {err}") from None
 
 
-# transformers 4.x names used by the tutorial -> 5.x names (warmup_steps < 1 is a ratio of total steps in 5.x)
+# transformers 4.x names (the original trainer's era) -> 5.x names (warmup_steps < 1 is a ratio of total steps in 5.x)
 _RENAMED = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 
 
@@ -131,7 +131,7 @@ def valid_flags() -> list[str]:
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """The train command's flags (the tutorial's spellings included) -> a validated TrainConfig."""
+    """The train command's flags (the original trainer's spellings included) -> a validated TrainConfig."""
     parser = HfArgumentParser(TrainConfig)
     parser.allow_abbrev = False  # a typo like --medusa_num_head must fail, not match a prefix
     namespace, unknown = parser.parse_known_args(_rename_flags(argv))

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class ConversationDataset(Dataset):
     """Token ids + assistant-only labels. Eager mode tokenises everything up front and drops (with a
     counted warning) conversations that the template rejects or that have no label within max_length;
-    lazy mode tokenises on first access (the tutorial's --lazy_preprocess) and caches the result."""
+    lazy mode tokenises on first access (`--lazy_preprocess`) and caches the result."""
 
     def __init__(
         self,
