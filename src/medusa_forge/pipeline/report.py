@@ -69,7 +69,7 @@ def write_pipeline_report(ctx) -> list[Path]:
     metrics = TrainingMetrics.load(metrics_path) if metrics_path.is_file() else TrainingMetrics()
     evaluation = EvalReport.load(eval_path) if eval_path.is_file() else None
     heads_config = _read_json_or_empty(ctx.heads / "config.json")
-    commands = _read_json_or_empty(workdir / "export" / "serve_commands.json")
+    commands = _read_json_or_empty(ctx.serve_commands)
     written: list[Path] = []
 
     def copy_png(source: Path) -> str | None:
