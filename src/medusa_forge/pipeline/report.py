@@ -11,6 +11,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from medusa_forge.pipeline.context import Context
 from medusa_forge.results import (
     EVAL_REPORT_FILE,
     TRAINING_METRICS_FILE,
@@ -60,7 +61,7 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def write_pipeline_report(ctx) -> list[Path]:
+def write_pipeline_report(ctx: Context) -> list[Path]:
     """Write report.md + PNGs into ctx.workdir; returns the files written."""
     workdir: Path = ctx.workdir
     config = ctx.config
