@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from medusa_forge.cli import main
 from medusa_forge.errors import UserError
 from medusa_forge.pipeline import QUICKSTART, load_config
-from medusa_forge.pipeline.run import LOG_FILE, STATE_FILE, config_from_dict
+from medusa_forge.pipeline.configuration import config_from_dict
+from medusa_forge.pipeline.runner import LOG_FILE, STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,9 +44,9 @@ COMMANDS = {
                       "convert heads from any known layout (.pt, version 2, vLLM, ...) to ours"),
     "push": Command("medusa_forge.hub", "PushConfig", "run_push",
                     "validate a heads folder, refresh its model card and upload it to the Hub"),
-    "pipeline": Command("medusa_forge.pipeline.run", "PipelineRunConfig", "run_pipeline_command",
+    "pipeline": Command("medusa_forge.pipeline.commands", "PipelineRunConfig", "run_pipeline_command",
                         "distil -> train -> eval (tree) -> export -> report; re-runs skip, resume"),
-    "quickstart": Command("medusa_forge.pipeline.run", "QuickstartConfig", "run_quickstart",
+    "quickstart": Command("medusa_forge.pipeline.commands", "QuickstartConfig", "run_quickstart",
                           "the pipeline on the embedded model and data (~15 min CPU)"),
 }  # fmt: skip
 

@@ -11,6 +11,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from medusa_forge.pipeline.context import Context
 from medusa_forge.results import (
     EVAL_REPORT_FILE,
     TRAINING_METRICS_FILE,
@@ -60,7 +61,7 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def write_pipeline_report(ctx) -> list[Path]:
+def write_pipeline_report(ctx: Context) -> list[Path]:
     """Write report.md + PNGs into ctx.workdir; returns the files written."""
     workdir: Path = ctx.workdir
     config = ctx.config
@@ -69,7 +70,7 @@ def write_pipeline_report(ctx) -> list[Path]:
     metrics = TrainingMetrics.load(metrics_path) if metrics_path.is_file() else TrainingMetrics()
     evaluation = EvalReport.load(eval_path) if eval_path.is_file() else None
     heads_config = _read_json_or_empty(ctx.heads / "config.json")
-    commands = _read_json_or_empty(workdir / "export" / "serve_commands.json")
+    commands = _read_json_or_empty(ctx.serve_commands)
     written: list[Path] = []
 
     def copy_png(source: Path) -> str | None:

@@ -1,0 +1,166 @@
+"""The runner: runs the stages in order in one work folder, skipping, resuming or starting each over.
+
+A stage is skipped when its fingerprint (a hash of its config section and of the content of its input files)
+matches the last finished run and its recorded outputs still hash to what was written. A stage that was started
+and not finished, or whose only change is a larger budget (more conversations, steps or epochs), is resumed
+natively (distill skips conversations already written, train restarts from its last checkpoint-*); any other
+change starts that stage over. State: WORKDIR/pipeline-state.json; every stage event: WORKDIR/pipeline-log.jsonl.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from medusa_forge.errors import UserError
+from medusa_forge.pipeline.configuration import PipelineConfig, config_to_dict
+from medusa_forge.pipeline.context import Context
+from medusa_forge.pipeline.eta import estimate_seconds, eta_text, format_seconds
+from medusa_forge.pipeline.fingerprints import outputs_digest, outputs_verify
+from medusa_forge.pipeline.stages import PIPELINE, STAGES, StageFailed
+
+STATE_FILE = "pipeline-state.json"
+LOG_FILE = "pipeline-log.jsonl"
+CONFIG_COPY = "pipeline.yaml"
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _log(workdir: Path, stage: str, event: str, /, **details: object) -> None:
+    """One line of the log; positional-only names leave every key free for `details` (the start logs workdir)."""
+    entry = {"time": _now(), "stage": stage, "event": event, **details}
+    with (workdir / LOG_FILE).open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _save_state(workdir: Path, state: dict) -> None:
+    path = workdir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _grows(old: dict, new: dict) -> bool:
+    """Budget keys may only stay or grow for a resume (None = the command's default, treated as unlimited)."""
+    for key in set(old) | set(new):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if a is None or b is None:  # unlimited on one side only: cannot compare budgets
+            return b is None and key != "max_steps"
+        try:
+            if float(b) < float(a):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
+
+
+def run_pipeline(
+    config: PipelineConfig, workdir: str | Path, resume_command: str, force_from: str | None = None
+) -> Context:
+    """Run every stage in order (skipping finished ones); returns the context with the final state."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    state_path = workdir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state.setdefault("stages", {})
+    ctx = Context(config, workdir, resume_command, state)
+    (workdir / CONFIG_COPY).write_text(
+        "# the effective configuration of the last run (file + --set overrides)\n"
+        + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    )
+    if force_from is not None and force_from not in STAGES:
+        raise UserError(f"--from {force_from}: choose one of {', '.join(STAGES)}")
+    forced = set(STAGES[STAGES.index(force_from) :]) if force_from else set()
+    started = time.perf_counter()
+    speed: list[tuple[float, float]] = []  # (estimated, actual) of stages run now: corrects later estimates
+    total = len(PIPELINE)
+    _log(workdir, "pipeline", "start", workdir=str(workdir))
+    for index, stage in enumerate(PIPELINE, 1):
+        header = f"[{index}/{total}] {stage.name}"
+        try:
+            fingerprint = stage.fingerprint(ctx)
+        except UserError as err:
+            raise StageFailed(stage.name, str(err)) from None
+        record = state["stages"].get(stage.name)
+        if fingerprint is None:
+            state["stages"].pop(stage.name, None)
+            _log(workdir, stage.name, "not-configured")
+            print(f"pipeline {header}: not configured, nothing to do", file=sys.stderr)
+            continue
+        problem = None
+        if record and record.get("status") == "done" and record.get("fingerprint") == fingerprint.digest:
+            problem = outputs_verify(record.get("outputs", {}), workdir)
+            if problem is None and stage.name not in forced:
+                _log(workdir, stage.name, "skip", fingerprint=fingerprint.digest)
+                print(f"pipeline {header}: up to date, skipped ({format_seconds(record['seconds'])} "
+                      "when it ran)", file=sys.stderr)  # fmt: skip
+                continue
+        resumable = (
+            record is not None
+            and record.get("resume_key") == fingerprint.resume_key
+            and _grows(record.get("extend", {}), fingerprint.extend)
+            and problem is None
+            and stage.name not in forced
+        )
+        previous_seconds = record.get("seconds", 0.0) if resumable and record else 0.0
+        event = "resume" if resumable else "start"
+        reason = problem or ("forced by --from" if stage.name in forced else None)
+        _log(workdir, stage.name, event, fingerprint=fingerprint.digest, **({"reason": reason} if reason else {}))
+        state["stages"][stage.name] = {
+            "status": "running",
+            "fingerprint": fingerprint.digest,
+            "resume_key": fingerprint.resume_key,
+            "extend": fingerprint.extend,
+            "seconds": previous_seconds,
+            "started": _now(),
+        }
+        _save_state(workdir, state)
+        verb = "resuming" if resumable else "running"
+        eta = eta_text(config, [later.name for later in PIPELINE[index - 1 :]], speed)
+        elapsed = format_seconds(time.perf_counter() - started)
+        print(f"\npipeline {header}: {verb}: {stage.title}; elapsed {elapsed}; {eta}", file=sys.stderr)
+        stage_start = time.perf_counter()
+        try:
+            result = stage.run(ctx, not resumable)
+        except KeyboardInterrupt:
+            state["stages"][stage.name]["seconds"] = previous_seconds + time.perf_counter() - stage_start
+            _save_state(workdir, state)
+            _log(workdir, stage.name, "interrupted")
+            raise
+        except (StageFailed, UserError, Exception) as err:
+            state["stages"][stage.name].update(
+                status="failed", seconds=previous_seconds + time.perf_counter() - stage_start
+            )
+            _save_state(workdir, state)
+            reason = err.reason if isinstance(err, StageFailed) else str(err) or type(err).__name__
+            _log(workdir, stage.name, "fail", reason=reason)
+            if not isinstance(err, StageFailed | UserError):
+                traceback.print_exc()
+            raise StageFailed(stage.name, reason) from err
+        seconds = time.perf_counter() - stage_start
+        estimate = estimate_seconds(config, stage.name)
+        if estimate:
+            speed.append((estimate, seconds))
+        state["stages"][stage.name].update(
+            status="done",
+            seconds=previous_seconds + seconds,
+            finished=_now(),
+            outputs=outputs_digest(result.outputs, workdir),
+            details=result.details,
+        )
+        # The report's fingerprint holds the other stages' times: recorded here, they are final by its turn.
+        _save_state(workdir, state)
+        _log(workdir, stage.name, "done", seconds=round(seconds, 2))
+        print(f"pipeline {header}: done in {format_seconds(seconds)}", file=sys.stderr)
+    _log(workdir, "pipeline", "done", seconds=round(time.perf_counter() - started, 2))
+    return ctx
