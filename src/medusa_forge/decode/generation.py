@@ -206,6 +206,7 @@ class Eagle3Decoder(SpeculativeDecoder):
     ) -> None:
         """`dtype`: the draft's (e.g. bfloat16 next to a float32 base); None keeps the module's or the folder's."""
         super().__init__(base, Eagle3Drafter(base, load_draft(draft, dtype)), choices, check)
+        self.drafter.levels(self.tree)  # a tree the draft vocabulary cannot fill fails here, not mid-generation
 
 
 @torch.no_grad()
