@@ -80,13 +80,10 @@ def tree_levels(tree: TreeBuffers) -> list[TreeLevel]:
         visible = tree.attention.cpu()[runs][:, earlier + runs] if depth > 1 else torch.ones(1, 0, dtype=torch.bool)
         bias = torch.zeros(visible.shape).masked_fill(~visible, HIDDEN)
         parents = [parent_of.get(i, 0) for i in runs]
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-        levels.append(
-            TreeLevel(
-                depth, as_long(runs), as_long(parents), bias, as_long(children), as_long(slot), as_long(rank),
-                max(rank) + 1,
-            )
-        )  # fmt: skip
+        runs_, parents_, children_, slot_, rank_ = (
+            torch.tensor(x, dtype=torch.long) for x in (runs, parents, children, slot, rank)
+        )
+        levels.append(TreeLevel(depth, runs_, parents_, bias, children_, slot_, rank_, max(rank) + 1))
         if depth > 1:
             earlier += runs
     return levels
