@@ -5,6 +5,8 @@ predict a target's continuation gets its whole rank-0 path accepted at every ste
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import transformers
@@ -27,7 +29,7 @@ TREES = {
 }
 PROMPT = [5, 17, 42, 99, 123, 7, 64]
 VOCAB = 400
-NEW = 32
+NEW = 24
 
 
 def chaotic_target(arch: str, layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:
@@ -50,13 +52,20 @@ def random_draft(target: transformers.PreTrainedModel, vocab_ids: torch.Tensor |
     return draft.eval()
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def arch_case(request):
-    target = chaotic_target(request.param)
+@functools.cache
+def case(arch: str):
+    """A target, its greedy reference and a random draft over a draft vocabulary (d2t offsets non-zero) that
+    holds the reference's tokens, so that some proposals are accepted."""
+    target = chaotic_target(arch)
     ref = greedy_generate(target, PROMPT, NEW)
     assert len(set(ref)) > 10
     draft_ids = torch.cat([torch.arange(0, VOCAB, 3), torch.tensor(sorted(set(ref) - set(range(0, VOCAB, 3))))])
     return target, ref, random_draft(target, draft_ids.sort().values)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_case(request):
+    return case(request.param)
 
 
 def test_feature_layers_are_hf_hidden_state_indices():
@@ -81,19 +90,19 @@ def test_greedy_equals_plain_greedy(arch_case, tree_name):
     assert sum(result.accept_lengths) + 1 == NEW
 
 
-def test_bfloat16_draft_from_a_folder_next_to_a_float32_target(arch_case, tmp_path):
-    target, ref, draft = arch_case
+def test_bfloat16_draft_from_a_folder_next_to_a_float32_target(tmp_path):
+    target, ref, draft = case("qwen2")
     folder = draft.save(tmp_path / "draft")
     decoder = Eagle3Decoder(target, folder, TREES["branching"], dtype=torch.bfloat16)
     assert decoder.drafter.dtype == torch.bfloat16
     assert decoder.generate(PROMPT, NEW).tokens == ref
 
 
-def test_sampling_is_seeded_and_cold_sampling_is_greedy(arch_case):
-    target, ref, draft = arch_case
+def test_sampling_is_seeded_and_cold_sampling_is_greedy():
+    target, ref, draft = case("llama")
     decoder = Eagle3Decoder(target, draft, TREES["default-16"])
     assert decoder.generate(PROMPT, NEW, temperature=1e-4, seed=1).tokens == ref
-    hot = [decoder.generate(PROMPT, 24, temperature=1.0, seed=seed).tokens for seed in (7, 7, 8)]
+    hot = [decoder.generate(PROMPT, 16, temperature=1.0, seed=seed).tokens for seed in (7, 7, 8)]
     assert hot[0] == hot[1]
     assert hot[0] != hot[2]
 
@@ -140,7 +149,7 @@ def test_rank0_chain_and_draft_cache_match_the_engines_from_scratch(arch):
     chain = [tree.choices.index([0] * d) + 1 for d in range(1, tree.depth + 1)]  # node ids of the rank-0 chain
     state = decoder.prefill(torch.tensor(PROMPT))
     accepted, lengths = list(PROMPT), []
-    for _ in range(6):
+    for _ in range(4):
         proposed = decoder.drafter.propose(state.draft, state.root, tree)
         reference, first = engine_chain(target, draft, accepted, state.root, tree.depth)
         assert proposed[chain].tolist() == reference
@@ -219,16 +228,16 @@ def cycle_draft(target) -> Eagle3Draft:
 def test_a_draft_that_knows_the_target_gets_whole_paths_accepted(choices):
     target = cycle_target()
     prompt = [3, 8, 21, 14, 30, 1]
-    ref = greedy_generate(target, prompt, 40)
+    ref = greedy_generate(target, prompt, 24)
     assert len(set(ref)) == HALF
     depth = TreeBuffers.from_choices(choices).depth
-    result = Eagle3Decoder(target, cycle_draft(target), choices, check=False).generate(prompt, 40)
+    result = Eagle3Decoder(target, cycle_draft(target), choices, check=False).generate(prompt, 24)
     assert result.tokens == ref
     assert result.accept_lengths[:-1] == [depth + 1] * (len(result.accept_lengths) - 1)
-    # the same target with a draft that knows nothing: about one token per step
-    guess = Eagle3Decoder(target, random_draft(target, None), choices, check=False).generate(prompt, 40)
-    assert guess.tokens == ref
-    assert guess.mean_accept_length < result.mean_accept_length
+    if choices == TREES["branching"]:  # the same target with a draft that knows nothing: ~1 token per step
+        guess = Eagle3Decoder(target, random_draft(target, None), choices, check=False).generate(prompt, 24)
+        assert guess.tokens == ref
+        assert guess.mean_accept_length < 1.5 < 4 < result.mean_accept_length
 
 
 # ----- the tree plan and refusals -----
