@@ -3,8 +3,8 @@
 Verification (`verification.py`) never sees a drafter: it checks the tokens a drafter proposed. A drafter keeps
 its own state between steps (returned by `start`/`advance`, handed back to `propose`), so one decoder serves any
 number of generations. Medusa heads are one drafter; a draft model that conditions on the accepted tokens and on
-several layers of the base model (EAGLE-3) is another: it asks for those layers through `feature_layers` and
-keeps its own KV cache in its state.
+several layers of the base model (EAGLE-3, `eagle3_drafter.py`) is another: it asks for those layers through
+`feature_layers` and keeps its own KV cache in its state.
 """
 
 from __future__ import annotations

@@ -9,15 +9,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from medusa_forge.decode.drafters import Drafter, MedusaDrafter
+from medusa_forge.decode.eagle3_drafter import Eagle3Drafter, load_draft
 from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.tree_support import check_tree_support
 from medusa_forge.decode.verification import Sampling, TreeVerifier, cache_kwarg, keep_cache_entries
+from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import Choices
 from medusa_forge.heads import MedusaModel
@@ -188,6 +191,22 @@ class MedusaDecoder(SpeculativeDecoder):
     ) -> None:
         """`draft_vocab`: see MedusaDrafter."""
         super().__init__(model.base, MedusaDrafter(model, draft_vocab), choices, check)
+
+
+class Eagle3Decoder(SpeculativeDecoder):
+    """A SpeculativeDecoder whose drafter is an EAGLE-3 draft of `base`: a module or a draft folder."""
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        draft: Eagle3Draft | str | Path,
+        choices: Choices,
+        check: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """`dtype`: the draft's (e.g. bfloat16 next to a float32 base); None keeps the module's or the folder's."""
+        super().__init__(base, Eagle3Drafter(base, load_draft(draft, dtype)), choices, check)
+        self.drafter.levels(self.tree)  # a tree the draft vocabulary cannot fill fails here, not mid-generation
 
 
 @torch.no_grad()
