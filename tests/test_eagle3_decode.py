@@ -266,3 +266,26 @@ def test_refusals():
     other.config.vocab_size = 500
     with pytest.raises(UserError, match="vocabulary"):
         Eagle3Drafter(other, small)
+
+
+def test_generate_command_decodes_an_eagle3_draft_folder_as_plain_greedy(tmp_path, tiny_model_dir, capsys):
+    """`medusa-forge generate --draft DIR` detects an EAGLE-3 folder; its reply is the base model's greedy reply."""
+    from medusa_forge.cli import main
+    from medusa_forge.decode.loading import encode_prompt
+    from medusa_forge.generation.text import decode_text, eos_token_ids
+    from medusa_forge.modeling import load_base_model, load_tokenizer
+
+    base = load_base_model(str(tiny_model_dir))
+    draft = random_draft(base, torch.arange(VOCAB - 50), seed=3)
+    draft.config.base_model_name_or_path = str(tiny_model_dir)
+    draft.save(tmp_path / "draft")  # no tokenizer in the folder: the base's is used
+    argv = ["generate", "--draft", str(tmp_path / "draft"), "--prompt", "Hello there!", "--max-new-tokens", "12"]
+    assert main([*argv, "--device", "cpu", "--tree", "default-8"]) == 0
+    out, err = capsys.readouterr()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    eos = eos_token_ids(base, tokenizer)
+    plain = greedy_generate(base, encode_prompt(tokenizer, "Hello there!"), 12, eos)
+    assert out.strip() == decode_text(tokenizer, [t for t in plain if t not in eos]).strip()
+    assert "mean accepted tokens per step" in err and "tree of 8 nodes" in err
+    assert main([*argv, "--draft-vocab", "100"]) == 2
+    assert "--draft-vocab applies to Medusa heads" in capsys.readouterr().err

@@ -216,6 +216,16 @@ class Eagle3Config:
 # ----- the draft vocabulary: d2t offsets and the t2d mask (§1.5) -----
 
 
+def is_eagle3_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds an EAGLE-3 draft (its config.json names the engines' EAGLE-3 architecture)."""
+    path = Path(folder, CONFIG_NAME)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("architectures") == [ARCHITECTURE]
+
+
 def vocabulary_maps(draft_vocab_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d2t, t2d) for ascending unique target ids: d2t[i] = ids[i] - i (int64), t2d[v] = v in ids (bool)."""
     ids = torch.as_tensor(draft_vocab_ids, dtype=torch.int64).flatten()

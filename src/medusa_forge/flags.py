@@ -1,7 +1,8 @@
 """Command flags from config dataclasses: each field is one flag, its default in the dataclass and its help,
 choices and spellings in the field's metadata, so a parser and its config cannot disagree.
 
-Field metadata: `help`; `flag` (the spelling when it is not `--field-name`); `choices`; `metavar`.
+Field metadata: `help`; `flag` (the spelling when it is not `--field-name`); `aliases` (more spellings);
+`choices`; `metavar`.
 A config class with `UNDERSCORE_ALIASES = True` also accepts `--field_name` for every `--field-name` (scripts
 written for the original Medusa tools mix both styles). A bool field is a switch (`--no-progress`), a list
 field is repeatable (`--url A --url B`), a field without a default is a required flag.
@@ -25,7 +26,7 @@ _FALSE = {"false", "0", "no", "n", "f", "off"}
 def flag_names(config_type: type, field: dataclasses.Field) -> list[str]:
     """The spellings of a field's flag, the one named in messages first."""
     main = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
-    names = [main]
+    names = [main, *field.metadata.get("aliases", ())]
     if getattr(config_type, "UNDERSCORE_ALIASES", False) and "-" in main[2:]:
         names.append("--" + main[2:].replace("-", "_"))
     return names

@@ -13,11 +13,16 @@ from medusa_forge.generation.text import StreamedText
 
 @dataclass
 class GenerateConfig:
-    """Generate with Medusa heads (tree verification; greedy output equals plain greedy decoding)."""
+    """Generate with a draft (Medusa heads or EAGLE-3; tree verification: greedy output equals plain greedy)."""
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = field(metadata={"help": "Heads folder written by `medusa-forge train`."})
+    heads: str = field(
+        metadata={
+            "help": "Draft folder written by `medusa-forge train`: Medusa heads or an EAGLE-3 draft (detected).",
+            "aliases": ["--draft"],
+        }
+    )
     prompt: str = field(metadata={"help": "The user message (or plain text with --raw)."})
     model: str | None = field(
         default=None, metadata={"help": "Base model (default: base_model_name_or_path in the heads' config.json)."}
@@ -70,14 +75,22 @@ class TextStream:
 
 def run_generate(config: GenerateConfig) -> int:
     """Stream the reply to stdout, then the speed and acceptance to stderr."""
-    from medusa_forge.decode.generation import DecodeResult, MedusaDecoder
-    from medusa_forge.decode.loading import encode_prompt, load_medusa
-    from medusa_forge.decode.tree import resolve_tree
+    from medusa_forge.decode.generation import DecodeResult, Eagle3Decoder, MedusaDecoder
+    from medusa_forge.decode.loading import draft_kind, encode_prompt, load_eagle3, load_medusa
+    from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH, resolve_tree
     from medusa_forge.generation.text import eos_token_ids
 
-    model, tokenizer = load_medusa(config.heads, config.model, config.dtype, config.device)
-    choices = resolve_tree(config.tree, config.heads, len(model.heads))
-    decoder = MedusaDecoder(model, choices, draft_vocab=config.draft_vocab)
+    if draft_kind(config.heads) == "eagle3":
+        if config.draft_vocab is not None:
+            raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
+        base, draft, tokenizer = load_eagle3(config.heads, config.model, config.dtype, config.device)
+        choices = resolve_tree(config.tree, config.heads, EAGLE3_TREE_DEPTH)
+        decoder = Eagle3Decoder(base, draft, choices)
+    else:
+        model, tokenizer = load_medusa(config.heads, config.model, config.dtype, config.device)
+        base = model.base
+        choices = resolve_tree(config.tree, config.heads, len(model.heads))
+        decoder = MedusaDecoder(model, choices, draft_vocab=config.draft_vocab)
     prompt = encode_prompt(tokenizer, config.prompt, raw=config.raw, system=config.system)
     result = DecodeResult([])
     stream = TextStream(tokenizer)
@@ -85,7 +98,7 @@ def run_generate(config: GenerateConfig) -> int:
     for tokens in decoder.stream(
         prompt,
         config.max_new_tokens,
-        eos_token_ids=eos_token_ids(model.base, tokenizer),
+        eos_token_ids=eos_token_ids(base, tokenizer),
         temperature=config.temperature,
         posterior_threshold=config.posterior_threshold,
         posterior_alpha=config.posterior_alpha,

@@ -1,12 +1,14 @@
-"""Load a heads folder with its base model and tokenizer, the way `generate`, `eval` and `serve` all need it."""
+"""Load a draft folder (Medusa heads or an EAGLE-3 draft) with its base model and tokenizer, the way `generate`,
+`eval` and `serve` all need it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_forge.data.tokenize import ensure_chat_template
+from medusa_forge.eagle3 import Eagle3Draft, is_eagle3_folder
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import resolve_device, resolve_dtype
 from medusa_forge.generation.text import encode_chat
@@ -31,9 +33,32 @@ def load_medusa(
     base_name = base_model or config.base_model_name_or_path
     base = load_base_model(base_name, dtype=torch_dtype).to(resolve_device(device))
     model = MedusaModel.from_pretrained(heads_dir, base_model=base, dtype=torch_dtype)
-    has_tokenizer = any(Path(heads_dir, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(str(heads_dir) if has_tokenizer else base_name)
-    return model, ensure_chat_template(tokenizer)
+    return model, _tokenizer(heads_dir, base_name)
+
+
+def load_eagle3(
+    draft_dir: str | Path, base_model: str | None = None, dtype: str = "float32", device: str = "auto"
+) -> tuple[PreTrainedModel, Eagle3Draft, PreTrainedTokenizerBase]:
+    """Base model (config.json's base unless `base_model` is given) + EAGLE-3 draft (in the base's dtype and
+    device) + tokenizer (the draft folder's when it ships one, else the base's)."""
+    torch_dtype = resolve_dtype(dtype)
+    draft = Eagle3Draft.load(draft_dir)
+    base_name = base_model or draft.config.base_model_name_or_path
+    base = load_base_model(base_name, dtype=torch_dtype).to(resolve_device(device))
+    draft = draft.to(device=next(base.parameters()).device, dtype=torch_dtype)
+    return base, draft, _tokenizer(draft_dir, base_name)
+
+
+def draft_kind(folder: str | Path) -> str:
+    """"eagle3" for an EAGLE-3 draft folder, "medusa" for anything else (Medusa heads are checked on loading)."""
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder}: no such folder (expected a draft folder written by `medusa-forge train`)")
+    return "eagle3" if is_eagle3_folder(folder) else "medusa"
+
+
+def _tokenizer(folder: str | Path, base_name: str) -> PreTrainedTokenizerBase:
+    has_tokenizer = any(Path(folder, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return ensure_chat_template(load_tokenizer(str(folder) if has_tokenizer else base_name))
 
 
 def encode_prompt(

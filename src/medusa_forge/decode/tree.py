@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from medusa_forge.errors import UserError
-from medusa_forge.formats.tree_file import TREE_FILE, Choices, default_choices, load_tree, validate_choices
+from medusa_forge.formats.tree_file import (
+    PRIOR_ACCURACIES,
+    TREE_FILE,
+    Choices,
+    default_choices,
+    load_tree,
+    validate_choices,
+)
 
 
 @dataclass
@@ -109,6 +116,10 @@ def expected_accept_length(choices: Choices, accuracies: list[list[float]]) -> f
             p *= row[rank] if rank < len(row) else 0.0
         total += p
     return total
+
+
+# An EAGLE-3 draft can fill a tree of any depth; without a stored tree, trees are built this deep at most.
+EAGLE3_TREE_DEPTH = len(PRIOR_ACCURACIES)
 
 
 def resolve_tree(spec: str | None, heads_folder: str | Path | None, num_heads: int) -> Choices:
