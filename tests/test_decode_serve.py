@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_serve import HELLO, ServerThread, chat, solo
 
-from medusa_forge.decode.serving import MedusaServeGenerator
+from medusa_forge.decode.serving import DraftServeGenerator
 from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model, load_tokenizer
@@ -33,7 +33,7 @@ def heads_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def medusa_server(heads_dir):
-    generator = MedusaServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
+    generator = DraftServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
     with ServerThread(create_app(generator, "tiny-medusa", max_batch_size=4, batch_wait_ms=20)) as running:
         yield running
 
@@ -50,7 +50,7 @@ def test_greedy_reply_equals_plain_server(medusa_server, tiny_model_dir, heads_d
     assert body["choices"][0]["message"]["content"] == solo(plain, messages, 20)
     usage = body["usage"]
     # What the same decoder accepts per step on the same prompt, run directly (the reply has more than one token).
-    generator = MedusaServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
+    generator = DraftServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
     direct = generator.decoder.generate(generator.encode_chat(messages), 20, eos_token_ids=generator.eos_ids)
     assert len(direct.tokens) > 1 and usage["completion_tokens"] == len(direct.tokens) <= 20
     assert usage["accepted_tokens_per_step"] == round(direct.mean_accept_length, 3)

@@ -5,7 +5,7 @@ Every request, streaming or not, goes through one engine (`generation.batching.m
 continuous batching (requests join and leave the running batch between decode steps), or static batching
 (`--batching static`: requests arriving together with the same sampling settings share one left-padded
 `generate`). Streamed requests receive their text as each step decodes it.
-Another decoder (Medusa heads) plugs in by passing its own `Generator` to `create_app`.
+Another decoder (a draft: Medusa heads or EAGLE-3) plugs in by passing its own `Generator` to `create_app`.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def _usage(result) -> dict:
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.prompt_tokens + result.completion_tokens,
     }
-    if hasattr(result, "accepted_tokens_per_step"):  # decoding with Medusa heads
+    if hasattr(result, "accepted_tokens_per_step"):  # decoding with a draft
         usage["accepted_tokens_per_step"] = round(result.accepted_tokens_per_step, 3)
     return usage
 
@@ -229,7 +229,9 @@ class ServeConfig:
     heads: str | None = field(
         default=None,
         metadata={
-            "help": "Medusa heads folder: decode with the heads, one request at a time (default base: the heads' own)."
+            "help": "Draft folder (Medusa heads or EAGLE-3, detected): decode with it, one request at a time "
+            "(default base: the draft's own).",
+            "aliases": ["--draft"],
         },
     )
     served_model_name: str | None = field(
@@ -261,9 +263,9 @@ class ServeConfig:
 
 def run_serve(config: ServeConfig) -> int:
     if config.heads:
-        from medusa_forge.decode.serving import MedusaServeGenerator
+        from medusa_forge.decode.serving import DraftServeGenerator
 
-        generator = MedusaServeGenerator.load(config.heads, config.model, dtype=config.dtype, device=config.device)
+        generator = DraftServeGenerator.load(config.heads, config.model, dtype=config.dtype, device=config.device)
     else:
         generator = HFGenerator.load(config.model or "smollm2", dtype=config.dtype, device=config.device)
     app = create_app(

@@ -1,5 +1,6 @@
-"""Medusa decoding behind `medusa-forge serve --heads DIR`: the `generation.generator.Generator` protocol, one
-request at a time (batch size 1: each sequence accepts a different number of tokens per step)."""
+"""Speculative decoding with a draft (Medusa heads or EAGLE-3) behind `medusa-forge serve --draft DIR`: the
+`generation.generator.Generator` protocol, one request at a time (batch size 1: each sequence accepts a different
+number of tokens per step)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_forge.decode.generation import DecodeResult, MedusaDecoder
-from medusa_forge.decode.loading import load_medusa
-from medusa_forge.decode.tree import resolve_tree
+from medusa_forge.decode.generation import DecodeResult, Eagle3Decoder, MedusaDecoder, SpeculativeDecoder
+from medusa_forge.decode.loading import draft_kind, load_eagle3, load_medusa
+from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH, resolve_tree
 from medusa_forge.generation.generator import (
     Completion,
     GenerationRequest,
@@ -24,16 +25,17 @@ logger = logging.getLogger("medusa_forge.serve")
 
 
 @dataclass
-class MedusaCompletion(Completion):
-    """The server's completion plus what Medusa adds: tokens per verification step, reported in `usage`."""
+class DraftCompletion(Completion):
+    """The server's completion plus what a draft adds: tokens per verification step, reported in `usage`."""
 
     accepted_tokens_per_step: float = 0.0
 
 
-class MedusaServeGenerator:
-    """Chat generation with Medusa heads; greedy requests give exactly the base model's greedy text."""
+class DraftServeGenerator:
+    """Chat generation with a draft (Medusa heads or EAGLE-3); greedy requests give exactly the base model's
+    greedy text."""
 
-    def __init__(self, decoder: MedusaDecoder, tokenizer, eos_ids: set[int]) -> None:
+    def __init__(self, decoder: SpeculativeDecoder, tokenizer, eos_ids: set[int]) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -43,29 +45,35 @@ class MedusaServeGenerator:
 
     @classmethod
     def load(
-        cls, heads_dir: str, base_model: str | None = None, dtype: str = "float32", device: str = "auto", tree=None
-    ) -> MedusaServeGenerator:
-        model, tokenizer = load_medusa(heads_dir, base_model, dtype, device)
-        decoder = MedusaDecoder(model, resolve_tree(tree, heads_dir, len(model.heads)))
-        logger.info("Medusa decoding with %d heads and a tree of %d nodes", len(model.heads), decoder.tree.size - 1)
-        return cls(decoder, tokenizer, eos_token_ids(model.base, tokenizer))
+        cls, draft_dir: str, base_model: str | None = None, dtype: str = "float32", device: str = "auto", tree=None
+    ) -> DraftServeGenerator:
+        if draft_kind(draft_dir) == "eagle3":
+            base, draft, tokenizer = load_eagle3(draft_dir, base_model, dtype, device)
+            decoder: SpeculativeDecoder = Eagle3Decoder(base, draft, resolve_tree(tree, draft_dir, EAGLE3_TREE_DEPTH))
+            logger.info("EAGLE-3 decoding with a tree of %d nodes", decoder.tree.size - 1)
+        else:
+            model, tokenizer = load_medusa(draft_dir, base_model, dtype, device)
+            base = model.base
+            decoder = MedusaDecoder(model, resolve_tree(tree, draft_dir, len(model.heads)))
+            logger.info("Medusa decoding with %d heads and a tree of %d nodes", len(model.heads), decoder.tree.size - 1)
+        return cls(decoder, tokenizer, eos_token_ids(base, tokenizer))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
     def check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
-        limit = "with Medusa heads this model's maximum context length"
+        limit = "with a draft this model's maximum context length"
         check_context(prompt_length, max_new_tokens, self.max_context, limit)
 
     @torch.inference_mode()
     def generate_batch(
         self, requests: list[GenerationRequest], on_text: TextCallback | None = None
-    ) -> list[MedusaCompletion]:
+    ) -> list[DraftCompletion]:
         return [self._generate_one(row, request, on_text) for row, request in enumerate(requests)]
 
-    def _generate_one(self, row: int, request: GenerationRequest, on_text: TextCallback | None) -> MedusaCompletion:
+    def _generate_one(self, row: int, request: GenerationRequest, on_text: TextCallback | None) -> DraftCompletion:
         if request.temperature > 0 and request.top_p < 1 and not self._warned_top_p:
-            logger.warning("top_p is ignored with Medusa heads: sampling uses typical acceptance at the temperature")
+            logger.warning("top_p is ignored with a draft: sampling uses typical acceptance at the temperature")
             self._warned_top_p = True
         result = DecodeResult([])
         streamed = StreamedText(self.tokenizer) if on_text is not None and request.stream else None
@@ -86,4 +94,4 @@ class MedusaServeGenerator:
             on_text(row, delta)
         # Tokens per verification pass, as `generate` and `eval` report it (a one-token reply had none: 1.0).
         accepted = result.mean_accept_length or 1.0
-        return MedusaCompletion(text, len(request.prompt_ids), len(result.tokens), finish, accepted)
+        return DraftCompletion(text, len(request.prompt_ids), len(result.tokens), finish, accepted)
