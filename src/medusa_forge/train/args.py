@@ -15,8 +15,11 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from medusa_forge.errors import UserError
+from medusa_forge.train.fused_ce import TOPK
 
 logger = logging.getLogger(__name__)
+
+DRAFT_KINDS = ("medusa", "eagle3")
 
 
 @dataclass
@@ -42,6 +45,15 @@ class TrainConfig(TrainingArguments):
     )
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many conversations."})
     max_eval_samples: int | None = field(default=200, metadata={"help": "Use at most this many eval conversations."})
+    draft_kind: str = field(
+        default="medusa",
+        metadata={
+            "help": "What to train: 'medusa' heads (TGI, vLLM <= 0.32, TensorRT-LLM 1.2) or an 'eagle3' draft "
+            "(vLLM, SGLang, TensorRT-LLM). medusa_* flags apply to heads, eagle3_* flags to EAGLE-3 drafts; the "
+            "data, cache and Trainer flags to both.",
+            "choices": list(DRAFT_KINDS),
+        },
+    )
     medusa_num_heads: int = field(default=3, metadata={"help": "Number of heads K (head i predicts token t+2+i)."})
     medusa_num_layers: int = field(default=1, metadata={"help": "Residual blocks per head."})
     medusa_decay_coefficient: float = field(
@@ -72,6 +84,24 @@ class TrainConfig(TrainingArguments):
     medusa_loss_chunk_size: int = field(
         default=1024, metadata={"help": "Tokens per chunk of the vocabulary projection + loss (bounds memory)."}
     )
+    eagle3_ttt_steps: int = field(
+        default=7,
+        metadata={
+            "help": "Training-time-test steps: the draft is unrolled this many times on its own states; step j "
+            "predicts token t+2+j (EAGLE-3's reference uses 7)."
+        },
+    )
+    eagle3_step_decay: float = field(default=0.8, metadata={"help": "Step j's loss weight is d**j (reference: 0.8)."})
+    eagle3_draft_vocab_size: int = field(
+        default=8192,
+        metadata={
+            "help": "The draft proposes from the N target tokens most frequent in the training data's assistant "
+            "turns (d2t/t2d maps in the draft folder; the engines read them). 0 = the whole vocabulary."
+        },
+    )
+    eagle3_intermediate_size: int | None = field(
+        default=None, metadata={"help": "The draft layer's MLP width (default: the target's)."}
+    )
     model_max_length: int = field(default=2048, metadata={"help": "Truncate conversations to this many tokens."})
     output_dir: str = field(default="medusa-heads", metadata={"help": "Where the heads folder is written."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (heads only)."})
@@ -88,6 +118,16 @@ class TrainConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.draft_kind not in DRAFT_KINDS:
+            raise UserError(f"--draft_kind {self.draft_kind!r}: expected one of {', '.join(DRAFT_KINDS)}")
+        if self.eagle3_ttt_steps < 1:
+            raise UserError("--eagle3_ttt_steps must be >= 1 (1 = no training-time test)")
+        if not self.eagle3_step_decay > 0:
+            raise UserError("--eagle3_step_decay must be > 0")
+        if self.eagle3_draft_vocab_size != 0 and self.eagle3_draft_vocab_size < max(TOPK):
+            raise UserError(f"--eagle3_draft_vocab_size must be 0 (whole vocabulary) or >= {max(TOPK)} (top-k metrics)")
+        if self.eagle3_intermediate_size is not None and self.eagle3_intermediate_size < 1:
+            raise UserError("--eagle3_intermediate_size must be >= 1")
         if self.medusa_num_heads < 1 or self.medusa_num_layers < 0:
             raise UserError("--medusa_num_heads must be >= 1 and --medusa_num_layers >= 0")
         if self.medusa_draft_vocab_size < 0:
@@ -107,7 +147,7 @@ class TrainConfig(TrainingArguments):
                     setattr(self, name, None if name == "tf32" else False)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False
-        self.label_names = ["labels"]  # the only label input of MedusaForTraining
+        self.label_names = ["labels"]  # the only label input of MedusaForTraining and Eagle3ForTraining
         try:
             super().__post_init__()
         except (ValueError, ImportError) as err:

@@ -80,7 +80,8 @@ class ConversationDataset(Dataset):
 
 class PadCollator:
     """Right-pads a batch: token ids with pad_token_id (attention_mask 0 there), cached hidden states with
-    zeros, labels with IGNORE_INDEX (so padding never reaches the loss)."""
+    zeros, labels with IGNORE_INDEX (so padding never reaches the loss). Items with cached hidden states may
+    carry their token ids too (EAGLE-3); then both are returned."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -94,11 +95,16 @@ class PadCollator:
             hidden = torch.zeros((len(items), length, items[0]["hidden_states"].shape[-1]), dtype=torch.float16)
             for row, item in enumerate(items):
                 hidden[row, : len(item["labels"])] = item["hidden_states"]
-            return {"hidden_states": hidden, "labels": labels}
+            if "input_ids" not in items[0]:
+                return {"hidden_states": hidden, "labels": labels}
+            return {"hidden_states": hidden, **self._ids(items, length), "labels": labels}
+        return {**self._ids(items, length), "labels": labels}
+
+    def _ids(self, items: list[dict], length: int) -> dict[str, torch.Tensor]:
         input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.tensor(item["input_ids"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,10 +1,16 @@
-"""Hidden-state cache: run the frozen base model once over the tokenised data set, keep its final hidden
-states on disk (float16, memory-mapped), and train every epoch from them.
+"""Hidden-state cache: run the frozen base model once over the tokenised data set, keep what the draft's loss
+reads from it on disk (float16, memory-mapped), and train every epoch from them.
+
+What is kept per token depends on the draft kind (`record_layout`): Medusa heads read the final hidden state
+[H]; an EAGLE-3 draft reads the three feature layers (`eagle3.target_features`) followed by the final hidden
+state, [4H] (the target's distribution is recomputed from the final state with the lm_head's draft-vocabulary
+rows, so nothing vocabulary-sized is stored). meta.json says which (kind, layers, width).
 
 Why: the base model is frozen, so its hidden states are the same in every epoch; recomputing them (what
 the original trainer does) is most of the cost of epochs 2..N. The cache is keyed by a hash of the model's
 weights and config and of every token id (which covers data, chat template and max length), so a stale
-cache is never reused. Building is resumable: progress is recorded batch by batch.
+cache is never reused; EAGLE-3 caches also hash the kind and layers (Medusa keys are unchanged, so existing Medusa
+caches stay valid). Building is resumable: progress is recorded batch by batch.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from medusa_forge.eagle3 import target_features, target_layers
 from medusa_forge.errors import UserError
 from medusa_forge.heads import backbone
 
@@ -28,11 +35,47 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DATA_FILE, OFFSETS_FILE, PROGRESS_FILE, META_FILE = "hidden.f16", "offsets.npy", "progress.json", "meta.json"
+KINDS = ("medusa", "eagle3")
 
 
-def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]]) -> str:
-    """Hash of the model (config + a checksum of every weight) and of all token ids, in order."""
+class CacheTooLarge(UserError):
+    """The disk cannot hold the cache; callers that can compute the frozen pass per batch catch this."""
+
+
+def _num_layers(base: PreTrainedModel) -> int:
+    return base.config.get_text_config().num_hidden_layers
+
+
+def record_layout(base: PreTrainedModel, kind: str) -> tuple[list[int | str], int]:
+    """(what each token's record holds, in order, as `output_hidden_states` indices or "final"; its width)."""
+    hidden_size = base.get_output_embeddings().weight.shape[1]
+    if kind == "medusa":
+        return ["final"], hidden_size
+    if kind == "eagle3":
+        return [*target_layers(_num_layers(base)), "final"], 4 * hidden_size
+    raise ValueError(f"unknown draft kind {kind!r}, expected one of {KINDS}")
+
+
+def frozen_pass(
+    base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str = "medusa"
+) -> torch.Tensor:
+    """[B, T, width] records of one frozen forward (`record_layout`), in the base model's dtype; no gradient.
+    The per-batch path (no cache) and the cache build both use it, so both see the same numbers."""
+    with torch.no_grad():
+        if kind == "medusa":
+            return backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        out = backbone(base)(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
+        )
+        return torch.cat([target_features(out.hidden_states), out.last_hidden_state], dim=-1)
+
+
+def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: str = "medusa") -> str:
+    """Hash of the model (config + a checksum of every weight), of what is recorded, and of all token ids."""
     digest = hashlib.sha256(f"medusa-forge hidden cache v{FORMAT_VERSION}".encode())
+    if kind != "medusa":  # Medusa keys stay as they were before other kinds existed
+        layers, width = record_layout(base, kind)
+        digest.update(f"kind={kind} layers={layers} width={width}".encode())
     digest.update(base.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, param in base.named_parameters():
@@ -44,10 +87,11 @@ def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]]) -> str:
 
 
 class HiddenStateCache:
-    """Read side: hidden states of sequence i as a [len_i, H] float16 tensor."""
+    """Read side: the records of sequence i as a [len_i, width] float16 tensor."""
 
     def __init__(self, folder: Path) -> None:
         meta = json.loads((folder / META_FILE).read_text())
+        self.kind = meta.get("kind", "medusa")  # caches written before the field existed are Medusa's
         self.offsets = np.load(folder / OFFSETS_FILE)
         self.data = np.memmap(folder / DATA_FILE, dtype=np.float16, mode="r", shape=(meta["tokens"], meta["hidden"]))
 
@@ -73,16 +117,21 @@ def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def build_hidden_cache(
-    base: PreTrainedModel, items: list[dict[str, list[int]]], root: Path, max_tokens_per_batch: int = 8192
+    base: PreTrainedModel,
+    items: list[dict[str, list[int]]],
+    root: Path,
+    max_tokens_per_batch: int = 8192,
+    kind: str = "medusa",
 ) -> HiddenStateCache:
-    """Load the cache for (base, items), building or finishing it first if needed."""
-    folder = root / cache_key(base, items)
+    """Load the cache for (base, items, kind), building or finishing it first if needed. CacheTooLarge when
+    the disk cannot hold it (nothing is written then)."""
+    folder = root / cache_key(base, items, kind)
     if (folder / META_FILE).is_file():
         logger.warning("hidden-state cache: reusing %s", folder)
         return HiddenStateCache(folder)
     lengths = [len(item["input_ids"]) for item in items]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    hidden_size = base.get_output_embeddings().weight.shape[1]
+    layers, hidden_size = record_layout(base, kind)
     need = int(offsets[-1]) * hidden_size * 2
     folder.mkdir(parents=True, exist_ok=True)
     data_path = folder / DATA_FILE
@@ -93,7 +142,9 @@ def build_hidden_cache(
         offsets[-1], hidden_size, need / 1e9, folder, free / 1e9,
     )  # fmt: skip
     if need - already > free - 256 * 2**20:
-        raise UserError(
+        if not any(folder.iterdir()):
+            folder.rmdir()  # leave no empty cache folder behind
+        raise CacheTooLarge(
             f"the hidden-state cache needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free: "
             f"free space, point --medusa_hidden_cache_dir at a larger disk, lower --max_samples/--model_max_length, "
             f"or train without it (--medusa_hidden_cache False)"
@@ -107,7 +158,6 @@ def build_hidden_cache(
     if done:
         logger.warning("hidden-state cache: resuming at batch %d of %d", done, len(batches))
     device = next(base.parameters()).device
-    model = backbone(base)
     with torch.inference_mode():
         for batch_index in tqdm(
             range(done, len(batches)), desc="caching hidden states", initial=done, total=len(batches)
@@ -119,20 +169,28 @@ def build_hidden_cache(
             for row, i in enumerate(batch):
                 input_ids[row, : lengths[i]] = torch.tensor(items[i]["input_ids"])
                 mask[row, : lengths[i]] = 1
-            hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            hidden = hidden.last_hidden_state.to(torch.float16).cpu().numpy()
+            hidden = frozen_pass(base, input_ids.to(device), mask.to(device), kind)
+            hidden = hidden.to(torch.float16).cpu().numpy()
             for row, i in enumerate(batch):
                 data[offsets[i] : offsets[i + 1]] = hidden[row, : lengths[i]]
             data.flush()
             progress_path.write_text(json.dumps({"batches": batch_index + 1}))
     del data
-    meta = {"tokens": int(offsets[-1]), "hidden": hidden_size, "sequences": len(items), "version": FORMAT_VERSION}
+    meta = {
+        "tokens": int(offsets[-1]),
+        "hidden": hidden_size,  # the record width
+        "sequences": len(items),
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "layers": layers,
+    }
     (folder / META_FILE).write_text(json.dumps(meta))  # written last: marks the cache complete
     return HiddenStateCache(folder)
 
 
 class CachedHiddenDataset(Dataset):
-    """Items for training from the cache: hidden states instead of token ids."""
+    """Items for training from the cache: hidden states instead of token ids (EAGLE-3 keeps the token ids too:
+    the draft embeds the next tokens)."""
 
     def __init__(self, items: list[dict[str, list[int]]], cache: HiddenStateCache) -> None:
         if len(items) != len(cache):
@@ -143,4 +201,7 @@ class CachedHiddenDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        return {"hidden_states": self.cache.get(index), "labels": self.items[index]["labels"]}
+        item = {"hidden_states": self.cache.get(index), "labels": self.items[index]["labels"]}
+        if self.cache.kind != "medusa":
+            item["input_ids"] = self.items[index]["input_ids"]
+        return item

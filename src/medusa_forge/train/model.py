@@ -23,6 +23,9 @@ class MedusaForTraining(nn.Module):
     which the trainer accumulates between logging steps and reduces across processes.
     """
 
+    draft_attribute = "heads"  # what the trainer saves
+    metric_name = "medusa"  # logged as medusa{i}_loss, medusa{i}_top1, ...
+
     def __init__(
         self,
         base: PreTrainedModel,
@@ -117,11 +120,11 @@ def medusa_loss(
     return {"loss": total, "head_stats": stats}
 
 
-def summarise_head_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Summed head_stats -> {medusa{i}_loss, medusa{i}_top{k}} means."""
+def summarise_head_stats(stats: torch.Tensor, prefix: str = "", name: str = "medusa") -> dict[str, float]:
+    """Summed head_stats -> {medusa{i}_loss, medusa{i}_top{k}} means (`name` eagle3_step: per EAGLE-3 step)."""
     out = {}
     for i in range(stats.shape[0]):
-        out[f"{prefix}medusa{i}_loss"] = float(stats[i, 0]) / max(float(stats[i, 1]), 1.0)
+        out[f"{prefix}{name}{i}_loss"] = float(stats[i, 0]) / max(float(stats[i, 1]), 1.0)
         for k_index, k in enumerate(TOPK):
-            out[f"{prefix}medusa{i}_top{k}"] = float(stats[i, 3 + k_index]) / max(float(stats[i, 2]), 1.0)
+            out[f"{prefix}{name}{i}_top{k}"] = float(stats[i, 3 + k_index]) / max(float(stats[i, 2]), 1.0)
     return out

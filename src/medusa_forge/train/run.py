@@ -1,4 +1,5 @@
-"""The training command: from a TrainConfig, build data + model, train with MedusaTrainer, write the heads folder."""
+"""The training command: from a TrainConfig, build data + model, train with MedusaTrainer, write the draft folder
+(Medusa heads, or an EAGLE-3 draft with --draft_kind eagle3)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medusa_forge.data.conversations import load_conversations
-from medusa_forge.data.tokenize import ensure_chat_template
+from medusa_forge.data.tokenize import IGNORE_INDEX, ensure_chat_template
 from medusa_forge.defaults import cache_dir, resolve_model
+from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Draft, draft_vocab_ids, draft_vocabulary
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
-from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache
+from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights
+from medusa_forge.train.hidden_cache import CachedHiddenDataset, CacheTooLarge, build_hidden_cache
 from medusa_forge.train.model import MedusaForTraining, head_weights
 from medusa_forge.train.report import plot_history, training_metrics
 from medusa_forge.train.trainer import MedusaTrainer
@@ -60,7 +64,9 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
 
 def _cached(base, train_set, eval_set, config: TrainConfig):
-    """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait."""
+    """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait.
+    An EAGLE-3 run whose cache does not fit on the disk keeps the token dataset: the draft's features are then
+    computed per batch (the frozen pass runs every epoch)."""
     root = Path(config.medusa_hidden_cache_dir or cache_dir() / "hidden")
     out = []
     for dataset in (train_set, eval_set):
@@ -68,14 +74,70 @@ def _cached(base, train_set, eval_set, config: TrainConfig):
             out.append(None)
             continue
         items = dataset.all_items()
-        with config.main_process_first(desc="hidden-state cache"):
-            cache = build_hidden_cache(base, items, root)
+        try:
+            with config.main_process_first(desc="hidden-state cache"):
+                cache = build_hidden_cache(base, items, root, kind=config.draft_kind)
+        except CacheTooLarge as err:
+            if config.draft_kind == "medusa":
+                raise
+            logger.warning("%s\ncomputing the target's features per batch instead of caching them", err)
+            out.append(dataset)
+            continue
         out.append(CachedHiddenDataset(items, cache))
     return out
 
 
+def assistant_token_counts(items: list[dict[str, list[int]]], vocab_size: int) -> torch.Tensor:
+    """[V] how often each token id is a labelled (assistant) token: what the draft vocabulary is chosen from."""
+    labels = torch.tensor([t for item in items for t in item["labels"] if t != IGNORE_INDEX], dtype=torch.long)
+    if len(labels) and int(labels.max()) >= vocab_size:
+        raise UserError(f"the data holds token id {int(labels.max())}, beyond the model's vocabulary {vocab_size}")
+    return torch.bincount(labels, minlength=vocab_size)
+
+
+def eagle3_model(base, train_set: ConversationDataset, config: TrainConfig, base_path: str) -> Eagle3ForTraining:
+    """A fresh EAGLE-3 draft for `base` (draft vocabulary from the training data's assistant tokens) + its loss."""
+    layers = base.config.get_text_config().num_hidden_layers
+    if layers < ENGINE_MIN_TARGET_LAYERS:
+        logger.warning(
+            "the target has %d layers (< %d): the draft reads layers vLLM and SGLang cannot give it, so it can be "
+            "trained and used by medusa-forge's decoder but not exported to an engine",
+            layers,
+            ENGINE_MIN_TARGET_LAYERS,
+        )
+    vocab = base.config.get_text_config().vocab_size
+    size = min(config.eagle3_draft_vocab_size or vocab, vocab)
+    ids = None
+    if size < vocab:
+        d2t, _ = draft_vocabulary(assistant_token_counts(train_set.all_items(), vocab), size)
+        ids = draft_vocab_ids(d2t)
+    set_seed(config.seed)  # the draft's random initial weights are the same on every rank and every run
+    draft = Eagle3Draft.for_target(base, ids, base_path, config.eagle3_intermediate_size).to(base.device)
+    weights = step_weights(config.eagle3_ttt_steps, config.eagle3_step_decay)
+    return Eagle3ForTraining(base, draft, weights, chunk_size=config.medusa_loss_chunk_size)
+
+
+def medusa_model(base, config: TrainConfig, base_path: str) -> MedusaForTraining:
+    heads = MedusaHeads.for_base_model(base, config.medusa_num_heads, config.medusa_num_layers, base_path)
+    draft_vocab = config.medusa_draft_vocab_size or None
+    if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:
+        draft_vocab = None  # the whole vocabulary anyway
+    heads.config.draft_vocab_size = draft_vocab
+    if config.medusa_freeze_projection:
+        for head in heads:
+            head[-1].weight.requires_grad_(False)
+    return MedusaForTraining(
+        base,
+        heads,
+        head_weights(config.medusa_num_heads, config.medusa_decay_coefficient),
+        soft_labels=config.medusa_soft_labels,
+        chunk_size=config.medusa_loss_chunk_size,
+        draft_vocab_size=draft_vocab,
+    )
+
+
 def train(config: TrainConfig) -> Path:
-    """Train the heads as `config` says; returns the heads folder."""
+    """Train the draft (heads or EAGLE-3) as `config` says; returns the draft folder."""
     is_main = config.process_index == 0
     if is_main and config.world_size > 1:
         logger.warning("training on %d processes (%s)", config.world_size, config.parallel_mode.value)
@@ -102,27 +164,15 @@ def train(config: TrainConfig) -> Path:
         )
 
     base = load_base_model(base_path, dtype=_base_dtype(config)).to(config.device)
+    eagle3 = config.draft_kind == "eagle3"
+    # The draft vocabulary is chosen from the token data before the cache replaces it.
+    model = eagle3_model(base, train_set, config, base_path) if eagle3 else None
     cache_seconds = time.perf_counter()
     if config.medusa_hidden_cache:
         train_set, eval_set = _cached(base, train_set, eval_set, config)
     cache_seconds = time.perf_counter() - cache_seconds
     # In config.json: what the user passed, but aliases become the folder a server can load.
-    heads = MedusaHeads.for_base_model(base, config.medusa_num_heads, config.medusa_num_layers, base_path)
-    draft_vocab = config.medusa_draft_vocab_size or None
-    if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:
-        draft_vocab = None  # the whole vocabulary anyway
-    heads.config.draft_vocab_size = draft_vocab
-    if config.medusa_freeze_projection:
-        for head in heads:
-            head[-1].weight.requires_grad_(False)
-    model = MedusaForTraining(
-        base,
-        heads,
-        head_weights(config.medusa_num_heads, config.medusa_decay_coefficient),
-        soft_labels=config.medusa_soft_labels,
-        chunk_size=config.medusa_loss_chunk_size,
-        draft_vocab_size=draft_vocab,
-    )
+    model = model or medusa_model(base, config, base_path)
     trainer = MedusaTrainer(
         model=model,
         args=config,
@@ -137,7 +187,13 @@ def train(config: TrainConfig) -> Path:
         final.update(trainer.evaluate())
     trainer.save_model(config.output_dir)
     output = Path(config.output_dir)
-    if is_main:
+    if is_main and eagle3:
+        metrics = training_metrics(trainer.state.log_history, final, name=model.metric_name)
+        metrics.save(output)
+        plot_history(output, metrics, label="step")
+        logger.warning("EAGLE-3 draft written to %s", output)  # no model card yet: push writes Medusa cards only
+    elif is_main:
+        heads = model.heads
         metrics = training_metrics(trainer.state.log_history, final)
         metrics.save(output)
         plot_history(output, metrics)

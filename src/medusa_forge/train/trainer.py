@@ -1,4 +1,5 @@
-"""MedusaTrainer: the HF Trainer with the Medusa loss, per-head metrics, and checkpoints in the heads layout."""
+"""MedusaTrainer: the HF Trainer with a draft's loss (Medusa heads or an EAGLE-3 draft), per-head (per-step)
+metrics, and checkpoints in the draft's own layout."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
+from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.tokenizer_files import save_tokenizer
 from medusa_forge.train.model import summarise_head_stats
 
+METRIC_NAMES = ("medusa", "eagle3_step")
+
 
 class MedusaTrainer(Trainer):
-    """Checkpoints hold only the heads (config.json + medusa_lm_head.safetensors) plus the Trainer's
-    optimizer/scheduler/RNG state, so a checkpoint folder is itself a loadable heads folder."""
+    """Checkpoints hold only the draft (heads: config.json + medusa_lm_head.safetensors; EAGLE-3: config.json +
+    model.safetensors) plus the Trainer's optimizer/scheduler/RNG state, so a checkpoint folder is itself a
+    loadable draft folder. The model (MedusaForTraining, Eagle3ForTraining) names its draft submodule
+    (`draft_attribute`) and its metrics (`metric_name`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -45,22 +51,28 @@ class MedusaTrainer(Trainer):
             stats = self._head_stats[phase].to(self.args.device)
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
-            logs.update(summarise_head_stats(stats.cpu(), prefix="eval_" if phase == "eval" else ""))
+            name = self.accelerator.unwrap_model(self.model).metric_name
+            logs.update(summarise_head_stats(stats.cpu(), prefix="eval_" if phase == "eval" else "", name=name))
             self._head_stats[phase] = None
         super().log(logs, start_time)
 
+    def _draft(self, model=None) -> torch.nn.Module:
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        return getattr(unwrapped, unwrapped.draft_attribute)
+
     def _heads_state_dict(self, state_dict: dict | None) -> dict[str, torch.Tensor]:
         if state_dict is None:
-            return self.accelerator.unwrap_model(self.model).heads.state_dict()
-        # DeepSpeed/FSDP hand us the gathered full state dict: keep the heads' part.
-        return {k[len("heads.") :]: v for k, v in state_dict.items() if k.startswith("heads.")}
+            return self._draft().state_dict()
+        # DeepSpeed/FSDP hand us the gathered full state dict: keep the draft's part.
+        prefix = self.accelerator.unwrap_model(self.model).draft_attribute + "."
+        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         heads_state = self._heads_state_dict(state_dict)
         if not self.args.should_save:
             return
-        heads = self.accelerator.unwrap_model(self.model).heads
+        heads = self._draft()
         os.makedirs(output_dir, exist_ok=True)
         original = heads.state_dict()
         saved = type(heads)(heads.config)
@@ -71,9 +83,11 @@ class MedusaTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self.model
-        path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
-        self.accelerator.unwrap_model(model).heads.load_state_dict(load_file(path))
+        draft = self._draft(model)
+        if isinstance(draft, Eagle3Draft):  # load() checks the folder as the engines would
+            draft.load_state_dict(Eagle3Draft.load(resume_from_checkpoint).state_dict())
+        else:
+            draft.load_state_dict(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)))
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
@@ -91,19 +105,21 @@ class EpochTimer(TrainerCallback):
 
 
 def format_logs(step: int, logs: dict) -> str:
-    """One readable console line: losses, learning rate, then each head's loss / top-1 / top-5."""
+    """One readable console line: losses, learning rate, then each head's (step's) loss / top-1 / top-5."""
     parts = [f"step {step}"]
     for key in ("loss", "eval_loss", "learning_rate", "epoch", "train_loss", "train_runtime"):
         if key in logs:
             parts.append(f"{key} {logs[key]:.4g}")
     for prefix in ("", "eval_"):
-        i = 0
-        while f"{prefix}medusa{i}_loss" in logs:
-            parts.append(
-                f"{prefix}head{i} loss {logs[f'{prefix}medusa{i}_loss']:.3f} "
-                f"top1 {logs[f'{prefix}medusa{i}_top1']:.3f} top5 {logs[f'{prefix}medusa{i}_top5']:.3f}"
-            )
-            i += 1
+        for name, label in zip(METRIC_NAMES, ("head", "step"), strict=True):
+            i = 0
+            while f"{prefix}{name}{i}_loss" in logs:
+                key = f"{prefix}{name}{i}"
+                parts.append(
+                    f"{prefix}{label}{i} loss {logs[f'{key}_loss']:.3f} "
+                    f"top1 {logs[f'{key}_top1']:.3f} top5 {logs[f'{key}_top5']:.3f}"
+                )
+                i += 1
     return " | ".join(parts)
 
 
