@@ -1,5 +1,5 @@
-"""The engine releases that still load Medusa heads (November 2026), in one place: `export` pins its printed
-commands to them, the model card and the README name them.
+"""The engine releases that load our drafts (November 2026), in one place: `export` pins its printed commands to
+them, the model card and the README name them.
 
 - TGI: maintenance mode since December 2025, repository archived March 2026; its last release still runs.
 - vLLM: 0.33 removed Medusa (and the MLP speculator); 0.32.0 is the last release that serves it.
@@ -7,9 +7,13 @@ commands to them, the model card and the README name them.
 - SGLang never served Medusa.
 """
 
+# Medusa heads
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
 VLLM_MEDUSA_RELEASE = "0.32.0"
 TENSORRT_LLM_MEDUSA_RELEASE = "1.2.1"
+# EAGLE-3 drafts: the newest releases, whose loaders docs/eagle3-reference.md and tests/test_eagle3_draft.py follow.
+VLLM_EAGLE3_RELEASE = "0.33.0"
+SGLANG_EAGLE3_RELEASE = "0.5.23"
 EAGLE3_ONLY = (
     "vLLM 0.33 and later, SGLang and TensorRT-LLM's current main serve EAGLE-3 drafts, not Medusa heads"
 )

@@ -12,7 +12,15 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
+from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Draft, is_eagle3_folder
+from medusa_forge.engine_versions import (
+    EAGLE3_ONLY,
+    SGLANG_EAGLE3_RELEASE,
+    TENSORRT_LLM_MEDUSA_RELEASE,
+    TGI_IMAGE,
+    VLLM_EAGLE3_RELEASE,
+    VLLM_MEDUSA_RELEASE,
+)
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import copy_sidecars, same_tensors
 from medusa_forge.formats.layouts import FORMATS, LAYOUTS, LoadedHeads
@@ -101,12 +109,17 @@ def export_heads(
     tokenizer: str | None = None,
     layout: str | None = None,
 ) -> ExportResult:
-    """Write `heads` (any known layout) for engine `fmt` into `output_dir`, then read it back and compare."""
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    """Write `heads` (Medusa heads in any known layout, or an EAGLE-3 draft) for engine `fmt` into `output_dir`,
+    then read it back and compare."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
     output_dir = Path(output_dir)
     if output_dir.exists() and Path(heads).exists() and output_dir.resolve() == Path(heads).resolve():
         raise UserError("--output-dir must differ from --heads (export writes a new folder)")
+    if Path(heads).is_dir() and is_eagle3_folder(heads):
+        return export_eagle3(Path(heads), fmt, output_dir, base_model_id)
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: SGLang never served Medusa heads; choose one of {', '.join(FORMATS)}")
     loaded = read_heads(heads, layout=layout)
     notes = list(loaded.notes)
     trained_base = loaded.config.base_model_name_or_path  # the base the heads were trained on (often local)
@@ -146,12 +159,98 @@ def export_heads(
     return ExportResult(output_dir, files, serve_commands(fmt, output_dir, loaded), notes)
 
 
+EAGLE3_FORMATS = ("vllm", "sglang")  # the same folder loads in both (docs/eagle3-reference.md §0)
+EXPORT_FORMATS = (*FORMATS, "sglang")
+
+
+def eagle3_serve_commands(fmt: str, output_dir: Path, base: str, steps: int = 3) -> list[str]:
+    """Commands that serve an exported EAGLE-3 draft: a chain of `steps` draft tokens per verification."""
+    if fmt == "vllm":
+        spec = json.dumps({"method": "eagle3", "model": str(output_dir), "num_speculative_tokens": steps})
+        return [
+            f"pip install vllm=={VLLM_EAGLE3_RELEASE} && "
+            f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
+        ]
+    return [
+        f"pip install sglang=={SGLANG_EAGLE3_RELEASE} && python -m sglang.launch_server --model-path "
+        f"{shlex.quote(base)} --speculative-algorithm EAGLE3 --speculative-draft-model-path "
+        f"{shlex.quote(str(output_dir))} --speculative-num-steps {steps} --speculative-eagle-topk 1 "
+        f"--speculative-num-draft-tokens {steps + 1}"
+    ]
+
+
+def export_eagle3(source: Path, fmt: str, output_dir: Path, base_model_id: str | None = None) -> ExportResult:
+    """An EAGLE-3 draft as vLLM and SGLang load it (our folder already is that layout): checked against its target,
+    written, read back and compared."""
+    if fmt not in EAGLE3_FORMATS:
+        raise UserError(
+            f"--format {fmt}: {source} is an EAGLE-3 draft, which {fmt} does not load here; "
+            f"choose one of {', '.join(EAGLE3_FORMATS)}"
+        )
+    draft = Eagle3Draft.load(source)
+    config = draft.config
+    notes = []
+    target = _target_config(config.base_model_name_or_path)
+    if target is None:
+        notes.append(f"not checked against the target {config.base_model_name_or_path!r} (no local config.json)")
+    else:
+        layers, vocab = target
+        if layers < ENGINE_MIN_TARGET_LAYERS:
+            raise UserError(
+                f"{source}: the target {config.base_model_name_or_path} has {layers} layers; vLLM and SGLang read "
+                f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS} layers"
+            )
+        if vocab != config.vocab_size:
+            raise UserError(
+                f"{source}: vocab_size {config.vocab_size} differs from the target's {vocab} (the engines map "
+                "draft ids into the target's vocabulary): retrain the draft for this target"
+            )
+    if base_model_id:
+        config.base_model_name_or_path = base_model_id
+    if output_dir.is_dir() and any(p.suffix in (".safetensors", ".pt", ".bin") for p in output_dir.iterdir()):
+        raise UserError(f"--output-dir {output_dir} already holds weights that an engine would also read")
+    draft.save(output_dir)
+    files = [output_dir / "config.json", output_dir / "model.safetensors"]
+    files += copy_tokenizer(source, output_dir)
+    files += copy_sidecars(source, output_dir, (TRAINING_METRICS_FILE,))
+    written = Eagle3Draft.load(output_dir)
+    if not same_tensors(written.state_dict(), draft.state_dict()) or written.config != config:
+        raise UserError(f"{output_dir}: the written draft differs from the source; please report this")
+    notes.append(
+        f"EAGLE-3 drafts load in vLLM >= 0.32 (pinned: {VLLM_EAGLE3_RELEASE}) and SGLang (pinned: "
+        f"{SGLANG_EAGLE3_RELEASE}); both read the tokenizer and the frozen embeddings from the target"
+    )
+    base = config.base_model_name_or_path
+    return ExportResult(output_dir, files, eagle3_serve_commands(fmt, output_dir, base), notes)
+
+
+def _target_config(name: str) -> tuple[int, int] | None:
+    """(layers, vocab_size) of the target from its local config, None when it is not available here."""
+    from transformers import AutoConfig
+
+    from medusa_forge.defaults import resolve_model
+
+    try:
+        target = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True).get_text_config()
+    except (OSError, ValueError):
+        return None
+    return target.num_hidden_layers, target.vocab_size
+
+
 @dataclass
 class ExportConfig:
-    """Write Medusa heads in the layout an inference engine loads."""
+    """Write a draft (Medusa heads or an EAGLE-3 draft) in the layout an inference engine loads."""
 
-    heads: str = field(metadata={"help": "Heads folder (written by `medusa-forge train`, or any layout)."})
-    format: str = field(metadata={"help": "Target engine.", "choices": FORMATS})
+    heads: str = field(
+        metadata={
+            "help": "Draft folder: Medusa heads (written by `medusa-forge train`, or any layout) or an EAGLE-3 draft.",
+            "aliases": ["--draft"],
+        }
+    )
+    format: str = field(
+        metadata={"help": "Target engine (Medusa: tgi, vllm, tensorrt-llm; EAGLE-3: vllm, sglang).",
+                  "choices": EXPORT_FORMATS}
+    )
     output_dir: str = field(metadata={"help": "New folder to write."})
     base_model_id: str | None = field(
         default=None,
@@ -167,8 +266,8 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UserError(f"--format {self.format}: choose from {', '.join(FORMATS)}")
+        if self.format not in EXPORT_FORMATS:
+            raise UserError(f"--format {self.format}: choose from {', '.join(EXPORT_FORMATS)}")
         if self.layout is not None and self.layout not in LAYOUTS:
             raise UserError(f"--layout {self.layout}: choose from {', '.join(LAYOUTS)}")
 
