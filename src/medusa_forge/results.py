@@ -215,6 +215,9 @@ class EvalReport:
     tree_search: TreeSearch | None = None  # None when the tree was given (--tree FILE or default-N)
     acceptance: Acceptance | None = None
     speed: SpeedComparison | None = None
+    # "medusa" or "eagle3"; `heads` is then the draft folder. The speculative run is `speed`'s "medusa" entry
+    # for both kinds, the name every reader of eval.json knows.
+    draft_kind: str = "medusa"
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -269,6 +272,7 @@ class EvalReport:
             section("tree_search", TreeSearch),
             acceptance,
             speed,
+            _get(data, "draft_kind", "text", "", "medusa"),  # reports from before EAGLE-3 drafts: Medusa
         )
 
 

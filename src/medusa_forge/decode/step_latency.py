@@ -39,9 +39,12 @@ def _stopwatch(parts: dict[str, float]) -> Callable[[str], None]:
     return mark
 
 
+DecoderFactory = Callable[[Choices], SpeculativeDecoder]  # a decoder for a tree (checks skipped: timing only)
+
+
 @torch.no_grad()
 def time_step_parts(
-    model: MedusaModel,
+    model: MedusaModel | DecoderFactory,
     trees: list[Choices | None],
     prefix_length: int = 256,
     repeats: int = 5,
@@ -49,8 +52,15 @@ def time_step_parts(
 ) -> list[list[dict[str, float]]]:
     """Seconds of each of STEP_PARTS of `repeats` steps per tree, after `prefix_length` cached tokens (a random
     prompt). A `None` tree times one `plain_step` instead. Every step starts from the same cache length, and trees
-    are timed round-robin, so a burst of load from other processes hits every size alike."""
-    decoders = [MedusaDecoder(model, t or [[0]], check=False, draft_vocab=draft_vocab) for t in trees]
+    are timed round-robin, so a burst of load from other processes hits every size alike. `model`: Medusa heads
+    (with `draft_vocab`), or a function that makes the decoder of a tree (any drafter, e.g. EAGLE-3)."""
+    if isinstance(model, MedusaModel):
+        heads = model
+
+        def model(choices: Choices) -> SpeculativeDecoder:
+            return MedusaDecoder(heads, choices, check=False, draft_vocab=draft_vocab)
+
+    decoders = [model(t or [[0]]) for t in trees]
     vocab = decoders[0].verifier.lm_head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoders[0].device)
@@ -72,7 +82,7 @@ def time_step_parts(
 
 
 def measure_step_seconds(
-    model: MedusaModel,
+    model: MedusaModel | DecoderFactory,
     trees: list[Choices | None],
     prefix_length: int = 256,
     repeats: int = 5,

@@ -1,15 +1,17 @@
-"""`medusa-forge eval`: are the heads worth deploying? Per-head accuracy, accepted tokens per step, and the
-real speed-up over plain greedy decoding on this machine, with transformers' prompt-lookup decoding as a peer.
+"""`medusa-forge eval`: is the draft (Medusa heads or an EAGLE-3 draft) worth deploying? Per-head (per draft step)
+accuracy, accepted tokens per step, and the real speed-up over plain greedy decoding on this machine, with
+transformers' prompt-lookup decoding as a peer.
 
-Steps: (1) teacher-forced per-head top-k accuracy on held-out conversations (assistant tokens only);
-(2) the tree: from those rank accuracies, the best tree for each node budget, each budget's step latency
-measured here, the budget with the most expected tokens/s wins and is stored in the heads folder;
-(3) for each prompt, back to back: plain greedy (`generate(do_sample=False)`), Medusa, prompt lookup, each
+Steps: (1) teacher-forced top-k accuracy of each head / draft step on held-out conversations (assistant tokens
+only); (2) the tree: from those rank accuracies, the best tree for each node budget, each budget's step latency
+measured here, the budget with the most expected tokens/s wins and is stored in the draft folder;
+(3) for each prompt, back to back: plain greedy (`generate(do_sample=False)`), the draft, prompt lookup, each
 timed after a warm-up, outputs checked equal; (4) eval.json, eval.md and PNG plots.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,12 @@ from typing import ClassVar
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.errors import UserError
-from medusa_forge.evaluate.accuracy import measure_accuracy, measure_self_accuracy
+from medusa_forge.evaluate.accuracy import (
+    conversation_samples,
+    own_answer_samples,
+    score_eagle3_samples,
+    score_samples,
+)
 from medusa_forge.evaluate.report import render_markdown, write_eval_report
 from medusa_forge.evaluate.speed import (
     acceptance,
@@ -34,11 +41,16 @@ logger = logging.getLogger("medusa_forge.eval")
 
 @dataclass
 class EvalConfig:
-    """Per-head accuracy, accepted tokens per step, and the real speed-up of Medusa decoding here."""
+    """Per-head accuracy, accepted tokens per step, and the real speed-up of Medusa or EAGLE-3 decoding here."""
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = field(metadata={"help": "Heads folder written by `medusa-forge train`."})
+    heads: str = field(
+        metadata={
+            "help": "Draft folder written by `medusa-forge train`: Medusa heads or an EAGLE-3 draft (detected).",
+            "aliases": ["--draft"],
+        }
+    )
     model: str | None = field(
         default=None, metadata={"help": "Base model (default: base_model_name_or_path in the heads' config.json)."}
     )
@@ -72,12 +84,19 @@ class EvalConfig:
     latency_prefix: int = field(default=256, metadata={"help": "Cached tokens when timing."})
     no_save_tree: bool = field(default=False, metadata={"help": "Do not write the tree file."})
     prompt_lookup_tokens: int = field(default=10, metadata={"help": "0 = skip."})
-    output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: HEADS/eval)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: DRAFT/eval)."})
     draft_vocab: int | None = field(
         default=None,
         metadata={
             "help": "Heads propose only token ids below N (cheaper heads on CPU; output unchanged). Default: the "
             "heads' draft_vocab_size from training, else the whole vocabulary."
+        },
+    )
+    depth: int = field(
+        default=5,
+        metadata={
+            "help": "EAGLE-3: draft steps scored (step j predicts the token j after the base's), so the deepest "
+            "tree tried. Medusa heads: unused (one depth per head)."
         },
     )
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
@@ -86,6 +105,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.max_prompts < 1 or self.max_new_tokens < 1:
             raise UserError("--max-prompts and --max-new-tokens must be at least 1")
+        if self.depth < 1:
+            raise UserError("--depth must be at least 1")
         _parse_sizes(self.tree_sizes)
 
     @property
@@ -96,19 +117,46 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> EvalReport:
     from medusa_forge.decode.drafters import trained_draft_vocab
-    from medusa_forge.decode.generation import MedusaDecoder
-    from medusa_forge.decode.loading import load_medusa
+    from medusa_forge.decode.generation import Eagle3Decoder, MedusaDecoder
+    from medusa_forge.decode.loading import draft_kind, load_eagle3, load_medusa
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
     from medusa_forge.formats.tree_file import save_tree
     from medusa_forge.generation.text import eos_token_ids
 
-    model, tokenizer = load_medusa(config.heads, config.model, config.dtype, config.device)
-    draft_vocab = trained_draft_vocab(model) if config.draft_vocab is None else config.draft_vocab
+    kind = draft_kind(config.heads)
     conversations = load_conversations(config.data, config.max_conversations)
-    accuracy = measure_accuracy(model, tokenizer, conversations, config.max_length, draft_vocab=draft_vocab)
+    if kind == "eagle3":
+        if config.draft_vocab is not None:
+            raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
+        base, draft, tokenizer = load_eagle3(config.heads, config.model, config.dtype, config.device)
+        draft_vocab = None
+        depth = config.depth
+
+        def score(samples, desc: str):
+            return score_eagle3_samples(base, draft, samples, depth, desc=desc)
+
+        def decoder_for(choices, check: bool = True) -> Eagle3Decoder:
+            return Eagle3Decoder(base, draft, choices, check=check)
+
+        latency_model = functools.partial(decoder_for, check=False)
+    else:
+        model, tokenizer = load_medusa(config.heads, config.model, config.dtype, config.device)
+        base = model.base
+        draft_vocab = trained_draft_vocab(model) if config.draft_vocab is None else config.draft_vocab
+        depth = len(model.heads)
+
+        def score(samples, desc: str):
+            return score_samples(model, samples, draft_vocab=draft_vocab, desc=desc)
+
+        def decoder_for(choices, check: bool = True) -> MedusaDecoder:
+            return MedusaDecoder(model, choices, check=check, draft_vocab=draft_vocab)
+
+        latency_model = model
+
+    accuracy = score(conversation_samples(tokenizer, conversations, config.max_length), "draft accuracy")
     for row in accuracy:
         logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
-    eos = eos_token_ids(model.base, tokenizer)
+    eos = eos_token_ids(base, tokenizer)
     prompts = first_prompts(
         tokenizer,
         load_conversations(config.data, None),
@@ -118,7 +166,8 @@ def evaluate(config: EvalConfig) -> EvalReport:
     prompts, calibration = prompts[: config.max_prompts], prompts[config.max_prompts :]
     self_accuracy = None
     if calibration:
-        self_accuracy = measure_self_accuracy(model, calibration, config.max_new_tokens, eos, draft_vocab)
+        samples = own_answer_samples(base, calibration, config.max_new_tokens, eos)
+        self_accuracy = score(samples, "draft accuracy (own answers)")
         for row in self_accuracy:
             logger.warning("%s on its own answers: top-1 %.3f top-5 %.3f", row.name, row.top(1), row.top(5))
     rank_accuracy = [row.rank_accuracy for row in (self_accuracy or accuracy)[1:]]
@@ -126,7 +175,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
     tree_search = None
     if config.tree == "auto":
         tree_search = choose_tree(
-            model, rank_accuracy, config.sizes, prefix_length=config.latency_prefix, draft_vocab=draft_vocab
+            latency_model, rank_accuracy, config.sizes, prefix_length=config.latency_prefix, draft_vocab=draft_vocab
         )
         choices = tree_search.choices
         if not config.no_save_tree:
@@ -140,15 +189,15 @@ def evaluate(config: EvalConfig) -> EvalReport:
             )
             logger.warning("tree of %d nodes stored in %s", len(choices), path)
     else:
-        choices = resolve_tree(config.tree, config.heads, len(model.heads))
+        choices = resolve_tree(config.tree, config.heads, depth)
 
-    decoder = MedusaDecoder(model, choices, draft_vocab=draft_vocab)
+    decoder = decoder_for(choices)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     lookup = None if config.prompt_lookup_tokens <= 0 else config.prompt_lookup_tokens
-    runs, accept_lengths, mismatches = run_speed(model, decoder, prompts, config.max_new_tokens, eos, pad_id, lookup)
+    runs, accept_lengths, mismatches = run_speed(base, decoder, prompts, config.max_new_tokens, eos, pad_id, lookup)
     report = EvalReport(
         heads=str(config.heads),
-        base_model=model.base.config.name_or_path,
+        base_model=base.config.name_or_path,
         data=config.data,
         machine=machine_description(),
         accuracy=[row.to_result() for row in accuracy],
@@ -160,12 +209,13 @@ def evaluate(config: EvalConfig) -> EvalReport:
         tree_search=tree_search,
         acceptance=acceptance(accept_lengths, expected_accept_length(choices, rank_accuracy)),
         speed=speed_comparison(runs, len(prompts), config.max_new_tokens, mismatches),
+        draft_kind=kind,
     )
     folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
     for path in write_eval_report(report, folder):
         logger.warning("wrote %s", path)
     if mismatches:
-        logger.error("Medusa output differed from plain greedy on prompts %s: please report this", mismatches)
+        logger.error("the draft's output differed from plain greedy on prompts %s: please report this", mismatches)
     return report
 
 

@@ -35,7 +35,7 @@ def write_eval_report(report: EvalReport, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar(names, [speed.tokens_per_second[n] for n in names], color=["grey", "tab:blue", "tab:orange"][: len(names)])
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"Medusa {speed.speedup['medusa']:.2f}x over greedy")
+    ax.set_title(f"{_label(report)} {speed.speedup['medusa']:.2f}x over greedy")
     fig.tight_layout()
     fig.savefig(folder / "tokens_per_second.png", dpi=120)
     plt.close(fig)
@@ -57,10 +57,14 @@ def write_eval_report(report: EvalReport, folder: Path) -> list[Path]:
     return paths
 
 
+def _label(report: EvalReport) -> str:
+    return "EAGLE-3" if report.draft_kind == "eagle3" else "Medusa"
+
+
 def render_markdown(report: EvalReport) -> str:
     """eval.md, also printed by `medusa-forge eval`. For a report eval wrote (every section present)."""
     lines = [
-        f"# Medusa evaluation: {report.heads}",
+        f"# {_label(report)} evaluation: {report.heads}",
         "",
         f"Base model: `{report.base_model}`; {report.machine}.",
         "",
@@ -80,7 +84,7 @@ def render_markdown(report: EvalReport) -> str:
             lines.append(f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |")
     acceptance = report.acceptance
     lines += ["", "## Acceptance", ""]
-    lines.append(f"Tree: {len(report.tree)} nodes, built from the heads' accuracy on {report.tree_accuracy_source}.")
+    lines.append(f"Tree: {len(report.tree)} nodes, built from the draft's accuracy on {report.tree_accuracy_source}.")
     lines.append("")
     lines.append(
         f"Mean accepted tokens per step: **{acceptance.mean_accept_length:.2f}** over {acceptance.steps} steps "
@@ -95,7 +99,8 @@ def render_markdown(report: EvalReport) -> str:
     lines += [
         "",
         f"{speed.prompts} prompts, at most {speed.max_new_tokens} new tokens each, run back to back per prompt "
-        f"after a warm-up; Medusa output equal to plain greedy on every prompt: {speed.outputs_equal}.",
+        f'after a warm-up ("medusa": the {_label(report)} draft); its output equal to plain greedy on every '
+        f"prompt: {speed.outputs_equal}.",
     ]
     tree = report.tree_search
     if tree:

@@ -28,7 +28,8 @@ def choose_tree(
     draft_vocab: int | None = None,
 ) -> TreeSearch:
     """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
-    budget with the most expected tokens per second."""
+    budget with the most expected tokens per second. `model`: Medusa heads, or a function that makes the decoder
+    of a tree (see `time_step_parts`)."""
     from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import expected_accept_length
     from medusa_forge.formats.tree_file import build_tree
@@ -40,7 +41,7 @@ def choose_tree(
     if expected[best] / seconds[best] <= 1 / plain:
         logger.warning(
             "no tree is expected to beat plain greedy here: best %.2f tokens/s (%d nodes) vs %.2f for a plain step; "
-            "the heads' accuracy is too low for this machine's cost of verifying a tree",
+            "the draft's accuracy is too low for this machine's cost of verifying a tree",
             expected[best] / seconds[best],
             len(trees[best]),
             1 / plain,
@@ -93,7 +94,7 @@ def _timed(fn):
 
 
 def run_speed(
-    model,
+    base,
     decoder,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -101,9 +102,11 @@ def run_speed(
     pad_id: int,
     prompt_lookup_tokens: int | None,
 ) -> tuple[dict[str, SpeedRun], list[int], list[int]]:
-    """Per prompt, back to back: plain greedy, Medusa, prompt lookup. Returns the runs, every step's accepted
-    length, and the indices of prompts whose Medusa output differed from plain greedy (must be empty)."""
-    base = model.base
+    """Per prompt, back to back: plain greedy with `base` (the base model, or anything with a `.base`), the
+    speculative `decoder` (Medusa or EAGLE-3: its run keeps the name "medusa", which eval.json readers know),
+    prompt lookup. Returns the runs, every step's accepted length, and the indices of prompts whose speculative
+    output differed from plain greedy (must be empty)."""
+    base = getattr(base, "base", base)
     device = next(base.parameters()).device
     eos_list = sorted(eos)
 
@@ -130,7 +133,7 @@ def run_speed(
         runs["prompt_lookup"] = SpeedRun("prompt_lookup")
     accept_lengths: list[int] = []
     mismatches: list[int] = []
-    for index, ids in enumerate(tqdm(prompts, desc="greedy / medusa / prompt lookup")):
+    for index, ids in enumerate(tqdm(prompts, desc="greedy / draft / prompt lookup")):
         with torch.no_grad():
             reference, seconds = _timed(lambda ids=ids: hf(ids, max_new_tokens))
             # generate() may pad after an EOS; keep up to the first EOS like the other decoders
