@@ -1,0 +1,114 @@
+"""`medusa-forge eval --draft DIR` for an EAGLE-3 draft trained by `train --draft_kind eagle3`: the per-step
+accuracy against the engines' step-by-step chain, and the report, tree and speed run end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_tiny_model, write_conversations
+
+from medusa_forge.cli import main
+from medusa_forge.data.conversations import load_conversations
+from medusa_forge.data.tokenize import IGNORE_INDEX
+from medusa_forge.decode.eagle3_drafter import Eagle3Drafter
+from medusa_forge.decode.loading import load_eagle3
+from medusa_forge.eagle3 import CachedAttention, target_features
+from medusa_forge.evaluate.accuracy import conversation_samples, score_eagle3_samples
+from medusa_forge.formats.tree_file import load_tree
+from medusa_forge.results import EvalReport
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory, tiny_tokenizer):
+    folder = tmp_path_factory.mktemp("eval-eagle3")
+    make_tiny_model("llama", folder / "base", tiny_tokenizer)
+    data = write_conversations(folder / "data.json", 12)
+    argv = [
+        "train", "--model_name_or_path", str(folder / "base"), "--data_path", str(data),
+        "--output_dir", str(folder / "draft"), "--max_steps", "12", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--model_max_length", "96", "--save_strategy", "no", "--eval_strategy", "no",
+        "--report_to", "none", "--disable_tqdm", "True", "--draft_kind", "eagle3", "--eagle3_ttt_steps", "2",
+        "--eagle3_draft_vocab_size", "64", "--medusa_hidden_cache_dir", str(folder / "cache"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return folder / "draft", data
+
+
+def chain_predictions(base, drafter: Eagle3Drafter, ids: torch.Tensor, t: int) -> tuple[int, int]:
+    """The draft's top-1 target ids for tokens t+2 and t+3 as the engines run it: a cached first pass over
+    (features 0..t, tokens 1..t+1), then one chain node with the true token t+2 at position t+1."""
+    with torch.no_grad():
+        features = target_features(base(ids[None], output_hidden_states=True).hidden_states)[0]
+        state = drafter.start(ids[1 : t + 2], features[: t + 1])
+        draft = drafter.draft
+        first = int(draft.to_target_ids(draft.logits(state.root_state).argmax()))
+        bias = torch.zeros(1, 1, 1, state.length + 1)
+        out = draft.layer(
+            drafter.embed(ids[t + 2 : t + 3])[None],
+            state.root_state[None, None],
+            torch.tensor([[t + 1]]),
+            CachedAttention(state.keys, state.values, bias),
+        )
+        second = int(draft.to_target_ids(draft.logits(out.state[0, 0]).argmax()))
+    return first, second
+
+
+def test_step_accuracy_matches_the_engines_chain(draft_dir):
+    folder, data = draft_dir
+    base, draft, tokenizer = load_eagle3(folder, device="cpu")
+    samples = conversation_samples(tokenizer, load_conversations(str(data), 2), 96)
+    rows = score_eagle3_samples(base, draft, samples, depth=3, progress=False)
+    assert [r.name for r in rows] == ["base", "step 1", "step 2", "step 3"]
+    drafter = Eagle3Drafter(base, draft)
+    tokens, hits = [0, 0], [0, 0]
+    for input_ids, labels in samples:
+        ids = torch.tensor(input_ids)
+        for t in range(len(ids) - 2):
+            first, second = chain_predictions(base, drafter, ids, t) if labels[t + 2] != IGNORE_INDEX else (-1, -1)
+            if labels[t + 2] != IGNORE_INDEX:
+                tokens[0] += 1
+                hits[0] += int(first == input_ids[t + 2])
+            if t + 3 < len(ids) and labels[t + 3] != IGNORE_INDEX:
+                if first == -1:
+                    first, second = chain_predictions(base, drafter, ids, t)
+                tokens[1] += 1
+                hits[1] += int(second == input_ids[t + 3])
+    for row, n, k in zip(rows[1:3], tokens, hits, strict=True):
+        assert row.tokens == n > 0
+        assert row.rank_counts[0] == k
+    assert rows[1].top(10) >= rows[1].top(1)
+
+
+def test_eval_an_eagle3_draft_end_to_end(draft_dir, tmp_path, capsys):
+    folder, data = draft_dir
+    folder = shutil.copytree(folder, tmp_path / "draft")  # eval stores its tree there: not in the shared fixture
+    out = tmp_path / "report"
+    argv = ["eval", "--draft", str(folder), "--data", str(data), "--max-prompts", "2", "--max-new-tokens", "16"]
+    argv += ["--calibration-prompts", "1", "--max-conversations", "3", "--tree-sizes", "2,4,8", "--depth", "3"]
+    argv += ["--latency-prefix", "32", "--output-dir", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert EvalReport.load(out / "eval.json").to_json() == report
+    assert report["draft_kind"] == "eagle3" and report["draft_vocab"] is None
+    assert [row["name"] for row in report["accuracy"]] == ["base", "step 1", "step 2", "step 3"]
+    assert [row["name"] for row in report["accuracy_own_answers"]] == ["base", "step 1", "step 2", "step 3"]
+    assert report["tree_accuracy_source"] == "own greedy answers"
+    speed = report["speed"]
+    assert speed["outputs_equal"] is True and speed["tokens"]["medusa"] == speed["tokens"]["greedy"]
+    assert set(speed["tokens_per_second"]) == {"greedy", "medusa", "prompt_lookup"}
+    acceptance = report["acceptance"]
+    assert acceptance["steps"] == sum(acceptance["histogram"].values()) > 0
+    assert 1.0 <= acceptance["mean_accept_length"] <= 4.0  # at most depth 3 + the base token
+    assert report["tree_search"]["sizes"] == [2, 4, 8]
+    stored = load_tree(folder)
+    assert stored == report["tree"] and len(stored) == report["tree_search"]["chosen_size"]
+    assert max(len(path) for path in stored) <= 3
+    assert "# EAGLE-3 evaluation" in (out / "eval.md").read_text()
+    capsys.readouterr()
+    # the generate command decodes with the stored tree; --draft-vocab is Medusa's only
+    assert main(["generate", "--draft", str(folder), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
+    assert main([*argv, "--draft-vocab", "8"]) == 2
+    assert "--draft-vocab applies to Medusa heads" in capsys.readouterr().err
