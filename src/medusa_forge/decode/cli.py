@@ -75,22 +75,15 @@ class TextStream:
 
 def run_generate(config: GenerateConfig) -> int:
     """Stream the reply to stdout, then the speed and acceptance to stderr."""
-    from medusa_forge.decode.generation import DecodeResult, Eagle3Decoder, MedusaDecoder
-    from medusa_forge.decode.loading import draft_kind, encode_prompt, load_eagle3, load_medusa
-    from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH, resolve_tree
+    from medusa_forge.decode.generation import DecodeResult
+    from medusa_forge.decode.loading import encode_prompt, load_draft
+    from medusa_forge.decode.tree import resolve_tree
     from medusa_forge.generation.text import eos_token_ids
 
-    if draft_kind(config.heads) == "eagle3":
-        if config.draft_vocab is not None:
-            raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
-        base, draft, tokenizer = load_eagle3(config.heads, config.model, config.dtype, config.device)
-        choices = resolve_tree(config.tree, config.heads, EAGLE3_TREE_DEPTH)
-        decoder = Eagle3Decoder(base, draft, choices)
-    else:
-        model, tokenizer = load_medusa(config.heads, config.model, config.dtype, config.device)
-        base = model.base
-        choices = resolve_tree(config.tree, config.heads, len(model.heads))
-        decoder = MedusaDecoder(model, choices, draft_vocab=config.draft_vocab)
+    loaded = load_draft(config.heads, config.model, config.dtype, config.device, config.draft_vocab)
+    base, tokenizer = loaded.base, loaded.tokenizer
+    choices = resolve_tree(config.tree, config.heads, loaded.max_depth)
+    decoder = loaded.decoder(choices)
     prompt = encode_prompt(tokenizer, config.prompt, raw=config.raw, system=config.system)
     result = DecodeResult([])
     stream = TextStream(tokenizer)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_forge.data.tokenize import ensure_chat_template
+from medusa_forge.decode.generation import Eagle3Decoder, MedusaDecoder, SpeculativeDecoder
+from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
 from medusa_forge.eagle3 import Eagle3Draft, is_eagle3_folder
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import resolve_device, resolve_dtype
@@ -59,6 +62,45 @@ def draft_kind(folder: str | Path) -> str:
 def _tokenizer(folder: str | Path, base_name: str) -> PreTrainedTokenizerBase:
     has_tokenizer = any(Path(folder, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     return ensure_chat_template(load_tokenizer(str(folder) if has_tokenizer else base_name))
+
+
+@dataclass
+class LoadedDraft:
+    """A draft folder of either kind with its base model and tokenizer: what generate, serve and eval decode with."""
+
+    kind: str  # "medusa" or "eagle3"
+    base: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    medusa: MedusaModel | None = None
+    eagle3: Eagle3Draft | None = None
+    draft_vocab: int | None = None  # Medusa heads only: propose ids < N (None: the heads' own)
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest tree the draft can fill (a Medusa head per depth; an EAGLE-3 draft is bounded by choice)."""
+        return len(self.medusa.heads) if self.medusa is not None else EAGLE3_TREE_DEPTH
+
+    def decoder(self, choices: list[list[int]], check: bool = True) -> SpeculativeDecoder:
+        if self.medusa is not None:
+            return MedusaDecoder(self.medusa, choices, check=check, draft_vocab=self.draft_vocab)
+        return Eagle3Decoder(self.base, self.eagle3, choices, check=check)
+
+
+def load_draft(
+    folder: str | Path,
+    base_model: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    draft_vocab: int | None = None,
+) -> LoadedDraft:
+    """Medusa heads or an EAGLE-3 draft (detected from the folder), its base model and tokenizer."""
+    if draft_kind(folder) == "eagle3":
+        if draft_vocab is not None:
+            raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
+        base, draft, tokenizer = load_eagle3(folder, base_model, dtype, device)
+        return LoadedDraft("eagle3", base, tokenizer, eagle3=draft)
+    model, tokenizer = load_medusa(folder, base_model, dtype, device)
+    return LoadedDraft("medusa", model.base, tokenizer, medusa=model, draft_vocab=draft_vocab)
 
 
 def encode_prompt(

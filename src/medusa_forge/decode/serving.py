@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_forge.decode.generation import DecodeResult, Eagle3Decoder, MedusaDecoder, SpeculativeDecoder
-from medusa_forge.decode.loading import draft_kind, load_eagle3, load_medusa
-from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH, resolve_tree
+from medusa_forge.decode.generation import DecodeResult, SpeculativeDecoder
+from medusa_forge.decode.loading import load_draft
+from medusa_forge.decode.tree import resolve_tree
 from medusa_forge.generation.generator import (
     Completion,
     GenerationRequest,
@@ -47,16 +47,10 @@ class DraftServeGenerator:
     def load(
         cls, draft_dir: str, base_model: str | None = None, dtype: str = "float32", device: str = "auto", tree=None
     ) -> DraftServeGenerator:
-        if draft_kind(draft_dir) == "eagle3":
-            base, draft, tokenizer = load_eagle3(draft_dir, base_model, dtype, device)
-            decoder: SpeculativeDecoder = Eagle3Decoder(base, draft, resolve_tree(tree, draft_dir, EAGLE3_TREE_DEPTH))
-            logger.info("EAGLE-3 decoding with a tree of %d nodes", decoder.tree.size - 1)
-        else:
-            model, tokenizer = load_medusa(draft_dir, base_model, dtype, device)
-            base = model.base
-            decoder = MedusaDecoder(model, resolve_tree(tree, draft_dir, len(model.heads)))
-            logger.info("Medusa decoding with %d heads and a tree of %d nodes", len(model.heads), decoder.tree.size - 1)
-        return cls(decoder, tokenizer, eos_token_ids(base, tokenizer))
+        loaded = load_draft(draft_dir, base_model, dtype, device)
+        decoder = loaded.decoder(resolve_tree(tree, draft_dir, loaded.max_depth))
+        logger.info("%s decoding with a tree of %d nodes", loaded.kind, decoder.tree.size - 1)
+        return cls(decoder, loaded.tokenizer, eos_token_ids(loaded.base, loaded.tokenizer))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)

@@ -117,39 +117,28 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> EvalReport:
     from medusa_forge.decode.drafters import trained_draft_vocab
-    from medusa_forge.decode.generation import Eagle3Decoder, MedusaDecoder
-    from medusa_forge.decode.loading import draft_kind, load_eagle3, load_medusa
+    from medusa_forge.decode.loading import load_draft
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
     from medusa_forge.formats.tree_file import save_tree
     from medusa_forge.generation.text import eos_token_ids
 
-    kind = draft_kind(config.heads)
+    loaded = load_draft(config.heads, config.model, config.dtype, config.device, config.draft_vocab)
+    kind, base, tokenizer, model = loaded.kind, loaded.base, loaded.tokenizer, loaded.medusa
     conversations = load_conversations(config.data, config.max_conversations)
-    if kind == "eagle3":
-        if config.draft_vocab is not None:
-            raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
-        base, draft, tokenizer = load_eagle3(config.heads, config.model, config.dtype, config.device)
+    if model is None:  # an EAGLE-3 draft
         draft_vocab = None
         depth = config.depth
 
         def score(samples, desc: str):
-            return score_eagle3_samples(base, draft, samples, depth, desc=desc)
+            return score_eagle3_samples(base, loaded.eagle3, samples, depth, desc=desc)
 
-        def decoder_for(choices, check: bool = True) -> Eagle3Decoder:
-            return Eagle3Decoder(base, draft, choices, check=check)
-
-        latency_model = functools.partial(decoder_for, check=False)
+        latency_model = functools.partial(loaded.decoder, check=False)
     else:
-        model, tokenizer = load_medusa(config.heads, config.model, config.dtype, config.device)
-        base = model.base
         draft_vocab = trained_draft_vocab(model) if config.draft_vocab is None else config.draft_vocab
-        depth = len(model.heads)
+        depth = loaded.max_depth
 
         def score(samples, desc: str):
             return score_samples(model, samples, draft_vocab=draft_vocab, desc=desc)
-
-        def decoder_for(choices, check: bool = True) -> MedusaDecoder:
-            return MedusaDecoder(model, choices, check=check, draft_vocab=draft_vocab)
 
         latency_model = model
 
@@ -191,7 +180,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
     else:
         choices = resolve_tree(config.tree, config.heads, depth)
 
-    decoder = decoder_for(choices)
+    decoder = loaded.decoder(choices)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     lookup = None if config.prompt_lookup_tokens <= 0 else config.prompt_lookup_tokens
     runs, accept_lengths, mismatches = run_speed(base, decoder, prompts, config.max_new_tokens, eos, pad_id, lookup)
