@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medusa_forge.errors import UserError
 from medusa_forge.generation.batching import BATCHING_MODES, make_engine
+from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator
 from medusa_forge.generation.hf import HFGenerator
 
@@ -249,8 +250,8 @@ class ServeConfig:
     )
     batch_wait_ms: float = field(default=25.0, metadata={"help": "Gather requests arriving this close together."})
     default_max_tokens: int = field(default=512, metadata={"help": "max_tokens when a request omits it."})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, ..."})
+    dtype: str = dtype_field()
+    device: str = device_field()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar, TextIO
 
+from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
 from medusa_forge.errors import UserError
+from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.generation.text import StreamedText
 
 
@@ -17,16 +19,9 @@ class GenerateConfig:
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = field(
-        metadata={
-            "help": "Draft folder written by `medusa-forge train`: Medusa heads or an EAGLE-3 draft (detected).",
-            "aliases": ["--draft"],
-        }
-    )
+    heads: str = draft_folder_field()
     prompt: str = field(metadata={"help": "The user message (or plain text with --raw)."})
-    model: str | None = field(
-        default=None, metadata={"help": "Base model (default: base_model_name_or_path in the heads' config.json)."}
-    )
+    model: str | None = base_model_field()
     system: str | None = field(default=None, metadata={"help": "Optional system message."})
     raw: bool = field(default=False, metadata={"help": "Do not apply the chat template; continue the text."})
     max_new_tokens: int = 256
@@ -41,15 +36,9 @@ class GenerateConfig:
             "heads folder, else default-16."
         },
     )
-    draft_vocab: int | None = field(
-        default=None,
-        metadata={
-            "help": "Heads propose only token ids below N (cheaper heads on CPU; output unchanged). Default: the "
-            "heads' draft_vocab_size from training, else the whole vocabulary."
-        },
-    )
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, ..."})
+    draft_vocab: int | None = draft_vocab_field()
+    dtype: str = dtype_field()
+    device: str = device_field()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -62,6 +63,32 @@ def draft_kind(folder: str | Path) -> str:
 def _tokenizer(folder: str | Path, base_name: str) -> PreTrainedTokenizerBase:
     has_tokenizer = any(Path(folder, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     return ensure_chat_template(load_tokenizer(str(folder) if has_tokenizer else base_name))
+
+
+def draft_folder_field() -> Any:
+    """The draft-folder flag of generate and eval (`--heads`, or `--draft`)."""
+    return field(
+        metadata={
+            "help": "Draft folder written by `medusa-forge train`: Medusa heads or an EAGLE-3 draft (detected).",
+            "aliases": ["--draft"],
+        }
+    )
+
+
+def base_model_field() -> Any:
+    return field(
+        default=None, metadata={"help": "Base model (default: base_model_name_or_path in the draft's config.json)."}
+    )
+
+
+def draft_vocab_field() -> Any:
+    return field(
+        default=None,
+        metadata={
+            "help": "Medusa heads propose only token ids below N (cheaper heads on CPU; output unchanged). Default: "
+            "the heads' draft_vocab_size from training, else the whole vocabulary."
+        },
+    )
 
 
 @dataclass

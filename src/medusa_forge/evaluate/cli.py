@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from medusa_forge.data.conversations import load_conversations
+from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
 from medusa_forge.errors import UserError
 from medusa_forge.evaluate.accuracy import (
     conversation_samples,
@@ -34,6 +35,7 @@ from medusa_forge.evaluate.speed import (
     run_speed,
     speed_comparison,
 )
+from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.results import EvalReport
 
 logger = logging.getLogger("medusa_forge.eval")
@@ -45,15 +47,8 @@ class EvalConfig:
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = field(
-        metadata={
-            "help": "Draft folder written by `medusa-forge train`: Medusa heads or an EAGLE-3 draft (detected).",
-            "aliases": ["--draft"],
-        }
-    )
-    model: str | None = field(
-        default=None, metadata={"help": "Base model (default: base_model_name_or_path in the heads' config.json)."}
-    )
+    heads: str = draft_folder_field()
+    model: str | None = base_model_field()
     data: str = field(
         default="sharegpt-heldout",
         metadata={
@@ -85,13 +80,7 @@ class EvalConfig:
     no_save_tree: bool = field(default=False, metadata={"help": "Do not write the tree file."})
     prompt_lookup_tokens: int = field(default=10, metadata={"help": "0 = skip."})
     output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: DRAFT/eval)."})
-    draft_vocab: int | None = field(
-        default=None,
-        metadata={
-            "help": "Heads propose only token ids below N (cheaper heads on CPU; output unchanged). Default: the "
-            "heads' draft_vocab_size from training, else the whole vocabulary."
-        },
-    )
+    draft_vocab: int | None = draft_vocab_field()
     depth: int = field(
         default=5,
         metadata={
@@ -99,8 +88,8 @@ class EvalConfig:
             "tree tried. Medusa heads: unused (one depth per head)."
         },
     )
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, ..."})
+    dtype: str = dtype_field()
+    device: str = device_field()
 
     def __post_init__(self) -> None:
         if self.max_prompts < 1 or self.max_new_tokens < 1:

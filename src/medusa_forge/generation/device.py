@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import field
+from typing import Any
+
 import torch
 
 from medusa_forge.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_field() -> Any:
+    """The `--dtype` flag of a command config (generate, eval, serve)."""
+    return field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+
+
+def device_field() -> Any:
+    """The `--device` flag of a command config (generate, eval, serve)."""
+    return field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, ..."})
 
 
 def resolve_dtype(name: str) -> torch.dtype:
