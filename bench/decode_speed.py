@@ -15,13 +15,14 @@ vary from run to run; the ratios are measured back to back.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from medusa_forge.decode.generation import STEP_PARTS
+from medusa_forge.decode.generation import STEP_PARTS, MedusaDecoder
 from medusa_forge.decode.loading import load_medusa
 from medusa_forge.decode.step_latency import time_step_parts
 from medusa_forge.evaluate.cli import EvalConfig, evaluate
@@ -30,7 +31,8 @@ from medusa_forge.formats.tree_file import build_tree
 
 def profile_steps(model, trees, prefix_length: int, repeats: int, draft_vocab=None) -> list[dict[str, float]]:
     """Median milliseconds of each part of one step, per tree (None: a plain one-token step), timed round-robin."""
-    timings = time_step_parts(model, trees, prefix_length, repeats, draft_vocab)
+    make_decoder = functools.partial(MedusaDecoder, model, check=False, draft_vocab=draft_vocab)
+    timings = time_step_parts(make_decoder, trees, prefix_length, repeats)
     return [{part: 1000 * statistics.median(s[part] for s in steps) for part in STEP_PARTS} for steps in timings]
 
 

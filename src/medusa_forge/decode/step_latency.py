@@ -9,9 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from medusa_forge.decode.generation import STEP_PARTS, DecodeState, MedusaDecoder, SpeculativeDecoder
+from medusa_forge.decode.generation import STEP_PARTS, DecodeState, SpeculativeDecoder
 from medusa_forge.formats.tree_file import Choices
-from medusa_forge.heads import MedusaModel
 
 
 def plain_step(decoder: SpeculativeDecoder, state: DecodeState, mark: Callable[[str], None]) -> int:
@@ -44,23 +43,13 @@ DecoderFactory = Callable[[Choices], SpeculativeDecoder]  # a decoder for a tree
 
 @torch.no_grad()
 def time_step_parts(
-    model: MedusaModel | DecoderFactory,
-    trees: list[Choices | None],
-    prefix_length: int = 256,
-    repeats: int = 5,
-    draft_vocab: int | None = None,
+    make_decoder: DecoderFactory, trees: list[Choices | None], prefix_length: int = 256, repeats: int = 5
 ) -> list[list[dict[str, float]]]:
     """Seconds of each of STEP_PARTS of `repeats` steps per tree, after `prefix_length` cached tokens (a random
     prompt). A `None` tree times one `plain_step` instead. Every step starts from the same cache length, and trees
-    are timed round-robin, so a burst of load from other processes hits every size alike. `model`: Medusa heads
-    (with `draft_vocab`), or a function that makes the decoder of a tree (any drafter, e.g. EAGLE-3)."""
-    if isinstance(model, MedusaModel):
-        heads = model
-
-        def model(choices: Choices) -> SpeculativeDecoder:
-            return MedusaDecoder(heads, choices, check=False, draft_vocab=draft_vocab)
-
-    decoders = [model(t or [[0]]) for t in trees]
+    are timed round-robin, so a burst of load from other processes hits every size alike. `make_decoder` makes
+    the decoder of a tree, whatever its drafter (`LoadedDraft.decoder` with check=False, e.g.)."""
+    decoders = [make_decoder(t or [[0]]) for t in trees]
     vocab = decoders[0].verifier.lm_head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoders[0].device)
@@ -82,13 +71,9 @@ def time_step_parts(
 
 
 def measure_step_seconds(
-    model: MedusaModel | DecoderFactory,
-    trees: list[Choices | None],
-    prefix_length: int = 256,
-    repeats: int = 5,
-    draft_vocab: int | None = None,
+    make_decoder: DecoderFactory, trees: list[Choices | None], prefix_length: int = 256, repeats: int = 5
 ) -> list[float]:
     """Median wall time of one decoding step per tree (see `time_step_parts`): the drafter's proposal, the tree
     forward, lm_head and acceptance, cache pruning and the drafter's update. A `None` tree: one plain greedy step."""
-    timings = time_step_parts(model, trees, prefix_length, repeats, draft_vocab)
+    timings = time_step_parts(make_decoder, trees, prefix_length, repeats)
     return [statistics.median(sum(parts.values()) for parts in steps) for steps in timings]

@@ -121,7 +121,6 @@ def evaluate(config: EvalConfig) -> EvalReport:
         def score(samples, desc: str):
             return score_eagle3_samples(base, loaded.eagle3, samples, depth, desc=desc)
 
-        latency_model = functools.partial(loaded.decoder, check=False)
     else:
         draft_vocab = trained_draft_vocab(model) if config.draft_vocab is None else config.draft_vocab
         depth = loaded.max_depth
@@ -129,7 +128,6 @@ def evaluate(config: EvalConfig) -> EvalReport:
         def score(samples, desc: str):
             return score_samples(model, samples, draft_vocab=draft_vocab, desc=desc)
 
-        latency_model = model
 
     accuracy = score(conversation_samples(tokenizer, conversations, config.max_length), "draft accuracy")
     for row in accuracy:
@@ -152,9 +150,8 @@ def evaluate(config: EvalConfig) -> EvalReport:
 
     tree_search = None
     if config.tree == "auto":
-        tree_search = choose_tree(
-            latency_model, rank_accuracy, config.sizes, prefix_length=config.latency_prefix, draft_vocab=draft_vocab
-        )
+        make_decoder = functools.partial(loaded.decoder, check=False)
+        tree_search = choose_tree(make_decoder, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
         choices = tree_search.choices
         if not config.no_save_tree:
             path = save_tree(

@@ -20,23 +20,17 @@ logger = logging.getLogger("medusa_forge.eval")
 
 
 def choose_tree(
-    model,
-    rank_accuracy: list[list[float]],
-    sizes: list[int],
-    prefix_length: int = 256,
-    repeats: int = 5,
-    draft_vocab: int | None = None,
+    make_decoder, rank_accuracy: list[list[float]], sizes: list[int], prefix_length: int = 256, repeats: int = 5
 ) -> TreeSearch:
     """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
-    budget with the most expected tokens per second. `model`: Medusa heads, or a function that makes the decoder
-    of a tree (see `time_step_parts`)."""
+    budget with the most expected tokens per second. `make_decoder`: the decoder of a tree (`time_step_parts`)."""
     from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import expected_accept_length
     from medusa_forge.formats.tree_file import build_tree
 
     trees = [build_tree(rank_accuracy, n) for n in sizes]
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
-    plain, *seconds = measure_step_seconds(model, [None, *trees], prefix_length, repeats, draft_vocab)
+    plain, *seconds = measure_step_seconds(make_decoder, [None, *trees], prefix_length, repeats)
     best = max(range(len(sizes)), key=lambda i: expected[i] / seconds[i])
     if expected[best] / seconds[best] <= 1 / plain:
         logger.warning(
