@@ -20,6 +20,7 @@ from medusa_forge.decode.loading import load_eagle3
 from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH, resolve_tree
 from medusa_forge.evaluate.speed import acceptance, first_prompts, run_speed, speed_comparison
 from medusa_forge.generation.text import eos_token_ids
+from medusa_forge.results import DRAFT_RUN
 
 
 def tree(spec: str, draft_dir: str) -> list[list[int]]:
@@ -52,8 +53,10 @@ def main() -> None:
     for spec in args.trees.split(","):
         choices = tree(spec, args.draft)
         decoder = Eagle3Decoder(base, draft, choices)
-        runs, accepted, mismatches = run_speed(decoder, decoder, prompts, args.max_new_tokens, eos, pad, 3)
-        speed = speed_comparison(runs, len(prompts), args.max_new_tokens, mismatches)
+        runs, outputs, accepted = run_speed(
+            {args.dtype: base}, decoder, args.dtype, prompts, args.max_new_tokens, eos, pad, 3
+        )
+        speed = speed_comparison(runs, outputs, args.dtype, args.max_new_tokens)
         rows.append(
             {
                 "tree": spec,
@@ -67,8 +70,9 @@ def main() -> None:
         row = rows[-1]
         print(
             f"{spec:>11} {row['nodes']:>3} nodes: {row['mean_accept_length']:.2f} accepted/step, "
-            f"{row['tokens_per_second']['medusa']:.1f} vs greedy {row['tokens_per_second']['greedy']:.1f} tokens/s "
-            f"({row['speedup']['medusa']:.2f}x; prompt lookup {row['speedup'].get('prompt_lookup', 0):.2f}x), "
+            f"{row['tokens_per_second'][DRAFT_RUN]:.1f} vs greedy {row['tokens_per_second'][speed.reference]:.1f} "
+            f"tokens/s ({row['speedup'][DRAFT_RUN]:.2f}x; "
+            f"prompt lookup {row['speedup'].get('prompt_lookup', 0):.2f}x), "
             f"outputs equal: {row['outputs_equal']}",
             flush=True,
         )

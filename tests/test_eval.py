@@ -10,9 +10,9 @@ import torch
 from conftest import make_tiny_model, write_conversations
 
 from medusa_forge.cli import main
-from medusa_forge.decode.loading import load_medusa
+from medusa_forge.decode.loading import load_draft, load_medusa
 from medusa_forge.evaluate.accuracy import measure_accuracy
-from medusa_forge.formats.tree_file import TREE_FILE, load_tree
+from medusa_forge.formats.tree_file import TREE_FILE, load_tree, load_tree_dtype
 from medusa_forge.heads import MedusaModel
 from medusa_forge.results import EvalReport
 
@@ -68,10 +68,27 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
     assert EvalReport.load(out / "eval.json").to_json() == report  # read back as written
-    assert report["speed"]["outputs_equal"] is True
-    assert report["speed"]["prompts"] == 3
-    assert set(report["speed"]["tokens_per_second"]) == {"greedy", "medusa", "prompt_lookup"}
-    assert report["speed"]["tokens"]["medusa"] == report["speed"]["tokens"]["greedy"]
+    speed = report["speed"]
+    assert speed["prompts"] == 3
+    assert set(speed["tokens_per_second"]) == {"greedy_float32", "greedy_bfloat16", "draft", "prompt_lookup"}
+    # --dtype auto: the tree search ran in both dtypes and the one with more expected tokens/s decodes
+    chosen, (other,) = report["dtype"], report["other_dtype_searches"]
+    assert {chosen, other} == {"float32", "bfloat16"} and speed["dtype"] == chosen
+    expected = {chosen: report["tree_search"], other: report["other_dtype_searches"][other]}
+    best = {d: max(search["expected_tokens_per_second"]) for d, search in expected.items()}
+    assert best[chosen] >= best[other]
+    assert load_tree_dtype(heads) == chosen and load_draft(heads, device="cpu").dtype == chosen  # for generate/serve
+    # speed-ups are over the faster plain greedy; exactness is against greedy in the draft's dtype
+    greedy = {name: tps for name, tps in speed["tokens_per_second"].items() if name.startswith("greedy_")}
+    assert speed["reference"] == max(greedy, key=greedy.get) and speed["speedup"][speed["reference"]] == 1.0
+    assert speed["outputs_equal"] is (not speed["mismatched_prompts"])
+    assert len(speed["first_divergence"]) == len(speed["mismatched_prompts"])
+    if chosen == "float32":
+        assert speed["outputs_equal"] is True and speed["agreement"] == 1.0 and speed["agreement_float32"] is None
+        assert speed["tokens"]["draft"] == speed["tokens"]["greedy_float32"]
+    else:
+        assert 0.0 <= speed["agreement_float32"] <= 1.0
+        assert (speed["agreement"] == 1.0) is speed["outputs_equal"]
     acceptance = report["acceptance"]
     assert acceptance["steps"] == sum(acceptance["histogram"].values()) > 0
     assert 1.0 <= acceptance["mean_accept_length"] <= 4.0
@@ -85,6 +102,7 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     assert "architectures" not in config and "medusa_choices" not in config  # TGI layout untouched
     for name in ("eval.md", "acceptance.png", "tokens_per_second.png", "tree_size.png"):
         assert (out / name).stat().st_size > 0
+    assert "## Decoding dtype chosen from measured latency" in (out / "eval.md").read_text()
     assert "Mean accepted tokens per step" in capsys.readouterr().out
     MedusaModel.from_pretrained(heads)  # the folder still loads as heads
     assert not (heads_dir[0] / TREE_FILE).exists()  # the shared fixture's folder was left alone
@@ -123,3 +141,36 @@ def test_missing_heads_folder(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["generate", "--heads", str(tmp_path), "--prompt", "x"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_speed_comparison_is_over_the_fastest_greedy_and_measures_agreement():
+    from medusa_forge.evaluate.speed import SpeedRun, speed_comparison
+
+    def run(name: str, *per_prompt: tuple[int, float]) -> SpeedRun:
+        timed = SpeedRun(name)
+        for tokens, seconds in per_prompt:
+            timed.add(tokens, seconds)
+        return timed
+
+    runs = {
+        "greedy_float32": run("greedy_float32", (4, 1.0), (5, 1.0)),  # 4.5 tokens/s
+        "greedy_bfloat16": run("greedy_bfloat16", (4, 0.5), (5, 1.0)),  # 6 tokens/s: the reference
+        "draft": run("draft", (4, 0.5), (6, 0.5)),
+    }
+    outputs = {
+        "greedy_float32": [[1, 2, 3, 4], [5, 6, 7, 8, 9]],
+        "greedy_bfloat16": [[1, 2, 3, 4], [5, 6, 0, 0, 0]],
+        "draft": [[1, 2, 3, 4], [5, 6, 0, 1, 1, 1]],
+    }
+    speed = speed_comparison(runs, outputs, "bfloat16", 6)
+    assert speed.reference == "greedy_bfloat16" and speed.speedup["greedy_float32"] == 0.75
+    assert speed.draft_speedup == (10 / 1.0) / (9 / 1.5)
+    assert speed.median_per_prompt_speedup == (8 / 8 + 12 / 5) / 2
+    assert speed.outputs_equal is False and speed.mismatched_prompts == [1] and speed.first_divergence == [3]
+    assert speed.agreement == (4 + 3) / 9  # bfloat16 greedy's tokens reproduced before the first divergence
+    assert speed.agreement_float32 == (4 + 2) / 9
+    # float32 decoding: exact, compared with float32 greedy only
+    outputs["draft"] = [[1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    speed = speed_comparison(runs, outputs, "float32", 6)
+    assert speed.outputs_equal and speed.agreement == 1.0 and speed.agreement_float32 is None
+

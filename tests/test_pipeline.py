@@ -109,7 +109,7 @@ def test_every_artefact(finished, capsys):
     for png in ("training_curves.png", "acceptance.png", "tokens_per_second.png", "tree_size.png", "stage_times.png"):
         assert f"]({png})" in report and (workdir / png).stat().st_size > 1000, png
     assert f"{evaluation['acceptance']['mean_accept_length']:.2f}" in report
-    assert f"{evaluation['speed']['speedup']['medusa']:.2f}x" in report
+    assert f"{evaluation['speed']['speedup']['draft']:.2f}x" in report
     assert json.dumps(tree, separators=(",", ":")) in report
     for stage in ("distill", "train", "evaluate", "export"):
         assert f"| {stage} |" in report

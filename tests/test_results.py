@@ -16,13 +16,33 @@ def test_eval_report_round_trip(tmp_path):
         accuracy=[PredictorAccuracy("base", 10, 0.5, 0.9, [0.5, 0.2])], tree=[[0], [0, 0]], draft_vocab=None,
         tree_search=TreeSearch([2, 4], [1.5, 1.8], [0.1, 0.2], 0.05, 2, [[0], [0, 0]]),
         acceptance=Acceptance(1.6, 1.5, 5, {1: 2, 2: 3}),
-        speed=SpeedComparison(3, 8, {"greedy": 24}, {"greedy": 2.0}, {"greedy": 12.0}, {"greedy": 1.0}, 1.1, True),
+        speed=SpeedComparison(
+            3, 8, {"greedy_bfloat16": 24, "draft": 26}, {"greedy_bfloat16": 2.0, "draft": 1.6},
+            {"greedy_bfloat16": 12.0, "draft": 16.25}, {"greedy_bfloat16": 1.0, "draft": 1.35}, 1.3, False, [1],
+            reference="greedy_bfloat16", dtype="bfloat16", first_divergence=[5], agreement=0.9, agreement_float32=0.8,
+        ),
+        dtype="bfloat16",
+        other_dtype_searches={"float32": TreeSearch([2, 4], [1.5, 1.8], [0.2, 0.3], 0.07, 2, [[0], [0, 0]])},
     )  # fmt: skip
     path = report.save(tmp_path)
     data = json.loads(path.read_text())
     assert data["acceptance"]["histogram"] == {"1": 2, "2": 3}
     assert data["tree_search"]["expected_tokens_per_second"] == pytest.approx([15.0, 9.0])
     assert EvalReport.load(path) == report
+
+
+def test_reports_from_before_the_dtype_choice_still_read(tmp_path):
+    old = {
+        "speed": {
+            "tokens_per_second": {"greedy": 10.0, "medusa": 12.0, "prompt_lookup": 9.0},
+            "speedup": {"greedy": 1.0, "medusa": 1.2, "prompt_lookup": 0.9},
+            "outputs_equal": True,
+        }
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(old))
+    report = EvalReport.load(tmp_path / "eval.json")
+    assert report.dtype == "float32" and report.speed.reference == "greedy_float32"
+    assert report.speed.draft_speedup == 1.2 and report.speed.tokens_per_second["greedy_float32"] == 10.0
 
 
 def test_training_metrics_round_trip(tmp_path):

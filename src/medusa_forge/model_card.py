@@ -16,6 +16,7 @@ from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEAS
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaConfig
 from medusa_forge.results import (
+    DRAFT_RUN,
     EVAL_REPORT_FILE,
     TRAINING_METRICS_FILE,
     Acceptance,
@@ -71,9 +72,10 @@ def evaluation_summary(report: EvalReport | None) -> dict:
         k: v
         for k, v in {
             "mean_accepted_length": _finite(acceptance.mean_accept_length),
-            "speedup": _finite(speed.speedup.get("medusa")),
-            "greedy_tps": _finite(speed.tokens_per_second.get("greedy")),
-            "medusa_tps": _finite(speed.tokens_per_second.get("medusa")),
+            "speedup": _finite(speed.draft_speedup),
+            "greedy_tps": _finite(speed.tokens_per_second.get(speed.reference)),
+            "medusa_tps": _finite(speed.tokens_per_second.get(DRAFT_RUN)),
+            "dtype": speed.dtype,
             "machine": report.machine,
             "tree_nodes": len(report.tree) if report.tree else None,
             "outputs_equal": speed.outputs_equal,
@@ -151,7 +153,10 @@ def render_model_card(
             tps = ""
             if "greedy_tps" in summary and "medusa_tps" in summary:
                 tps = f" ({summary['medusa_tps']:.1f} vs {summary['greedy_tps']:.1f} tokens/s)"
-            speed.append(f"- Speed-up over plain greedy decoding: **{summary['speedup']:.2f}x**{tps}")
+            speed.append(
+                f"- Speed-up over the fastest plain greedy decoding: **{summary['speedup']:.2f}x**{tps}, decoding "
+                f"in {summary.get('dtype', 'float32')}"
+            )
         if "tree_nodes" in summary:
             speed.append(f"- Candidate tree: {summary['tree_nodes']} nodes (stored in `medusa_choices.json`)")
         if "outputs_equal" in summary:

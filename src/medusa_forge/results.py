@@ -119,6 +119,11 @@ class TreeSearch:
     def expected_tokens_per_second(self) -> list[float]:
         return [a / s for a, s in zip(self.expected_accept_length, self.step_seconds, strict=True)]
 
+    @property
+    def chosen_tokens_per_second(self) -> float:
+        """The chosen tree's expected tokens per second."""
+        return self.expected_tokens_per_second[self.sizes.index(self.chosen_size)]
+
     def to_json(self) -> dict:
         return asdict(self) | {"expected_tokens_per_second": self.expected_tokens_per_second}
 
@@ -144,7 +149,7 @@ class TreeSearch:
 
 @dataclass
 class Acceptance:
-    """Accepted tokens per Medusa step (the base model's own token included) over the timed prompts."""
+    """Accepted tokens per decoding step (the base model's own token included) over the timed prompts."""
 
     mean_accept_length: float | None = None
     expected_accept_length: float | None = None  # the tree's value from the heads' rank accuracies
@@ -169,32 +174,63 @@ class Acceptance:
         )
 
 
+DRAFT_RUN = "draft"  # the speculative decoder's run in SpeedComparison's tables, whatever the draft's kind
+# Names in reports written before the decoding dtype was chosen by measurement (all float32).
+_OLD_RUN_NAMES = {"medusa": DRAFT_RUN, "greedy": "greedy_float32"}
+
+
+def greedy_run(dtype: str) -> str:
+    """The name of plain greedy decoding's run in `dtype` in SpeedComparison's tables."""
+    return f"greedy_{dtype}"
+
+
 @dataclass
 class SpeedComparison:
-    """Plain greedy, Medusa and prompt lookup ("greedy", "medusa", "prompt_lookup") run back to back per prompt."""
+    """Plain greedy in each dtype measured ("greedy_float32", "greedy_bfloat16"), the draft ("draft", in `dtype`)
+    and prompt lookup ("prompt_lookup", in `dtype`), run back to back per prompt. Speed-ups are over `reference`,
+    the fastest plain greedy run; exactness is the draft's output against plain greedy in its own dtype."""
 
     prompts: int | None = None
     max_new_tokens: int | None = None
     tokens: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     tokens_per_second: dict[str, float] = field(default_factory=dict)
-    speedup: dict[str, float] = field(default_factory=dict)  # tokens/s over plain greedy's
-    median_per_prompt_speedup: float | None = None  # Medusa's
-    outputs_equal: bool | None = None  # Medusa's output equal to plain greedy's on every prompt
+    speedup: dict[str, float] = field(default_factory=dict)  # tokens/s over the reference's
+    median_per_prompt_speedup: float | None = None  # the draft's, over the reference
+    outputs_equal: bool | None = None  # the draft's output equal to plain greedy's in its dtype on every prompt
     mismatched_prompts: list[int] = field(default_factory=list)
+    reference: str = greedy_run("float32")
+    dtype: str = "float32"  # the draft's (and prompt lookup's) decoding dtype
+    # Per mismatched prompt (same order): the index of the first new token that differs from greedy in `dtype`.
+    first_divergence: list[int] = field(default_factory=list)
+    # Share of greedy's tokens (in `dtype`; in float32) that the draft reproduced before its first divergence.
+    agreement: float | None = None
+    agreement_float32: float | None = None
+
+    @property
+    def draft_speedup(self) -> float | None:
+        return self.speedup.get(DRAFT_RUN)
 
     @classmethod
     def _from_json(cls, data: dict, where: str) -> SpeedComparison:
+        def table(key: str, kind: str) -> dict:
+            return {_OLD_RUN_NAMES.get(k, k): v for k, v in _table(data, key, kind, where).items()}
+
         return cls(
             _get(data, "prompts", "integer", where),
             _get(data, "max_new_tokens", "integer", where),
-            _table(data, "tokens", "integer", where),
-            _table(data, "seconds", "number", where),
-            _table(data, "tokens_per_second", "number", where),
-            _table(data, "speedup", "number", where),
+            table("tokens", "integer"),
+            table("seconds", "number"),
+            table("tokens_per_second", "number"),
+            table("speedup", "number"),
             _get(data, "median_per_prompt_speedup", "number", where),
             _get(data, "outputs_equal", "flag", where),
             _list_of(data, "mismatched_prompts", "integer", where),
+            _get(data, "reference", "text", where, greedy_run("float32")),
+            _get(data, "dtype", "text", where, "float32"),
+            _list_of(data, "first_divergence", "integer", where),
+            _get(data, "agreement", "number", where),
+            _get(data, "agreement_float32", "number", where),
         )
 
 
@@ -215,14 +251,16 @@ class EvalReport:
     tree_search: TreeSearch | None = None  # None when the tree was given (--tree FILE or default-N)
     acceptance: Acceptance | None = None
     speed: SpeedComparison | None = None
-    # "medusa" or "eagle3"; `heads` is then the draft folder. The speculative run is `speed`'s "medusa" entry
-    # for both kinds, the name every reader of eval.json knows.
-    draft_kind: str = "medusa"
+    draft_kind: str = "medusa"  # or "eagle3"; `heads` is then the draft folder
+    dtype: str = "float32"  # the decoding dtype of the tree search and the draft's speed run
+    # With --dtype auto: the tree search in each other dtype measured (the chosen one is `tree_search`).
+    other_dtype_searches: dict[str, TreeSearch] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["tree_search"] = self.tree_search.to_json() if self.tree_search else None
         data["acceptance"] = self.acceptance.to_json() if self.acceptance else None
+        data["other_dtype_searches"] = {d: search.to_json() for d, search in self.other_dtype_searches.items()}
         return data
 
     def save(self, folder: Path) -> Path:
@@ -257,7 +295,7 @@ class EvalReport:
         if acceptance is None and flat_accept is not None:
             acceptance = Acceptance(mean_accept_length=flat_accept)
         if speed is None and data.get("speedup") is not None:
-            speed = SpeedComparison(speedup={"medusa": _get(data, "speedup", "number", "")})
+            speed = SpeedComparison(speedup={DRAFT_RUN: _get(data, "speedup", "number", "")})
         return cls(
             _get(data, "heads", "text", ""),
             _get(data, "base_model", "text", ""),
@@ -273,6 +311,11 @@ class EvalReport:
             acceptance,
             speed,
             _get(data, "draft_kind", "text", "", "medusa"),  # reports from before EAGLE-3 drafts: Medusa
+            _get(data, "dtype", "text", "", "float32"),
+            {
+                dtype: TreeSearch._from_json(_check(search, "object", f"other_dtype_searches.{dtype}"), f"{dtype}.")
+                for dtype, search in _get(data, "other_dtype_searches", "object", "", {}).items()
+            },
         )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,13 @@ from medusa_forge.decode.generation import Eagle3Decoder, MedusaDecoder, Specula
 from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
 from medusa_forge.eagle3 import Eagle3Draft, is_eagle3_folder
 from medusa_forge.errors import UserError
+from medusa_forge.formats.tree_file import TREE_FILE, load_tree_dtype
 from medusa_forge.generation.device import resolve_device, resolve_dtype
 from medusa_forge.generation.text import encode_chat
 from medusa_forge.heads import MedusaConfig, MedusaModel
 from medusa_forge.modeling import load_base_model, load_tokenizer
+
+logger = logging.getLogger("medusa_forge.decode")
 
 
 def load_medusa(
@@ -54,7 +58,7 @@ def load_eagle3(
 
 
 def draft_kind(folder: str | Path) -> str:
-    """"eagle3" for an EAGLE-3 draft folder, "medusa" for anything else (Medusa heads are checked on loading)."""
+    """ "eagle3" for an EAGLE-3 draft folder, "medusa" for anything else (Medusa heads are checked on loading)."""
     if not Path(folder).is_dir():
         raise UserError(f"{folder}: no such folder (expected a draft folder written by `medusa-forge train`)")
     return "eagle3" if is_eagle3_folder(folder) else "medusa"
@@ -101,6 +105,7 @@ class LoadedDraft:
     medusa: MedusaModel | None = None
     eagle3: Eagle3Draft | None = None
     draft_vocab: int | None = None  # Medusa heads only: propose ids < N (None: the heads' own)
+    dtype: str = "float32"  # what the models were loaded in
 
     @property
     def max_depth(self) -> int:
@@ -120,14 +125,25 @@ def load_draft(
     device: str = "auto",
     draft_vocab: int | None = None,
 ) -> LoadedDraft:
-    """Medusa heads or an EAGLE-3 draft (detected from the folder), its base model and tokenizer."""
-    if draft_kind(folder) == "eagle3":
+    """Medusa heads or an EAGLE-3 draft (detected from the folder), its base model and tokenizer. dtype "auto":
+    the one `eval` measured fastest and stored with the tree, else float32."""
+    kind = draft_kind(folder)
+    if dtype == "auto":
+        dtype = load_tree_dtype(folder) or "float32"
+        if dtype != "float32":
+            logger.warning(
+                "decoding in %s, measured faster than float32 by `medusa-forge eval` (%s): output can differ from "
+                "float32 greedy where two tokens nearly tie; --dtype float32 for token-identical output",
+                dtype,
+                Path(folder, TREE_FILE),
+            )
+    if kind == "eagle3":
         if draft_vocab is not None:
             raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
         base, draft, tokenizer = load_eagle3(folder, base_model, dtype, device)
-        return LoadedDraft("eagle3", base, tokenizer, eagle3=draft)
+        return LoadedDraft("eagle3", base, tokenizer, eagle3=draft, dtype=dtype)
     model, tokenizer = load_medusa(folder, base_model, dtype, device)
-    return LoadedDraft("medusa", model.base, tokenizer, medusa=model, draft_vocab=draft_vocab)
+    return LoadedDraft("medusa", model.base, tokenizer, medusa=model, draft_vocab=draft_vocab, dtype=dtype)
 
 
 def encode_prompt(

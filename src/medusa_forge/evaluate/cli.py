@@ -4,9 +4,11 @@ transformers' prompt-lookup decoding as a peer.
 
 Steps: (1) teacher-forced top-k accuracy of each head / draft step on held-out conversations (assistant tokens
 only); (2) the tree: from those rank accuracies, the best tree for each node budget, each budget's step latency
-measured here, the budget with the most expected tokens/s wins and is stored in the draft folder;
-(3) for each prompt, back to back: plain greedy (`generate(do_sample=False)`), the draft, prompt lookup, each
-timed after a warm-up, outputs checked equal; (4) eval.json, eval.md and PNG plots.
+measured here, the budget with the most expected tokens/s wins and is stored in the draft folder; with `--dtype
+auto` this is done in float32 and in bfloat16 and the faster dtype is stored with the tree; (3) for each prompt,
+back to back: plain greedy (`generate(do_sample=False)`) in float32 and bfloat16, the draft, prompt lookup, each
+timed after a warm-up; speed-ups are over the faster plain greedy, and the draft's output is compared with plain
+greedy in its own dtype (and with float32's); (4) eval.json, eval.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -107,27 +109,33 @@ class EvalConfig:
 def evaluate(config: EvalConfig) -> EvalReport:
     from medusa_forge.decode.drafters import trained_draft_vocab
     from medusa_forge.decode.loading import load_draft
+    from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
     from medusa_forge.formats.tree_file import save_tree
     from medusa_forge.generation.text import eos_token_ids
 
-    loaded = load_draft(config.heads, config.model, config.dtype, config.device, config.draft_vocab)
-    kind, base, tokenizer, model = loaded.kind, loaded.base, loaded.tokenizer, loaded.medusa
+    # Plain greedy is timed in float32 and bfloat16 whatever the draft decodes in: speed-ups are over the faster.
+    candidates = ["float32", "bfloat16"] if config.dtype == "auto" else [config.dtype]
+    loaded = {
+        dtype: load_draft(config.heads, config.model, dtype, config.device, config.draft_vocab)
+        for dtype in dict.fromkeys([*candidates, "float32", "bfloat16"])
+    }
+    first = loaded[candidates[0]]  # accuracy is scored in float32 (or the dtype given)
+    kind, base, tokenizer, model = first.kind, first.base, first.tokenizer, first.medusa
     conversations = load_conversations(config.data, config.max_conversations)
     if model is None:  # an EAGLE-3 draft
         draft_vocab = None
         depth = config.depth
 
         def score(samples, desc: str):
-            return score_eagle3_samples(base, loaded.eagle3, samples, depth, desc=desc)
+            return score_eagle3_samples(base, first.eagle3, samples, depth, desc=desc)
 
     else:
         draft_vocab = trained_draft_vocab(model) if config.draft_vocab is None else config.draft_vocab
-        depth = loaded.max_depth
+        depth = first.max_depth
 
         def score(samples, desc: str):
             return score_samples(model, samples, draft_vocab=draft_vocab, desc=desc)
-
 
     accuracy = score(conversation_samples(tokenizer, conversations, config.max_length), "draft accuracy")
     for row in accuracy:
@@ -148,28 +156,63 @@ def evaluate(config: EvalConfig) -> EvalReport:
             logger.warning("%s on its own answers: top-1 %.3f top-5 %.3f", row.name, row.top(1), row.top(5))
     rank_accuracy = [row.rank_accuracy for row in (self_accuracy or accuracy)[1:]]
 
-    tree_search = None
+    def make_decoder(dtype: str):
+        return functools.partial(loaded[dtype].decoder, check=False)
+
+    searches = {}
     if config.tree == "auto":
-        make_decoder = functools.partial(loaded.decoder, check=False)
-        tree_search = choose_tree(make_decoder, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
-        choices = tree_search.choices
-        if not config.no_save_tree:
-            path = save_tree(
-                config.heads,
-                choices,
-                chosen_by="medusa-forge eval",
-                expected_accept_length=expected_accept_length(choices, rank_accuracy),
-                step_seconds=tree_search.step_seconds[tree_search.sizes.index(tree_search.chosen_size)],
-                machine=machine_description(),
-            )
-            logger.warning("tree of %d nodes stored in %s", len(choices), path)
+        searches = {
+            dtype: choose_tree(make_decoder(dtype), rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
+            for dtype in candidates
+        }
+        dtype = max(candidates, key=lambda d: searches[d].chosen_tokens_per_second)
+        choices = searches[dtype].choices
+        step_seconds = searches[dtype].step_seconds[searches[dtype].sizes.index(searches[dtype].chosen_size)]
+        expected_tps = searches[dtype].chosen_tokens_per_second
+        plain_seconds = {d: s.plain_step_seconds for d, s in searches.items()}
     else:
         choices = resolve_tree(config.tree, config.heads, depth)
+        timings = {d: measure_step_seconds(make_decoder(d), [None, choices], config.latency_prefix) for d in candidates}
+        dtype = min(candidates, key=lambda d: timings[d][1])
+        step_seconds = timings[dtype][1]
+        expected_tps = expected_accept_length(choices, rank_accuracy) / step_seconds
+        plain_seconds = {d: t[0] for d, t in timings.items()}
+    for d in candidates:
+        logger.warning("%s: plain step %.1f ms", d, 1000 * plain_seconds[d])
+    fastest_plain = min(plain_seconds.values())
+    logger.warning(
+        "decoding in %s: %d-node tree, %.1f ms per step, expected %.2f tokens/s (fastest plain greedy: %.2f)",
+        dtype,
+        len(choices),
+        1000 * step_seconds,
+        expected_tps,
+        1 / fastest_plain,
+    )
+    if expected_tps <= 1 / fastest_plain:
+        logger.warning(
+            "no tree is expected to beat plain greedy here: the draft's accuracy is too low for this machine's cost "
+            "of drafting and verifying a tree"
+        )
+    if config.tree == "auto" and not config.no_save_tree:
+        path = save_tree(
+            config.heads,
+            choices,
+            chosen_by="medusa-forge eval",
+            expected_accept_length=expected_accept_length(choices, rank_accuracy),
+            step_seconds=step_seconds,
+            dtype=dtype,
+            machine=machine_description(),
+        )
+        logger.warning("tree of %d nodes and dtype %s stored in %s", len(choices), dtype, path)
 
-    decoder = loaded.decoder(choices)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     lookup = None if config.prompt_lookup_tokens <= 0 else config.prompt_lookup_tokens
-    runs, accept_lengths, mismatches = run_speed(base, decoder, prompts, config.max_new_tokens, eos, pad_id, lookup)
+    bases = {d: draft.base for d, draft in loaded.items()}
+    decoder = loaded[dtype].decoder(choices)
+    runs, outputs, accept_lengths = run_speed(
+        bases, decoder, dtype, prompts, config.max_new_tokens, eos, pad_id, lookup
+    )
+    speed = speed_comparison(runs, outputs, dtype, config.max_new_tokens)
     report = EvalReport(
         heads=str(config.heads),
         base_model=base.config.name_or_path,
@@ -181,16 +224,29 @@ def evaluate(config: EvalConfig) -> EvalReport:
         calibration_prompts=len(calibration),
         tree=choices,
         draft_vocab=draft_vocab,
-        tree_search=tree_search,
+        tree_search=searches.get(dtype),
         acceptance=acceptance(accept_lengths, expected_accept_length(choices, rank_accuracy)),
-        speed=speed_comparison(runs, len(prompts), config.max_new_tokens, mismatches),
+        speed=speed,
         draft_kind=kind,
+        dtype=dtype,
+        other_dtype_searches={d: search for d, search in searches.items() if d != dtype},
     )
     folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
     for path in write_eval_report(report, folder):
         logger.warning("wrote %s", path)
-    if mismatches:
-        logger.error("the draft's output differed from plain greedy on prompts %s: please report this", mismatches)
+    if speed.mismatched_prompts and dtype == "float32":
+        logger.error(
+            "the draft's output differed from plain greedy on prompts %s: please report this", speed.mismatched_prompts
+        )
+    elif speed.mismatched_prompts:
+        logger.warning(
+            "in %s the draft's output differed from plain %s greedy on prompts %s (near-ties that batched and "
+            "single-token kernels round differently); %.1f%% of greedy's tokens agree before the first divergence",
+            dtype,
+            dtype,
+            speed.mismatched_prompts,
+            100 * speed.agreement,
+        )
     return report
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medusa_forge.results import EvalReport
+from medusa_forge.results import DRAFT_RUN, EvalReport
 
 
 def write_eval_report(report: EvalReport, folder: Path) -> list[Path]:
@@ -33,9 +33,11 @@ def write_eval_report(report: EvalReport, folder: Path) -> list[Path]:
     speed = report.speed
     names = list(speed.tokens_per_second)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(names, [speed.tokens_per_second[n] for n in names], color=["grey", "tab:blue", "tab:orange"][: len(names)])
+    colors = {DRAFT_RUN: "tab:blue", "prompt_lookup": "tab:orange"}
+    ax.bar(names, [speed.tokens_per_second[n] for n in names], color=[colors.get(n, "grey") for n in names])
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{_label(report)} {speed.speedup['medusa']:.2f}x over greedy")
+    ax.set_title(f"{_label(report)} ({speed.dtype}) {speed.draft_speedup:.2f}x over the fastest greedy")
     fig.tight_layout()
     fig.savefig(folder / "tokens_per_second.png", dpi=120)
     plt.close(fig)
@@ -55,6 +57,29 @@ def write_eval_report(report: EvalReport, folder: Path) -> list[Path]:
         plt.close(fig)
         paths.append(folder / "tree_size.png")
     return paths
+
+
+def _exactness(speed) -> str:
+    """What the draft's output is worth: equal to plain greedy in its dtype, or how much of it agrees."""
+    if speed.outputs_equal:
+        text = f"The draft's output equals plain greedy's in {speed.dtype} on every prompt."
+    else:
+        where = ", ".join(
+            f"prompt {p} at token {t}" for p, t in zip(speed.mismatched_prompts, speed.first_divergence, strict=False)
+        )
+        share = f"{100 * speed.agreement:.1f}%" if speed.agreement is not None else "an unknown share"
+        text = (
+            f"The draft's output differs from plain greedy's in {speed.dtype} on {len(speed.mismatched_prompts)} of "
+            f"{speed.prompts} prompts (first divergence: {where}); {share} of greedy's tokens agree before the first "
+            "divergence."
+        )
+        if speed.dtype == "float32":
+            text += " In float32 this is a bug: please report it."
+        else:
+            text += " Near-ties flip because batched and single-token kernels round differently."
+    if speed.agreement_float32 is not None:
+        text += f" Against float32 greedy, {100 * speed.agreement_float32:.1f}% of the tokens agree."
+    return text
 
 
 def _label(report: EvalReport) -> str:
@@ -93,14 +118,16 @@ def render_markdown(report: EvalReport) -> str:
     lines += ["", "| tokens per step | steps |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(acceptance.histogram.items())]
     speed = report.speed
-    lines += ["", "## Speed", "", "| decoder | tokens/s | speed-up |", "|---|---|---|"]
+    lines += ["", "## Speed", "", "| run | tokens/s | speed-up |", "|---|---|---|"]
     for name, tps in speed.tokens_per_second.items():
         lines.append(f"| {name} | {tps:.2f} | {speed.speedup[name]:.2f}x |")
     lines += [
         "",
         f"{speed.prompts} prompts, at most {speed.max_new_tokens} new tokens each, run back to back per prompt "
-        f'after a warm-up ("medusa": the {_label(report)} draft); its output equal to plain greedy on every '
-        f"prompt: {speed.outputs_equal}.",
+        f'after a warm-up ("{DRAFT_RUN}": the {_label(report)} draft, and prompt lookup, in {speed.dtype}). '
+        f"Speed-ups are over {speed.reference}, the fastest plain greedy here.",
+        "",
+        _exactness(speed),
     ]
     tree = report.tree_search
     if tree:
@@ -116,6 +143,16 @@ def render_markdown(report: EvalReport) -> str:
             lines.append(f"| {n} | {e:.2f} | {1000 * s:.1f} | {t:.2f} |")
         lines += [
             "",
-            f"Plain greedy step: {1000 * tree.plain_step_seconds:.1f} ms. Chosen: {tree.chosen_size} nodes.",
+            f"In {report.dtype}. Plain greedy step: {1000 * tree.plain_step_seconds:.1f} ms. "
+            f"Chosen: {tree.chosen_size} nodes.",
         ]
+    if report.other_dtype_searches and tree:
+        lines += ["", "## Decoding dtype chosen from measured latency", ""]
+        lines += ["| dtype | plain step ms | best tree | its step ms | expected tokens/s |", "|---|---|---|---|---|"]
+        for dtype, search in sorted({report.dtype: tree, **report.other_dtype_searches}.items()):
+            step = search.step_seconds[search.sizes.index(search.chosen_size)]
+            lines.append(
+                f"| {dtype}{' (chosen)' if dtype == report.dtype else ''} | {1000 * search.plain_step_seconds:.1f} "
+                f"| {search.chosen_size} nodes | {1000 * step:.1f} | {search.chosen_tokens_per_second:.2f} |"
+            )
     return "\n".join(lines) + "\n"

@@ -1,20 +1,23 @@
-"""Speed on this machine: the tree size chosen by measured step latency, and plain greedy, Medusa and prompt lookup
-timed back to back per prompt (outputs checked equal)."""
+"""Speed on this machine: the tree size chosen by measured step latency, and plain greedy (float32 and bfloat16),
+the draft and prompt lookup timed back to back per prompt (the draft's output checked against greedy's)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from medusa_forge.errors import UserError
 from medusa_forge.generation.text import encode_chat
-from medusa_forge.results import Acceptance, SpeedComparison, TreeSearch
+from medusa_forge.results import DRAFT_RUN, Acceptance, SpeedComparison, TreeSearch, greedy_run
 
 logger = logging.getLogger("medusa_forge.eval")
 
@@ -32,14 +35,6 @@ def choose_tree(
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
     plain, *seconds = measure_step_seconds(make_decoder, [None, *trees], prefix_length, repeats)
     best = max(range(len(sizes)), key=lambda i: expected[i] / seconds[i])
-    if expected[best] / seconds[best] <= 1 / plain:
-        logger.warning(
-            "no tree is expected to beat plain greedy here: best %.2f tokens/s (%d nodes) vs %.2f for a plain step; "
-            "the draft's accuracy is too low for this machine's cost of verifying a tree",
-            expected[best] / seconds[best],
-            len(trees[best]),
-            1 / plain,
-        )
     return TreeSearch([len(t) for t in trees], expected, seconds, plain, len(trees[best]), trees[best])
 
 
@@ -88,23 +83,22 @@ def _timed(fn):
 
 
 def run_speed(
-    base,
+    bases: dict[str, Any],
     decoder,
+    dtype: str,
     prompts: list[list[int]],
     max_new_tokens: int,
     eos: set[int],
     pad_id: int,
     prompt_lookup_tokens: int | None,
-) -> tuple[dict[str, SpeedRun], list[int], list[int]]:
-    """Per prompt, back to back: plain greedy with `base` (the base model, or anything with a `.base`), the
-    speculative `decoder` (Medusa or EAGLE-3: its run keeps the name "medusa", which eval.json readers know),
-    prompt lookup. Returns the runs, every step's accepted length, and the indices of prompts whose speculative
-    output differed from plain greedy (must be empty)."""
-    base = getattr(base, "base", base)
-    device = next(base.parameters()).device
+) -> tuple[dict[str, SpeedRun], dict[str, list[list[int]]], list[int]]:
+    """Per prompt, back to back: plain greedy with each of `bases` ({dtype: base model}), the speculative `decoder`
+    (Medusa or EAGLE-3, decoding in `dtype`), prompt lookup with `bases[dtype]`. Returns the runs, each run's
+    output per prompt (cut after the first EOS) and every draft step's accepted length."""
     eos_list = sorted(eos)
 
-    def hf(ids: list[int], n: int, **extra) -> list[int]:
+    def hf(base, ids: list[int], n: int, **extra) -> list[int]:
+        device = next(base.parameters()).device
         out = base.generate(
             torch.tensor([ids], device=device),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
@@ -114,36 +108,35 @@ def run_speed(
             pad_token_id=pad_id,
             **extra,
         )
-        return out[0, len(ids) :].tolist()
+        # generate() may pad after an EOS; keep up to the first EOS like the other decoders
+        return _cut_at_eos(out[0, len(ids) :].tolist(), eos)
 
     lookup = {"prompt_lookup_num_tokens": prompt_lookup_tokens} if prompt_lookup_tokens else None
+    generators: dict[str, Callable[[list[int]], list[int]]] = {
+        greedy_run(d): functools.partial(hf, base, n=max_new_tokens) for d, base in bases.items()
+    }
+    generators[DRAFT_RUN] = lambda ids: decoder.generate(ids, max_new_tokens, eos_token_ids=eos)
+    if lookup:
+        generators["prompt_lookup"] = functools.partial(hf, bases[dtype], n=max_new_tokens, **lookup)
     with torch.no_grad():  # warm-up, excluded: first calls pay allocation and kernel selection
-        hf(prompts[0], 8)
+        for base in bases.values():
+            hf(base, prompts[0], 8)
         decoder.generate(prompts[0], 8, eos_token_ids=eos)
         if lookup:
-            hf(prompts[0], 8, **lookup)
-    runs = {"greedy": SpeedRun("greedy"), "medusa": SpeedRun("medusa")}
-    if lookup:
-        runs["prompt_lookup"] = SpeedRun("prompt_lookup")
+            hf(bases[dtype], prompts[0], 8, **lookup)
+    runs = {name: SpeedRun(name) for name in generators}
+    outputs: dict[str, list[list[int]]] = {name: [] for name in generators}
     accept_lengths: list[int] = []
-    mismatches: list[int] = []
-    for index, ids in enumerate(tqdm(prompts, desc="greedy / draft / prompt lookup")):
-        with torch.no_grad():
-            reference, seconds = _timed(lambda ids=ids: hf(ids, max_new_tokens))
-            # generate() may pad after an EOS; keep up to the first EOS like the other decoders
-            reference = _cut_at_eos(reference, eos)
-            runs["greedy"].add(len(reference), seconds)
-            result, seconds = _timed(lambda ids=ids: decoder.generate(ids, max_new_tokens, eos_token_ids=eos))
-            runs["medusa"].add(len(result.tokens), seconds)
-            accept_lengths.extend(result.accept_lengths)
-            if result.tokens != reference:
-                mismatches.append(index)
-            if lookup:
-                tokens, seconds = _timed(lambda ids=ids: _cut_at_eos(hf(ids, max_new_tokens, **lookup), eos))
-                runs["prompt_lookup"].add(len(tokens), seconds)
-                if tokens != reference:
-                    logger.warning("prompt lookup's output differed from plain greedy on prompt %d", index)
-    return runs, accept_lengths, mismatches
+    for ids in tqdm(prompts, desc=" / ".join(generators)):
+        for name, generate in generators.items():
+            with torch.no_grad():
+                result, seconds = _timed(lambda ids=ids, generate=generate: generate(ids))
+            if name == DRAFT_RUN:
+                accept_lengths.extend(result.accept_lengths)
+                result = result.tokens
+            runs[name].add(len(result), seconds)
+            outputs[name].append(result)
+    return runs, outputs, accept_lengths
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -153,29 +146,54 @@ def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
+    """Share of the reference tokens reproduced before the first divergence, over all prompts."""
+    total = sum(len(r) for r in references)
+    return sum(_common_prefix(o, r) for o, r in zip(outputs, references, strict=True)) / total if total else 1.0
+
+
 def speed_comparison(
-    runs: dict[str, SpeedRun], prompts: int, max_new_tokens: int, mismatches: list[int]
+    runs: dict[str, SpeedRun], outputs: dict[str, list[list[int]]], dtype: str, max_new_tokens: int
 ) -> SpeedComparison:
-    """The runs' totals, each decoder's speed-up over plain greedy, and whether Medusa's outputs matched it."""
-    greedy_tps = runs["greedy"].tokens_per_second
+    """The runs' totals; every run's speed-up over the fastest plain greedy run; the draft's output against plain
+    greedy in its own dtype (equal on every prompt? where it first diverged, and the share that agrees) and, when
+    it decoded in another dtype, against float32 greedy."""
+    greedy = [name for name in runs if name.startswith(greedy_run(""))]
+    reference = max(greedy, key=lambda name: runs[name].tokens_per_second)
+    reference_tps = runs[reference].tokens_per_second
+    draft, same = outputs[DRAFT_RUN], outputs[greedy_run(dtype)]
+    mismatches = [i for i, (o, r) in enumerate(zip(draft, same, strict=True)) if o != r]
+    for name in outputs:
+        if name not in (DRAFT_RUN, *greedy) and outputs[name] != same:
+            logger.warning("%s's output differed from plain greedy in %s", name, dtype)
+    float32 = outputs.get(greedy_run("float32"))
     return SpeedComparison(
-        prompts=prompts,
+        prompts=len(draft),
         max_new_tokens=max_new_tokens,
         tokens={name: run.tokens for name, run in runs.items()},
         seconds={name: run.seconds for name, run in runs.items()},
         tokens_per_second={name: run.tokens_per_second for name, run in runs.items()},
-        speedup={name: run.tokens_per_second / greedy_tps if greedy_tps else 0.0 for name, run in runs.items()},
+        speedup={name: run.tokens_per_second / reference_tps if reference_tps else 0.0 for name, run in runs.items()},
         median_per_prompt_speedup=statistics.median(
-            m / g
-            for m, g in zip(
-                runs["medusa"].per_prompt_tokens_per_second,
-                runs["greedy"].per_prompt_tokens_per_second,
+            d / g
+            for d, g in zip(
+                runs[DRAFT_RUN].per_prompt_tokens_per_second,
+                runs[reference].per_prompt_tokens_per_second,
                 strict=True,
             )
             if g
         ),
         outputs_equal=not mismatches,
         mismatched_prompts=mismatches,
+        reference=reference,
+        dtype=dtype,
+        first_divergence=[_common_prefix(draft[i], same[i]) for i in mismatches],
+        agreement=_agreement(draft, same),
+        agreement_float32=_agreement(draft, float32) if float32 is not None and dtype != "float32" else None,
     )
 
 

@@ -99,10 +99,25 @@ def save_tree(folder: str | Path, choices: Choices, **details) -> Path:
 
 def load_tree(folder: str | Path) -> Choices | None:
     """The tree stored in a heads folder, or None when none was chosen yet."""
+    data = _tree_file(folder)
+    return None if data is None else data["medusa_choices"]
+
+
+def load_tree_dtype(folder: str | Path) -> str | None:
+    """The decoding dtype `eval --dtype auto` chose with the stored tree, or None (no tree, or chosen without)."""
+    data = _tree_file(folder)
+    return None if data is None else data.get("dtype")
+
+
+def _tree_file(folder: str | Path) -> dict | None:
     path = Path(folder, TREE_FILE)
     if not path.is_file():
         return None
     try:
-        return validate_choices(json.loads(path.read_text())["medusa_choices"])
+        data = json.loads(path.read_text())
+        data["medusa_choices"] = validate_choices(data["medusa_choices"])
+        if data.get("dtype") not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {data['dtype']!r}")
+        return data
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path} is not a valid tree file ({err}); delete it or rerun `medusa-forge eval`") from None

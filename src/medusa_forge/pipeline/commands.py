@@ -16,7 +16,7 @@ from medusa_forge.pipeline.eta import format_seconds
 from medusa_forge.pipeline.quickstart import QUICKSTART, QUICKSTART_WORKDIR
 from medusa_forge.pipeline.runner import run_pipeline
 from medusa_forge.pipeline.stages import STAGES, StageFailed
-from medusa_forge.results import EVAL_REPORT_FILE, EvalReport
+from medusa_forge.results import DRAFT_RUN, EVAL_REPORT_FILE, EvalReport
 
 
 @dataclass
@@ -84,9 +84,10 @@ def _summary(ctx: Context) -> list[str]:
         speed = report.speed
         lines.insert(
             0,
-            f"mean accepted tokens per step {report.acceptance.mean_accept_length:.2f}; Medusa "
-            f"{speed.tokens_per_second['medusa']:.1f} tokens/s vs greedy {speed.tokens_per_second['greedy']:.1f}"
-            f" ({speed.speedup['medusa']:.2f}x); outputs equal to greedy: {speed.outputs_equal}",
+            f"mean accepted tokens per step {report.acceptance.mean_accept_length:.2f}; draft ({speed.dtype}) "
+            f"{speed.tokens_per_second[DRAFT_RUN]:.1f} tokens/s vs {speed.reference} "
+            f"{speed.tokens_per_second[speed.reference]:.1f} ({speed.draft_speedup:.2f}x); outputs equal to greedy "
+            f"in {speed.dtype}: {speed.outputs_equal}",
         )
     total = sum(r.get("seconds", 0.0) for r in ctx.state["stages"].values())
     lines.append(f"time in stages (all runs): {format_seconds(total)}")

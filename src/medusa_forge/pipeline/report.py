@@ -13,6 +13,7 @@ from pathlib import Path
 
 from medusa_forge.pipeline.context import Context
 from medusa_forge.results import (
+    DRAFT_RUN,
     EVAL_REPORT_FILE,
     TRAINING_METRICS_FILE,
     Acceptance,
@@ -98,13 +99,14 @@ def write_pipeline_report(ctx: Context) -> list[Path]:
         mean_accept_length = (evaluation.acceptance or Acceptance()).mean_accept_length or 0
         rows += [
             ("Mean accepted tokens per step", f"**{mean_accept_length:.2f}** (plain: 1.00)"),
-            ("Speed-up over plain greedy", f"**{speed.speedup.get('medusa', 0):.2f}x** "
-             f"({tps.get('medusa', 0):.1f} vs {tps.get('greedy', 0):.1f} tokens/s)"),
+            ("Speed-up over the fastest plain greedy", f"**{speed.speedup.get(DRAFT_RUN, 0):.2f}x** "
+             f"({tps.get(DRAFT_RUN, 0):.1f} tokens/s in {speed.dtype} vs {tps.get(speed.reference, 0):.1f}, "
+             f"{speed.reference})"),
         ]  # fmt: skip
         if "prompt_lookup" in tps:
             rows.append(("Prompt-lookup decoding", f"{speed.speedup['prompt_lookup']:.2f}x"))
         rows += [
-            ("Output identical to greedy", str(speed.outputs_equal)),
+            (f"Output identical to greedy in {speed.dtype}", str(speed.outputs_equal)),
             ("Measured on", f"{evaluation.machine}; {speed.prompts} held-out prompts "
              f"(`{evaluation.data}`), up to {speed.max_new_tokens} new tokens each"),
         ]  # fmt: skip
