@@ -17,6 +17,7 @@ from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, causal_bias, draft_vocab_ids, draft_vocabulary
 from medusa_forge.errors import UserError
+from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train import hidden_cache
 from medusa_forge.train.args import parse_args
@@ -255,3 +256,24 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, target_dir):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     halfway = load_file(str(full / "checkpoint-2" / "model.safetensors"))
     assert not torch.equal(halfway["fc.weight"], a["fc.weight"])  # steps 3-4 did change the draft
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or cpu_has_native_bfloat16()), reason="needs native bfloat16 (GPU, AVX512-BF16/AMX)"
+)
+@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+def test_bf16_trains_float32_weights_that_learn(tmp_path, target_dir, kind):
+    """--bf16 (the tutorial's flag): the frozen target runs in bfloat16 and the draft trains under autocast with
+    float32 weights, on a GPU or a CPU with native bfloat16."""
+    data = write_conversations(tmp_path / "data.json", n=8)
+    flags = eagle3_flags(target_dir, data, tmp_path / "out", "--num_train_epochs", "10", "--save_strategy", "no",
+                         "--bf16", "True", "--draft_kind", kind)  # fmt: skip
+    config = parse_args(flags)
+    assert config.bf16 is True
+    out = run_train(config)
+    weights = load_file(out / ("model.safetensors" if kind == "eagle3" else "medusa_lm_head.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    for rows in metrics["train"].values():
+        losses = [row["loss"] for row in rows]
+        assert losses[-1] < losses[0] * 0.9, (kind, losses)

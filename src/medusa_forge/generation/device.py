@@ -30,6 +30,13 @@ def device_field() -> Any:
     return field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, ..."})
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). There, bfloat16 matrix products
+    are several times faster than float32 ones (BENCHMARKS.md); elsewhere they are emulated and slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """The torch dtype of a `--dtype` name; "auto" with no measured choice to go by is float32 (exact)."""
     if name == "auto":

@@ -47,9 +47,10 @@ def target_argmax(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chun
     """[N] argmax over the target's whole vocabulary of final_hidden [N, H] @ lm_head_weight.T, in row chunks
     so memory stays at [chunk, V]."""
     out = torch.empty(final_hidden.shape[0], dtype=torch.long, device=final_hidden.device)
-    weight = lm_head_weight.to(final_hidden.dtype)
-    for start in range(0, final_hidden.shape[0], chunk_size):
-        out[start : start + chunk_size] = (final_hidden[start : start + chunk_size] @ weight.T).argmax(-1)
+    # The rows come to the weight's dtype, never the [V, H] weight to theirs: no copy of it per batch.
+    rows = final_hidden.to(lm_head_weight.dtype)
+    for start in range(0, rows.shape[0], chunk_size):
+        out[start : start + chunk_size] = (rows[start : start + chunk_size] @ lm_head_weight.T).argmax(-1)
     return out
 
 
