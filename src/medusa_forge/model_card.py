@@ -372,9 +372,9 @@ unchanged.
 
 ## Serve
 
-{engines}; both take the tokenizer and the token embeddings from the target. Each step drafts a chain of
-{EAGLE3_SPECULATIVE_TOKENS} tokens (`num_speculative_tokens`; SGLang: `--speculative-num-steps`, with one draft
-token per step and steps + 1 tokens verified).
+{engines}; both take the tokenizer and the token embeddings from the target.
+Each step drafts a chain of {EAGLE3_SPECULATIVE_TOKENS} tokens (vLLM: `num_speculative_tokens`; SGLang:
+`--speculative-num-steps` with `--speculative-eagle-topk 1`, verifying steps + 1 tokens).
 
 **vLLM**:
 
