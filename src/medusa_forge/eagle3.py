@@ -226,6 +226,41 @@ def is_eagle3_folder(folder: str | Path) -> bool:
     return isinstance(raw, dict) and raw.get("architectures") == [ARCHITECTURE]
 
 
+def target_shape(name: str) -> tuple[int, int] | None:
+    """(layers, vocab_size) of the target `name` (a folder, a Hub id already in the local cache, or an alias) from
+    its config, None when that is not available on this machine (nothing is downloaded)."""
+    from transformers import AutoConfig
+
+    from medusa_forge.defaults import resolve_model
+
+    try:
+        target = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True).get_text_config()
+    except (OSError, ValueError):
+        return None
+    return target.num_hidden_layers, target.vocab_size
+
+
+def check_servable(config: Eagle3Config, where: str) -> int | None:
+    """Refuse a draft the engines cannot serve with its target: one with fewer than ENGINE_MIN_TARGET_LAYERS layers
+    (the engines' feature layers collide) or another vocabulary size (the engines map draft ids into the target's
+    vocabulary). Returns the target's layer count; None when its config is not available here (not checked)."""
+    shape = target_shape(config.base_model_name_or_path)
+    if shape is None:
+        return None
+    layers, vocab = shape
+    if layers < ENGINE_MIN_TARGET_LAYERS:
+        raise UserError(
+            f"{where}: the target {config.base_model_name_or_path} has {layers} layers; vLLM and SGLang read "
+            f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS} layers"
+        )
+    if vocab != config.vocab_size:
+        raise UserError(
+            f"{where}: vocab_size {config.vocab_size} differs from the target's {vocab} (the engines map "
+            "draft ids into the target's vocabulary): retrain the draft for this target"
+        )
+    return layers
+
+
 def vocabulary_maps(draft_vocab_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d2t, t2d) for ascending unique target ids: d2t[i] = ids[i] - i (int64), t2d[v] = v in ids (bool)."""
     ids = torch.as_tensor(draft_vocab_ids, dtype=torch.int64).flatten()

@@ -1,5 +1,5 @@
-"""The engine releases that load our drafts (November 2026), in one place: `export` pins its printed commands to
-them, the model card and the README name them.
+"""The engine releases that load our drafts (November 2026), in one place: the serve commands `export` prints and
+the model card shows (engine_commands) pin them, the README names them.
 
 - TGI: maintenance mode since December 2025, repository archived March 2026; its last release still runs.
 - vLLM: 0.33 removed Medusa (and the MLP speculator); 0.32.0 is the last release that serves it.

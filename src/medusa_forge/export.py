@@ -12,7 +12,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Draft, is_eagle3_folder
+from medusa_forge.eagle3 import Eagle3Draft, check_servable, is_eagle3_folder
+from medusa_forge.engine_commands import EAGLE3_ENGINES, eagle3_serve_command, vllm_medusa_command
 from medusa_forge.engine_versions import (
     EAGLE3_ONLY,
     SGLANG_EAGLE3_RELEASE,
@@ -83,11 +84,7 @@ def serve_commands(fmt: str, output_dir: Path, loaded: LoadedHeads) -> list[str]
             f"--speculate {k}",
         ]
     if fmt == "vllm":
-        spec = json.dumps({"method": "medusa", "model": str(output_dir), "num_speculative_tokens": k})
-        return [
-            f"pip install vllm=={VLLM_MEDUSA_RELEASE} && "  # the last vLLM with Medusa
-            f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
-        ]
+        return [vllm_medusa_command(base, str(output_dir), k)]
     choices = json.dumps(_tree(loaded), separators=(",", ":"))
     release = TENSORRT_LLM_MEDUSA_RELEASE
     return [
@@ -159,24 +156,8 @@ def export_heads(
     return ExportResult(output_dir, files, serve_commands(fmt, output_dir, loaded), notes)
 
 
-EAGLE3_FORMATS = ("vllm", "sglang")  # the same folder loads in both (docs/eagle3-reference.md §0)
+EAGLE3_FORMATS = EAGLE3_ENGINES  # the same folder loads in both (docs/eagle3-reference.md §0)
 EXPORT_FORMATS = (*FORMATS, "sglang")
-
-
-def eagle3_serve_commands(fmt: str, output_dir: Path, base: str, steps: int = 3) -> list[str]:
-    """Commands that serve an exported EAGLE-3 draft: a chain of `steps` draft tokens per verification."""
-    if fmt == "vllm":
-        spec = json.dumps({"method": "eagle3", "model": str(output_dir), "num_speculative_tokens": steps})
-        return [
-            f"pip install vllm=={VLLM_EAGLE3_RELEASE} && "
-            f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
-        ]
-    return [
-        f"pip install sglang=={SGLANG_EAGLE3_RELEASE} && python -m sglang.launch_server --model-path "
-        f"{shlex.quote(base)} --speculative-algorithm EAGLE3 --speculative-draft-model-path "
-        f"{shlex.quote(str(output_dir))} --speculative-num-steps {steps} --speculative-eagle-topk 1 "
-        f"--speculative-num-draft-tokens {steps + 1}"
-    ]
 
 
 def export_eagle3(source: Path, fmt: str, output_dir: Path, base_model_id: str | None = None) -> ExportResult:
@@ -190,21 +171,8 @@ def export_eagle3(source: Path, fmt: str, output_dir: Path, base_model_id: str |
     draft = Eagle3Draft.load(source)
     config = draft.config
     notes = []
-    target = _target_config(config.base_model_name_or_path)
-    if target is None:
+    if check_servable(config, str(source)) is None:
         notes.append(f"not checked against the target {config.base_model_name_or_path!r} (no local config.json)")
-    else:
-        layers, vocab = target
-        if layers < ENGINE_MIN_TARGET_LAYERS:
-            raise UserError(
-                f"{source}: the target {config.base_model_name_or_path} has {layers} layers; vLLM and SGLang read "
-                f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS} layers"
-            )
-        if vocab != config.vocab_size:
-            raise UserError(
-                f"{source}: vocab_size {config.vocab_size} differs from the target's {vocab} (the engines map "
-                "draft ids into the target's vocabulary): retrain the draft for this target"
-            )
     if base_model_id:
         config.base_model_name_or_path = base_model_id
     if output_dir.is_dir() and any(p.suffix in (".safetensors", ".pt", ".bin") for p in output_dir.iterdir()):
@@ -212,7 +180,8 @@ def export_eagle3(source: Path, fmt: str, output_dir: Path, base_model_id: str |
     draft.save(output_dir)
     files = [output_dir / "config.json", output_dir / "model.safetensors"]
     files += copy_tokenizer(source, output_dir)
-    files += copy_sidecars(source, output_dir, (TRAINING_METRICS_FILE,))
+    # What a later `push` of this folder needs for its model card.
+    files += copy_sidecars(source, output_dir, (CARD_INPUTS_NAME, TRAINING_METRICS_FILE))
     written = Eagle3Draft.load(output_dir)
     if not same_tensors(written.state_dict(), draft.state_dict()) or written.config != config:
         raise UserError(f"{output_dir}: the written draft differs from the source; please report this")
@@ -221,20 +190,7 @@ def export_eagle3(source: Path, fmt: str, output_dir: Path, base_model_id: str |
         f"{SGLANG_EAGLE3_RELEASE}); both read the tokenizer and the frozen embeddings from the target"
     )
     base = config.base_model_name_or_path
-    return ExportResult(output_dir, files, eagle3_serve_commands(fmt, output_dir, base), notes)
-
-
-def _target_config(name: str) -> tuple[int, int] | None:
-    """(layers, vocab_size) of the target from its local config, None when it is not available here."""
-    from transformers import AutoConfig
-
-    from medusa_forge.defaults import resolve_model
-
-    try:
-        target = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True).get_text_config()
-    except (OSError, ValueError):
-        return None
-    return target.num_hidden_layers, target.vocab_size
+    return ExportResult(output_dir, files, [eagle3_serve_command(fmt, str(output_dir), base)], notes)
 
 
 @dataclass

@@ -1,5 +1,9 @@
-"""`medusa-forge push`: check a heads folder, refresh its model card, and upload it to the Hugging Face Hub
-(create-repo + upload-folder). `--dry-run` lists what would go up and sends nothing.
+"""`medusa-forge push`: check a draft folder (Medusa heads or an EAGLE-3 draft), refresh its model card, and upload
+it to the Hugging Face Hub (create-repo + upload-folder). `--dry-run` lists what would go up and sends nothing.
+
+A heads folder goes up whole, less Trainer checkpoints, logs and caches. An EAGLE-3 draft folder sends only
+what an engine or the card reads: a Trainer run leaves checkpoints and plots next to it that would otherwise sit
+in the repository, and engines read any extra weights file they find.
 
 The token comes from HF_TOKEN or the local login (`hf auth login`); the endpoint from HF_ENDPOINT.
 """
@@ -14,18 +18,36 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medusa_forge.eagle3 import WEIGHTS_NAME as EAGLE3_WEIGHTS_NAME
+from medusa_forge.eagle3 import Eagle3Draft, check_servable, is_eagle3_folder
 from medusa_forge.errors import UserError
 from medusa_forge.formats.layouts import LAYOUTS
 from medusa_forge.formats.read import read_heads
+from medusa_forge.formats.tree_file import TREE_FILE
 from medusa_forge.heads import CONFIG_NAME
 from medusa_forge.model_card import CARD_INPUTS_NAME, README_NAME, hub_base_id, refreshed_model_card
-from medusa_forge.tokenizer_files import TOKENIZER_CONFIG, portable_config
+from medusa_forge.results import EVAL_REPORT_FILE, TRAINING_METRICS_FILE
+from medusa_forge.tokenizer_files import TOKENIZER_CONFIG, TOKENIZER_FILES, portable_config
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Not for the Hub: Trainer checkpoints and logs, the pickled TrainingArguments, caches.
 EXCLUDED_DIRS = ("checkpoint-", "runs", ".git", ".cache", "__pycache__")
 EXCLUDED_FILES = ("training_args.bin", ".DS_Store")
 COMMIT_MESSAGE = "Upload Medusa heads with medusa-forge"
+EAGLE3_COMMIT_MESSAGE = "Upload EAGLE-3 draft with medusa-forge"
+# What an EAGLE-3 push uploads, where present: the engines' two files, the tokenizer, the card and what it is
+# rendered from (its inputs, training metrics, eval report), and the tree medusa-forge's own decoder reads.
+EAGLE3_UPLOADS = (
+    CONFIG_NAME,
+    EAGLE3_WEIGHTS_NAME,
+    *TOKENIZER_FILES,
+    README_NAME,
+    CARD_INPUTS_NAME,
+    TRAINING_METRICS_FILE,
+    TREE_FILE,
+    EVAL_REPORT_FILE,
+    f"eval/{EVAL_REPORT_FILE}",
+)
 
 
 @dataclass
@@ -34,6 +56,18 @@ class PushResult:
     card: str  # "refreshed", "written", "kept (edited by hand)"
     url: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Upload:
+    """What a checked folder sends: its files, the bytes that replace some of them on the Hub, the new card (None:
+    keep the folder's own), the notes for the user and the commit message."""
+
+    files: list[str]
+    overrides: dict[str, bytes]
+    card: str | None
+    notes: list[str]
+    message: str
 
 
 def files_to_upload(folder: Path) -> list[str]:
@@ -49,8 +83,10 @@ def files_to_upload(folder: Path) -> list[str]:
     return files
 
 
-def _base_for_hub(folder: Path, config_base: str, base_model_id: str | None, notes: list[str]) -> str | None:
-    """The Hub id to write into config.json when it names a local folder (TGI loads the base from it)."""
+def _base_for_hub(
+    folder: Path, config_base: str, base_model_id: str | None, notes: list[str], readers: str
+) -> str | None:
+    """The Hub id to write into config.json when it names a local folder (`readers` load the base from it)."""
     if base_model_id:
         return base_model_id
     if hub_base_id(config_base):
@@ -63,9 +99,8 @@ def _base_for_hub(folder: Path, config_base: str, base_model_id: str | None, not
         notes.append(f"config.json named the local folder {config_base}; training recorded the Hub id {recorded}")
         return recorded
     raise UserError(
-        f"{folder / CONFIG_NAME}: base_model_name_or_path is the local path {config_base!r}; TGI and everyone who "
-        "downloads these heads load the base model from it. Pass --base-model-id HUB_ID (e.g. "
-        "meta-llama/Llama-3.2-1B-Instruct) to name it on the Hub."
+        f"{folder / CONFIG_NAME}: base_model_name_or_path is the local path {config_base!r}; {readers} load the base "
+        "model from it. Pass --base-model-id HUB_ID (e.g. meta-llama/Llama-3.2-1B-Instruct) to name it on the Hub."
     )
 
 
@@ -100,21 +135,17 @@ def _hub_error(err: Exception, endpoint: str, repo: str) -> UserError:
     return UserError(f"upload to {repo} failed: {err}")
 
 
-def push(
-    folder: str | Path,
-    repo: str,
-    private: bool = False,
-    revision: str | None = None,
-    dry_run: bool = False,
-    base_model_id: str | None = None,
-) -> PushResult:
-    """Validate `folder`, refresh its card, then create `repo` (if needed) and upload the folder to it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--folder {folder}: no such folder")
-    if not REPO_ID.match(repo):
-        raise UserError(f"--repo {repo!r}: expected USER/NAME (or ORG/NAME), e.g. alice/zephyr-7b-medusa")
-    # Validation first: names, shapes and counts, and sizes against the base model where it is available.
+def _portable_tokenizer(folder: Path, overrides: dict[str, bytes], notes: list[str]) -> None:
+    tokenizer_config = portable_config(folder)
+    if tokenizer_config is not None:  # a folder trained before tokenizers were written for both versions
+        overrides[TOKENIZER_CONFIG] = tokenizer_config
+        notes.append(
+            f"uploaded {TOKENIZER_CONFIG} is readable by TGI's transformers 4.x (the local file is left alone)"
+        )
+
+
+def _medusa_upload(folder: Path, repo: str, base_model_id: str | None) -> _Upload:
+    """Medusa heads: validated (names, shapes and counts, and sizes against the base model where it is available)."""
     loaded = read_heads(folder)
     if loaded.layout not in ("medusa", "vllm"):
         raise UserError(
@@ -123,23 +154,62 @@ def push(
         )
     notes = list(loaded.notes)
     config = loaded.config
-    new_base = _base_for_hub(folder, config.base_model_name_or_path, base_model_id, notes)
+    readers = "TGI and everyone who downloads these heads"
+    new_base = _base_for_hub(folder, config.base_model_name_or_path, base_model_id, notes, readers)
     if new_base and new_base != config.base_model_name_or_path:
         notes.append(
             f"uploaded config.json names the base {new_base!r} (the local one keeps {config.base_model_name_or_path!r})"
         )
         config.base_model_name_or_path = new_base
     overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
-    tokenizer_config = portable_config(folder)
-    if tokenizer_config is not None:  # a folder trained before tokenizers were written for both versions
-        overrides[TOKENIZER_CONFIG] = tokenizer_config
-        notes.append(
-            f"uploaded {TOKENIZER_CONFIG} is readable by TGI's transformers 4.x (the local file is left alone)"
-        )
+    _portable_tokenizer(folder, overrides, notes)
     card = refreshed_model_card(folder, config, repo, new_base, loaded.layout)
+    return _Upload(files_to_upload(folder), overrides, card, notes, COMMIT_MESSAGE)
+
+
+def _eagle3_upload(folder: Path, repo: str, base_model_id: str | None) -> _Upload:
+    """An EAGLE-3 draft: loaded and checked (tensor names, shapes, dtypes, vocabulary maps), and against its target
+    where the target's config is here (the rule `export` applies), so no draft goes up that the engines misread."""
+    config = Eagle3Draft.load(folder).config
+    notes = []
+    local_base = config.base_model_name_or_path
+    layers = check_servable(config, str(folder))
+    if layers is None:
+        notes.append(f"not checked against the target {local_base!r} (no local config.json)")
+    readers = "`medusa-forge generate/serve` and the model card's vLLM and SGLang commands"
+    new_base = _base_for_hub(folder, local_base, base_model_id, notes, readers)
+    if new_base and new_base != local_base:
+        notes.append(f"uploaded config.json names the base {new_base!r} (the local one keeps {local_base!r})")
+        config.base_model_name_or_path = new_base
+    overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
+    _portable_tokenizer(folder, overrides, notes)
+    card = refreshed_model_card(folder, config, repo, new_base, target_num_layers=layers)
+    files = sorted(name for name in EAGLE3_UPLOADS if (folder / name).is_file())
+    return _Upload(files, overrides, card, notes, EAGLE3_COMMIT_MESSAGE)
+
+
+def push(
+    folder: str | Path,
+    repo: str,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    base_model_id: str | None = None,
+) -> PushResult:
+    """Validate `folder` (Medusa heads or an EAGLE-3 draft), refresh its card, then create `repo` (if needed) and
+    upload the folder to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--folder {folder}: no such folder")
+    if not REPO_ID.match(repo):
+        raise UserError(f"--repo {repo!r}: expected USER/NAME (or ORG/NAME), e.g. alice/zephyr-7b-medusa")
+    # Validation first, before anything is written or sent.
+    prepare = _eagle3_upload if is_eagle3_folder(folder) else _medusa_upload
+    upload = prepare(folder, repo, base_model_id)
+    notes, card = upload.notes, upload.card
     readme_exists = (folder / README_NAME).is_file()
     card_state = "kept (edited by hand)" if card is None else "refreshed" if readme_exists else "written"
-    files = files_to_upload(folder)
+    files = upload.files
     if card is not None and README_NAME not in files:
         files = sorted([*files, README_NAME])
     from huggingface_hub import HfApi, get_token
@@ -162,7 +232,7 @@ def push(
     # The Hub copy names the base by its Hub id; the local config keeps the local path so that local commands
     # keep working offline. Files are linked into a staging folder, not copied.
     with tempfile.TemporaryDirectory(prefix="medusa-forge-push-") as staging:
-        _stage(folder, files, Path(staging), overrides)
+        _stage(folder, files, Path(staging), upload.overrides)
         try:
             api.whoami()
             api.create_repo(repo, private=private or None, exist_ok=True, repo_type="model")
@@ -174,7 +244,7 @@ def push(
                 repo_type="model",
                 revision=revision,
                 allow_patterns=[glob.escape(f) for f in files],
-                commit_message=COMMIT_MESSAGE,
+                commit_message=upload.message,
             )
         except Exception as err:  # noqa: BLE001 - every Hub/network failure becomes one clear message
             from huggingface_hub.errors import HfHubHTTPError
@@ -207,9 +277,14 @@ def _stage(folder: Path, files: list[str], staging: Path, overrides: dict[str, b
 
 @dataclass
 class PushConfig:
-    """Check a heads folder, refresh its model card and upload it to the Hub."""
+    """Check a draft folder (Medusa heads or an EAGLE-3 draft), refresh its model card and upload it to the Hub."""
 
-    folder: str = field(metadata={"help": "Heads folder (written by `medusa-forge train` or import)."})
+    folder: str = field(
+        metadata={
+            "help": "Draft folder: Medusa heads (written by `medusa-forge train` or import) or an EAGLE-3 draft "
+            "(`train --draft_kind eagle3`, detected)."
+        }
+    )
     repo: str = field(metadata={"help": "Hub repository USER/NAME (created if missing)."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
     revision: str | None = field(
@@ -218,7 +293,10 @@ class PushConfig:
     dry_run: bool = field(default=False, metadata={"help": "List what would be uploaded; send nothing."})
     base_model_id: str | None = field(
         default=None,
-        metadata={"help": "Hub id of the base model, for the uploaded config.json when the local one names a folder."},
+        metadata={
+            "help": "Hub id of the base model, for the uploaded config.json and the card's serve commands when the "
+            "local config names a folder."
+        },
     )
 
 

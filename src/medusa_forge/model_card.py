@@ -1,5 +1,6 @@
-"""The heads folder's README.md: a Hub model card with metadata, what the heads were trained on, how well they
-predict, what an evaluation measured (accepted tokens per step, speed-up), and copy-paste serving snippets.
+"""The draft folder's README.md: a Hub model card with metadata, what the draft (Medusa heads or an EAGLE-3 draft)
+was trained on, how well it predicts, what an evaluation measured (accepted tokens per step, speed-up), and
+copy-paste serving snippets (built by engine_commands, as `export` prints them).
 
 Training writes the card and keeps its inputs in `model_card.json`; `medusa-forge push` renders it again
 with whatever `medusa-forge eval` measured since (eval.json), unless the user edited the card by hand.
@@ -10,9 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 from pathlib import Path
 
-from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
+from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Config, target_layers
+from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS, eagle3_serve_command, vllm_medusa_command
+from medusa_forge.engine_versions import (
+    EAGLE3_ONLY,
+    SGLANG_EAGLE3_RELEASE,
+    TENSORRT_LLM_MEDUSA_RELEASE,
+    TGI_IMAGE,
+    VLLM_EAGLE3_RELEASE,
+    VLLM_MEDUSA_RELEASE,
+)
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaConfig
 from medusa_forge.results import (
@@ -24,6 +35,7 @@ from medusa_forge.results import (
     SpeedComparison,
     TrainingMetrics,
 )
+from medusa_forge.train.eagle3_model import METRIC_NAME as EAGLE3_METRIC_NAME
 
 logger = logging.getLogger("medusa_forge")
 
@@ -67,7 +79,7 @@ def evaluation_summary(report: EvalReport | None) -> dict:
     if report is None:
         return {}
     acceptance, speed = report.acceptance or Acceptance(), report.speed or SpeedComparison()
-    heads = [r for r in report.accuracy if r.name.startswith("head")]
+    heads = [r for r in report.accuracy if r.name.startswith(("head", "step"))]  # Medusa heads, EAGLE-3 steps
     return {
         k: v
         for k, v in {
@@ -75,13 +87,13 @@ def evaluation_summary(report: EvalReport | None) -> dict:
             "speedup": _finite(speed.draft_speedup),
             "greedy_tps": _finite(speed.tokens_per_second.get(speed.reference)),
             "medusa_tps": _finite(speed.tokens_per_second.get(DRAFT_RUN)),
-            "dtype": speed.dtype,
             "machine": report.machine,
             "tree_nodes": len(report.tree) if report.tree else None,
             "outputs_equal": speed.outputs_equal,
             "prompts": speed.prompts,
             "data": report.data,
             "head_accuracy": [(r.name, _finite(r.top1), _finite(r.top5)) for r in heads],
+            "dtype": report.dtype,
         }.items()
         if v not in (None, [])
     }
@@ -91,25 +103,75 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _header(tags: tuple[str, ...], hub_id: str | None) -> list[str]:
+    """The Hub's YAML metadata block."""
+    header = ["---", "library_name: medusa-forge", "tags:", *(f"- {tag}" for tag in tags)]
+    if hub_id:
+        header.append(f"base_model: {hub_id}")
+    return [*header, "---"]
+
+
+def _headline_rows(summary: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "mean_accepted_length" in summary:
+        rows.append(("Mean accepted tokens per step", f"{summary['mean_accepted_length']:.2f} (plain decoding: 1.00)"))
+    if "speedup" in summary:
+        rows.append(("Measured speed-up over greedy", f"{summary['speedup']:.2f}x"))
+    return rows
+
+
+def _evaluation_section(summary: dict) -> str | None:
+    """What `medusa-forge eval` measured, or None when there is no report."""
+    if not summary:
+        return None
+    lines = ["## Evaluation (`medusa-forge eval`)", ""]
+    if summary.get("head_accuracy"):
+        lines += ["| predictor | top-1 | top-5 |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(top1)} | {_fmt(top5)} |" for name, top1, top5 in summary["head_accuracy"]]
+        lines.append("")
+    speed = []
+    if "mean_accepted_length" in summary:
+        speed.append(f"- Mean accepted tokens per decoding step: **{summary['mean_accepted_length']:.2f}**")
+    if "speedup" in summary:
+        tps = ""
+        if "greedy_tps" in summary and "medusa_tps" in summary:
+            tps = f" ({summary['medusa_tps']:.1f} vs {summary['greedy_tps']:.1f} tokens/s)"
+        speed.append(f"- Speed-up over the fastest plain greedy decoding: **{summary['speedup']:.2f}x**{tps}")
+    if "dtype" in summary:
+        speed.append(f"- Decoding dtype: {summary['dtype']} (chosen by measured latency)")
+    if "tree_nodes" in summary:
+        speed.append(f"- Candidate tree: {summary['tree_nodes']} nodes (stored in `medusa_choices.json`)")
+    if "outputs_equal" in summary:
+        same = "yes" if summary["outputs_equal"] else "no (near-ties flip in bfloat16)"
+        speed.append(f"- Greedy output identical to plain greedy in that dtype: {same}")
+    if "machine" in summary:
+        speed.append(f"- Measured on: {summary['machine']}")
+    if "data" in summary:
+        speed.append(f"- Prompts from: `{summary['data']}`")
+    return "\n".join(lines + speed)
+
+
 def render_model_card(
-    config: MedusaConfig,
+    config: MedusaConfig | Eagle3Config,
     base_model_id: str,
     facts: dict[str, str] | None = None,
     metrics: dict[str, float] | None = None,
     evaluation: EvalReport | None = None,
     repo_id: str | None = None,
     layout: str = "medusa",
+    target_num_layers: int | None = None,
 ) -> str:
     """Markdown with a YAML header. `facts`: extra rows (training data and size); `metrics`: held-out head
-    accuracies from training (`medusa{i}_top1`, `medusa{i}_top5`); `evaluation`: the report eval wrote;
-    `layout`: the folder's layout ("medusa" = TGI's, or "vllm"), which decides which engine reads it as-is."""
+    accuracies from training (`medusa{i}_top1`, `medusa{i}_top5`; EAGLE-3: `eagle3_step{j}_top1`, ...);
+    `evaluation`: the report eval wrote; `layout`: the folder's layout ("medusa" = TGI's, or "vllm"), which
+    decides which engine reads it as-is; `target_num_layers`: an EAGLE-3 target's layer count, when known, to
+    name the feature layers."""
+    if isinstance(config, Eagle3Config):
+        return render_eagle3_card(config, base_model_id, facts, metrics, evaluation, repo_id, target_num_layers)
     facts, metrics = facts or {}, metrics or {}
     k = config.medusa_num_heads
-    header = ["---", "library_name: medusa-forge", "tags:", "- medusa", "- speculative-decoding", "- medusa-heads"]
     hub_id = hub_base_id(base_model_id)
-    if hub_id:
-        header.append(f"base_model: {hub_id}")
-    header.append("---")
+    header = _header(("medusa", "speculative-decoding", "medusa-heads"), hub_id)
     rows = [
         ("Base model", f"`{base_model_id}`"),
         ("Heads / residual blocks per head", f"{k} / {config.medusa_num_layers}"),
@@ -124,10 +186,7 @@ def render_model_card(
             f"{config.draft_vocab_size} keep the base lm_head's weights)",
         ))
     summary = evaluation_summary(evaluation)
-    if "mean_accepted_length" in summary:
-        rows.append(("Mean accepted tokens per step", f"{summary['mean_accepted_length']:.2f} (plain decoding: 1.00)"))
-    if "speedup" in summary:
-        rows.append(("Measured speed-up over greedy", f"{summary['speedup']:.2f}x"))
+    rows += _headline_rows(summary)
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
 
     sections = []
@@ -140,35 +199,11 @@ def render_model_card(
             for i in heads
         ]
         sections.append("\n".join(lines))
-    if summary:
-        lines = ["## Evaluation (`medusa-forge eval`)", ""]
-        if summary.get("head_accuracy"):
-            lines += ["| predictor | top-1 | top-5 |", "|---|---|---|"]
-            lines += [f"| {name} | {_fmt(top1)} | {_fmt(top5)} |" for name, top1, top5 in summary["head_accuracy"]]
-            lines.append("")
-        speed = []
-        if "mean_accepted_length" in summary:
-            speed.append(f"- Mean accepted tokens per decoding step: **{summary['mean_accepted_length']:.2f}**")
-        if "speedup" in summary:
-            tps = ""
-            if "greedy_tps" in summary and "medusa_tps" in summary:
-                tps = f" ({summary['medusa_tps']:.1f} vs {summary['greedy_tps']:.1f} tokens/s)"
-            speed.append(
-                f"- Speed-up over the fastest plain greedy decoding: **{summary['speedup']:.2f}x**{tps}, decoding "
-                f"in {summary.get('dtype', 'float32')}"
-            )
-        if "tree_nodes" in summary:
-            speed.append(f"- Candidate tree: {summary['tree_nodes']} nodes (stored in `medusa_choices.json`)")
-        if "outputs_equal" in summary:
-            speed.append(f"- Greedy output identical to plain decoding: {'yes' if summary['outputs_equal'] else 'NO'}")
-        if "machine" in summary:
-            speed.append(f"- Measured on: {summary['machine']}")
-        if "data" in summary:
-            speed.append(f"- Prompts from: `{summary['data']}`")
-        sections.append("\n".join(lines + speed))
+    evaluated = _evaluation_section(summary)
+    if evaluated:
+        sections.append(evaluated)
 
     where = repo_id or "<this-repo-or-folder>"
-    spec = json.dumps({"method": "medusa", "model": "heads-vllm", "num_speculative_tokens": k})
     serve_base = hub_id or base_model_id
     body = "\n\n".join(sections)
     if layout == "vllm":
@@ -191,9 +226,7 @@ def render_model_card(
 Medusa heads load in vLLM up to {VLLM_MEDUSA_RELEASE} (0.33 removed Medusa):
 
 ```bash
-pip install vllm=={VLLM_MEDUSA_RELEASE}
-vllm serve {serve_base} --speculative-config \
-    '{json.dumps({"method": "medusa", "model": where, "num_speculative_tokens": k})}'
+{vllm_medusa_command(serve_base, where, k)}
 ```
 
 For TGI or TensorRT-LLM: `hf download {where} --local-dir heads && medusa-forge export --heads heads --format tgi
@@ -234,8 +267,7 @@ docker run --gpus all --shm-size 1g -p 8080:80 {TGI_IMAGE} \\
 ```bash
 hf download {where} --local-dir heads
 medusa-forge export --heads heads --format vllm --output-dir heads-vllm
-pip install vllm=={VLLM_MEDUSA_RELEASE}
-vllm serve {serve_base} --speculative-config '{spec}'
+{vllm_medusa_command(serve_base, "heads-vllm", k)}
 ```
 
 **TensorRT-LLM {TENSORRT_LLM_MEDUSA_RELEASE}**: `medusa-forge export --heads heads --format tensorrt-llm
@@ -244,29 +276,158 @@ vllm serve {serve_base} --speculative-config '{spec}'
 """
 
 
-def write_model_card(
-    folder: str | Path,
-    config: MedusaConfig,
+def _feature_layers(target_num_layers: int | None) -> str:
+    if target_num_layers is None:
+        return "the target's hidden states 2, L//2 and L-3 (L = its number of layers), as vLLM and SGLang read them"
+    low, mid, high = target_layers(target_num_layers)
+    return (
+        f"the target's hidden states {low}, {mid} and {high} of {target_num_layers} layers (`output_hidden_states` "
+        "indices, 0 = the embeddings)"
+    )
+
+
+def render_eagle3_card(
+    config: Eagle3Config,
     base_model_id: str,
     facts: dict[str, str] | None = None,
     metrics: dict[str, float] | None = None,
+    evaluation: EvalReport | None = None,
+    repo_id: str | None = None,
+    target_num_layers: int | None = None,
+) -> str:
+    """The card of an EAGLE-3 draft folder: what the draft is, how it was trained (`facts`, held-out per-step
+    `metrics` `eagle3_step{j}_top1/top5`), what eval measured, and the vLLM, SGLang and medusa-forge commands
+    that serve it (from `repo_id` when given)."""
+    facts, metrics = facts or {}, metrics or {}
+    hub_id = hub_base_id(base_model_id)
+    header = _header(("eagle3", "speculative-decoding", "medusa-forge"), hub_id)
+    h, v, vd = config.hidden_size, config.vocab_size, config.draft_vocab_size
+    vocabulary = (
+        f"{vd} of the target's {v} tokens, the training data's most frequent answer tokens (`d2t` maps draft ids "
+        "to target ids, `t2d` marks them)"
+        if vd < v
+        else f"the target's whole vocabulary ({v} tokens)"
+    )
+    rows = [
+        ("Target model", f"`{base_model_id}`"),
+        ("Draft input", f"`fc` [{h} x {3 * h}] over {_feature_layers(target_num_layers)}"),
+        (
+            "Draft layer",
+            f"one Llama decoder layer (hidden {h}, {config.num_attention_heads} attention / "
+            f"{config.num_key_value_heads} KV heads of {config.head_dim}, MLP {config.intermediate_size}), norm, "
+            "lm_head; token embeddings are the target's (frozen, not stored)",
+        ),
+        ("Draft vocabulary", vocabulary),
+        ("Weights", f"`{config.torch_dtype}` (`model.safetensors`, the engines' names)"),
+        *facts.items(),
+    ]
+    summary = evaluation_summary(evaluation)
+    rows += _headline_rows(summary)
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+    sections = []
+    steps = [j for j in range(len(metrics)) if f"{EAGLE3_METRIC_NAME}{j}_top1" in metrics]
+    if steps:
+        lines = ["## Draft accuracy per step (held-out, training-time test, at the end of training)", ""]
+        lines += ["| step | predicts | top-1 | top-5 |", "|---|---|---|---|"]
+        lines += [
+            f"| {j + 1} | t+{j + 2} | {_fmt(metrics[f'{EAGLE3_METRIC_NAME}{j}_top1'])} "
+            f"| {_fmt(metrics.get(f'{EAGLE3_METRIC_NAME}{j}_top5'))} |"
+            for j in steps
+        ]
+        sections.append("\n".join(lines))
+    evaluated = _evaluation_section(summary)
+    if evaluated:
+        sections.append(evaluated)
+    body = "\n\n".join(sections)
+
+    where = repo_id or "<this-repo-or-folder>"
+    serve_base = hub_id or base_model_id
+    base_flag = shlex.quote(serve_base)
+    engines = (
+        f"vLLM (>= 0.32; pinned: {VLLM_EAGLE3_RELEASE}) and SGLang (pinned: {SGLANG_EAGLE3_RELEASE}) load this folder "
+        "as it is"
+    )
+    if target_num_layers is not None and target_num_layers < ENGINE_MIN_TARGET_LAYERS:
+        engines = (
+            f"**No engine serves this draft**: its target has {target_num_layers} layers, and vLLM and SGLang read "
+            f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS}. The commands "
+            f"below are what a draft for a larger target runs; {engines}"
+        )
+    return f"""{chr(10).join(header)}
+{CARD_MARKER}
+
+# EAGLE-3 draft for `{base_model_id}`
+
+An EAGLE-3 draft trained with [medusa-forge](https://pypi.org/project/medusa-forge/) on the frozen target model.
+From the target's hidden states and the token just chosen it drafts the next tokens one after the other, feeding
+back its own state; the target verifies them in one forward pass, so generation is faster and greedy output is
+unchanged.
+
+| | |
+|---|---|
+{table}
+
+{body}
+
+## Serve
+
+{engines}; both take the tokenizer and the token embeddings from the target.
+Each step drafts a chain of {EAGLE3_SPECULATIVE_TOKENS} tokens (vLLM: `num_speculative_tokens`; SGLang:
+`--speculative-num-steps` with `--speculative-eagle-topk 1`, verifying steps + 1 tokens).
+
+**vLLM**:
+
+```bash
+{eagle3_serve_command("vllm", where, serve_base)}
+```
+
+**SGLang**:
+
+```bash
+{eagle3_serve_command("sglang", where, serve_base)}
+```
+
+**medusa-forge** (tree drafting, as `medusa-forge eval` measured it; CPU or GPU):
+
+```bash
+hf download {where} --local-dir draft
+medusa-forge generate --draft draft --model {base_flag} --prompt "Explain KV caches in two sentences."
+medusa-forge serve --draft draft --model {base_flag}
+```
+"""
+
+
+def write_model_card(
+    folder: str | Path,
+    config: MedusaConfig | Eagle3Config,
+    base_model_id: str,
+    facts: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    target_num_layers: int | None = None,
 ) -> Path:
-    """Write README.md, and keep the card's inputs in model_card.json so a later push can add eval results."""
+    """Write README.md, and keep the card's inputs in model_card.json so a later push can add eval results.
+    `target_num_layers`: an EAGLE-3 draft's target layer count (which names its feature layers)."""
     folder = Path(folder)
     inputs = {"base_model_id": base_model_id, "facts": facts or {}, "metrics": metrics or {}}
+    if target_num_layers is not None:
+        inputs["target_num_layers"] = target_num_layers
     (folder / CARD_INPUTS_NAME).write_text(json.dumps(inputs, indent=2) + "\n")
     path = folder / README_NAME
-    path.write_text(render_model_card(config, base_model_id, facts, metrics, load_eval(folder)))
+    evaluation = load_eval(folder)
+    path.write_text(
+        render_model_card(config, base_model_id, facts, metrics, evaluation, target_num_layers=target_num_layers)
+    )
     return path
 
 
-def _training_metrics(folder: Path) -> dict[str, float]:
-    """Held-out head metrics from training_metrics.json, for a folder whose card inputs were lost."""
+def _training_metrics(folder: Path, name: str) -> dict[str, float]:
+    """Held-out head (EAGLE-3: step) metrics from training_metrics.json, for a folder whose card inputs were lost."""
     path = folder / TRAINING_METRICS_FILE
     if not path.is_file():
         return {}
     try:
-        return TrainingMetrics.load(path).held_out_head_metrics()
+        return TrainingMetrics.load(path).held_out_head_metrics(name)
     except UserError as err:
         logger.warning("model card without training metrics: %s", err)
         return {}
@@ -274,12 +435,14 @@ def _training_metrics(folder: Path) -> dict[str, float]:
 
 def refreshed_model_card(
     folder: str | Path,
-    config: MedusaConfig,
+    config: MedusaConfig | Eagle3Config,
     repo_id: str | None = None,
     base_model_id: str | None = None,
     layout: str = "medusa",
+    target_num_layers: int | None = None,
 ) -> str | None:
-    """The card push should upload, or None to keep the folder's README.md (written by hand)."""
+    """The card push should upload, or None to keep the folder's README.md (written by hand).
+    `target_num_layers` (EAGLE-3): the target's layer count when its config is here, else what training recorded."""
     folder = Path(folder)
     readme = folder / README_NAME
     if readme.is_file() and CARD_MARKER not in readme.read_text(errors="replace"):
@@ -291,5 +454,8 @@ def refreshed_model_card(
     inputs = inputs if isinstance(inputs, dict) else {}
     base = base_model_id or inputs.get("base_model_id") or config.base_model_name_or_path
     facts = inputs.get("facts") if isinstance(inputs.get("facts"), dict) else {}
-    metrics = inputs.get("metrics") if isinstance(inputs.get("metrics"), dict) else _training_metrics(folder)
-    return render_model_card(config, base, facts, metrics, load_eval(folder), repo_id, layout)
+    name = EAGLE3_METRIC_NAME if isinstance(config, Eagle3Config) else "medusa"
+    metrics = inputs.get("metrics") if isinstance(inputs.get("metrics"), dict) else _training_metrics(folder, name)
+    recorded = inputs.get("target_num_layers")
+    layers = target_num_layers or (recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None)
+    return render_model_card(config, base, facts, metrics, load_eval(folder), repo_id, layout, layers)

@@ -14,8 +14,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX, ensure_chat_template
 from medusa_forge.defaults import cache_dir, resolve_model
-from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Draft, draft_vocab_ids, draft_vocabulary
+from medusa_forge.eagle3 import CONFIG_NAME as EAGLE3_CONFIG_NAME
+from medusa_forge.eagle3 import (
+    ENGINE_MIN_TARGET_LAYERS,
+    Eagle3Config,
+    Eagle3Draft,
+    draft_vocab_ids,
+    draft_vocabulary,
+)
 from medusa_forge.errors import UserError
+from medusa_forge.formats.files import read_json
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
@@ -187,25 +195,28 @@ def train(config: TrainConfig) -> Path:
         final.update(trainer.evaluate())
     trainer.save_model(config.output_dir)
     output = Path(config.output_dir)
-    if is_main and eagle3:
+    if is_main:
         metrics = training_metrics(trainer.state.log_history, final, name=model.metric_name)
         metrics.save(output)
-        plot_history(output, metrics, label="step")
-        logger.warning("EAGLE-3 draft written to %s", output)  # no model card yet: push writes Medusa cards only
-    elif is_main:
-        heads = model.heads
-        metrics = training_metrics(trainer.state.log_history, final)
-        metrics.save(output)
-        plot_history(output, metrics)
-        card_metrics = metrics.held_out_head_metrics()
+        plot_history(output, metrics, label="step" if eagle3 else "head")
         facts = {
             "Training data": f"`{config.data_path}` ({len(train_set)} conversations)",
             "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
         }
-        write_model_card(
-            output, heads.config, hub_base_id(config.model_name_or_path) or base_path, facts, card_metrics
-        )
-        logger.warning("heads written to %s", output)
+        layers = None
+        if eagle3:
+            layers = base.config.get_text_config().num_hidden_layers
+            facts["Training-time test"] = (
+                f"{config.eagle3_ttt_steps} steps, step j's loss weighted {config.eagle3_step_decay:g}**j"
+            )
+            facts["Learning rate"] = f"{config.learning_rate:g}"
+        # The config as saved (its torch_dtype is the saved weights'), for an EAGLE-3 draft.
+        saved = output / EAGLE3_CONFIG_NAME
+        draft_config = Eagle3Config.from_json(read_json(saved), str(saved)) if eagle3 else model.heads.config
+        card_metrics = metrics.held_out_head_metrics(model.metric_name)
+        base_id = hub_base_id(config.model_name_or_path) or base_path
+        write_model_card(output, draft_config, base_id, facts, card_metrics, target_num_layers=layers)
+        logger.warning("%s written to %s", "EAGLE-3 draft" if eagle3 else "heads", output)
     return output
 
 

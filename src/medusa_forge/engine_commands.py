@@ -1,0 +1,45 @@
+"""The commands that serve a draft in an inference engine, pinned to the releases of engine_versions: built here
+only, for `export` (which prints them for the folder it wrote) and the model card (which shows them for the Hub
+repository). Launch flags: docs/eagle3-reference.md §5 (EAGLE-3), README "Export" (Medusa).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from medusa_forge.engine_versions import SGLANG_EAGLE3_RELEASE, VLLM_EAGLE3_RELEASE, VLLM_MEDUSA_RELEASE
+
+# Draft tokens per verification in the printed EAGLE-3 commands: vLLM drafts a chain of this many, SGLang the same
+# chain (topk 1, steps + 1 tokens verified), the reference's example value (§5).
+EAGLE3_SPECULATIVE_TOKENS = 3
+EAGLE3_ENGINES = ("vllm", "sglang")
+
+
+def vllm_medusa_command(base: str, heads: str, num_heads: int) -> str:
+    """vLLM serving Medusa heads in vLLM's layout (`export --format vllm`), on the last release that has Medusa."""
+    spec = json.dumps({"method": "medusa", "model": heads, "num_speculative_tokens": num_heads})
+    return (
+        f"pip install vllm=={VLLM_MEDUSA_RELEASE} && "  # 0.33 removed Medusa
+        f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
+    )
+
+
+def eagle3_serve_command(engine: str, draft: str, base: str, steps: int = EAGLE3_SPECULATIVE_TOKENS) -> str:
+    """`engine` ("vllm" or "sglang") serving target `base` with the EAGLE-3 draft `draft` (a folder or Hub id),
+    `steps` draft tokens per verification. vLLM needs "method": "eagle3" (it guesses it only from a path that
+    contains "eagle3"); SGLang needs steps, topk and draft tokens together or none of them (§5)."""
+    if engine == "vllm":
+        spec = json.dumps({"method": "eagle3", "model": draft, "num_speculative_tokens": steps})
+        return (
+            f"pip install vllm=={VLLM_EAGLE3_RELEASE} && "
+            f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
+        )
+    if engine == "sglang":
+        return (
+            f"pip install sglang=={SGLANG_EAGLE3_RELEASE} && python -m sglang.launch_server --model-path "
+            f"{shlex.quote(base)} --speculative-algorithm EAGLE3 --speculative-draft-model-path "
+            f"{shlex.quote(draft)} --speculative-num-steps {steps} --speculative-eagle-topk 1 "
+            f"--speculative-num-draft-tokens {steps + 1}"
+        )
+    raise ValueError(f"no EAGLE-3 serve command for {engine!r}; engines: {', '.join(EAGLE3_ENGINES)}")
