@@ -217,7 +217,7 @@ def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, c
 
 
 def test_unknown_keys_are_rejected_with_the_valid_ones(tmp_path):
-    with pytest.raises(UserError, match=r"unknown keys 'epochs'; valid keys: data, distill, eval"):
+    with pytest.raises(UserError, match=r"unknown keys 'epochs'; valid keys: data, distill, draft_kind, eval"):
         config_from_dict({"epochs": 3}, "p.yaml")
     with pytest.raises(UserError) as err:
         config_from_dict({"train": {"num_train_epoch": 3}}, "p.yaml")
