@@ -79,8 +79,7 @@ class QuickstartConfig(_RunOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.draft_kind is not None and self.draft_kind not in QUICKSTART["kinds"]:
-            raise UserError(f"--draft-kind {self.draft_kind}: choose one of {', '.join(QUICKSTART['kinds'])}")
+        quickstart_config(self.draft_kind)  # an unknown kind fails here, naming the flag
         if any(parse_override(text)[0] == ["draft_kind"] for text in self.overrides):
             raise UserError("--set draft_kind=...: use --draft-kind, which also selects that kind's quickstart "
                             "settings")  # fmt: skip
