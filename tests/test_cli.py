@@ -72,3 +72,34 @@ def test_a_bad_value_exits_2_naming_the_flag(capsys):
     assert "--resume and --overwrite" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 2
     assert "error: --port 70000: expected 0-65535" in capsys.readouterr().err
+
+
+def test_quickstart_draft_kind_selects_that_kinds_quickstart_settings(capsys):
+    """`quickstart --draft-kind eagle3` runs the pipeline with QUICKSTART's EAGLE-3 section (the config is checked
+    here, not run); without the flag, QUICKSTART's default kind; the kind is not a --set key there."""
+    from medusa_forge.pipeline import QUICKSTART, load_config
+    from medusa_forge.pipeline.quickstart import quickstart_config
+
+    options = parse_command("quickstart", ["--draft-kind", "eagle3", "--set", "eval.max_prompts=2"])
+    assert options.draft_kind == "eagle3"
+    assert options.command_line == "medusa-forge quickstart --draft-kind eagle3 --workdir runs/quickstart " \
+        "--set eval.max_prompts=2"  # fmt: skip
+    config = load_config(None, options.overrides, quickstart_config(options.draft_kind))
+    assert config.draft_kind == "eagle3" and config.model == "smollm2" and not config.distill.enabled
+    assert config.train == {
+        "eagle3_ttt_steps": 3, "num_train_epochs": 4, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+        "max_samples": 500, "model_max_length": 384, "logging_steps": 10, "save_steps": 100, "disable_tqdm": False,
+    }  # fmt: skip
+    assert config.eval["depth"] == 4 and config.eval["max_prompts"] == 2 and config.export.formats == ["vllm", "sglang"]
+    default = parse_command("quickstart", [])
+    assert default.draft_kind is None and "--draft-kind" not in default.command_line
+    medusa = load_config(None, [], quickstart_config(default.draft_kind))
+    assert medusa.draft_kind == QUICKSTART["default_kind"] == "medusa"
+    assert medusa.train["medusa_soft_labels"] is True and medusa.export.formats == ["tgi", "vllm"]
+    assert main(["quickstart", "--set", "draft_kind=eagle3"]) == 2
+    assert "--set draft_kind=...: use --draft-kind" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_command("quickstart", ["--draft-kind", "eagle"])
+    assert "--draft-kind: invalid choice: 'eagle'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the pipeline's kind is its config key draft_kind, not a flag
+        parse_command("pipeline", ["--draft-kind", "eagle3"])

@@ -19,6 +19,7 @@ from medusa_forge.cli import main
 from medusa_forge.errors import UserError
 from medusa_forge.pipeline import QUICKSTART, load_config
 from medusa_forge.pipeline.configuration import config_from_dict
+from medusa_forge.pipeline.quickstart import quickstart_config
 from medusa_forge.pipeline.runner import LOG_FILE, STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ def test_train_launcher_runs_training_under_torchrun(tmp_path, tiny_model_dir, c
 
 
 def test_unknown_keys_are_rejected_with_the_valid_ones(tmp_path):
-    with pytest.raises(UserError, match=r"unknown keys 'epochs'; valid keys: data, distill, eval"):
+    with pytest.raises(UserError, match=r"unknown keys 'epochs'; valid keys: data, distill, draft_kind, eval"):
         config_from_dict({"epochs": 3}, "p.yaml")
     with pytest.raises(UserError) as err:
         config_from_dict({"train": {"num_train_epoch": 3}}, "p.yaml")
@@ -231,7 +232,7 @@ def test_unknown_keys_are_rejected_with_the_valid_ones(tmp_path):
 def test_bad_values_fail_before_any_stage_runs(tmp_path):
     with pytest.raises(UserError, match="p.yaml: eval: argument --max-prompts.*invalid int value: 'many'"):
         config_from_dict({"eval": {"max_prompts": "many"}}, "p.yaml")
-    with pytest.raises(UserError, match=r"export.formats \['onnx'\]: choose from"):
+    with pytest.raises(UserError, match=r"export.formats \['onnx'\]: with draft_kind medusa \(Medusa heads\) choose"):
         config_from_dict({"export": {"formats": ["onnx"]}}, "p.yaml")
     with pytest.raises(UserError, match="set 'eval_data' to held-out conversations"):
         config_from_dict({"data": "mine.json"}, "p.yaml")
@@ -243,6 +244,7 @@ def test_overrides_and_the_example_config(tmp_path):
     config = load_config(str(REPO / "pipeline.example.yaml"), ["train.num_train_epochs=2", "export.formats=[vllm]"])
     assert config.train["num_train_epochs"] == 2 and config.export.formats == ["vllm"]
     assert config.distill.enabled is True and config.push.repo is None  # nothing is pushed unless asked
-    quick = load_config(None, ["distill.max_samples=8", "distill.enabled=true"], QUICKSTART)
+    quick = load_config(None, ["distill.max_samples=8", "distill.enabled=true"], quickstart_config())
     assert quick.model == "smollm2" and quick.distill.enabled and quick.distill.flags["max_samples"] == 8
-    assert quick.train["num_train_epochs"] == QUICKSTART["train"]["num_train_epochs"]
+    assert quick.draft_kind == QUICKSTART["default_kind"]
+    assert quick.train["num_train_epochs"] == QUICKSTART["kinds"][quick.draft_kind]["train"]["num_train_epochs"]

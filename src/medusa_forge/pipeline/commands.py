@@ -10,21 +10,20 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from medusa_forge.errors import UserError
-from medusa_forge.pipeline.configuration import load_config
+from medusa_forge.pipeline.configuration import DRAFT_LABELS, load_config, parse_override
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.eta import format_seconds
-from medusa_forge.pipeline.quickstart import QUICKSTART, QUICKSTART_WORKDIR
+from medusa_forge.pipeline.quickstart import QUICKSTART, QUICKSTART_WORKDIR, kind_reason, quickstart_config
 from medusa_forge.pipeline.runner import run_pipeline
 from medusa_forge.pipeline.stages import STAGES, StageFailed
 from medusa_forge.results import DRAFT_RUN, EVAL_REPORT_FILE, EvalReport
 
 
 @dataclass
-class QuickstartConfig:
-    """The embedded default end to end (SmolLM2 + ShareGPT), sized for ~15 minutes on a 2-core CPU: re-runs skip
-    finished stages and resume an interrupted one."""
+class _RunOptions:
+    """The flags `pipeline` and `quickstart` share; re-runs skip finished stages and resume an interrupted one."""
 
-    COMMAND: ClassVar[str] = "quickstart"
+    COMMAND: ClassVar[str] = ""
 
     workdir: str = field(
         default=QUICKSTART_WORKDIR, metadata={"help": "Folder for every stage's inputs, outputs, state and the report."}
@@ -47,13 +46,14 @@ class QuickstartConfig:
         if self.force_from is not None and self.force_from not in STAGES:
             raise UserError(f"--from {self.force_from}: choose one of {', '.join(STAGES)}")
 
+    def _flags(self) -> list[str]:
+        """The command's own flags before --workdir in command_line."""
+        return []
+
     @property
     def command_line(self) -> str:
         """The command that runs this again (and resumes where it stopped)."""
-        argv = ["medusa-forge", self.COMMAND]
-        if getattr(self, "config", None):
-            argv += ["--config", self.config]
-        argv += ["--workdir", self.workdir]
+        argv = ["medusa-forge", self.COMMAND, *self._flags(), "--workdir", self.workdir]
         for override in self.overrides:
             argv += ["--set", override]
         if self.force_from:
@@ -62,9 +62,36 @@ class QuickstartConfig:
 
 
 @dataclass
-class PipelineRunConfig(QuickstartConfig):
+class QuickstartConfig(_RunOptions):
+    """The embedded default end to end (SmolLM2 + ShareGPT), sized for ~15 minutes on a 2-core CPU: re-runs skip
+    finished stages and resume an interrupted one."""
+
+    COMMAND: ClassVar[str] = "quickstart"
+
+    draft_kind: str | None = field(
+        default=None,
+        metadata={
+            "choices": list(QUICKSTART["kinds"]),
+            "help": f"Train Medusa heads (medusa) or an EAGLE-3 draft (eagle3), each with the settings measured for "
+            f"the quickstart's budget; default {QUICKSTART['default_kind']}: {QUICKSTART['why']}.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        quickstart_config(self.draft_kind)  # an unknown kind fails here, naming the flag
+        if any(parse_override(text)[0] == ["draft_kind"] for text in self.overrides):
+            raise UserError("--set draft_kind=...: use --draft-kind, which also selects that kind's quickstart "
+                            "settings")  # fmt: skip
+
+    def _flags(self) -> list[str]:
+        return ["--draft-kind", self.draft_kind] if self.draft_kind else []
+
+
+@dataclass
+class PipelineRunConfig(_RunOptions):
     """Distil -> train -> evaluate (choose the tree) -> export -> push (if asked) -> report, re-runs skip finished
-    stages and resume an interrupted one."""
+    stages and resume an interrupted one. The draft's kind is the config key draft_kind (medusa or eagle3)."""
 
     COMMAND: ClassVar[str] = "pipeline"
 
@@ -75,18 +102,21 @@ class PipelineRunConfig(QuickstartConfig):
         default=None, metadata={"help": "YAML config (see pipeline.example.yaml); default: all defaults."}
     )
 
+    def _flags(self) -> list[str]:
+        return ["--config", self.config] if self.config else []
+
 
 def _summary(ctx: Context) -> list[str]:
     lines = [f"report: {ctx.workdir / 'report.md'}"]
     eval_json = ctx.eval_dir / EVAL_REPORT_FILE
     if eval_json.is_file():
         report = EvalReport.load(eval_json)
-        speed = report.speed
+        speed, tps = report.speed, report.speed.tokens_per_second
         lines.insert(
             0,
-            f"mean accepted tokens per step {report.acceptance.mean_accept_length:.2f}; draft ({speed.dtype}) "
-            f"{speed.tokens_per_second[DRAFT_RUN]:.1f} tokens/s vs {speed.reference} "
-            f"{speed.tokens_per_second[speed.reference]:.1f} ({speed.draft_speedup:.2f}x); outputs equal to greedy "
+            f"{DRAFT_LABELS.get(report.draft_kind, report.draft_kind)}: mean accepted tokens per step "
+            f"{report.acceptance.mean_accept_length:.2f}; {tps[DRAFT_RUN]:.1f} tokens/s in {speed.dtype} vs "
+            f"{speed.reference} {tps[speed.reference]:.1f} ({speed.draft_speedup:.2f}x); outputs equal to greedy "
             f"in {speed.dtype}: {speed.outputs_equal}",
         )
     total = sum(r.get("seconds", 0.0) for r in ctx.state["stages"].values())
@@ -98,12 +128,13 @@ def _summary(ctx: Context) -> list[str]:
     return lines
 
 
-def _run(options: QuickstartConfig, path: str | None, base: dict | None) -> int:
+def _run(options: _RunOptions, path: str | None, base: dict | None, kind_note: str | None = None) -> int:
     """Load the config, run the stages, print the summary; a failed stage exits 1, Ctrl-C 130 (both say how to
-    resume)."""
+    resume). kind_note: why the draft is of its kind, for the report."""
     resume = options.command_line
     try:
-        ctx = run_pipeline(load_config(path, options.overrides, base), options.workdir, resume, options.force_from)
+        config = load_config(path, options.overrides, base)
+        ctx = run_pipeline(config, options.workdir, resume, options.force_from, kind_note)
     except StageFailed as err:
         print(f"error: stage {err.stage} failed: {err.reason}", file=sys.stderr)
         print(f"finished stages are kept; after fixing it, resume with:\n  {resume}", file=sys.stderr)
@@ -122,5 +153,5 @@ def run_pipeline_command(config: PipelineRunConfig) -> int:
 
 
 def run_quickstart(config: QuickstartConfig) -> int:
-    """`medusa-forge quickstart`: the QUICKSTART config plus --set overrides."""
-    return _run(config, None, QUICKSTART)
+    """`medusa-forge quickstart`: QUICKSTART's config for the chosen kind of draft, plus --set overrides."""
+    return _run(config, None, quickstart_config(config.draft_kind), kind_reason(config.draft_kind))

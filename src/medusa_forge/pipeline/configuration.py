@@ -21,9 +21,23 @@ if TYPE_CHECKING:
 # Set by the pipeline itself; not allowed in the config sections.
 OWNED = {
     "distill": ("input_filename", "output_filename", "model", "url", "resume", "overwrite"),
-    "train": ("model_name_or_path", "data_path", "output_dir", "resume_from_checkpoint", "auto_resume"),
+    "train": ("model_name_or_path", "data_path", "output_dir", "resume_from_checkpoint", "auto_resume", "draft_kind"),
     "evaluate": ("heads", "model", "data", "output_dir", "no_save_tree"),
 }
+# Where an owned key comes from instead, for the error that refuses it in a section.
+OWNED_BY = {"draft_kind": "the top-level key `draft_kind` (medusa or eagle3)"}
+
+# What each kind of draft is called in messages and the report, and the engines it is exported for by default.
+DRAFT_LABELS = {"medusa": "Medusa heads", "eagle3": "EAGLE-3 draft"}
+DEFAULT_FORMATS = {"medusa": ["tgi", "vllm"], "eagle3": ["vllm", "sglang"]}
+
+
+def export_formats(kind: str) -> tuple[str, ...]:
+    """The engines `export` writes a draft of this kind for."""
+    from medusa_forge.export import EAGLE3_FORMATS
+    from medusa_forge.formats.layouts import FORMATS
+
+    return EAGLE3_FORMATS if kind == "eagle3" else FORMATS
 
 
 @dataclass
@@ -37,13 +51,14 @@ class DistillSection:
 
 @dataclass
 class ExportSection:
-    formats: list[str] = field(default_factory=lambda: ["tgi", "vllm"])  # tgi, vllm, tensorrt-llm
+    # Medusa: tgi, vllm, tensorrt-llm; EAGLE-3: vllm, sglang. Left out (null): DEFAULT_FORMATS of the draft_kind.
+    formats: list[str] = field(default_factory=list)
     base_model_id: str | None = None  # Hub id written into the exported configs instead of a local base path
 
 
 @dataclass
 class PushSection:
-    repo: str | None = None  # USER/NAME: push the heads folder there (nothing is pushed while this is empty)
+    repo: str | None = None  # USER/NAME: push the draft folder there (nothing is pushed while this is empty)
     private: bool = False
     revision: str | None = None
     dry_run: bool = False  # list what would be uploaded, send nothing
@@ -55,6 +70,7 @@ class PipelineConfig:
     """The whole pipeline; pipeline.example.yaml documents every key."""
 
     model: str = "smollm2"  # base model: local folder, Hub id, or the offline alias smollm2
+    draft_kind: str = "medusa"  # what the train stage trains: medusa (heads) or eagle3 (an EAGLE-3 draft)
     data: str = "sharegpt"  # conversations to replay (ShareGPT or role/content JSON/JSONL) or the alias sharegpt
     eval_data: str | None = None  # held-out conversations; default sharegpt-heldout when data is sharegpt
     train_launcher: str | None = None  # e.g. "torchrun --nproc_per_node=4": the train stage runs under it
@@ -123,35 +139,52 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
     for key in ("model", "data", "eval_data", "train_launcher"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
             raise UserError(f"{source}: '{key}' must be a string (a path, Hub id or alias)")
+    from medusa_forge.train.args import DRAFT_KINDS
+
+    kind = raw.get("draft_kind") or "medusa"
+    if not isinstance(kind, str) or kind not in DRAFT_KINDS:
+        raise UserError(f"{source}: draft_kind {kind!r}: choose one of {', '.join(DRAFT_KINDS)}")
 
     distill_raw = dict(raw["distill"])
     enabled = distill_raw.pop("enabled", True)
     urls = distill_raw.pop("urls", []) or []
     urls = [urls] if isinstance(urls, str) else list(urls)
+    for section, given in (("distill", distill_raw), ("train", raw["train"]), ("evaluate", raw["eval"])):
+        _check_owned(f"{source}: {'eval' if section == 'evaluate' else section}", section, given)
     _check_keys(f"{source}: distill", distill_raw, ["enabled", "urls", *_section_keys("distill")])
     _check_keys(f"{source}: train", raw["train"], _section_keys("train"))
     _check_keys(f"{source}: eval", raw["eval"], _section_keys("evaluate"))
     _check_keys(f"{source}: export", raw["export"], [f.name for f in fields(ExportSection)])
     _check_keys(f"{source}: push", raw["push"], [f.name for f in fields(PushSection)])
+    export = dict(raw["export"])
+    if export.get("formats") is None:
+        export["formats"] = list(DEFAULT_FORMATS[kind])
     config = PipelineConfig(
         model=raw.get("model") or "smollm2",
+        draft_kind=kind,
         data=raw.get("data") or "sharegpt",
         eval_data=raw.get("eval_data"),
         train_launcher=raw.get("train_launcher"),
         distill=DistillSection(enabled=bool(enabled), urls=urls, flags=distill_raw),
         train=raw["train"],
         eval=raw["eval"],
-        export=ExportSection(**raw["export"]),
+        export=ExportSection(**export),
         push=PushSection(**raw["push"]),
     )
     _validate(config, source)
     return config
 
 
+def _check_owned(where: str, stage: str, given: dict) -> None:
+    """A key the pipeline sets itself, given in a section: say where it comes from instead."""
+    for key in given:
+        if key in OWNED[stage]:
+            source = OWNED_BY.get(key, "the pipeline (from model, data and the work folder)")
+            raise UserError(f"{where}: {key!r} is not a key of this section: it is set by {source}")
+
+
 def _validate(config: PipelineConfig, source: str) -> None:
     """Everything that can be checked before hours of work: flags parse, formats exist, eval data is named."""
-    from medusa_forge.formats.layouts import FORMATS
-
     if config.eval_data is None and config.data != "sharegpt":
         raise UserError(
             f"{source}: set 'eval_data' to held-out conversations (a file that training does not see); "
@@ -163,9 +196,13 @@ def _validate(config: PipelineConfig, source: str) -> None:
     formats = config.export.formats
     if isinstance(formats, str):
         config.export.formats = formats = [formats]
-    bad = [f for f in formats if f not in FORMATS]
+    valid = export_formats(config.draft_kind)
+    bad = [f for f in formats if f not in valid]
     if bad:
-        raise UserError(f"{source}: export.formats {bad}: choose from {', '.join(FORMATS)}")
+        raise UserError(
+            f"{source}: export.formats {bad}: with draft_kind {config.draft_kind} ({DRAFT_LABELS[config.draft_kind]}) "
+            f"choose from {', '.join(valid)}"
+        )
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -231,6 +268,7 @@ def config_to_dict(config: PipelineConfig) -> dict:
     distill = {"enabled": config.distill.enabled, "urls": config.distill.urls, **config.distill.flags}
     return {
         "model": config.model,
+        "draft_kind": config.draft_kind,
         "data": config.data,
         "eval_data": config.eval_data,
         "train_launcher": config.train_launcher,
@@ -270,12 +308,17 @@ def distill_config(config: PipelineConfig, output: Path, fresh: bool, where: str
     )
 
 
-def train_config(config: PipelineConfig, data: str, heads: Path, where: str = "train") -> TrainConfig:
-    # auto_resume: training restarts from the last checkpoint-* in the heads folder
-    return _stage_config(
-        "train", config.train, where, model_name_or_path=config.model, data_path=data, output_dir=str(heads),
-        auto_resume=True,
-    )  # fmt: skip
+def train_owned(config: PipelineConfig, data: str, draft: Path) -> dict:
+    """The train command's settings the pipeline sets itself (in-process and under a launcher alike)."""
+    # auto_resume: training restarts from the last checkpoint-* in the draft folder
+    return {
+        "model_name_or_path": config.model, "data_path": data, "output_dir": str(draft), "auto_resume": True,
+        "draft_kind": config.draft_kind,
+    }  # fmt: skip
+
+
+def train_config(config: PipelineConfig, data: str, draft: Path, where: str = "train") -> TrainConfig:
+    return _stage_config("train", config.train, where, **train_owned(config, data, draft))
 
 
 def eval_config(config: PipelineConfig, heads: Path, output_dir: Path, where: str = "eval") -> EvalConfig:

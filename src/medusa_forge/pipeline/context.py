@@ -15,6 +15,7 @@ class Context:
     workdir: Path
     resume_command: str  # the command that runs this again (the report prints it)
     state: dict = field(default_factory=dict)  # pipeline-state.json's content, kept current by the runner
+    kind_note: str | None = None  # why the draft is of its kind (the quickstart says); None: the config's key
 
     @property
     def distilled(self) -> Path:
@@ -25,12 +26,14 @@ class Context:
         return str(self.distilled) if self.config.distill.enabled else self.config.data
 
     @property
-    def heads(self) -> Path:
+    def draft(self) -> Path:
+        """The trained draft (Medusa heads or an EAGLE-3 draft). Named heads/ since before EAGLE-3 drafts: the
+        state records outputs by path, so a work folder from then still skips or resumes its finished stages."""
         return self.workdir / "heads"
 
     @property
     def eval_dir(self) -> Path:
-        return self.heads / "eval"
+        return self.draft / "eval"
 
     def export_dir(self, fmt: str) -> Path:
         return self.workdir / "export" / fmt

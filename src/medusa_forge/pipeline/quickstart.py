@@ -1,35 +1,85 @@
 """The quickstart's sizes, all in one place: `medusa-forge quickstart` is the pipeline with this config.
 
-Chosen by measurement on a 2-core CPU (BENCHMARKS.md, "Quickstart"): change them here. Training flags not named
-here take the train command's own defaults."""
+Chosen by measurement on a 2-core CPU (BENCHMARKS.md, "Quickstart" and the EAGLE-3 section): change them here.
+QUICKSTART holds the settings shared by both kinds of draft, each kind's own training/eval/export settings, the
+kind the quickstart trains unless `--draft-kind` says otherwise, and why. Training flags not named here take the
+train command's own defaults.
+"""
 
 from __future__ import annotations
 
+import copy
+
+from medusa_forge.errors import UserError
+
+# The logging and checkpoint cadence both kinds train with (result-neutral: not part of any fingerprint).
+_TRAIN_LOGGING = {"logging_steps": 10, "save_steps": 100, "disable_tqdm": False}
+
 QUICKSTART: dict = {
-    "model": "smollm2",
-    "data": "sharegpt",
-    # No generation: on a CPU, ShareGPT's own text with soft labels trains better heads per minute than
-    # self-distilled replies (BENCHMARKS.md, "Quickstart"). With a GPU server, distil (pipeline.example.yaml).
-    "distill": {"enabled": False},
-    "train": {
-        "max_samples": 500,
-        "num_train_epochs": 3,
-        "learning_rate": 3e-3,
-        "medusa_soft_labels": True,
-        "per_device_train_batch_size": 4,
-        "model_max_length": 384,
-        "logging_steps": 10,
-        "save_steps": 100,
-        "disable_tqdm": False,
+    # The kind trained without --draft-kind, and the measurement behind that choice (the report prints it).
+    "default_kind": "medusa",
+    "why": "at ~15 CPU minutes Medusa heads measured 0.93x vs EAGLE-3 0.85x over plain greedy "
+    "(BENCHMARKS.md, EAGLE-3 section)",
+    "shared": {
+        "model": "smollm2",
+        "data": "sharegpt",
+        # No generation: on a CPU, ShareGPT's own text with soft labels trains better heads per minute than
+        # self-distilled replies (BENCHMARKS.md, "Quickstart"). With a GPU server, distil (pipeline.example.yaml).
+        "distill": {"enabled": False},
+        "eval": {
+            "max_prompts": 5,
+            "max_new_tokens": 96,
+            "calibration_prompts": 3,
+            "max_conversations": 10,
+            "max_length": 512,
+            "tree_sizes": "4,8,16,32",
+        },
     },
-    "eval": {
-        "max_prompts": 5,
-        "max_new_tokens": 96,
-        "calibration_prompts": 3,
-        "max_conversations": 10,
-        "max_length": 512,
-        "tree_sizes": "4,8,16,32",
+    "kinds": {
+        "medusa": {
+            "train": {
+                "max_samples": 500,
+                "num_train_epochs": 3,
+                "learning_rate": 3e-3,
+                "medusa_soft_labels": True,
+                "per_device_train_batch_size": 4,
+                "model_max_length": 384,
+                **_TRAIN_LOGGING,
+            },
+            "export": {"formats": ["tgi", "vllm"]},
+        },
+        "eagle3": {
+            "train": {
+                "eagle3_ttt_steps": 3,
+                "num_train_epochs": 4,
+                "learning_rate": 1e-3,
+                "per_device_train_batch_size": 4,
+                "max_samples": 500,
+                "model_max_length": 384,
+                **_TRAIN_LOGGING,
+            },
+            "eval": {"depth": 4},
+            "export": {"formats": ["vllm", "sglang"]},
+        },
     },
-    "export": {"formats": ["tgi", "vllm"]},
 }
 QUICKSTART_WORKDIR = "runs/quickstart"
+
+
+def quickstart_config(kind: str | None = None) -> dict:
+    """The pipeline config (as from YAML) the quickstart runs for `kind` (None: QUICKSTART's default kind)."""
+    kind = kind or QUICKSTART["default_kind"]
+    kinds = QUICKSTART["kinds"]
+    if kind not in kinds:
+        raise UserError(f"--draft-kind {kind}: choose one of {', '.join(kinds)}")
+    config = copy.deepcopy(QUICKSTART["shared"])
+    for section, values in kinds[kind].items():
+        config[section] = {**config.get(section, {}), **copy.deepcopy(values)}
+    return {**config, "draft_kind": kind}
+
+
+def kind_reason(forced: str | None) -> str:
+    """Why the quickstart trains the kind it does, for its report: the flag, or QUICKSTART's measured choice."""
+    if forced:
+        return f"chosen with `--draft-kind {forced}` (the quickstart's default is {QUICKSTART['default_kind']})"
+    return f"the quickstart's default: {QUICKSTART['why']}"

@@ -11,6 +11,8 @@ import shlex
 import shutil
 from pathlib import Path
 
+from medusa_forge.formats.tree_file import TREE_FILE
+from medusa_forge.pipeline.configuration import DRAFT_LABELS, command_default
 from medusa_forge.pipeline.context import Context
 from medusa_forge.results import (
     DRAFT_RUN,
@@ -25,12 +27,14 @@ from medusa_forge.results import (
 STAGE_TIMES_PNG = "stage_times.png"
 
 
-def tree_lines(choices: list[list[int]]) -> list[str]:
-    """The tree as an indented outline: one line per node, depth = which head, rank = which of its guesses."""
+def tree_lines(choices: list[list[int]], eagle3: bool = False) -> list[str]:
+    """The tree as an indented outline: one line per node, depth = which head (0-based) or EAGLE-3 draft step
+    (1-based, as eval names them), rank = which of its guesses."""
     lines = ["base model's next token"]
     for path in sorted(choices):
         depth = len(path)
-        lines.append("  " * depth + f"- head {depth - 1}, guess #{path[-1] + 1}")
+        node = f"step {depth}" if eagle3 else f"head {depth - 1}"
+        lines.append("  " * depth + f"- {node}, guess #{path[-1] + 1}")
     return lines
 
 
@@ -67,10 +71,13 @@ def write_pipeline_report(ctx: Context) -> list[Path]:
     workdir: Path = ctx.workdir
     config = ctx.config
     stages = ctx.state.get("stages", {})
-    metrics_path, eval_path = ctx.heads / TRAINING_METRICS_FILE, ctx.eval_dir / EVAL_REPORT_FILE
+    metrics_path, eval_path = ctx.draft / TRAINING_METRICS_FILE, ctx.eval_dir / EVAL_REPORT_FILE
     metrics = TrainingMetrics.load(metrics_path) if metrics_path.is_file() else TrainingMetrics()
     evaluation = EvalReport.load(eval_path) if eval_path.is_file() else None
-    heads_config = _read_json_or_empty(ctx.heads / "config.json")
+    draft_config = _read_json_or_empty(ctx.draft / "config.json")
+    eagle3 = config.draft_kind == "eagle3"
+    label = DRAFT_LABELS[config.draft_kind]
+    predictor = "draft step" if eagle3 else "head"  # a row of training_metrics.json
     commands = _read_json_or_empty(ctx.serve_commands)
     written: list[Path] = []
 
@@ -82,17 +89,22 @@ def write_pipeline_report(ctx: Context) -> list[Path]:
         written.append(target)
         return source.name
 
-    lines = [f"# Medusa heads for `{config.model}`", ""]
+    lines = [f"# {label} for `{config.model}`", ""]
     distilled = stages.get("distill", {}).get("details", {}).get("conversations")
     data = f"`{config.data}`" + (f", self-distilled: {distilled} conversations" if distilled else "")
+    why = ctx.kind_note or f"`draft_kind: {config.draft_kind}` in the configuration"
     rows = [
-        ("Base model", f"`{config.model}` (`{heads_config.get('base_model_name_or_path', '?')}`)"),
+        ("Draft", f"{label}: {why}"),
+        ("Base model", f"`{config.model}` (`{draft_config.get('base_model_name_or_path', '?')}`)"),
         ("Training data", data),
-        (
-            "Heads x residual blocks",
-            f"{heads_config.get('medusa_num_heads')} x {heads_config.get('medusa_num_layers')}",
-        ),
     ]
+    if eagle3:
+        steps = config.train.get("eagle3_ttt_steps", command_default("train", "eagle3_ttt_steps"))
+        rows.append(("Draft layers x vocabulary", f"{draft_config.get('num_hidden_layers')} x "
+                     f"{draft_config.get('draft_vocab_size')} tokens; {steps} training-time-test steps"))  # fmt: skip
+    else:
+        rows.append(("Heads x residual blocks",
+                     f"{draft_config.get('medusa_num_heads')} x {draft_config.get('medusa_num_layers')}"))  # fmt: skip
     if evaluation:
         speed = evaluation.speed or SpeedComparison()
         tps = speed.tokens_per_second
@@ -124,31 +136,38 @@ def write_pipeline_report(ctx: Context) -> list[Path]:
             lines += [f"Training resumed from `{stages['train']['details']['resumed_from']}`.", ""]
 
     lines += ["## Training", ""]
-    curves = copy_png(ctx.heads / "training_curves.png")
+    curves = copy_png(ctx.draft / "training_curves.png")
     if curves:
-        lines += [f"![per-head loss and top-1 during training]({curves})", ""]
+        lines += [f"![loss and top-1 per {predictor} during training]({curves})", ""]
     final = metrics.final
     if metrics.train:
-        lines += ["| head | predicts | last logged loss | last logged top-1 (training batches) |", "|---|---|---|---|"]
-        for head, entries in sorted(metrics.train.items()):
+        lines += [f"| {predictor} | predicts | last logged loss | last logged top-1 (training batches) |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for head, entries in sorted(metrics.train.items()):  # EAGLE-3 step j, as head j, drafts token t+2+j
             last = entries[-1]
-            lines.append(f"| {head} | t+{head + 2} | {last.get('loss', 0):.3f} | {last.get('top1', 0):.3f} |")
+            name = head + 1 if eagle3 else head  # eval's (and the tree's) 1-based draft steps
+            lines.append(f"| {name} | t+{head + 2} | {last.get('loss', 0):.3f} | {last.get('top1', 0):.3f} |")
+        if eagle3:
+            lines.append("\n`training_metrics.json` numbers the steps from 0 (`eagle3_step0` is step 1).")
         lines.append("")
     if final.get("train_runtime"):
         cache = final.get("hidden_cache_seconds", 0)
         before = f", after {cache:.0f} s building the hidden-state cache (one frozen pass)" if cache >= 1 else ""
-        lines += [f"Head training {final['train_runtime']:.0f} s{before}.", ""]
+        lines += [f"{'Draft' if eagle3 else 'Head'} training {final['train_runtime']:.0f} s{before}.", ""]
 
     if evaluation:
         lines += ["## The decoding tree", ""]
         tree = evaluation.tree
+        users = "`medusa-forge generate` and `serve` use it" + (
+            "" if eagle3 else "; TensorRT-LLM takes it as `--medusa_choices`"
+        )
         lines += [
-            f"{len(tree)} nodes, built from the heads' accuracy on {evaluation.tree_accuracy_source} and sized "
-            "by the step latency measured on this machine; stored as `heads/medusa_choices.json` "
-            "(`medusa-forge generate` and `serve` use it; TensorRT-LLM takes it as `--medusa_choices`).",
+            f"{len(tree)} nodes, built from the {'draft steps' if eagle3 else 'heads'}' accuracy on "
+            f"{evaluation.tree_accuracy_source} and sized by the step latency measured on this machine; stored as "
+            f"`heads/{TREE_FILE}` ({users}).",
             "",
             "```",
-            *tree_lines(tree),
+            *tree_lines(tree, eagle3),
             "```",
             "",
             f"`medusa_choices = {json.dumps(tree, separators=(',', ':'))}`",
@@ -166,16 +185,18 @@ def write_pipeline_report(ctx: Context) -> list[Path]:
         lines += ["", "Full evaluation: [`heads/eval/eval.md`](heads/eval/eval.md).", ""]
 
     lines += ["## Serve it", ""]
-    heads_path = shlex.quote(str(ctx.heads))
-    for fmt, label in (("tgi", "Text Generation Inference"), ("vllm", "vLLM"), ("tensorrt-llm", "TensorRT-LLM")):
+    draft_path = shlex.quote(str(ctx.draft))
+    draft_flag = "--draft" if eagle3 else "--heads"
+    engines = {"tgi": "Text Generation Inference", "vllm": "vLLM", "sglang": "SGLang", "tensorrt-llm": "TensorRT-LLM"}
+    for fmt, engine in engines.items():
         if fmt in commands:
-            lines += [f"{label} (folder `export/{fmt}`):", "", "```bash", *commands[fmt], "```", ""]
+            lines += [f"{engine} (folder `export/{fmt}`):", "", "```bash", *commands[fmt], "```", ""]
     lines += [
         "Here, with the in-process model (OpenAI-compatible server, and one-off generation):",
         "",
         "```bash",
-        f"medusa-forge serve --heads {heads_path} --port 8000",
-        f"medusa-forge generate --heads {heads_path} --prompt 'Explain KV caches in two sentences.'",
+        f"medusa-forge serve {draft_flag} {draft_path} --port 8000",
+        f"medusa-forge generate {draft_flag} {draft_path} --prompt 'Explain KV caches in two sentences.'",
         "```",
         "",
     ]

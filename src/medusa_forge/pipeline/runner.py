@@ -65,15 +65,20 @@ def _grows(old: dict, new: dict) -> bool:
 
 
 def run_pipeline(
-    config: PipelineConfig, workdir: str | Path, resume_command: str, force_from: str | None = None
+    config: PipelineConfig,
+    workdir: str | Path,
+    resume_command: str,
+    force_from: str | None = None,
+    kind_note: str | None = None,
 ) -> Context:
-    """Run every stage in order (skipping finished ones); returns the context with the final state."""
+    """Run every stage in order (skipping finished ones); returns the context with the final state.
+    kind_note: why the draft is of its kind (the quickstart's choice), for the report."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     state_path = workdir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     state.setdefault("stages", {})
-    ctx = Context(config, workdir, resume_command, state)
+    ctx = Context(config, workdir, resume_command, state, kind_note)
     (workdir / CONFIG_COPY).write_text(
         "# the effective configuration of the last run (file + --set overrides)\n"
         + yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from medusa_forge.pipeline.configuration import PushSection, distill_config, distill_flags, eval_config, train_config
+from medusa_forge.pipeline.configuration import (
+    PushSection,
+    distill_config,
+    distill_flags,
+    eval_config,
+    train_config,
+    train_owned,
+)
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.fingerprints import StageFingerprint, file_digest, source_identity, split_section
 from medusa_forge.results import EVAL_REPORT_FILE, TRAINING_METRICS_FILE
@@ -38,9 +45,16 @@ def _exit_ok(stage: str, code: int, what: str) -> None:
         raise StageFailed(stage, f"`medusa-forge {what}` exited with status {code} (its message is above)")
 
 
-def _heads_inputs(ctx: Context) -> dict:
-    names = ("config.json", "medusa_lm_head.safetensors")
-    return {name: file_digest(ctx.heads / name) for name in names if (ctx.heads / name).is_file()}
+def _draft_files(ctx: Context) -> list[Path]:
+    """What training writes that later stages read: the draft's config and weights (file names by kind)."""
+    from medusa_forge import eagle3, heads
+
+    weights = eagle3.WEIGHTS_NAME if ctx.config.draft_kind == "eagle3" else heads.WEIGHTS_NAME
+    return [ctx.draft / "config.json", ctx.draft / weights]
+
+
+def _draft_inputs(ctx: Context) -> dict:
+    return {path.name: file_digest(path) for path in _draft_files(ctx) if path.is_file()}
 
 
 # --- distill ------------------------------------------------------------------------------------------------------
@@ -78,6 +92,8 @@ def run_distill_stage(ctx: Context, fresh: bool) -> StageResult:
 
 def fingerprint_train(ctx: Context) -> StageFingerprint:
     settings, extend = split_section(ctx.config.train, "train")
+    if ctx.config.draft_kind != "medusa":  # left out for heads: work folders from before the key keep their state
+        settings["draft_kind"] = ctx.config.draft_kind
     inputs = {"data": source_identity(ctx.train_data), "model": source_identity(ctx.config.model)}
     return StageFingerprint(settings, inputs, extend)
 
@@ -85,21 +101,21 @@ def fingerprint_train(ctx: Context) -> StageFingerprint:
 def launcher_argv(ctx: Context) -> list[str]:
     """The train command's flags for the train stage, for a launcher's own processes (`-m medusa_forge.train`).
     Every flag of the train command takes a value, so each key becomes `--key VALUE...`."""
-    owned = {"model_name_or_path": ctx.config.model, "data_path": ctx.train_data, "output_dir": str(ctx.heads)}
+    owned = train_owned(ctx.config, ctx.train_data, ctx.draft)
     argv: list[str] = []
-    for key, value in {**ctx.config.train, **owned, "auto_resume": True}.items():
+    for key, value in {**ctx.config.train, **owned}.items():
         if value is not None:
             argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
     return argv
 
 
 def run_train_stage(ctx: Context, fresh: bool) -> StageResult:
-    """fresh: delete the heads folder first; otherwise training restarts from its last checkpoint-*."""
+    """fresh: delete the draft folder first; otherwise training restarts from its last checkpoint-*."""
     from medusa_forge.train.run import train
 
-    if fresh and ctx.heads.exists():
-        shutil.rmtree(ctx.heads)  # another configuration's checkpoints must not be resumed
-    checkpoints = sorted(ctx.heads.glob("checkpoint-*")) if ctx.heads.is_dir() else []
+    if fresh and ctx.draft.exists():
+        shutil.rmtree(ctx.draft)  # another configuration's checkpoints must not be resumed
+    checkpoints = sorted(ctx.draft.glob("checkpoint-*")) if ctx.draft.is_dir() else []
     details = {}
     if checkpoints:
         print(f"pipeline: train resumes from {checkpoints[-1].name}", file=sys.stderr)
@@ -108,17 +124,16 @@ def run_train_stage(ctx: Context, fresh: bool) -> StageResult:
         command = [*shlex.split(ctx.config.train_launcher), "-m", "medusa_forge.train", *launcher_argv(ctx)]
         print(f"pipeline: {shlex.join(command)}", file=sys.stderr)
         _exit_ok("train", subprocess.run(command).returncode, "train (under train_launcher)")
-        out = ctx.heads
     else:
-        out = train(train_config(ctx.config, ctx.train_data, ctx.heads))
-    return StageResult([out / "config.json", out / "medusa_lm_head.safetensors", out / TRAINING_METRICS_FILE], details)
+        train(train_config(ctx.config, ctx.train_data, ctx.draft))  # writes into ctx.draft (its output_dir)
+    return StageResult([*_draft_files(ctx), ctx.draft / TRAINING_METRICS_FILE], details)
 
 
 # --- evaluate -----------------------------------------------------------------------------------------------------
 
 
 def fingerprint_evaluate(ctx: Context) -> StageFingerprint:
-    inputs = {"heads": _heads_inputs(ctx), "data": source_identity(ctx.config.held_out)}
+    inputs = {"heads": _draft_inputs(ctx), "data": source_identity(ctx.config.held_out)}
     return StageFingerprint(dict(ctx.config.eval), inputs)
 
 
@@ -127,12 +142,12 @@ def run_evaluate_stage(ctx: Context, fresh: bool) -> StageResult:
     from medusa_forge.evaluate.cli import evaluate
     from medusa_forge.formats.tree_file import TREE_FILE
 
-    config = eval_config(ctx.config, ctx.heads, ctx.eval_dir)
-    (ctx.heads / TREE_FILE).unlink(missing_ok=True)  # a tree from an earlier evaluation must not survive
+    config = eval_config(ctx.config, ctx.draft, ctx.eval_dir)
+    (ctx.draft / TREE_FILE).unlink(missing_ok=True)  # a tree from an earlier evaluation must not survive
     evaluate(config)
     outputs = [ctx.eval_dir / EVAL_REPORT_FILE]
-    if (ctx.heads / TREE_FILE).is_file():
-        outputs.append(ctx.heads / TREE_FILE)
+    if (ctx.draft / TREE_FILE).is_file():
+        outputs.append(ctx.draft / TREE_FILE)
     return StageResult(outputs)
 
 
@@ -142,9 +157,9 @@ def run_evaluate_stage(ctx: Context, fresh: bool) -> StageResult:
 def fingerprint_export(ctx: Context) -> StageFingerprint:
     from medusa_forge.formats.tree_file import TREE_FILE
 
-    heads = _heads_inputs(ctx)
-    if (ctx.heads / TREE_FILE).is_file():
-        heads[TREE_FILE] = file_digest(ctx.heads / TREE_FILE)
+    heads = _draft_inputs(ctx)
+    if (ctx.draft / TREE_FILE).is_file():
+        heads[TREE_FILE] = file_digest(ctx.draft / TREE_FILE)
     settings = {"formats": ctx.config.export.formats, "base_model_id": ctx.config.export.base_model_id}
     return StageFingerprint(settings, {"heads": heads})
 
@@ -159,7 +174,7 @@ def run_export_stage(ctx: Context, fresh: bool) -> StageResult:
         folder = ctx.export_dir(fmt)
         if folder.exists():
             shutil.rmtree(folder)  # ours: an export refuses a folder holding other weights
-        result = export_heads(ctx.heads, fmt, folder, base_model_id=ctx.config.export.base_model_id)
+        result = export_heads(ctx.draft, fmt, folder, base_model_id=ctx.config.export.base_model_id)
         for note in result.notes:
             print(f"pipeline: export {fmt}: {note}", file=sys.stderr)
         commands[fmt] = result.serve_commands
@@ -176,7 +191,7 @@ def fingerprint_push(ctx: Context) -> StageFingerprint | None:
     if not push.repo:
         return None
     settings = {f.name: getattr(push, f.name) for f in fields(PushSection)}
-    inputs = {"heads": _heads_inputs(ctx), "eval": file_digest(ctx.eval_dir / EVAL_REPORT_FILE)}
+    inputs = {"heads": _draft_inputs(ctx), "eval": file_digest(ctx.eval_dir / EVAL_REPORT_FILE)}
     return StageFingerprint(settings, inputs)
 
 
@@ -185,7 +200,7 @@ def run_push_stage(ctx: Context, fresh: bool) -> StageResult:
     from medusa_forge.hub import push
 
     config = ctx.config.push
-    result = push(ctx.heads, config.repo, config.private, config.revision, config.dry_run, config.base_model_id)
+    result = push(ctx.draft, config.repo, config.private, config.revision, config.dry_run, config.base_model_id)
     for note in result.notes:
         print(f"pipeline: push: {note}", file=sys.stderr)
     record = ctx.workdir / "push.json"
@@ -200,8 +215,8 @@ def run_push_stage(ctx: Context, fresh: bool) -> StageResult:
 
 def _report_inputs(ctx: Context) -> list[Path]:
     candidates = [
-        ctx.heads / TRAINING_METRICS_FILE,
-        ctx.heads / "training_curves.png",
+        ctx.draft / TRAINING_METRICS_FILE,
+        ctx.draft / "training_curves.png",
         ctx.eval_dir / EVAL_REPORT_FILE,
         ctx.serve_commands,
         ctx.workdir / "push.json",
@@ -215,7 +230,7 @@ def fingerprint_report(ctx: Context) -> StageFingerprint:
     for path in _report_inputs(ctx):
         inputs[str(path.relative_to(ctx.workdir))] = file_digest(path)
     times = {name: record.get("seconds") for name, record in ctx.state.get("stages", {}).items() if name != "report"}
-    return StageFingerprint({"stage_seconds": times}, inputs)
+    return StageFingerprint({"stage_seconds": times, "kind_note": ctx.kind_note}, inputs)
 
 
 def run_report_stage(ctx: Context, fresh: bool) -> StageResult:
@@ -235,9 +250,9 @@ class Stage:
 
 PIPELINE = [
     Stage("distill", "self-distil: replay conversations against the model", fingerprint_distill, run_distill_stage),
-    Stage("train", "train the heads on the frozen model", fingerprint_train, run_train_stage),
+    Stage("train", "train the draft on the frozen model", fingerprint_train, run_train_stage),
     Stage("evaluate", "choose the tree, measure acceptance and speed", fingerprint_evaluate, run_evaluate_stage),
-    Stage("export", "write the TGI / vLLM folders", fingerprint_export, run_export_stage),
+    Stage("export", "write the engines' folders (export.formats)", fingerprint_export, run_export_stage),
     Stage("push", "upload to the Hub", fingerprint_push, run_push_stage),
     Stage("report", "write report.md", fingerprint_report, run_report_stage),
 ]

@@ -1,0 +1,184 @@
+"""`medusa-forge pipeline` with `draft_kind: eagle3`, and the key itself: validation before any work, the export
+formats each kind takes, an EAGLE-3 draft trained, evaluated, exported for vLLM and SGLang and reported end to end
+on a tiny target, re-runs that skip, and a change of kind that trains again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+import yaml
+from conftest import TINY_CONFIGS
+from test_pipeline import events, log_length, tiny_config
+
+from medusa_forge.cli import main
+from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Draft, is_eagle3_folder
+from medusa_forge.errors import UserError
+from medusa_forge.pipeline import QUICKSTART, load_config
+from medusa_forge.pipeline.configuration import config_from_dict
+from medusa_forge.pipeline.context import Context
+from medusa_forge.pipeline.eta import estimate_seconds
+from medusa_forge.pipeline.quickstart import kind_reason
+from medusa_forge.pipeline.report import write_pipeline_report
+from medusa_forge.pipeline.runner import STATE_FILE
+from medusa_forge.pipeline.stages import launcher_argv
+
+FINISHED = ("train", "evaluate", "export", "report")
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+
+def test_draft_kind_is_one_top_level_key_with_its_own_export_formats():
+    assert config_from_dict({}, "p.yaml").draft_kind == "medusa"  # the tutorial's heads stay the default
+    assert config_from_dict({}, "p.yaml").export.formats == ["tgi", "vllm"]
+    eagle3 = config_from_dict({"draft_kind": "eagle3"}, "p.yaml")
+    assert eagle3.export.formats == ["vllm", "sglang"]
+    assert config_from_dict({"draft_kind": "eagle3", "export": {"formats": "sglang"}}, "p").export.formats == ["sglang"]
+    with pytest.raises(UserError, match=r"p.yaml: draft_kind 'eagle': choose one of medusa, eagle3"):
+        config_from_dict({"draft_kind": "eagle"}, "p.yaml")
+    with pytest.raises(UserError, match=r"p.yaml: train: 'draft_kind' is not a key of this section: it is set by "
+                                        r"the top-level key `draft_kind`"):  # fmt: skip
+        config_from_dict({"train": {"draft_kind": "eagle3"}}, "p.yaml")
+    with pytest.raises(UserError, match=r"export.formats \['tgi'\]: with draft_kind eagle3 \(EAGLE-3 draft\) "
+                                        r"choose from vllm, sglang"):  # fmt: skip
+        config_from_dict({"draft_kind": "eagle3", "export": {"formats": ["vllm", "tgi"]}}, "p.yaml")
+    with pytest.raises(UserError, match=r"export.formats \['sglang'\]: with draft_kind medusa"):
+        config_from_dict({"export": {"formats": ["sglang"]}}, "p.yaml")
+
+
+def test_a_format_the_kind_cannot_take_stops_the_pipeline_before_any_stage(tmp_path, capsys):
+    workdir = tmp_path / "work"
+    argv = ["pipeline", "--workdir", str(workdir), "--set", "draft_kind=eagle3", "--set", "export.formats=[tgi]"]
+    assert main(argv) == 2
+    assert "export.formats ['tgi']: with draft_kind eagle3" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_the_train_stage_gets_the_kind_in_process_and_under_a_launcher(tmp_path):
+    from medusa_forge.pipeline.configuration import train_config
+
+    config = load_config(None, ["draft_kind=eagle3"])
+    assert train_config(config, "data.json", tmp_path / "heads").draft_kind == "eagle3"
+    argv = launcher_argv(Context(config, tmp_path, "cmd"))
+    assert argv[argv.index("--draft_kind") + 1] == "eagle3"
+
+
+def test_eagle3_training_estimate_counts_its_training_time_test_steps():
+    """The quickstart's sizes: measured ~6 min of head training vs ~15 min of 3-step x 4-epoch EAGLE-3 training
+    after the same cache; the estimates keep that ratio."""
+    from medusa_forge.pipeline.quickstart import quickstart_config
+
+    medusa = estimate_seconds(load_config(None, [], quickstart_config("medusa")), "train")
+    eagle3 = estimate_seconds(load_config(None, [], quickstart_config("eagle3")), "train")
+    cache = 30 + 500 * 384 / 500  # the shared frozen pass (and start-up), as the model counts it
+    assert 2.2 < (eagle3 - cache) / (medusa - cache) < 2.8  # 15 / 6 = 2.5
+    one_step = estimate_seconds(load_config(None, ["train.eagle3_ttt_steps=1"], quickstart_config("eagle3")), "train")
+    assert (eagle3 - cache) == pytest.approx(3 * (one_step - cache))
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_target(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama deep enough for the engines' EAGLE-3 layers (2, L//2, L-3), so the export succeeds."""
+    folder = tmp_path_factory.mktemp("deep-llama")
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["llama"](len(tiny_tokenizer))
+    config.num_hidden_layers = ENGINE_MIN_TARGET_LAYERS + 1
+    config.pad_token_id, config.eos_token_id = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eagle3_run(tmp_path_factory, deep_target):
+    """One complete EAGLE-3 pipeline run: no distillation, 2 training steps, 2 timed prompts."""
+    folder = tmp_path_factory.mktemp("pipeline-eagle3")
+    path = tiny_config(folder, deep_target, eagle3_ttt_steps=2, eagle3_draft_vocab_size=64)
+    config = yaml.safe_load(path.read_text())
+    config.update(draft_kind="eagle3", distill={"enabled": False}, export={})  # export: the kind's default formats
+    config["eval"]["depth"] = 2
+    path.write_text(yaml.safe_dump(config))
+    workdir = folder / "work"
+    assert main(["pipeline", "--config", str(path), "--workdir", str(workdir)]) == 0
+    return path, workdir
+
+
+def test_eagle3_pipeline_trains_evaluates_exports_and_reports_the_draft(eagle3_run, deep_target):
+    _, workdir = eagle3_run
+    assert events(workdir) == {
+        "pipeline": ["start", "done"],
+        **{stage: ["start", "done"] for stage in FINISHED},
+        "distill": ["not-configured"],
+        "push": ["not-configured"],
+    }
+    draft = workdir / "heads"  # the folder keeps its name for either kind (older work folders resume)
+    trained = Eagle3Draft.load(draft)
+    assert trained.config.draft_vocab_size == 64 and not (draft / "medusa_lm_head.safetensors").exists()
+    metrics = json.loads((draft / "training_metrics.json").read_text())
+    assert set(metrics["train"]) == {"0", "1"}  # one row per training-time-test step
+    evaluation = json.loads((draft / "eval" / "eval.json").read_text())
+    assert evaluation["draft_kind"] == "eagle3" and evaluation["speed"]["outputs_equal"] is True
+    commands = json.loads((workdir / "export" / "serve_commands.json").read_text())
+    assert set(commands) == {"vllm", "sglang"}
+    for fmt in ("vllm", "sglang"):
+        exported = Eagle3Draft.load(workdir / "export" / fmt)
+        assert all(torch.equal(exported.state_dict()[k], v) for k, v in trained.state_dict().items())
+    assert '"method": "eagle3"' in commands["vllm"][0]
+    assert "--speculative-algorithm EAGLE3" in commands["sglang"][0]
+    state = json.loads((workdir / STATE_FILE).read_text())
+    assert "heads/model.safetensors" in state["stages"]["train"]["outputs"]
+    report = (workdir / "report.md").read_text()
+    assert report.startswith(f"# EAGLE-3 draft for `{deep_target}`")
+    assert "| Draft | EAGLE-3 draft: `draft_kind: eagle3` in the configuration |" in report
+    assert "| Draft layers x vocabulary | 1 x 64 tokens; 2 training-time-test steps |" in report
+    assert "| draft step | predicts |" in report and "| 1 | t+2 |" in report and "| 2 | t+3 |" in report
+    assert "- step 1, guess #1" in report and "- head" not in report and "Heads x" not in report
+    assert f"{evaluation['speed']['speedup']['draft']:.2f}x" in report
+    assert "SGLang (folder `export/sglang`)" in report and commands["sglang"][0] in report
+    assert f"medusa-forge serve --draft {draft} --port 8000" in report
+
+
+def test_eagle3_rerun_skips_and_the_quickstart_report_says_why(eagle3_run, tmp_path, capsys):
+    config, workdir = eagle3_run
+    start = log_length(workdir)
+    assert main(["pipeline", "--config", str(config), "--workdir", str(workdir)]) == 0
+    assert capsys.readouterr().out.startswith("EAGLE-3 draft: mean accepted tokens per step")
+    assert events(workdir, start) == {
+        "pipeline": ["start", "done"],
+        **{stage: ["skip"] for stage in FINISHED},
+        "distill": ["not-configured"],
+        "push": ["not-configured"],
+    }
+    # The quickstart's report names the kind and why: the flag, or QUICKSTART's measured choice (in a copy).
+    copy = shutil.copytree(workdir, tmp_path / "copy")
+    state = json.loads((copy / STATE_FILE).read_text())
+    pipeline_config = load_config(str(config), [])
+    write_pipeline_report(Context(pipeline_config, copy, "cmd", state, kind_reason("eagle3")))
+    assert (
+        "| Draft | EAGLE-3 draft: chosen with `--draft-kind eagle3` (the quickstart's default is medusa) |"
+        in (copy / "report.md").read_text()
+    )
+    write_pipeline_report(Context(pipeline_config, copy, "cmd", state, kind_reason(None)))
+    assert f"the quickstart's default: {QUICKSTART['why']} |" in (copy / "report.md").read_text()
+
+
+def test_changing_the_kind_trains_again_and_redoes_every_later_stage(eagle3_run):
+    config, workdir = eagle3_run
+    start = log_length(workdir)
+    argv = ["pipeline", "--config", str(config), "--workdir", str(workdir), "--set", "draft_kind=medusa"]
+    assert main(argv) == 0
+    got = events(workdir, start)
+    assert {stage: got[stage] for stage in FINISHED} == {stage: ["start", "done"] for stage in FINISHED}
+    draft = workdir / "heads"
+    assert not is_eagle3_folder(draft) and not (draft / "model.safetensors").exists()  # started over, not mixed
+    assert (draft / "medusa_lm_head.safetensors").is_file()
+    commands = json.loads((workdir / "export" / "serve_commands.json").read_text())
+    assert set(commands) == {"tgi", "vllm"} and '"method": "medusa"' in commands["vllm"][0]
+    assert (workdir / "report.md").read_text().startswith("# Medusa heads for")
