@@ -41,7 +41,7 @@ def tiny_config(folder: Path, model_dir: Path, **train) -> Path:
         },  # fmt: skip
         "eval": {
             "max_prompts": 2, "max_new_tokens": 10, "calibration_prompts": 1, "max_conversations": 2,
-            "tree_sizes": "2,4", "latency_prefix": 16, "device": "cpu",
+            "tree_sizes": "2,4", "latency_prefix": 16, "device": "cpu", "dtype": "float32",  # exact
         },  # fmt: skip
         "export": {"formats": ["tgi", "vllm"]},
     }
