@@ -151,6 +151,27 @@ def _evaluation_section(summary: dict) -> str | None:
     return "\n".join(lines + speed)
 
 
+def _accuracy_sections(
+    title: str, label: str, prefix: str, metrics: dict[str, float], summary: dict, first: int
+) -> list[str]:
+    """The held-out accuracy table of training's metrics (`{prefix}{i}_top1`; row i named i + `first`, predicting
+    t+i+2) and the evaluation section, where there are numbers for them."""
+    sections = []
+    rows = [i for i in range(len(metrics)) if f"{prefix}{i}_top1" in metrics]
+    if rows:
+        lines = [f"## {title}", "", f"| {label} | predicts | top-1 | top-5 |", "|---|---|---|---|"]
+        lines += [
+            f"| {i + first} | t+{i + 2} | {_fmt(metrics[f'{prefix}{i}_top1'])} "
+            f"| {_fmt(metrics.get(f'{prefix}{i}_top5'))} |"
+            for i in rows
+        ]
+        sections.append("\n".join(lines))
+    evaluated = _evaluation_section(summary)
+    if evaluated:
+        sections.append(evaluated)
+    return sections
+
+
 def render_model_card(
     config: MedusaConfig | Eagle3Config,
     base_model_id: str,
@@ -189,19 +210,8 @@ def render_model_card(
     rows += _headline_rows(summary)
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
 
-    sections = []
-    heads = [i for i in range(k) if f"medusa{i}_top1" in metrics]
-    if heads:
-        lines = ["## Head accuracy (held-out, teacher-forced, at the end of training)", ""]
-        lines += ["| head | predicts | top-1 | top-5 |", "|---|---|---|---|"]
-        lines += [
-            f"| {i} | t+{i + 2} | {_fmt(metrics[f'medusa{i}_top1'])} | {_fmt(metrics.get(f'medusa{i}_top5'))} |"
-            for i in heads
-        ]
-        sections.append("\n".join(lines))
-    evaluated = _evaluation_section(summary)
-    if evaluated:
-        sections.append(evaluated)
+    title = "Head accuracy (held-out, teacher-forced, at the end of training)"
+    sections = _accuracy_sections(title, "head", "medusa", metrics, summary, first=0)
 
     where = repo_id or "<this-repo-or-folder>"
     serve_base = hub_id or base_model_id
@@ -325,20 +335,8 @@ def render_eagle3_card(
     rows += _headline_rows(summary)
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
 
-    sections = []
-    steps = [j for j in range(len(metrics)) if f"{EAGLE3_METRIC_NAME}{j}_top1" in metrics]
-    if steps:
-        lines = ["## Draft accuracy per step (held-out, training-time test, at the end of training)", ""]
-        lines += ["| step | predicts | top-1 | top-5 |", "|---|---|---|---|"]
-        lines += [
-            f"| {j + 1} | t+{j + 2} | {_fmt(metrics[f'{EAGLE3_METRIC_NAME}{j}_top1'])} "
-            f"| {_fmt(metrics.get(f'{EAGLE3_METRIC_NAME}{j}_top5'))} |"
-            for j in steps
-        ]
-        sections.append("\n".join(lines))
-    evaluated = _evaluation_section(summary)
-    if evaluated:
-        sections.append(evaluated)
+    title = "Draft accuracy per step (held-out, training-time test, at the end of training)"
+    sections = _accuracy_sections(title, "step", EAGLE3_METRIC_NAME, metrics, summary, first=1)
     body = "\n\n".join(sections)
 
     where = repo_id or "<this-repo-or-folder>"
