@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_serve import HELLO, ServerThread, _until, chat, read_chunks_then_disconnect, solo, wait_for_cancelled
+from test_serve import HELLO, ServerThread, chat, read_chunks_then_disconnect, solo, wait_for_cancelled
 
 from medusa_forge.decode.serving import DraftServeGenerator
 from medusa_forge.generation.hf import HFGenerator
@@ -89,9 +89,9 @@ def test_disconnected_stream_stops_generating(medusa_server):
     before = engine.stats()
     long = {"messages": HELLO, "max_tokens": 450, "temperature": 0, "stream": True}
     read_chunks_then_disconnect(medusa_server, long, chunks=3)
-    wait_for_cancelled(engine, before["requests_cancelled"] + 1)
+    wait_for_cancelled(engine, before)
     # Stopped at the next step: far fewer steps than 450 tokens need (a step accepts at most the tree's depth + 1).
-    assert engine.stats()["decode_steps"] - before["decode_steps"] < 100
+    assert engine.stats()["decode_steps"] - before.get("decode_steps", 0) < 100
     response = chat(medusa_server, messages=HELLO, max_tokens=4, temperature=0)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 4
 
@@ -107,7 +107,7 @@ def test_a_short_request_is_not_held_behind_a_long_one(medusa_server):
             long = asyncio.ensure_future(
                 client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 450, "temperature": 0})
             )
-            await _until(lambda: engine.stats()["decode_steps"] > before["decode_steps"])
+            await asyncio.sleep(0.3)  # the long one is generating (450 tokens take seconds here)
             short = await client.post(
                 "/v1/chat/completions", json={"messages": MESSAGES[1], "max_tokens": 4, "temperature": 0}
             )
@@ -118,4 +118,4 @@ def test_a_short_request_is_not_held_behind_a_long_one(medusa_server):
     short, long_finished = asyncio.run(scenario())
     assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
     assert not long_finished
-    wait_for_cancelled(engine, before["requests_cancelled"] + 1)
+    wait_for_cancelled(engine, before)

@@ -2,11 +2,13 @@
 
 `Generator` is synchronous: it turns a list of `GenerationRequest`s into `Completion`s, calling `on_text` with
 text deltas for requests that stream. The engines (`static`, `continuous`) make it asynchronous and batched.
+A `SteppedGenerator` runs one request a step at a time instead; the `interleaved` engine takes turns over them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Generator as Steps
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +60,22 @@ class Generator(Protocol):
     def generate_batch(
         self, requests: list[GenerationRequest], on_text: TextCallback | None = None
     ) -> list[Completion]: ...
+
+
+class SteppedGenerator(Protocol):
+    """A decoder that runs one request at a time (e.g. a draft's tree verification): `steps` lets the
+    `interleaved` engine advance concurrent requests in turns instead of batching them."""
+
+    max_context: int
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def check_fits(self, prompt_length: int, max_new_tokens: int) -> None: ...  # raises ContextLengthError
+
+    def steps(self, request: GenerationRequest, on_text: Callable[[str], None] | None) -> Steps[int, None, Completion]:
+        """One decoding step per `next()`, yielding the tokens generated so far; returns the `Completion`.
+        `on_text` receives text deltas of a streamed request."""
+        ...
 
 
 def context_length(config: PretrainedConfig) -> int:
