@@ -395,6 +395,13 @@ def test_out_of_range_seed_is_a_400_and_requests_in_flight_finish(server, genera
         assert response.json()["choices"][0]["message"]["content"] == solo(generator, prompt, 40)
 
 
+def test_tiny_temperature_decodes_greedily(server, generator):
+    """1e-300 used to overflow the logits to inf/nan: a 500, and in a shared batch every row's."""
+    response = chat(server, messages=HELLO, max_tokens=4, temperature=1e-300)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == solo(generator, HELLO, 4)
+
+
 def test_largest_torch_seed_is_accepted(server):
     assert chat(server, messages=HELLO, max_tokens=2, temperature=0.7, seed=2**64 - 1).status_code == 200
 

@@ -22,6 +22,10 @@ class ContextLengthError(ValueError):
     """The prompt plus the requested new tokens do not fit the model's context window."""
 
 
+# Temperatures below this decode greedily (as vLLM does): dividing logits by, say, 1e-300 overflows to inf/nan.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -30,6 +34,10 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one `generate` call."""
