@@ -497,3 +497,9 @@ def test_tokenising_a_large_prompt_does_not_block_health(server):
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
     assert len(waits) >= 3, "the prompt was tokenised too fast to tell"
     assert max(waits) < 0.5, waits
+
+
+def test_cli_batching_mode_with_a_draft_is_refused_before_loading(tmp_path, capsys):
+    assert main(["serve", "--draft", str(tmp_path / "not-loaded"), "--batching", "static", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batching static: with a draft" in err and "not-loaded" not in err

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medusa_forge.errors import UserError
-from medusa_forge.generation.batching import BATCHING_MODES, make_engine
+from medusa_forge.generation.batching import BATCHING_MODES, check_batching, make_engine
 from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator, SteppedGenerator
 from medusa_forge.generation.hf import HFGenerator
@@ -215,6 +215,8 @@ def create_app(
                 _stream(engine, request, completion_id, created, model_name), media_type="text/event-stream"
             )
         result = await _unless_disconnected(http, engine.submit(request))
+        if result is None:  # nobody is left to read an answer; 499 as nginx logs it
+            return JSONResponse(_error_body("the client disconnected", "invalid_request_error"), 499)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -245,8 +247,8 @@ def _usage(result) -> dict:
 
 
 async def _unless_disconnected(http: Request, work):
-    """Await `work` (an engine submission), cancelling it when the client disconnects first: the engine then
-    stops the request at its next step instead of generating for nobody."""
+    """Await `work` (an engine submission); None when the client disconnects first: the submission is then
+    cancelled, and the engine stops the request at its next step instead of generating for nobody."""
 
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
@@ -256,11 +258,15 @@ async def _unless_disconnected(http: Request, work):
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled (shutdown)
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return task.result()  # raises CancelledError when the client went away: nobody is left to answer
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
 
 
 async def _stream(engine, request: GenerationRequest, completion_id: str, created: int, model: str):
@@ -323,7 +329,8 @@ class ServeConfig:
     batching: str = field(
         default="auto",
         metadata={
-            "help": "continuous (requests join/leave between steps; auto picks it when the model allows) or static.",
+            "help": "continuous (requests join/leave between steps; auto picks it when the model allows) or static. "
+            "With --draft: auto (requests take turns step by step).",
             "choices": BATCHING_MODES,
         },
     )
@@ -342,8 +349,7 @@ class ServeConfig:
             raise UserError("--default-max-tokens must be at least 1")
         if self.max_request_bytes < 1:
             raise UserError(f"--max-request-bytes {self.max_request_bytes}: must be at least 1")
-        if self.batching not in BATCHING_MODES:
-            raise UserError(f"--batching {self.batching}: choose from {', '.join(BATCHING_MODES)}")
+        check_batching(self.batching, draft=bool(self.heads))
 
 
 def run_serve(config: ServeConfig) -> int:

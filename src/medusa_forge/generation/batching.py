@@ -13,6 +13,17 @@ from medusa_forge.generation.static import BatchingEngine
 BATCHING_MODES = ("auto", "continuous", "static")
 
 
+def check_batching(batching: str, draft: bool = False) -> None:
+    """UserError unless `batching` is a mode the engines know; with a draft (a `SteppedGenerator`) only auto."""
+    if batching not in BATCHING_MODES:
+        raise UserError(f"--batching {batching!r}: choose one of {', '.join(BATCHING_MODES)}")
+    if draft and batching != "auto":
+        raise UserError(
+            f"--batching {batching}: with a draft, requests take turns step by step (one sequence per forward "
+            f"pass); leave --batching at auto"
+        )
+
+
 def make_engine(
     generator: Generator | SteppedGenerator,
     batching: str = "auto",
@@ -23,16 +34,10 @@ def make_engine(
 
     A `SteppedGenerator` (decoding with a draft) gets the `InterleavedEngine`; other generators than `HFGenerator`
     get the static `BatchingEngine`, which calls their own `generate_batch`."""
-    if batching not in BATCHING_MODES:
-        raise UserError(f"--batching {batching!r}: choose one of {', '.join(BATCHING_MODES)}")
+    check_batching(batching, draft=hasattr(generator, "steps"))
     if max_batch_size < 1:
         raise UserError(f"the batch size must be at least 1, got {max_batch_size}")
     if hasattr(generator, "steps"):
-        if batching != "auto":
-            raise UserError(
-                f"--batching {batching}: with a draft, requests take turns step by step (one sequence per forward "
-                f"pass); leave --batching at auto"
-            )
         return InterleavedEngine(generator, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
     # Exactly HF generation: a subclass with its own generate_batch (another decoder) must not be bypassed.
     plain = isinstance(generator, HFGenerator) and type(generator).generate_batch is HFGenerator.generate_batch
