@@ -115,21 +115,28 @@ class ContinuousEngine(WorkerEngine):
                 rows, cache, mask = [], None, None
 
     def _admit_each(self, rows, cache, mask, new: list[_Row]):
-        """`_admit` the new requests together; if that fails, one by one, so that an error ends only the request
-        that raised it. `_admit` touches the running batch only after everything that can fail per request."""
+        """Prefill the new requests together, or one by one when that fails, so that an error ends only the request
+        that raised it; then merge what was prefilled into the running batch (untouched until then)."""
         try:
-            return self._admit(rows, cache, mask, new)
+            prefilled = [self._prefill(new)]
         except Exception as err:
             if len(new) == 1:
                 logger.exception("could not start a request")
                 new[0].settle(err)
                 return rows, cache, mask
-        for row in new:
-            rows, cache, mask = self._admit_each(rows, cache, mask, [row])
+            prefilled = []
+            for row in new:
+                try:
+                    prefilled.append(self._prefill([row]))
+                except Exception as own:
+                    logger.exception("could not start a request")
+                    row.settle(own)
+        for part in prefilled:
+            rows, cache, mask = self._admit(rows, cache, mask, *part)
         return rows, cache, mask
 
-    def _admit(self, rows, cache, mask, new: list[_Row]):
-        """Prefill the new requests (left-padded together) and merge them into the running batch."""
+    def _prefill(self, new: list[_Row]):
+        """Run the new requests' prompts (left-padded together) on a fresh cache and choose their first tokens."""
         device = self.generator.device
         for row in new:
             if row.request.seed is not None and row.request.temperature > 0:
@@ -152,8 +159,10 @@ class ContinuousEngine(WorkerEngine):
             use_cache=True,
             logits_to_keep=1,
         )
-        first = _choose_tokens(out.logits[:, -1, :], new)
-        new_cache = out.cache
+        return new, out.cache, new_mask, _choose_tokens(out.logits[:, -1, :], new)
+
+    def _admit(self, rows, cache, mask, new: list[_Row], new_cache: DynamicCache, new_mask, first: list[int]):
+        """Merge prefilled requests into the running batch."""
         if cache is None:
             cache, mask = new_cache, new_mask
         else:
