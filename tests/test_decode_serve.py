@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from test_serve import HELLO, ServerThread, chat, solo
+from test_serve import HELLO, ServerThread, chat, read_chunks_then_disconnect, solo, wait_for_cancelled
 
 from medusa_forge.decode.serving import DraftServeGenerator
 from medusa_forge.generation.hf import HFGenerator
@@ -34,7 +35,9 @@ def heads_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def medusa_server(heads_dir):
     generator = DraftServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
-    with ServerThread(create_app(generator, "tiny-medusa", max_batch_size=4, batch_wait_ms=20)) as running:
+    app = create_app(generator, "tiny-medusa", max_batch_size=4, batch_wait_ms=20)
+    with ServerThread(app) as running:
+        running.app = app
         yield running
 
 
@@ -79,3 +82,40 @@ def test_context_limit_is_a_400(medusa_server):
     response = chat(medusa_server, messages=HELLO, max_tokens=100000)
     assert response.status_code == 400
     assert "context length" in response.json()["error"]["message"]
+
+
+def test_disconnected_stream_stops_generating(medusa_server):
+    engine = medusa_server.app.state.engine
+    before = engine.stats()
+    long = {"messages": HELLO, "max_tokens": 450, "temperature": 0, "stream": True}
+    read_chunks_then_disconnect(medusa_server, long, chunks=3)
+    wait_for_cancelled(engine, before)
+    # Stopped at the next step: far fewer steps than 450 tokens need (a step accepts at most the tree's depth + 1).
+    assert engine.stats()["decode_steps"] - before.get("decode_steps", 0) < 100
+    response = chat(medusa_server, messages=HELLO, max_tokens=4, temperature=0)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 4
+
+
+def test_a_short_request_is_not_held_behind_a_long_one(medusa_server):
+    """Draft requests take turns step by step: a short one finishes while a long one is still generating; the
+    long one's client then gives up (a non-streamed request) and the server stops it."""
+    engine = medusa_server.app.state.engine
+    before = engine.stats()
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=medusa_server.url, timeout=120) as client:
+            long = asyncio.ensure_future(
+                client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 450, "temperature": 0})
+            )
+            await asyncio.sleep(0.3)  # the long one is generating (450 tokens take seconds here)
+            short = await client.post(
+                "/v1/chat/completions", json={"messages": MESSAGES[1], "max_tokens": 4, "temperature": 0}
+            )
+            long_finished = long.done()
+            long.cancel()  # the client hangs up
+            return short, long_finished
+
+    short, long_finished = asyncio.run(scenario())
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
+    assert not long_finished
+    wait_for_cancelled(engine, before)

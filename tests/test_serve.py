@@ -316,17 +316,24 @@ def test_make_engine_choices(generator):
     from medusa_forge.errors import UserError
     from medusa_forge.generation.batching import make_engine
     from medusa_forge.generation.continuous import ContinuousEngine
+    from medusa_forge.generation.interleaved import InterleavedEngine
     from medusa_forge.generation.static import BatchingEngine
 
     assert isinstance(make_engine(generator), ContinuousEngine)
     assert isinstance(make_engine(generator, "static"), BatchingEngine)
 
-    class OtherDecoder:  # e.g. Medusa decoding: its own generate_batch, so the static engine
+    class OtherDecoder:  # its own generate_batch: the static engine
         max_context = 512
+
+    class SteppedDecoder(OtherDecoder):  # one sequence at a time (a draft): requests take turns
+        def steps(self, request, on_text=None): ...
 
     assert isinstance(make_engine(OtherDecoder()), BatchingEngine)
     with pytest.raises(UserError, match="--batching continuous"):
         make_engine(OtherDecoder(), "continuous")
+    assert isinstance(make_engine(SteppedDecoder()), InterleavedEngine)
+    with pytest.raises(UserError, match="--batching static: with a draft"):
+        make_engine(SteppedDecoder(), "static")
     with pytest.raises(UserError, match="--batching 'fast'"):
         make_engine(generator, "fast")
 
@@ -349,3 +356,150 @@ def test_continuous_batching_matches_generate_on_other_architectures(tmp_path, a
         return [r.text for r in results]
 
     assert asyncio.run(together()) == alone
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
+def test_out_of_range_seed_is_a_400_and_requests_in_flight_finish(server, generator):
+    """A seed beyond what torch takes (2**70) used to fail every request in the running batch with a 500."""
+    prompts = [[{"role": "user", "content": f"Story {i}: the quick brown fox"}] for i in range(3)]
+    engine = server.app.state.engine
+    before = engine.stats()["decode_steps"]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            running = [
+                asyncio.ensure_future(
+                    client.post("/v1/chat/completions", json={"messages": p, "max_tokens": 40, "temperature": 0})
+                )
+                for p in prompts
+            ]
+            await _until(lambda: engine.stats()["decode_steps"] > before)  # the three are generating
+            bad = await client.post(
+                "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4, "temperature": 0.7, "seed": 2**70}
+            )
+            in_flight = sum(not task.done() for task in running)
+            return bad, in_flight, await asyncio.gather(*running)
+
+    bad, in_flight, good = asyncio.run(scenario())
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["param"] == "seed" and "seed" in bad.json()["error"]["message"]
+    assert in_flight > 0  # the bad request really arrived while others were generating
+    for response, prompt in zip(good, prompts, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == solo(generator, prompt, 40)
+
+
+def test_tiny_temperature_decodes_greedily(server, generator):
+    """1e-300 used to overflow the logits to inf/nan: a 500, and in a shared batch every row's."""
+    response = chat(server, messages=HELLO, max_tokens=4, temperature=1e-300)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == solo(generator, HELLO, 4)
+
+
+def test_largest_torch_seed_is_accepted(server):
+    assert chat(server, messages=HELLO, max_tokens=2, temperature=0.7, seed=2**64 - 1).status_code == 200
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_an_exception_for_one_request_ends_that_request_only(generator, batching):
+    """Behind the server's validation: a request the engine cannot run (here a seed torch refuses) fails alone."""
+    from medusa_forge.generation.batching import make_engine
+
+    prompts = [generator.encode_chat([{"role": "user", "content": f"fox {i}"}]) for i in range(3)]
+    # The shortest prompt: static batching sorts by length and seeds a batch from its first request.
+    bad = GenerationRequest(prompts[0][:3], 6, temperature=0.7, seed=2**70)
+    good = [GenerationRequest(p, 6, temperature=0.7, seed=i) for i, p in enumerate(prompts)]
+
+    async def together():
+        engine = make_engine(generator, batching, max_batch_size=4, batch_wait_ms=50)
+        results = await asyncio.gather(*[engine.submit(r) for r in [bad, *good]], return_exceptions=True)
+        await engine.close()
+        return results
+
+    failed, *results = asyncio.run(together())
+    assert isinstance(failed, Exception) and "long" in str(failed)
+    for result, prompt in zip(results, prompts, strict=True):
+        assert not isinstance(result, BaseException) and result.prompt_tokens == len(prompt)
+
+
+def read_chunks_then_disconnect(server, body: dict, chunks: int) -> None:
+    """Stream `body`, read `chunks` SSE events, then close the connection (the client goes away)."""
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == chunks:
+                break
+
+
+def wait_for_cancelled(engine, before: dict, timeout: float = 20.0) -> None:
+    """Wait until the engine has stopped one more request than in its `before` stats."""
+    deadline = time.monotonic() + timeout
+    while engine.stats().get("requests_cancelled", 0) <= before.get("requests_cancelled", 0):
+        assert time.monotonic() < deadline, f"the engine never stopped the request: {engine.stats()}"
+        time.sleep(0.01)
+
+
+def test_disconnected_stream_stops_generating(server):
+    engine = server.app.state.engine
+    before = engine.stats()
+    long = {"messages": HELLO, "max_tokens": 450, "temperature": 0, "stream": True}
+    read_chunks_then_disconnect(server, long, chunks=3)  # the role chunk and two of text
+    wait_for_cancelled(engine, before)
+    # It stopped well short of its 450 tokens, and a short request answers at once.
+    assert engine.stats()["rows_decoded"] - before["rows_decoded"] < 100
+    start = time.monotonic()
+    assert chat(server, messages=HELLO, max_tokens=4, temperature=0).status_code == 200
+    assert time.monotonic() - start < 10
+
+
+def test_request_body_over_the_limit_is_a_413(generator):
+    app = create_app(generator, "tiny", max_request_bytes=2000)
+    with ServerThread(app) as small:
+        response = chat(small, messages=[{"role": "user", "content": "x" * 5000}], max_tokens=2)
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert "2000 bytes" in error["message"] and "--max-request-bytes" in error["message"]
+        # A chunked body declares no length: it is counted as it arrives.
+        chunked = httpx.post(
+            f"{small.url}/v1/chat/completions",
+            content=iter([b'{"messages": [{"role": "user", "content": "', b"y" * 3000, b'"}]}']),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert chunked.status_code == 413 and "error" in chunked.json()
+        assert chat(small, messages=HELLO, max_tokens=2).status_code == 200  # within the limit: served
+
+
+def test_tokenising_a_large_prompt_does_not_block_health(server):
+    big = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 36_000}]  # 1.5 MB
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            task = asyncio.ensure_future(client.post("/v1/chat/completions", json={"messages": big, "max_tokens": 1}))
+            await asyncio.sleep(0.1)  # the body is on its way and being tokenised
+            waits = []
+            while not task.done():
+                start = time.monotonic()
+                assert (await client.get("/health")).status_code == 200
+                waits.append(time.monotonic() - start)
+                await asyncio.sleep(0.05)
+            return await task, waits
+
+    response, waits = asyncio.run(scenario())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(waits) >= 3, "the prompt was tokenised too fast to tell"
+    assert max(waits) < 0.5, waits
+
+
+def test_cli_batching_mode_with_a_draft_is_refused_before_loading(tmp_path, capsys):
+    assert main(["serve", "--draft", str(tmp_path / "not-loaded"), "--batching", "static", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batching static: with a draft" in err and "not-loaded" not in err

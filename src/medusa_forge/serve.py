@@ -5,11 +5,18 @@ Every request, streaming or not, goes through one engine (`generation.batching.m
 continuous batching (requests join and leave the running batch between decode steps), or static batching
 (`--batching static`: requests arriving together with the same sampling settings share one left-padded
 `generate`). Streamed requests receive their text as each step decodes it.
-Another decoder (a draft: Medusa heads or EAGLE-3) plugs in by passing its own `Generator` to `create_app`.
+Another decoder (a draft: Medusa heads or EAGLE-3) plugs in by passing its own generator to `create_app`; with a
+draft, concurrent requests take turns step by step (`generation.interleaved`).
+
+One request must not hurt the others: every field is validated before the request reaches the engine (400 naming
+the field), the engines end only the request whose work raised, a request whose client went away stops at its
+next step, bodies over `--max-request-bytes` get 413 before they are parsed, and tokenising runs in a worker
+thread so the event loop keeps answering (`/health` included) while a large prompt is encoded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medusa_forge.errors import UserError
-from medusa_forge.generation.batching import BATCHING_MODES, make_engine
+from medusa_forge.generation.batching import BATCHING_MODES, check_batching, make_engine
 from medusa_forge.generation.device import device_field, dtype_field
-from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator
+from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator, SteppedGenerator
 from medusa_forge.generation.hf import HFGenerator
 
 logger = logging.getLogger("medusa_forge.serve")
@@ -56,7 +63,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
@@ -72,17 +79,69 @@ def _error_body(message: str, kind: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads or parses any of it.
+
+    A declared Content-Length is checked at once; a chunked body is counted as it arrives. An accepted body is
+    buffered (at most `limit` bytes) and handed on to the app."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = (
+            f"the request body is larger than this server's limit of {self.limit} bytes; send a smaller request "
+            f"or raise the limit with serve --max-request-bytes"
+        )
+        response = JSONResponse(_error_body(message, "invalid_request_error", "request_too_large"), 413)
+        await response(scope, receive, send)
+
+
 def create_app(
-    generator: Generator,
+    generator: Generator | SteppedGenerator,
     model_name: str,
     max_batch_size: int = 16,
     batch_wait_ms: float = 25.0,
     default_max_tokens: int = 512,
     batching: str = "auto",
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    """The FastAPI app; `generator` does the decoding (see `generation.generator.Generator`)."""
+    """The FastAPI app; `generator` does the decoding (see `generation.generator`)."""
     engine = make_engine(generator, batching, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
     app = FastAPI(title="medusa-forge serve")
+    app.add_middleware(BodySizeLimit, limit=max_request_bytes)
     app.state.engine = engine
 
     @app.exception_handler(RequestValidationError)
@@ -146,15 +205,18 @@ def create_app(
         return GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stream)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        request = to_generation_request(body)
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        # Tokenising a long prompt takes seconds: in a worker thread, the event loop keeps serving.
+        request = await asyncio.to_thread(to_generation_request, body)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        if body.stream:
+        if body.stream:  # StreamingResponse cancels `_stream` when the client disconnects
             return StreamingResponse(
                 _stream(engine, request, completion_id, created, model_name), media_type="text/event-stream"
             )
-        result = await engine.submit(request)
+        result = await _unless_disconnected(http, engine.submit(request))
+        if result is None:  # nobody is left to read an answer; 499 as nginx logs it
+            return JSONResponse(_error_body("the client disconnected", "invalid_request_error"), 499)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -184,10 +246,31 @@ def _usage(result) -> dict:
     return usage
 
 
+async def _unless_disconnected(http: Request, work):
+    """Await `work` (an engine submission); None when the client disconnects first: the submission is then
+    cancelled, and the engine stops the request at its next step instead of generating for nobody."""
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled (shutdown)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
+
+
 async def _stream(engine, request: GenerationRequest, completion_id: str, created: int, model: str):
     """SSE: a role chunk, content deltas as they decode, a finish chunk with usage, then `[DONE]`."""
-    import asyncio
-
     deltas: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(engine.submit(request, on_text=deltas.put_nowait))
     task.add_done_callback(lambda _: deltas.put_nowait(None))
@@ -230,8 +313,8 @@ class ServeConfig:
     heads: str | None = field(
         default=None,
         metadata={
-            "help": "Draft folder (Medusa heads or EAGLE-3, detected): decode with it, one request at a time "
-            "(default base: the draft's own).",
+            "help": "Draft folder (Medusa heads or EAGLE-3, detected): decode with it; concurrent requests take "
+            "turns step by step, up to --max-batch-size at once (default base: the draft's own).",
             "aliases": ["--draft"],
         },
     )
@@ -240,16 +323,22 @@ class ServeConfig:
     )
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together."})
+    max_batch_size: int = field(
+        default=16, metadata={"help": "Most requests decoded together (with a draft: taking turns); others queue."}
+    )
     batching: str = field(
         default="auto",
         metadata={
-            "help": "continuous (requests join/leave between steps; auto picks it when the model allows) or static.",
+            "help": "continuous (requests join/leave between steps; auto picks it when the model allows) or static. "
+            "With --draft: auto (requests take turns step by step).",
             "choices": BATCHING_MODES,
         },
     )
     batch_wait_ms: float = field(default=25.0, metadata={"help": "Gather requests arriving this close together."})
     default_max_tokens: int = field(default=512, metadata={"help": "max_tokens when a request omits it."})
+    max_request_bytes: int = field(
+        default=DEFAULT_MAX_REQUEST_BYTES, metadata={"help": "Largest request body accepted; larger ones get 413."}
+    )
     dtype: str = dtype_field()
     device: str = device_field()
 
@@ -258,8 +347,9 @@ class ServeConfig:
             raise UserError(f"--port {self.port}: expected 0-65535")
         if self.default_max_tokens < 1:
             raise UserError("--default-max-tokens must be at least 1")
-        if self.batching not in BATCHING_MODES:
-            raise UserError(f"--batching {self.batching}: choose from {', '.join(BATCHING_MODES)}")
+        if self.max_request_bytes < 1:
+            raise UserError(f"--max-request-bytes {self.max_request_bytes}: must be at least 1")
+        check_batching(self.batching, draft=bool(self.heads))
 
 
 def run_serve(config: ServeConfig) -> int:
@@ -276,6 +366,7 @@ def run_serve(config: ServeConfig) -> int:
         batch_wait_ms=config.batch_wait_ms,
         default_max_tokens=config.default_max_tokens,
         batching=config.batching,
+        max_request_bytes=config.max_request_bytes,
     )
     import uvicorn
 

@@ -1,24 +1,18 @@
 """Speculative decoding with a draft (Medusa heads or EAGLE-3) behind `medusa-forge serve --draft DIR`: the
-`generation.generator.Generator` protocol, one request at a time (batch size 1: each sequence accepts a different
-number of tokens per step)."""
+`generation.generator.SteppedGenerator` protocol, one sequence per forward pass (each accepts a different number of
+tokens per step); the server's `InterleavedEngine` advances concurrent requests a step each in turn."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from collections.abc import Generator as Steps
 from dataclasses import dataclass
-
-import torch
 
 from medusa_forge.decode.generation import DecodeResult, SpeculativeDecoder
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.decode.tree import resolve_tree
-from medusa_forge.generation.generator import (
-    Completion,
-    GenerationRequest,
-    TextCallback,
-    check_context,
-    context_length,
-)
+from medusa_forge.generation.generator import Completion, GenerationRequest, check_context, context_length
 from medusa_forge.generation.text import StreamedText, decode_text, encode_chat, eos_token_ids
 
 logger = logging.getLogger("medusa_forge.serve")
@@ -59,13 +53,11 @@ class DraftServeGenerator:
         limit = "with a draft this model's maximum context length"
         check_context(prompt_length, max_new_tokens, self.max_context, limit)
 
-    @torch.inference_mode()
-    def generate_batch(
-        self, requests: list[GenerationRequest], on_text: TextCallback | None = None
-    ) -> list[DraftCompletion]:
-        return [self._generate_one(row, request, on_text) for row, request in enumerate(requests)]
-
-    def _generate_one(self, row: int, request: GenerationRequest, on_text: TextCallback | None) -> DraftCompletion:
+    def steps(
+        self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
+    ) -> Steps[int, None, DraftCompletion]:
+        """One verification step per `next()` (the first is the prefill), yielding the tokens so far; returns the
+        completion. The decoder's state lives in this generator, so several requests can be advanced in turns."""
         if request.temperature > 0 and request.top_p < 1 and not self._warned_top_p:
             logger.warning("top_p is ignored with a draft: sampling uses typical acceptance at the temperature")
             self._warned_top_p = True
@@ -80,12 +72,13 @@ class DraftServeGenerator:
             result=result,
         ):
             if streamed is not None and (delta := streamed.update([t for t in result.tokens if t not in self.eos_ids])):
-                on_text(row, delta)
+                on_text(delta)
+            yield len(result.tokens)
         finish = "stop" if result.tokens and result.tokens[-1] in self.eos_ids else "length"
         tokens = result.tokens[:-1] if finish == "stop" else result.tokens
         text = decode_text(self.tokenizer, tokens)
         if streamed is not None and (delta := streamed.update(tokens, final=True)):
-            on_text(row, delta)
+            on_text(delta)
         # Tokens per verification pass, as `generate` and `eval` report it (a one-token reply had none: 1.0).
         accepted = result.mean_accept_length or 1.0
         return DraftCompletion(text, len(request.prompt_ids), len(result.tokens), finish, accepted)

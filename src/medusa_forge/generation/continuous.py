@@ -12,30 +12,22 @@ sliding window, GPT-2, ...); `ContinuousEngine.supports` tells, and callers fall
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from medusa_forge.generation.generator import Completion, GenerationRequest
+from medusa_forge.generation.generator import Completion
 from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.generation.text import StreamedText, decode_text
+from medusa_forge.generation.worker import Ticket, WorkerEngine
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Row:
-    request: GenerationRequest
-    settle: Callable[[Completion | BaseException], None]
-    on_text: Callable[[str], None] | None
-    is_cancelled: Callable[[], bool]
+class _Row(Ticket):
     rng: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
@@ -59,22 +51,23 @@ def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     return chosen
 
 
-class ContinuousEngine:
+class ContinuousEngine(WorkerEngine):
     """Same `submit` interface as `BatchingEngine`; one background thread owns the model."""
 
     def __init__(self, generator: HFGenerator, max_batch_size: int = 16, batch_wait_ms: float = 25.0):
+        super().__init__(max_batch_size, batch_wait_ms)
         self.generator = generator
         self.model = generator.model
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000
-        self._inbox: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.step_sizes: list[int] = []  # rows in each decode step (tests and the benchmark read it)
 
     def stats(self) -> dict:
         steps = self.step_sizes
-        return {"batching": "continuous", "decode_steps": len(steps), "rows_decoded": sum(steps)}
+        return {
+            "batching": "continuous",
+            "decode_steps": len(steps),
+            "rows_decoded": sum(steps),
+            "requests_cancelled": self.requests_cancelled,
+        }
 
     @staticmethod
     def supports(generator: HFGenerator) -> bool:
@@ -96,65 +89,11 @@ class ContinuousEngine:
         cache = getattr(out, "cache", None)
         return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
-    # --- asyncio side -------------------------------------------------------------------------------------------
-
-    async def submit(self, request: GenerationRequest, on_text: Callable[[str], None] | None = None) -> Completion:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-
-        def settle_on_loop(outcome) -> None:
-            if future.done():
-                return
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-        def settle(outcome) -> None:
-            loop.call_soon_threadsafe(settle_on_loop, outcome)
-
-        text = (lambda delta: loop.call_soon_threadsafe(on_text, delta)) if on_text else None
-        self._ensure_thread()
+    def _ticket(self, request, settle, on_text, is_cancelled) -> _Row:
         streamed = StreamedText(self.generator.tokenizer) if on_text else None
-        self._inbox.put(_Row(request, settle, text, future.cancelled, streamed=streamed))
-        return await future
-
-    async def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="medusa-forge-decode", daemon=True)
-            self._thread.start()
+        return _Row(request, settle, on_text, is_cancelled, streamed=streamed)
 
     # --- decode thread ------------------------------------------------------------------------------------------
-
-    def _take_new(self, active: int) -> list[_Row]:
-        new: list[_Row] = []
-        if not active:  # idle: wait for work, then gather the burst it belongs to
-            try:
-                new.append(self._inbox.get(timeout=0.1))
-            except queue.Empty:
-                return new
-            deadline = time.monotonic() + 10 * self.batch_wait_s
-            while len(new) < self.max_batch_size:
-                remaining = min(self.batch_wait_s, deadline - time.monotonic())
-                if remaining <= 0:
-                    break
-                try:
-                    new.append(self._inbox.get(timeout=remaining))
-                except queue.Empty:
-                    break
-        while active + len(new) < self.max_batch_size:
-            try:
-                new.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        return new
 
     @torch.inference_mode()
     def _loop(self) -> None:
@@ -163,19 +102,41 @@ class ContinuousEngine:
         mask: torch.Tensor | None = None
         while not self._stop.is_set():
             new = self._take_new(len(rows))
+            if new:
+                rows, cache, mask = self._admit_each(rows, cache, mask, new)
+            if not rows:
+                continue
             try:
-                if new:
-                    rows, cache, mask = self._admit(rows, cache, mask, new)
-                if rows:
-                    rows, cache, mask = self._step(rows, cache, mask)
-            except Exception as err:  # fail what is in flight, keep serving later requests
-                logger.exception("generation failed for %d requests", len(rows) + len(new))
-                for row in rows + new:
+                rows, cache, mask = self._step(rows, cache, mask)
+            except Exception as err:  # one forward pass for all rows: fail them, keep serving later requests
+                logger.exception("a decode step failed for %d requests", len(rows))
+                for row in rows:
                     row.settle(err)
                 rows, cache, mask = [], None, None
 
-    def _admit(self, rows, cache, mask, new: list[_Row]):
-        """Prefill the new requests (left-padded together) and merge them into the running batch."""
+    def _admit_each(self, rows, cache, mask, new: list[_Row]):
+        """Prefill the new requests together, or one by one when that fails, so that an error ends only the request
+        that raised it; then merge what was prefilled into the running batch (untouched until then)."""
+        try:
+            prefilled = [self._prefill(new)]
+        except Exception as err:
+            if len(new) == 1:
+                logger.exception("could not start a request")
+                new[0].settle(err)
+                return rows, cache, mask
+            prefilled = []
+            for row in new:
+                try:
+                    prefilled.append(self._prefill([row]))
+                except Exception as own:
+                    logger.exception("could not start a request")
+                    row.settle(own)
+        for part in prefilled:
+            rows, cache, mask = self._admit(rows, cache, mask, *part)
+        return rows, cache, mask
+
+    def _prefill(self, new: list[_Row]):
+        """Run the new requests' prompts (left-padded together) on a fresh cache and choose their first tokens."""
         device = self.generator.device
         for row in new:
             if row.request.seed is not None and row.request.temperature > 0:
@@ -198,13 +159,15 @@ class ContinuousEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        new_cache = out.cache
+        return new, out.cache, new_mask, _choose_tokens(out.logits[:, -1, :], new)
+
+    def _admit(self, rows, cache, mask, new: list[_Row], new_cache: DynamicCache, new_mask, first: list[int]):
+        """Merge prefilled requests into the running batch."""
         if cache is None:
             cache, mask = new_cache, new_mask
         else:
             cache, mask = self._merge(cache, mask, new_cache, new_mask)
         rows = rows + new
-        first = _choose_tokens(out.logits[:, -1, :], new)
         # New rows got their first token from the prefill; older rows keep the token they are waiting to feed.
         pending = [None] * (len(rows) - len(new)) + first
         return self._record(rows, cache, mask, pending)
@@ -259,7 +222,7 @@ class ContinuousEngine:
             if len(row.tokens) >= row.request.max_new_tokens:
                 self._finish(row, "length")
             elif row.is_cancelled():
-                continue
+                self._cancelled(len(row.tokens))
             else:
                 keep.append(index)
         if len(keep) == len(rows):

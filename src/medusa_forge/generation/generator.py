@@ -2,11 +2,13 @@
 
 `Generator` is synchronous: it turns a list of `GenerationRequest`s into `Completion`s, calling `on_text` with
 text deltas for requests that stream. The engines (`static`, `continuous`) make it asynchronous and batched.
+A `SteppedGenerator` runs one request a step at a time instead; the `interleaved` engine takes turns over them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Generator as Steps
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +22,10 @@ class ContextLengthError(ValueError):
     """The prompt plus the requested new tokens do not fit the model's context window."""
 
 
+# Temperatures below this decode greedily (as vLLM does): dividing logits by, say, 1e-300 overflows to inf/nan.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -28,6 +34,10 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one `generate` call."""
@@ -58,6 +68,22 @@ class Generator(Protocol):
     def generate_batch(
         self, requests: list[GenerationRequest], on_text: TextCallback | None = None
     ) -> list[Completion]: ...
+
+
+class SteppedGenerator(Protocol):
+    """A decoder that runs one request at a time (e.g. a draft's tree verification): `steps` lets the
+    `interleaved` engine advance concurrent requests in turns instead of batching them."""
+
+    max_context: int
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def check_fits(self, prompt_length: int, max_new_tokens: int) -> None: ...  # raises ContextLengthError
+
+    def steps(self, request: GenerationRequest, on_text: Callable[[str], None] | None) -> Steps[int, None, Completion]:
+        """One decoding step per `next()`, yielding the tokens generated so far; returns the `Completion`.
+        `on_text` receives text deltas of a streamed request."""
+        ...
 
 
 def context_length(config: PretrainedConfig) -> int:

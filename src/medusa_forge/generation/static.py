@@ -39,6 +39,7 @@ class BatchingEngine:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # one entry per generate call (tests and the benchmark read it)
+        self.requests_cancelled = 0  # dropped before their batch started because their caller went away
 
     @property
     def batches_run(self) -> int:
@@ -49,6 +50,7 @@ class BatchingEngine:
             "batching": "static",
             "generate_calls": len(self.batch_sizes),
             "requests_generated": sum(self.batch_sizes),
+            "requests_cancelled": self.requests_cancelled,
         }
 
     async def submit(self, request: GenerationRequest, on_text: Callable[[str], None] | None = None) -> Completion:
@@ -99,29 +101,41 @@ class BatchingEngine:
         return batches
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             for batch in self._plan(await self._collect()):
-                batch = [item for item in batch if not item.future.cancelled()]
-                if not batch:
-                    continue
+                live = [item for item in batch if not item.future.cancelled()]
+                self.requests_cancelled += len(batch) - len(live)
+                if live:
+                    await self._generate(live)
 
-                def on_text(row: int, text: str, batch=batch) -> None:
-                    callback = batch[row].on_text
-                    if callback is not None:
-                        loop.call_soon_threadsafe(callback, text)
+    async def _generate(self, batch: list[_Pending]) -> None:
+        """One `generate_batch` call. If it fails for several requests, each one that has not streamed text yet
+        runs again alone, so that an error ends only the request that raised it."""
+        loop = asyncio.get_running_loop()
+        streamed: set[int] = set()
 
-                try:
-                    results = await asyncio.to_thread(
-                        self.generator.generate_batch, [item.request for item in batch], on_text
-                    )
-                except Exception as err:  # one failing batch must not kill the worker for everybody else
-                    logger.exception("generation failed for a batch of %d requests", len(batch))
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(err)
+        def on_text(row: int, text: str) -> None:
+            streamed.add(row)
+            callback = batch[row].on_text
+            if callback is not None:
+                loop.call_soon_threadsafe(callback, text)
+
+        try:
+            results = await asyncio.to_thread(self.generator.generate_batch, [item.request for item in batch], on_text)
+        except Exception as err:  # the worker keeps serving everybody else
+            if len(batch) == 1:
+                logger.exception("generation failed for one request")
+            else:
+                logger.warning("generation failed for a batch of %d requests (%s): each alone now", len(batch), err)
+            for row, item in enumerate(batch):
+                if item.future.done():  # its caller went away
                     continue
-                self.batch_sizes.append(len(batch))
-                for item, result in zip(batch, results, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(result)
+                if len(batch) > 1 and row not in streamed:
+                    await self._generate([item])
+                else:
+                    item.future.set_exception(err)
+            return
+        self.batch_sizes.append(len(batch))
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
