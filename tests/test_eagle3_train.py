@@ -232,7 +232,9 @@ def test_train_writes_a_loadable_draft_that_learns(tmp_path, tiny_tokenizer, arc
 
 def test_falls_back_to_per_batch_features_when_the_cache_does_not_fit(tmp_path, target_dir, monkeypatch, caplog):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**6, 10**6, 1000))
+    real = hidden_cache.shutil.disk_usage  # the cache's folder is full; --output_dir's disk has room
+    full = usage(10**6, 10**6, 1000)
+    monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda path: full if "cache" in str(path) else real(path))
     data = write_conversations(tmp_path / "data.json", n=4)
     out = run_train(parse_args(eagle3_flags(target_dir, data, tmp_path / "out", "--max_steps", "2",
                                             "--save_strategy", "no")))  # fmt: skip
