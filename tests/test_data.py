@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from medusa_forge.cli import main
 from medusa_forge.data import conversations
 from medusa_forge.data.conversations import load_conversations, split_of
 from medusa_forge.errors import UserError
@@ -69,7 +70,7 @@ def test_unknown_speakers_and_empty_conversations_are_skipped_and_counted(tmp_pa
         ({"conversations": [{"from": "human", "value": 3}]}, "record 1, message 0"),
         ({"conversations": "hello"}, "record 1: the conversation is a str"),
         ({"text": "hello"}, "record 1 has neither"),
-        ("just a string", "record 1 is a str"),
+        (3, "record 1 is a int"),  # a string is a prompt (a user turn)
     ],
 )
 def test_bad_records_name_file_and_index(tmp_path, record, fragment):
@@ -129,3 +130,36 @@ def test_sharegpt_alias_train_and_heldout_are_disjoint(caplog):
     train_ids = {c.id for c in train}
     assert not train_ids & {c.id for c in heldout}
     assert all(split_of(c.id) == "heldout" for c in heldout)
+
+
+def _prompt_files(folder):
+    """The same three prompts as a JSON list of strings, {"prompt": ...} JSONL, and ShareGPT with human turns only."""
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly."]
+    strings = folder / "prompts.json"
+    strings.write_text(json.dumps(prompts))
+    jsonl = folder / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    sharegpt = folder / "human_only.json"
+    sharegpt.write_text(
+        json.dumps([{"id": f"q{i}", "conversations": [{"from": "human", "value": p}]} for i, p in enumerate(prompts)])
+    )
+    return prompts, [strings, jsonl, sharegpt]
+
+
+def test_prompt_only_files_load_where_no_reply_is_needed_and_train_says_distill_first(tmp_path, tiny_model_dir, capsys):
+    prompts, files = _prompt_files(tmp_path)
+    for path in files:
+        conversations = load_conversations(str(path), need_reply=False)
+        assert [c.messages for c in conversations] == [[{"role": "user", "content": p}] for p in prompts]
+        no_reply = r"no record has an assistant reply \(3 prompts only\).*medusa-forge distill"
+        with pytest.raises(UserError, match=no_reply):
+            load_conversations(str(path))
+        argv = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(path), "--output_dir", str(tmp_path)]
+        assert main(["train", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "training needs replies" in err and f"--input-filename {path}" in err and "Traceback" not in err
+    assert [c.id for c in load_conversations(str(files[2]), need_reply=False)] == ["q0", "q1", "q2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": ["not", "text"]}\n')
+    with pytest.raises(UserError, match="record 0: 'prompt' is a list"):
+        load_conversations(str(bad), need_reply=False)

@@ -477,3 +477,38 @@ def test_a_400_about_context_length_ends_that_conversation_only(tmp_path, capsys
     assert [m["role"] for m in records["conv0"]] == ["user", "assistant"]  # kept up to its last complete turn
     assert [m["role"] for m in records["conv1"]] == ["user", "assistant"] * 2
     assert "ended early at the model's context limit: 1" in capsys.readouterr().err
+
+
+def _prompt_files(folder: Path) -> tuple[list[str], list[Path]]:
+    """The same prompts as a JSON list of strings, {"prompt": ...} JSONL, and ShareGPT with human turns only."""
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly."]
+    strings = folder / "prompts.json"
+    strings.write_text(json.dumps(prompts))
+    jsonl = folder / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    sharegpt = folder / "human_only.json"
+    sharegpt.write_text(
+        json.dumps([{"id": str(i), "conversations": [{"from": "human", "value": p}]} for i, p in enumerate(prompts)])
+    )
+    return prompts, [strings, jsonl, sharegpt]
+
+
+def test_prompt_only_files_are_distilled_into_training_data(tmp_path, tiny_model_dir):
+    prompts, files = _prompt_files(tmp_path)
+    expected = [
+        {"id": str(i), "messages": [user, {"role": "assistant", "content": f"reply 1 to: {p}"}]}
+        for i, p in enumerate(prompts)
+        for user in [{"role": "user", "content": p}]
+    ]
+    with ScriptedServer() as server:
+        for path in files:
+            out = tmp_path / f"{path.stem}.out.jsonl"
+            assert distill("--input-filename", str(path), "--output-filename", str(out), "--url", server.url) == 0
+            assert sorted(read_jsonl(out), key=lambda r: r["id"]) == expected
+            assert len(load_conversations(str(out))) == 3  # what train reads: replies included
+    out = tmp_path / "in_process.jsonl"  # the model generates the replies itself
+    flags = ["--input-filename", str(files[0]), "--output-filename", str(out), "--model", str(tiny_model_dir)]
+    assert distill(*flags, "--max-new-tokens", "5") == 0
+    records = sorted(read_jsonl(out), key=lambda r: r["id"])
+    assert [r["messages"][0] for r in records] == [{"role": "user", "content": p} for p in prompts]
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in records)

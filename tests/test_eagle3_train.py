@@ -232,7 +232,9 @@ def test_train_writes_a_loadable_draft_that_learns(tmp_path, tiny_tokenizer, arc
 
 def test_falls_back_to_per_batch_features_when_the_cache_does_not_fit(tmp_path, target_dir, monkeypatch, caplog):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**6, 10**6, 1000))
+    real = hidden_cache.shutil.disk_usage  # the cache's folder is full; --output_dir's disk has room
+    full = usage(10**6, 10**6, 1000)
+    monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda path: full if "cache" in str(path) else real(path))
     data = write_conversations(tmp_path / "data.json", n=4)
     out = run_train(parse_args(eagle3_flags(target_dir, data, tmp_path / "out", "--max_steps", "2",
                                             "--save_strategy", "no")))  # fmt: skip
@@ -244,7 +246,8 @@ def test_falls_back_to_per_batch_features_when_the_cache_does_not_fit(tmp_path, 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, target_dir):
     data = write_conversations(tmp_path / "data.json", n=8)
     flags = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2"]
-    full = run_train(parse_args(eagle3_flags(target_dir, data, tmp_path / "full", *flags)))
+    keep = ["--save_total_limit", "2", "--keep_checkpoints", "True"]  # checkpoint-2 is copied below
+    full = run_train(parse_args(eagle3_flags(target_dir, data, tmp_path / "full", *flags, *keep)))
     Eagle3Draft.load(full / "checkpoint-2")  # a checkpoint is a draft folder
     assert {p.name for p in (full / "checkpoint-2").iterdir()} >= {"optimizer.pt", "trainer_state.json"}
     (tmp_path / "resumed").mkdir()

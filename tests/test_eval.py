@@ -174,3 +174,24 @@ def test_speed_comparison_is_over_the_fastest_greedy_and_measures_agreement():
     speed = speed_comparison(runs, outputs, "float32", 6)
     assert speed.outputs_equal and speed.agreement == 1.0 and speed.agreement_float32 is None
 
+
+
+def test_eval_on_prompts_only_scores_the_draft_on_the_models_own_answers(heads_dir, tmp_path, capsys):
+    heads, _ = heads_dir
+    heads = shutil.copytree(heads, tmp_path / "heads")
+    prompts = tmp_path / "prompts.json"  # a plain list of strings: no reference answers
+    prompts.write_text(json.dumps([f"Question {i}: tell me about the capital of France." for i in range(5)]))
+    out = tmp_path / "report"
+    argv = ["eval", "--heads", str(heads), "--data", str(prompts), "--max-prompts", "2", "--max-new-tokens", "16"]
+    argv += ["--tree-sizes", "2,4", "--output-dir", str(out), "--device", "cpu", "--dtype", "float32"]
+    assert main([*argv, "--calibration-prompts", "0"]) == 2  # nothing left to score on: said before loading
+    assert "has no assistant replies" in capsys.readouterr().err
+    assert main([*argv, "--calibration-prompts", "2"]) == 0
+    report = EvalReport.load(out / "eval.json")
+    assert report.accuracy == [] and report.calibration_prompts == 2
+    assert [r.name for r in report.accuracy_own_answers] == ["base", "head 0", "head 1", "head 2"]
+    assert report.accuracy_own_answers[0].tokens > 0 and report.tree_accuracy_source == "own greedy answers"
+    assert report.speed.prompts == 2 and report.speed.outputs_equal and report.acceptance.steps > 0
+    markdown = (out / "eval.md").read_text()
+    assert "## Accuracy on the model's own greedy answers" in markdown and "without assistant replies" in markdown
+    assert "Teacher-forced accuracy (held-out" not in markdown

@@ -82,3 +82,18 @@ def test_refuses_when_the_disk_cannot_hold_it(tmp_path, base, monkeypatch):
     monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**6, 10**6, 1000))
     with pytest.raises(UserError, match="--medusa_hidden_cache False"):
         build_hidden_cache(base, make_items(), tmp_path)
+
+
+def test_the_disk_check_counts_the_runs_checkpoints_on_the_same_disk(tmp_path, base, monkeypatch, caplog):
+    items = make_items()
+    need = sum(len(item["input_ids"]) for item in items) * 32 * 2  # tokens x hidden x float16
+    usage = namedtuple("usage", "total used free")
+    free = hidden_cache.RESERVE + need + 100
+    monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**12, 0, free))
+    outputs = hidden_cache.RunOutputs(tmp_path / "out", checkpoint=60, copies=2, draft=0)  # 120 bytes: too many
+    with pytest.raises(UserError, match=r"the hidden-state cache .* \+ 2 checkpoint\(s\) x .* optimizer state"):
+        build_hidden_cache(base, items, tmp_path / "cache", outputs=outputs)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    fits = hidden_cache.RunOutputs(tmp_path / "out", checkpoint=40, copies=2, draft=10)  # 90 bytes
+    assert len(build_hidden_cache(base, items, tmp_path / "cache", outputs=fits)) == len(items)
+    assert "2 checkpoint(s)" in caplog.text and str(tmp_path / "out") in caplog.text

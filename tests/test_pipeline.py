@@ -65,9 +65,9 @@ def log_length(workdir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
-    """One complete pipeline run (training stops after 2 steps, a checkpoint at step 2)."""
+    """One complete pipeline run (training stops after 2 steps, a checkpoint at step 2, kept for more steps)."""
     folder = tmp_path_factory.mktemp("pipeline")
-    config = tiny_config(folder, tiny_model_dir)
+    config = tiny_config(folder, tiny_model_dir, keep_checkpoints=True)
     workdir = folder / "work"
     assert main(["pipeline", "--config", str(config), "--workdir", str(workdir)]) == 0
     return config, workdir

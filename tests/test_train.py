@@ -115,7 +115,8 @@ def test_output_folder(tmp_path, tiny_model_dir):
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     data = write_conversations(tmp_path / "data.json", n=16)
     flags = ["--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2"]
-    full = train(small_run_flags(tiny_model_dir, data, tmp_path / "full", *flags))
+    keep = ["--save_total_limit", "2", "--keep_checkpoints", "True"]  # checkpoint-3 is copied below
+    full = train(small_run_flags(tiny_model_dir, data, tmp_path / "full", *flags, *keep))
     # "crash" after step 3: a fresh output dir holding only checkpoint-3, then the same command again
     (tmp_path / "resumed").mkdir()
     shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
@@ -192,3 +193,74 @@ def test_end_to_end_on_the_embedded_model(tmp_path, smollm2_dir):
     tensors = load_file(str(out / "medusa_lm_head.safetensors"))
     assert tensors["2.1.weight"].shape == (49152, 576)
     assert (out / "tokenizer.json").is_file()
+
+
+# Run as a subprocess: train, and SIGKILL the process itself after step 5 (checkpoint-4 saved, checkpoint-6 not).
+KILLED_AT_STEP_5 = """
+import os, signal, sys
+from transformers import TrainerCallback
+from medusa_forge.cli import main
+from medusa_forge.train.trainer import MedusaTrainer
+
+class KillAfterStep5(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+init = MedusaTrainer.__init__
+def init_with_kill(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.add_callback(KillAfterStep5())
+MedusaTrainer.__init__ = init_with_kill
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_interrupted_run_keeps_only_the_last_checkpoint_and_a_completed_run_none(
+    tmp_path, tiny_model_dir, kind, caplog
+):
+    data = write_conversations(tmp_path / "data.json", n=8)
+    out = tmp_path / "out"
+    flags = small_run_flags(
+        tiny_model_dir, data, out, "--max_steps", "8", "--save_steps", "2", "--per_device_train_batch_size", "2",
+        "--draft_kind", kind, "--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64",
+        "--medusa_hidden_cache_dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_STEP_5)
+    killed = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # checkpoint-2 went when checkpoint-4 was complete: resume needs only the last
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
+    resumed = train(flags)  # the same command again: resumes from checkpoint-4, finishes, removes it
+    assert f"resuming from {out / 'checkpoint-4'}" in caplog.text
+    assert not list(resumed.glob("checkpoint-*"))
+    assert {"config.json", "README.md"} <= {p.name for p in resumed.iterdir()}
+    # asked to keep them: the last one stays
+    kept = train([*flags[: flags.index("--output_dir") + 1], str(tmp_path / "kept"),
+                  *flags[flags.index("--output_dir") + 2 :], "--keep_checkpoints", "True"])  # fmt: skip
+    assert sorted(p.name for p in kept.glob("checkpoint-*")) == ["checkpoint-8"]
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_refuses_before_training_when_output_dir_cannot_hold_the_checkpoints(
+    tmp_path, tiny_model_dir, kind, monkeypatch
+):
+    from collections import namedtuple
+
+    from medusa_forge.train import hidden_cache
+
+    data = write_conversations(tmp_path / "data.json", n=4)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**12, 0, hidden_cache.RESERVE + 1000))
+    flags = small_run_flags(
+        tiny_model_dir, data, tmp_path / "out", "--max_steps", "2", "--draft_kind", kind,
+        "--eagle3_draft_vocab_size", "64", "--medusa_hidden_cache", "False",
+    )  # fmt: skip
+    with pytest.raises(UserError) as err:
+        train(flags)
+    message = str(err.value)
+    assert f"--output_dir {tmp_path / 'out'}: this run needs" in message
+    assert "2 checkpoint(s) x" in message and "(draft weights + optimizer state)" in message
+    assert "choose another --output_dir" in message and not (tmp_path / "out").exists()

@@ -79,7 +79,9 @@ def evaluation_summary(report: EvalReport | None) -> dict:
     if report is None:
         return {}
     acceptance, speed = report.acceptance or Acceptance(), report.speed or SpeedComparison()
-    heads = [r for r in report.accuracy if r.name.startswith(("head", "step"))]  # Medusa heads, EAGLE-3 steps
+    # Medusa heads, EAGLE-3 steps; prompt-only eval data: their accuracy on the model's own answers
+    rows = report.accuracy or report.accuracy_own_answers
+    heads = [r for r in rows if r.name.startswith(("head", "step"))]
     return {
         k: v
         for k, v in {

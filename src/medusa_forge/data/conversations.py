@@ -1,6 +1,8 @@
 """Read conversation files (ShareGPT or role/content lists, JSON or JSONL) into one normal form.
 
 Normal form: `Conversation(id, messages)` with messages `{"role": "system"|"user"|"assistant", "content"}`.
+Prompts are records too: a plain string or `{"prompt": "..."}` is a conversation of one user turn. Training needs
+assistant replies; distill (which writes them) and eval (which measures on the model's own answers) do not.
 Aliases: `sharegpt` (training split of the embedded ShareGPT file) and `sharegpt-heldout` (the fixed
 held-out split that training never sees; evaluation uses it).
 """
@@ -38,6 +40,7 @@ ROLE_MAP = {
 }
 
 
+NO_REPLY = "without an assistant reply"
 _WARNED_TRUNCATED: set[str] = set()  # warn once per file and process, not on every load
 
 
@@ -137,21 +140,36 @@ def _reaches_end_of_file(text: str, err: json.JSONDecodeError) -> bool:
     return err.msg.startswith("Unterminated string") or err.pos >= len(text.rstrip())
 
 
-def _normalise(record: object, index: int, path: str, stats: LoadStats) -> Conversation | None:
+def has_reply(conversation: Conversation) -> bool:
+    """Whether the conversation holds an assistant reply (what training and reference accuracy read)."""
+    return any(m["role"] == "assistant" and m["content"].strip() for m in conversation.messages)
+
+
+def _normalise(
+    record: object, index: int, path: str, stats: LoadStats, need_reply: bool
+) -> Conversation | None:
     """One raw record -> Conversation; errors name the file and record, odd-but-expected cases skip."""
     where = f"{path}: record {index}"
-    if isinstance(record, list):
+    if isinstance(record, str):
+        record_id, turns = str(index), [{"role": "user", "content": record}]
+    elif isinstance(record, list):
         record_id, turns = str(index), record
     elif isinstance(record, dict):
         record_id = str(record.get("id", index))
         turns = record.get("conversations", record.get("messages"))
+        if turns is None and "prompt" in record:
+            if not isinstance(record["prompt"], str):
+                raise UserError(f"{where}: 'prompt' is a {type(record['prompt']).__name__}, expected a string")
+            turns = [{"role": "user", "content": record["prompt"]}]
         if turns is None:
             raise UserError(
-                f"{where} has neither 'conversations' (ShareGPT) nor 'messages' (role/content); "
+                f"{where} has neither 'conversations' (ShareGPT), 'messages' (role/content) nor 'prompt'; "
                 f"its keys are {sorted(record)}"
             )
     else:
-        raise UserError(f"{where} is a {type(record).__name__}; expected an object or a list of messages")
+        raise UserError(
+            f"{where} is a {type(record).__name__}; expected an object, a list of messages or a prompt string"
+        )
     if not isinstance(turns, list):
         raise UserError(f"{where}: the conversation is a {type(turns).__name__}, expected a list of messages")
     messages = []
@@ -170,14 +188,19 @@ def _normalise(record: object, index: int, path: str, stats: LoadStats) -> Conve
             stats.skipped[f"with unknown speaker {speaker!r}"] += 1
             return None
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        stats.skipped["without an assistant reply"] += 1
+    conversation = Conversation(id=record_id, messages=messages)
+    if need_reply and not has_reply(conversation):
+        stats.skipped[NO_REPLY] += 1
         return None
-    return Conversation(id=record_id, messages=messages)
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        stats.skipped["without a user turn"] += 1
+        return None
+    return conversation
 
 
-def load_conversations(source: str, max_samples: int | None = None) -> list[Conversation]:
-    """Load a file or alias into normalised conversations, in file order."""
+def load_conversations(source: str, max_samples: int | None = None, need_reply: bool = True) -> list[Conversation]:
+    """Load a file or alias into normalised conversations, in file order. need_reply=False also keeps prompt-only
+    records (each needs a user turn then)."""
     if source in DATA_ALIASES:
         from medusa_forge.defaults import sharegpt_path
 
@@ -196,13 +219,20 @@ def load_conversations(source: str, max_samples: int | None = None) -> list[Conv
     for index, record in enumerate(records):
         if split is not None and split_of(str(record.get("id", index))) != split:
             continue
-        conversation = _normalise(record, index, str(path), stats)
+        conversation = _normalise(record, index, str(path), stats, need_reply)
         if conversation is None:
             continue
         conversations.append(conversation)
         if max_samples is not None and len(conversations) >= max_samples:
             break
+    if not conversations and stats.skipped[NO_REPLY]:
+        raise UserError(
+            f"{source}: no record has an assistant reply ({stats.skipped[NO_REPLY]} prompts only): training needs "
+            f"replies; generate them first with `medusa-forge distill --input-filename {source} --output-filename "
+            f"replies.jsonl --url URL` (or --model MODEL) and train on that file"
+        )
     stats.warn(source)
     if not conversations:
-        raise UserError(f"{source}: no usable conversations (each needs at least one assistant reply)")
+        needs = "an assistant reply" if need_reply else "a user turn"
+        raise UserError(f"{source}: no usable conversations (each needs at least {needs})")
     return conversations

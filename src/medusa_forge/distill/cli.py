@@ -30,7 +30,12 @@ class DistillConfig:
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    input_filename: str = field(metadata={"help": "ShareGPT or role/content JSON/JSONL file, or 'sharegpt'."})
+    input_filename: str = field(
+        metadata={
+            "help": "ShareGPT or role/content JSON/JSONL file (assistant turns optional), a JSON list of prompt "
+            "strings, {\"prompt\": ...} JSONL, or 'sharegpt'."
+        }
+    )
     output_filename: str = field(metadata={"help": "OUT.jsonl (appended as it goes) or OUT.json (a list)."})
     url: list[str] = field(
         default_factory=list, metadata={"help": "OpenAI-compatible server; repeat to spread the load."}
@@ -154,7 +159,9 @@ async def _distill(
 def distill(config: DistillConfig) -> Summary:
     """Replay the conversations; returns what happened (the summary lines, failures, an early stop)."""
     shard = parse_shard(config.shard)
-    conversations = select(unique_ids(load_conversations(config.input_filename, config.max_samples)), shard)
+    # Only the user turns are replayed: prompt-only records are as good as whole conversations.
+    loaded = load_conversations(config.input_filename, config.max_samples, need_reply=False)
+    conversations = select(unique_ids(loaded), shard)
     store = OutputStore(config.output_filename)
     existed = store.exists()
     done = store.open(overwrite=config.overwrite)

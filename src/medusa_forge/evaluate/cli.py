@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from medusa_forge.data.conversations import load_conversations
+from medusa_forge.data.conversations import has_reply, load_conversations
 from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
 from medusa_forge.errors import UserError
 from medusa_forge.evaluate.accuracy import (
@@ -55,7 +55,9 @@ class EvalConfig:
         default="sharegpt-heldout",
         metadata={
             "help": "Held-out conversations (file or sharegpt-heldout). A self-distilled held-out file measures the "
-            "heads on the model's own answers, which is what decoding accepts."
+            "heads on the model's own answers, which is what decoding accepts. Prompts alone (a JSON list of "
+            "strings, {\"prompt\": ...} JSONL, conversations without replies) work too: the draft is then scored "
+            "on the model's own answers to the calibration prompts only."
         },
     )
     max_prompts: int = field(default=10, metadata={"help": "Prompts timed."})
@@ -114,6 +116,11 @@ def evaluate(config: EvalConfig) -> EvalReport:
     from medusa_forge.formats.tree_file import save_tree
     from medusa_forge.generation.text import eos_token_ids
 
+    # Prompt-only records are fine: the draft is then scored on the model's own answers to held-out prompts.
+    conversations = load_conversations(config.data, None, need_reply=False)
+    references = [c for c in conversations if has_reply(c)][: config.max_conversations]
+    if not references and (config.calibration_prompts < 1 or len(conversations) <= config.max_prompts):
+        raise _no_calibration(config, len(conversations))
     # Plain greedy is timed in float32 and bfloat16 whatever the draft decodes in: speed-ups are over the faster.
     candidates = ["float32", "bfloat16"] if config.dtype == "auto" else [config.dtype]
     loaded = {
@@ -122,7 +129,6 @@ def evaluate(config: EvalConfig) -> EvalReport:
     }
     first = loaded[candidates[0]]  # accuracy is scored in float32 (or the dtype given)
     kind, base, tokenizer, model = first.kind, first.base, first.tokenizer, first.medusa
-    conversations = load_conversations(config.data, config.max_conversations)
     if model is None:  # an EAGLE-3 draft
         draft_vocab = None
         depth = config.depth
@@ -137,17 +143,20 @@ def evaluate(config: EvalConfig) -> EvalReport:
         def score(samples, desc: str):
             return score_samples(model, samples, draft_vocab=draft_vocab, desc=desc)
 
-    accuracy = score(conversation_samples(tokenizer, conversations, config.max_length), "draft accuracy")
+    accuracy = []
+    if references:
+        accuracy = score(conversation_samples(tokenizer, references, config.max_length), "draft accuracy")
+    else:
+        logger.warning("%s has no assistant replies: scoring the draft on the model's own answers", config.data)
     for row in accuracy:
         logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
     eos = eos_token_ids(base, tokenizer)
     prompts = first_prompts(
-        tokenizer,
-        load_conversations(config.data, None),
-        config.max_prompts + config.calibration_prompts,
-        config.max_prompt_tokens,
+        tokenizer, conversations, config.max_prompts + config.calibration_prompts, config.max_prompt_tokens
     )
     prompts, calibration = prompts[: config.max_prompts], prompts[config.max_prompts :]
+    if not references and not calibration:
+        raise _no_calibration(config, len(prompts))
     self_accuracy = None
     if calibration:
         samples = own_answer_samples(base, calibration, config.max_new_tokens, eos)
@@ -248,6 +257,14 @@ def evaluate(config: EvalConfig) -> EvalReport:
             100 * speed.agreement,
         )
     return report
+
+
+def _no_calibration(config: EvalConfig, prompts: int) -> UserError:
+    return UserError(
+        f"--data {config.data} has no assistant replies, so the draft is scored on the model's own answers to "
+        f"prompts beyond the {config.max_prompts} timed ones (--max-prompts), but it has {prompts} usable prompts: "
+        f"pass a lower --max-prompts and --calibration-prompts 1 or more"
+    )
 
 
 def _parse_sizes(text: str) -> list[int]:

@@ -94,19 +94,25 @@ def render_markdown(report: EvalReport) -> str:
         f"Base model: `{report.base_model}`; {report.machine}.",
         "",
     ]
-    lines += ["## Teacher-forced accuracy (held-out assistant tokens)", "", "| predictor | tokens | top-1 | top-5 |"]
-    lines += ["|---|---|---|---|"]
-    for row in report.accuracy:
-        lines.append(f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |")
-    if report.accuracy_own_answers:
+    table = ["| predictor | tokens | top-1 | top-5 |", "|---|---|---|---|"]
+    if report.accuracy:
+        lines += ["## Teacher-forced accuracy (held-out assistant tokens)", "", *table]
+        lines += [f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |" for row in report.accuracy]
+        if report.accuracy_own_answers:
+            lines += ["", f"On the model's own greedy answers to {report.calibration_prompts} other held-out prompts:"]
+            lines += ["", *table]
+    else:  # prompt-only data: no reference answers to score on
         lines += [
+            "## Accuracy on the model's own greedy answers",
             "",
-            f"On the model's own greedy answers to {report.calibration_prompts} other held-out prompts:",
+            f"`{report.data}` holds prompts without assistant replies, so instead of teacher-forced accuracy on "
+            f"reference answers the draft is scored on the model's own greedy answers to {report.calibration_prompts} "
+            f"held-out prompts (not the timed ones).",
             "",
+            *table,
         ]
-        lines += ["| predictor | tokens | top-1 | top-5 |", "|---|---|---|---|"]
-        for row in report.accuracy_own_answers:
-            lines.append(f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |")
+    for row in report.accuracy_own_answers:
+        lines.append(f"| {row.name} | {row.tokens} | {row.top1:.3f} | {row.top5:.3f} |")
     acceptance = report.acceptance
     lines += ["", "## Acceptance", ""]
     lines.append(f"Tree: {len(report.tree)} nodes, built from the draft's accuracy on {report.tree_accuracy_source}.")

@@ -16,7 +16,8 @@ EXTENDABLE = {
 # Settings that do not change a stage's result (progress display, logging, retries), left out of its fingerprint.
 RESULT_NEUTRAL_SETTINGS = {
     "distill": ("no_progress", "concurrency", "timeout", "max_retries", "retry_base"),
-    "train": ("logging_steps", "disable_tqdm", "report_to", "save_steps", "save_total_limit", "save_strategy"),
+    "train": ("logging_steps", "disable_tqdm", "report_to", "save_steps", "save_total_limit", "save_strategy",
+              "keep_checkpoints"),
     "evaluate": (),
 }
 

@@ -109,7 +109,12 @@ class TrainConfig(TrainingArguments):
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (heads only)."})
     save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy: no, steps, epoch."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
+    save_total_limit: int | None = field(
+        default=1, metadata={"help": "Keep at most N checkpoints while training (resume needs only the last)."}
+    )
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep the checkpoints once training completes (default: removed then)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log head metrics every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: inputs are already ids."})
     ddp_find_unused_parameters: bool | None = field(

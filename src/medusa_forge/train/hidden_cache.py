@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DATA_FILE, OFFSETS_FILE, PROGRESS_FILE, META_FILE = "hidden.f16", "offsets.npy", "progress.json", "meta.json"
 KINDS = ("medusa", "eagle3")
+RESERVE = 256 * 2**20  # left free on a disk: logs, metrics, the tokenizer files
 
 
 class CacheTooLarge(UserError):
@@ -116,15 +119,68 @@ def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
+@dataclass
+class RunOutputs:
+    """What the rest of a training run writes to --output_dir, in bytes, so the disk check can count it."""
+
+    folder: Path
+    checkpoint: int  # one checkpoint: the draft's weights + the optimizer's state
+    copies: int  # checkpoints on disk at once (the newest is written before the oldest is removed)
+    draft: int  # the final draft folder's weights
+
+    @property
+    def total(self) -> int:
+        return self.copies * self.checkpoint + self.draft
+
+    def describe(self) -> str:
+        if not self.copies:
+            return f"the draft {self.draft / 1e9:.2f} GB"
+        return (
+            f"{self.copies} checkpoint(s) x {self.checkpoint / 1e9:.2f} GB (draft weights + optimizer state) "
+            f"+ the draft {self.draft / 1e9:.2f} GB"
+        )
+
+
+def run_outputs(draft: torch.nn.Module, folder: Path, save_strategy: str, save_total_limit: int | None) -> RunOutputs:
+    """Estimated from parameter counts: weights as stored, plus AdamW's two float32 moments per trainable weight."""
+    weights = sum(p.numel() * p.element_size() for p in draft.parameters())
+    moments = sum(2 * 4 * p.numel() for p in draft.parameters() if p.requires_grad)
+    # save_total_limit N: N kept, and one more while the newest is written; no limit: at least that many.
+    copies = 0 if save_strategy == "no" else (save_total_limit or 1) + 1
+    return RunOutputs(folder, weights + moments, copies, weights)
+
+
+def _free_bytes(path: Path) -> tuple[int, int]:
+    """(free bytes, device) of the file system `path` is or will be on (its nearest existing parent)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free, os.stat(path).st_dev
+
+
+def check_output_space(outputs: RunOutputs) -> None:
+    """Refuse before training when --output_dir's disk cannot hold the checkpoints and the draft."""
+    free, _ = _free_bytes(outputs.folder)
+    logger.warning("--output_dir %s will need %s (%.2f GB free)", outputs.folder, outputs.describe(), free / 1e9)
+    if outputs.total > free - RESERVE:
+        raise UserError(
+            f"--output_dir {outputs.folder}: this run needs {outputs.total / 1e9:.2f} GB there ({outputs.describe()}) "
+            f"but its disk has {free / 1e9:.2f} GB free: free space, choose another --output_dir, or save fewer "
+            f"checkpoints (--save_strategy no: an interrupted run then starts over)"
+        )
+
+
 def build_hidden_cache(
     base: PreTrainedModel,
     items: list[dict[str, list[int]]],
     root: Path,
     max_tokens_per_batch: int = 8192,
     kind: str = "medusa",
+    outputs: RunOutputs | None = None,
 ) -> HiddenStateCache:
     """Load the cache for (base, items, kind), building or finishing it first if needed. CacheTooLarge when
-    the disk cannot hold it (nothing is written then)."""
+    the disk cannot hold it, with `outputs` (what the run writes next) when that goes to the same disk (nothing is
+    written then)."""
     folder = root / cache_key(base, items, kind)
     if (folder / META_FILE).is_file():
         logger.warning("hidden-state cache: reusing %s", folder)
@@ -136,18 +192,22 @@ def build_hidden_cache(
     folder.mkdir(parents=True, exist_ok=True)
     data_path = folder / DATA_FILE
     already = data_path.stat().st_size if data_path.exists() else 0
-    free = shutil.disk_usage(folder).free
+    free, device = _free_bytes(folder)
+    # Checkpoints and the draft count here too when they go to the same disk: the run needs both.
+    shared = outputs is not None and _free_bytes(outputs.folder)[1] == device
+    also = f" + {outputs.describe()} at {outputs.folder}" if shared else ""
     logger.warning(
-        "hidden-state cache: %d tokens x %d x float16 = %.2f GB at %s (%.1f GB free)",
-        offsets[-1], hidden_size, need / 1e9, folder, free / 1e9,
+        "hidden-state cache: %d tokens x %d x float16 = %.2f GB at %s%s (%.1f GB free)",
+        offsets[-1], hidden_size, need / 1e9, folder, also, free / 1e9,
     )  # fmt: skip
-    if need - already > free - 256 * 2**20:
+    total = need - already + (outputs.total if shared else 0)
+    if total > free - RESERVE:
         if not any(folder.iterdir()):
             folder.rmdir()  # leave no empty cache folder behind
         raise CacheTooLarge(
-            f"the hidden-state cache needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free: "
-            f"free space, point --medusa_hidden_cache_dir at a larger disk, lower --max_samples/--model_max_length, "
-            f"or train without it (--medusa_hidden_cache False)"
+            f"this run needs {total / 1e9:.2f} GB (the hidden-state cache {need / 1e9:.2f} GB{also}) but {folder} "
+            f"has {free / 1e9:.2f} GB free: free space, point --medusa_hidden_cache_dir at a larger disk, lower "
+            f"--max_samples/--model_max_length, or train without it (--medusa_hidden_cache False)"
         )
     np.save(folder / OFFSETS_FILE, offsets)
     mode = "r+" if already == need else "w+"

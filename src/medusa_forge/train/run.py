@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +31,14 @@ from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights
-from medusa_forge.train.hidden_cache import CachedHiddenDataset, CacheTooLarge, build_hidden_cache
+from medusa_forge.train.hidden_cache import (
+    CachedHiddenDataset,
+    CacheTooLarge,
+    RunOutputs,
+    build_hidden_cache,
+    check_output_space,
+    run_outputs,
+)
 from medusa_forge.train.model import MedusaForTraining, head_weights
 from medusa_forge.train.report import plot_history, training_metrics
 from medusa_forge.train.trainer import MedusaTrainer
@@ -71,7 +79,17 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def _cached(base, train_set, eval_set, config: TrainConfig):
+def remove_checkpoints(output_dir: Path) -> None:
+    """A completed run's checkpoints (~12 bytes per draft weight each) are only for resuming: remove them."""
+    folders = [f for f in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.name.rsplit("-", 1)[-1].isdigit()]
+    for folder in folders:
+        shutil.rmtree(folder)
+    if folders:
+        logger.warning("removed %d checkpoint(s) of the completed run (--keep_checkpoints True keeps them)",
+                       len(folders))
+
+
+def _cached(base, train_set, eval_set, config: TrainConfig, outputs: RunOutputs):
     """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait.
     An EAGLE-3 run whose cache does not fit on the disk keeps the token dataset: the draft's features are then
     computed per batch (the frozen pass runs every epoch)."""
@@ -84,7 +102,7 @@ def _cached(base, train_set, eval_set, config: TrainConfig):
         items = dataset.all_items()
         try:
             with config.main_process_first(desc="hidden-state cache"):
-                cache = build_hidden_cache(base, items, root, kind=config.draft_kind)
+                cache = build_hidden_cache(base, items, root, kind=config.draft_kind, outputs=outputs)
         except CacheTooLarge as err:
             if config.draft_kind == "medusa":
                 raise
@@ -173,14 +191,17 @@ def train(config: TrainConfig) -> Path:
 
     base = load_base_model(base_path, dtype=_base_dtype(config)).to(config.device)
     eagle3 = config.draft_kind == "eagle3"
-    # The draft vocabulary is chosen from the token data before the cache replaces it.
-    model = eagle3_model(base, train_set, config, base_path) if eagle3 else None
+    # The draft vocabulary is chosen from the token data before the cache replaces it; the draft is built before
+    # the cache so that the disk check counts its checkpoints. In config.json: aliases become the folder a
+    # server can load.
+    model = eagle3_model(base, train_set, config, base_path) if eagle3 else medusa_model(base, config, base_path)
+    draft = getattr(model, model.draft_attribute)
+    outputs = run_outputs(draft, Path(config.output_dir), config.save_strategy, config.save_total_limit)
+    check_output_space(outputs)
     cache_seconds = time.perf_counter()
     if config.medusa_hidden_cache:
-        train_set, eval_set = _cached(base, train_set, eval_set, config)
+        train_set, eval_set = _cached(base, train_set, eval_set, config, outputs)
     cache_seconds = time.perf_counter() - cache_seconds
-    # In config.json: what the user passed, but aliases become the folder a server can load.
-    model = model or medusa_model(base, config, base_path)
     trainer = MedusaTrainer(
         model=model,
         args=config,
@@ -196,6 +217,8 @@ def train(config: TrainConfig) -> Path:
     trainer.save_model(config.output_dir)
     output = Path(config.output_dir)
     if is_main:
+        if not config.keep_checkpoints:
+            remove_checkpoints(output)
         metrics = training_metrics(trainer.state.log_history, final, name=model.metric_name)
         metrics.save(output)
         plot_history(output, metrics, label="step" if eagle3 else "head")
