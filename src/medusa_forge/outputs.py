@@ -36,11 +36,16 @@ class OutputLock:
 
     def __init__(self, output: str | Path, command: str, flag: str) -> None:
         self.output, self.command, self.flag = Path(output), command, flag
-        self._lock = FileLock(str(self.output).rstrip("/") + ".lock")
+        self._lock = FileLock(str(self.output.resolve()) + ".lock")
 
     def acquire(self) -> None:
         try:
             self._lock.acquire(timeout=0)
+        except OSError as err:
+            raise UserError(
+                f"{self.flag} {self.output}: cannot create the lock file {self._lock.lock_file} "
+                f"({err.strerror or err}); pass a path in a folder you can write to"
+            ) from None
         except Timeout:
             raise UserError(
                 f"another {self.command} run is writing {self.output} (lock {self._lock.lock_file}); "
