@@ -232,7 +232,7 @@ def _target_config(name: str) -> tuple[int, int] | None:
 
     try:
         target = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True).get_text_config()
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # UserError: a path that is no folder here
         return None
     return target.num_hidden_layers, target.vocab_size
 
