@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -126,8 +127,9 @@ def two_head_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     return tmp / "out", data
 
 
-def test_rerun_with_another_head_count_says_so_and_how_to_start_over(two_head_run, tiny_model_dir, capsys):
-    out, data = two_head_run
+def test_rerun_with_another_head_count_says_so_and_how_to_start_over(two_head_run, tiny_model_dir, tmp_path, capsys):
+    out, data = tmp_path / "out", two_head_run[1]
+    shutil.copytree(two_head_run[0], out)
     flags = small_run_flags(tiny_model_dir, data, out, "--max_steps", "4", "--save_steps", "1")  # 3 heads now
     assert main(["train", *flags]) == 2
     err = error_of(capsys)

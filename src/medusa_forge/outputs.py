@@ -41,15 +41,15 @@ class OutputLock:
     def acquire(self) -> None:
         try:
             self._lock.acquire(timeout=0)
+        except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
+            raise UserError(
+                f"another {self.command} run is writing {self.output} (lock {self._lock.lock_file}); "
+                f"wait for it to finish, or give each run its own {self.flag}"
+            ) from None
         except OSError as err:
             raise UserError(
                 f"{self.flag} {self.output}: cannot create the lock file {self._lock.lock_file} "
                 f"({err.strerror or err}); pass a path in a folder you can write to"
-            ) from None
-        except Timeout:
-            raise UserError(
-                f"another {self.command} run is writing {self.output} (lock {self._lock.lock_file}); "
-                f"wait for it to finish, or give each run its own {self.flag}"
             ) from None
 
     def release(self) -> None:
