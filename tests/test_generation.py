@@ -47,7 +47,7 @@ def test_eos_token_ids_joins_generation_config_and_tokenizer(tiny_tokenizer):
 
 def test_dtype_and_device_names():
     assert resolve_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(UserError, match="choose one of float32, bfloat16, float16"):
+    with pytest.raises(UserError, match="choose one of auto, float32, bfloat16, float16"):
         resolve_dtype("fp8")
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
