@@ -6,7 +6,6 @@ import logging
 import pytest
 
 from medusa_forge.cli import main
-from medusa_forge.data import conversations
 from medusa_forge.data.conversations import load_conversations, split_of
 from medusa_forge.errors import UserError
 
@@ -82,15 +81,17 @@ def test_bad_records_name_file_and_index(tmp_path, record, fragment):
     assert str(path) in str(err.value) and fragment in str(err.value)
 
 
-def test_truncated_list_recovers_complete_records(tmp_path, caplog):
+def test_truncated_list_recovers_complete_records_when_asked(tmp_path, caplog):
     good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     text = json.dumps([good, good, good], indent=2)
     path = tmp_path / "cut.json"
     path.write_text(text[: text.rindex('"value": "a"') + 5])  # cut inside the last record's string
+    with pytest.raises(UserError, match="ends in the middle of record 2"):
+        load_conversations(str(path))
     with caplog.at_level(logging.WARNING):
-        convs = load_conversations(str(path))
+        convs = load_conversations(str(path), recover_truncated=True)
     assert len(convs) == 2
-    assert "truncated" in caplog.text and "recovered 2" in caplog.text
+    assert "ends in the middle of record 2: recovered 2 complete records" in caplog.text
 
 
 def test_broken_json_in_the_middle_is_an_error_not_a_silent_cut(tmp_path):
@@ -121,11 +122,10 @@ def test_split_is_stable_and_keeps_chunks_together():
 
 
 def test_sharegpt_alias_train_and_heldout_are_disjoint(caplog):
-    conversations._WARNED_TRUNCATED.clear()
     with caplog.at_level(logging.WARNING):
         train = load_conversations("sharegpt")
         heldout = load_conversations("sharegpt-heldout")
-    assert caplog.text.count("truncated: recovered 17671 complete records") == 1  # warned once
+    assert "recovered" not in caplog.text and "middle of record" not in caplog.text  # shipped cut short: silent
     assert len(train) > 16000 and 200 < len(heldout) < 600
     train_ids = {c.id for c in train}
     assert not train_ids & {c.id for c in heldout}

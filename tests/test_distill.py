@@ -26,10 +26,14 @@ from medusa_forge.serve import create_app
 
 class ScriptedServer:
     """A minimal OpenAI-compatible server: replies "reply N to: <last user text>" (N = user turns so far),
-    after first answering with the scripted failure statuses, one per request, in order."""
+    after first answering with the scripted failure statuses, one per request, in order; `bodies` are sent (status
+    200) instead of the first successful replies, in order."""
 
-    def __init__(self, failures: list[int] | None = None, error_message: str = "scripted failure"):
+    def __init__(
+        self, failures: list[int] | None = None, error_message: str = "scripted failure", bodies: list | None = None
+    ):
         self.failures = list(failures or [])
+        self.bodies = list(bodies or [])
         self.error_message = error_message
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -47,6 +51,10 @@ class ScriptedServer:
                 with outer.lock:
                     outer.requests.append({"body": body, "auth": self.headers.get("Authorization")})
                     status = outer.failures.pop(0) if outer.failures else 200
+                    body_200 = outer.bodies.pop(0) if status == 200 and outer.bodies else None
+                if body_200 is not None:
+                    outer._send(self, 200, body_200)
+                    return
                 if status != 200:
                     headers = {"Retry-After": "0"} if status == 429 else {}
                     outer._send(self, status, {"error": {"message": outer.error_message}}, headers)

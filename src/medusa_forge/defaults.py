@@ -113,8 +113,22 @@ def smollm2_dir() -> Path:
     return folder
 
 
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a folder (absolute, ./, ../, ~), never a Hub id."""
+    return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..")
+
+
 def resolve_model(name_or_path: str) -> str:
-    """Map the `smollm2` alias to its cached folder; anything else is passed to transformers as-is."""
+    """Map the `smollm2` alias to its cached folder, and a path to its folder (checked: a missing folder is "no such
+    folder", not a Hub id syntax error); anything else (a Hub id) is passed to transformers as-is."""
     if name_or_path == MODEL_ALIAS:
         return str(smollm2_dir())
+    if looks_like_path(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            raise UserError(
+                f"model {name_or_path!r}: no such folder ({folder}); pass a folder holding a saved Hugging Face "
+                f"model, a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or the offline alias {MODEL_ALIAS!r}"
+            )
+        return str(folder)
     return name_or_path

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
@@ -35,7 +34,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from medusa_forge.errors import UserError
-from medusa_forge.formats.files import read_json
+from medusa_forge.formats.files import load_safetensors, read_json, save_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -235,7 +234,7 @@ def target_shape(name: str) -> tuple[int, int] | None:
 
     try:
         target = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True).get_text_config()
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # UserError: a path that is no folder here
         return None
     return target.num_hidden_layers, target.vocab_size
 
@@ -433,7 +432,7 @@ class Eagle3Layer(nn.Module):
 
 
 class Eagle3Draft(nn.Module):
-    """The draft; `state_dict()` names are the engines' (§0), so saving is `save_file(state)`."""
+    """The draft; `state_dict()` names are the engines' (§0), so saving is `save_safetensors(state)`."""
 
     def __init__(self, config: Eagle3Config) -> None:
         super().__init__()
@@ -540,7 +539,7 @@ class Eagle3Draft(nn.Module):
         config = Eagle3Config(**{**asdict(self.config), "torch_dtype": str(dtype).removeprefix("torch.")})
         check_tensors(state, config, str(folder / WEIGHTS_NAME))  # never write what the engines misread
         (folder / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(state, folder / WEIGHTS_NAME)
         self.config = config
         return folder
 
@@ -553,10 +552,7 @@ class Eagle3Draft(nn.Module):
             if not path.is_file():
                 raise UserError(f"{folder} is not an EAGLE-3 draft folder: {path.name} is missing")
         config = Eagle3Config.from_json(read_json(config_path), str(config_path))
-        try:
-            state = load_file(str(weights_path))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise UserError(f"{weights_path}: not a readable safetensors file ({err})") from None
+        state = load_safetensors(weights_path)
         check_tensors(state, config, str(weights_path))
         state.setdefault("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
         draft = cls(config).to(FLOAT_DTYPES[config.torch_dtype])

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from medusa_forge.errors import UserError
 from medusa_forge.formats.checks import check_canonical, check_config_counts, check_has_projections
-from medusa_forge.formats.files import read_json
+from medusa_forge.formats.files import load_safetensors, read_json, save_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.safetensors"
@@ -102,8 +101,7 @@ class MedusaHeads(nn.ModuleList):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)
-        state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(self.state_dict(), folder / WEIGHTS_NAME)
 
     @classmethod
     def load(cls, folder: str | Path) -> MedusaHeads:
@@ -111,7 +109,7 @@ class MedusaHeads(nn.ModuleList):
         weights_path = Path(folder, WEIGHTS_NAME)
         if not weights_path.is_file():
             raise UserError(f"{folder}: {WEIGHTS_NAME} is missing")
-        state = load_file(str(weights_path))
+        state = load_safetensors(weights_path)
         # The checks every layout reader uses: names, numbering and shapes, then the config's counts and sizes.
         shape = check_canonical(state, str(weights_path))
         config_path = str(Path(folder, CONFIG_NAME))

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,6 @@ ROLE_MAP = {
 
 
 NO_REPLY = "without an assistant reply"
-_WARNED_TRUNCATED: set[str] = set()  # warn once per file and process, not on every load
 
 
 @dataclass
@@ -50,16 +48,28 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
 
 
+def named_skips(skipped: dict[str, list[str]], shown: int = 10) -> str:
+    """'2 without an assistant reply: record 1 (id a), record 3; 1 ...': what was skipped, why, and which."""
+    parts = []
+    for why, names in sorted(skipped.items(), key=lambda item: -len(item[1])):
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{len(names)} {why}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)
+
+
 @dataclass
 class LoadStats:
-    """What was skipped and why, so nothing is dropped silently."""
+    """What was skipped, why, and which records, so nothing is dropped silently."""
 
-    skipped: Counter = field(default_factory=Counter)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> records
+
+    def skip(self, why: str, record: str) -> None:
+        self.skipped.setdefault(why, []).append(record)
 
     def warn(self, source: str) -> None:
         if self.skipped:
-            reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
-            logger.warning("%s: skipped %d records (%s)", source, sum(self.skipped.values()), reasons)
+            total = sum(map(len, self.skipped.values()))
+            logger.warning("%s: skipped %d records (%s)", source, total, named_skips(self.skipped))
 
 
 def split_of(record_id: str) -> str:
@@ -69,8 +79,19 @@ def split_of(record_id: str) -> str:
     return "heldout" if bucket < HELDOUT_PERCENT else "train"
 
 
-def _read_json_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x}); save it as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 IN > OUT` for a Latin-1 file"
+        ) from None
+
+
+def _read_json_records(path: Path, recover: bool, recover_flag: str | None) -> list:
+    text = _read_text(path)
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path}: the file is empty")
@@ -79,7 +100,7 @@ def _read_json_records(path: Path) -> list:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             if err.msg != "Extra data":  # "Extra data": a JSONL file whose lines are lists
-                return _recover_truncated_list(path, text, err)
+                return _recover_truncated_list(path, text, err, recover, recover_flag)
         else:
             return records
     if stripped[0] == "{" and path.suffix != ".jsonl":
@@ -101,10 +122,11 @@ def _read_json_records(path: Path) -> list:
     return records
 
 
-def _recover_truncated_list(path: Path, text: str, err: json.JSONDecodeError) -> list:
-    """A JSON list cut off mid-record (like the embedded ShareGPT file): keep every complete record.
-
-    Only a cut at the end is recovered; broken JSON in the middle is an error naming the position.
+def _recover_truncated_list(
+    path: Path, text: str, err: json.JSONDecodeError, recover: bool, recover_flag: str | None
+) -> list:
+    """A JSON list cut off mid-record (like the embedded ShareGPT file): every complete record when `recover`, else
+    an error naming the byte where the cut record starts. Broken JSON in the middle is an error naming the position.
     """
     decoder = json.JSONDecoder()
     separators = re.compile(r"[\s,]*")
@@ -115,19 +137,23 @@ def _recover_truncated_list(path: Path, text: str, err: json.JSONDecodeError) ->
         if pos >= len(text) or text[pos] == "]":
             break
         try:
-            record, pos = decoder.raw_decode(text, pos)
+            record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as inner:
-            if _reaches_end_of_file(text, inner):
-                if str(path) in _WARNED_TRUNCATED:
-                    return records
-                _WARNED_TRUNCATED.add(str(path))
+            if not _reaches_end_of_file(text, inner):
+                break
+            if not recover:
+                raise UserError(
+                    f"{path}: the file ends in the middle of record {len(records)} (byte "
+                    f"{len(text[:pos].encode('utf-8'))}): it was cut short (an interrupted copy or download?). "
+                    f"Re-create it, or pass {recover_flag} to use the {len(records)} complete records before the cut"
+                ) from None
+            if recover_flag:  # asked for by the user (the embedded file, shipped cut short, passes none)
                 logger.warning(
-                    "%s is truncated: recovered %d complete records, dropped the incomplete last one",
-                    path,
-                    len(records),
-                )
-                return records
-            break
+                    "%s: the file ends in the middle of record %d: recovered %d complete records (%s)",
+                    path, len(records), len(records), recover_flag,
+                )  # fmt: skip
+            return records
+        pos = end
         records.append(record)
     raise UserError(
         f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}); "
@@ -170,6 +196,7 @@ def _normalise(
         raise UserError(
             f"{where} is a {type(record).__name__}; expected an object, a list of messages or a prompt string"
         )
+    name = f"record {index}" + (f" (id {record_id})" if isinstance(record, dict) and "id" in record else "")
     if not isinstance(turns, list):
         raise UserError(f"{where}: the conversation is a {type(turns).__name__}, expected a list of messages")
     messages = []
@@ -185,22 +212,30 @@ def _normalise(
             )
         role = ROLE_MAP.get(speaker.lower())
         if role is None:
-            stats.skipped[f"with unknown speaker {speaker!r}"] += 1
+            stats.skip(f"with unknown speaker {speaker!r}", name)
             return None
         messages.append({"role": role, "content": content})
     conversation = Conversation(id=record_id, messages=messages)
     if need_reply and not has_reply(conversation):
-        stats.skipped[NO_REPLY] += 1
+        stats.skip(NO_REPLY, name)
         return None
     if not any(m["role"] == "user" and m["content"].strip() for m in messages):
-        stats.skipped["without a user turn"] += 1
+        stats.skip("without a user turn", name)
         return None
     return conversation
 
 
-def load_conversations(source: str, max_samples: int | None = None, need_reply: bool = True) -> list[Conversation]:
-    """Load a file or alias into normalised conversations, in file order. need_reply=False also keeps prompt-only
-    records (each needs a user turn then)."""
+def load_conversations(
+    source: str,
+    max_samples: int | None = None,
+    recover_truncated: bool = False,
+    recover_flag: str = "--recover_truncated_data",
+    need_reply: bool = True,
+) -> list[Conversation]:
+    """Load a file or alias into normalised conversations, in file order. A file cut in the middle of a record is
+    refused (the error names `recover_flag`) unless `recover_truncated`; the embedded ShareGPT file, shipped cut
+    short, always gives its complete records. need_reply=False also keeps prompt-only records (each needs a user
+    turn then)."""
     if source in DATA_ALIASES:
         from medusa_forge.defaults import sharegpt_path
 
@@ -211,7 +246,8 @@ def load_conversations(source: str, max_samples: int | None = None, need_reply: 
             raise UserError(
                 f"data file {source!r} not found; pass a JSON/JSONL conversation file or one of {DATA_ALIASES}"
             )
-    records = _read_json_records(path)
+    embedded = split is not None
+    records = _read_json_records(path, recover_truncated or embedded, None if embedded else recover_flag)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of conversations or JSONL, got a {type(records).__name__}")
     stats = LoadStats()
@@ -225,9 +261,9 @@ def load_conversations(source: str, max_samples: int | None = None, need_reply: 
         conversations.append(conversation)
         if max_samples is not None and len(conversations) >= max_samples:
             break
-    if not conversations and stats.skipped[NO_REPLY]:
+    if not conversations and stats.skipped.get(NO_REPLY):
         raise UserError(
-            f"{source}: no record has an assistant reply ({stats.skipped[NO_REPLY]} prompts only): training needs "
+            f"{source}: no record has an assistant reply ({len(stats.skipped[NO_REPLY])} prompts only): training needs "
             f"replies; generate them first with `medusa-forge distill --input-filename {source} --output-filename "
             f"replies.jsonl --url URL` (or --model MODEL) and train on that file"
         )

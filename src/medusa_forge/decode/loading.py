@@ -18,7 +18,7 @@ from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree_dtype
 from medusa_forge.generation.device import resolve_device, resolve_dtype
 from medusa_forge.generation.text import encode_chat
-from medusa_forge.heads import MedusaConfig, MedusaModel
+from medusa_forge.heads import MedusaModel
 from medusa_forge.modeling import load_base_model, load_tokenizer
 
 logger = logging.getLogger("medusa_forge.decode")
@@ -37,11 +37,10 @@ def load_medusa(
         raise UserError(
             f"--heads {heads_dir}: no such folder (expected a heads folder written by `medusa-forge train`)"
         )
-    config = MedusaConfig.load(heads_dir)
-    base_name = base_model or config.base_model_name_or_path
-    base = load_base_model(base_name, dtype=torch_dtype).to(resolve_device(device))
-    model = MedusaModel.from_pretrained(heads_dir, base_model=base, dtype=torch_dtype)
-    return model, _tokenizer(heads_dir, base_name)
+    # The heads are read (and checked) before the base model, which takes far longer to load.
+    model = MedusaModel.from_pretrained(heads_dir, base_model=base_model, dtype=torch_dtype)
+    model = model.to(resolve_device(device))
+    return model, _tokenizer(heads_dir, base_model or model.heads.config.base_model_name_or_path)
 
 
 def load_eagle3(

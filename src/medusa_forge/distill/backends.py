@@ -49,6 +49,17 @@ class BackendUnavailable(RuntimeError):
     """The server did not answer successfully after all retries."""
 
 
+class BadReply(BackendUnavailable):
+    """An answer that is no usable reply (not the OpenAI shape, or empty): retried like a 5xx, never written."""
+
+
+def checked_reply(text: str, completion_tokens: int, finish_reason: str) -> Reply:
+    """A reply worth keeping as training data: an empty one is a failure (training refuses empty turns)."""
+    if not text.strip():
+        raise BadReply(f"empty reply (finish_reason {finish_reason!r})")
+    return Reply(text, completion_tokens, finish_reason)
+
+
 def chat_completions_url(url: str) -> str:
     """Accept a full endpoint, a `/v1` base, or a bare `http://host:port`."""
     parsed = urlparse(url)
@@ -169,13 +180,17 @@ class HttpBackend:
                 last_problem = f"{url}: {type(err).__name__}: {err}".rstrip(": ")
             else:
                 if response.status_code == 200:
-                    return self._parse(url, response)
-                message = _error_message(response)
-                last_problem = f"{url}: HTTP {response.status_code}: {message}"
-                if response.status_code not in RETRY_STATUSES and response.status_code < 500:
-                    if response.status_code in (400, 413, 422) and _CONTEXT_MESSAGE.search(message):
-                        raise ContextLengthError(message)
-                    raise UserError(f"the server rejected the request ({last_problem}); fix the flags and rerun")
+                    try:
+                        return self._parse(url, response)
+                    except BadReply as err:  # a server having a bad moment: retried like a 5xx
+                        last_problem = str(err)
+                else:
+                    message = _error_message(response)
+                    last_problem = f"{url}: HTTP {response.status_code}: {message}"
+                    if response.status_code not in RETRY_STATUSES and response.status_code < 500:
+                        if response.status_code in (400, 413, 422) and _CONTEXT_MESSAGE.search(message):
+                            raise ContextLengthError(message)
+                        raise UserError(f"the server rejected the request ({last_problem}); fix the flags and rerun")
             if attempt < self.max_retries:
                 delay = self._backoff(attempt, response)
                 logger.debug("retry %d in %.2fs after %s", attempt + 1, delay, last_problem)
@@ -190,12 +205,16 @@ class HttpBackend:
             text = choice["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError(f"message content is {type(text).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise BackendUnavailable(
+            usage = body.get("usage") or {}
+            completion_tokens, finish_reason = int(usage.get("completion_tokens") or 0), choice.get("finish_reason")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+            raise BadReply(
                 f"{url}: the reply is not an OpenAI chat completion ({err!r}): {response.text[:200]!r}"
             ) from None
-        usage = body.get("usage") or {}
-        return Reply(text, int(usage.get("completion_tokens") or 0), str(choice.get("finish_reason") or "stop"))
+        try:
+            return checked_reply(text, completion_tokens, str(finish_reason or "stop"))
+        except BadReply as err:
+            raise BadReply(f"{url}: {err}") from None
 
 
 class LocalBackend:
@@ -231,4 +250,4 @@ class LocalBackend:
             raise BackendUnavailable(
                 "out of memory while generating a batch; rerun with a lower --concurrency (the batch size)"
             ) from None
-        return Reply(result.text, result.completion_tokens, result.finish_reason)
+        return checked_reply(result.text, result.completion_tokens, result.finish_reason)

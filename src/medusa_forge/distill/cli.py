@@ -71,6 +71,13 @@ class DistillConfig:
     max_retries: int = field(default=6, metadata={"help": "Retries per request on errors worth retrying."})
     retry_base: float = field(default=1.0, metadata={"help": "First back-off delay in seconds (doubles each try)."})
     timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one reply."})
+    recover_truncated_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Replay the complete records of an input file that ends in the middle of a record (a cut copy) "
+            "instead of refusing it. The embedded 'sharegpt' file is always recovered."
+        },
+    )
     resume: bool = field(
         default=False, metadata={"help": "Skip conversations already in OUT (the default).", "flag": "--resume"}
     )
@@ -92,6 +99,8 @@ class DistillConfig:
              "--max-context applies to the in-process model; a server enforces its own context length"),
             (self.max_samples is None or self.max_samples >= 1, "--max-samples must be at least 1"),
             (self.max_retries >= 0, "--max-retries must be >= 0"),
+            (self.timeout > 0, "--timeout must be > 0 (seconds to wait for one reply)"),
+            (self.retry_base >= 0, "--retry-base must be >= 0 (seconds before the first retry)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -160,7 +169,13 @@ def distill(config: DistillConfig) -> Summary:
     """Replay the conversations; returns what happened (the summary lines, failures, an early stop)."""
     shard = parse_shard(config.shard)
     # Only the user turns are replayed: prompt-only records are as good as whole conversations.
-    loaded = load_conversations(config.input_filename, config.max_samples, need_reply=False)
+    loaded = load_conversations(
+        config.input_filename,
+        config.max_samples,
+        config.recover_truncated_data,
+        "--recover-truncated-data",
+        need_reply=False,
+    )
     conversations = select(unique_ids(loaded), shard)
     store = OutputStore(config.output_filename)
     existed = store.exists()

@@ -14,9 +14,8 @@ import logging
 import os
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from medusa_forge.errors import UserError
+from medusa_forge.outputs import OutputLock, check_writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class OutputStore:
         self.progress_path = self.path.with_name(self.path.name + ".progress.jsonl") if self.final_json else self.path
         self.done_ids: set[str] = set()
         self.repaired_torn_line = False
-        self._lock = FileLock(str(self.path) + ".lock")
+        self._lock = OutputLock(self.path, "distill", "--output-filename")
         self._file = None
 
     def exists(self) -> bool:
@@ -47,15 +46,10 @@ class OutputStore:
 
     def open(self, overwrite: bool = False) -> set[str]:
         """Lock the output, start over or load what is done; returns the ids already done."""
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise UserError(
-                f"another distill run is writing {self.path} (lock {self._lock.lock_file}); "
-                f"give each run its own --output-filename"
-            ) from None
-        if not self.path.parent.is_dir():
-            raise UserError(f"--output-filename {self.path}: folder {self.path.parent} does not exist")
+        if self.path.is_dir():
+            raise UserError(f"--output-filename {self.path}: is a folder; pass a file name such as OUT.jsonl")
+        check_writable_folder(self.path.parent, f"--output-filename {self.path}", create=False)
+        self._lock.acquire()
         if overwrite:
             for path in {self.path, self.progress_path}:
                 path.unlink(missing_ok=True)
@@ -79,9 +73,7 @@ class OutputStore:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._lock.is_locked:
-            self._lock.release()
-            Path(self._lock.lock_file).unlink(missing_ok=True)
+        self._lock.release()
 
     def finalize(self, input_order: dict[str, int]) -> int:
         """For `.json` output: write every record so far as one list, atomically (last call before close).

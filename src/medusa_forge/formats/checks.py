@@ -130,7 +130,7 @@ def base_dims(base: str) -> tuple[int, int] | None:
 
     try:
         config = AutoConfig.from_pretrained(resolve_model(base), local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # UserError: a path that is no folder here
         return None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)

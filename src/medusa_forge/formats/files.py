@@ -4,6 +4,7 @@ loaded as tensors only; every failure becomes a UserError that names the file.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -38,26 +39,35 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _unreadable(path: Path, err: Exception) -> UserError:
+    return UserError(
+        f"{path}: not a readable safetensors file ({err}); the file is damaged or cut short: "
+        f"re-create or re-download it"
+    )
+
+
 def safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+        raise _unreadable(path, err) from None
 
 
-def load_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors whose name starts with prefix (prefix removed); reads only those from disk."""
+def load_safetensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors whose name starts with prefix (prefix removed); reads only those from disk. Every draft weights file
+    is read here, so a damaged one is one clear error naming it, whichever command reads it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
     out = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
                     out[key[len(prefix) :]] = f.get_tensor(key)
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise _unreadable(path, err) from None
     return out
 
 
@@ -85,9 +95,14 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write any state dict, shared or strided tensors included, as safetensors that engines read."""
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write any state dict, shared or strided tensors included, as safetensors that engines read. Every draft
+    weights file is written here. safetensors creates files with mode 0600; they get the mode the umask gives any
+    new file, so a server running as another user (a container) can read them."""
     save_file(_contiguous(state), str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

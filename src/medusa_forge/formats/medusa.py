@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from medusa_forge.errors import UserError
 from medusa_forge.formats.checks import HeadsShape, check_no_other_weights
-from medusa_forge.formats.files import load_pickle, save_safetensors
+from medusa_forge.formats.files import load_pickle, load_safetensors, save_safetensors
 from medusa_forge.formats.full_checkpoint import FULL_PREFIX
 from medusa_forge.formats.layouts import LoadedHeads
 from medusa_forge.heads import CONFIG_NAME, WEIGHTS_NAME
@@ -21,7 +20,7 @@ ORIGINAL_PT_NAME = "medusa_lm_head.pt"  # FasterDecoding/Medusa medusa/model/med
 
 def read_medusa(weights: Path) -> dict[str, torch.Tensor]:
     """medusa_lm_head.safetensors or .pt; a `medusa_head.` prefix some exports keep is dropped."""
-    state = load_file(str(weights)) if weights.suffix == ".safetensors" else load_pickle(weights)
+    state = load_safetensors(weights) if weights.suffix == ".safetensors" else load_pickle(weights)
     return {k.removeprefix(FULL_PREFIX): v for k, v in state.items()}
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from medusa_forge.errors import UserError
 from medusa_forge.formats.checks import CANONICAL_NAME, check_against_base, check_canonical, check_config_counts
-from medusa_forge.formats.files import load_pickle, read_json, tensor_names
+from medusa_forge.formats.files import load_pickle, load_safetensors, read_json, tensor_names
 from medusa_forge.formats.full_checkpoint import has_head_names, read_full
 from medusa_forge.formats.layouts import LAYOUTS, LoadedHeads
 from medusa_forge.formats.medusa import ORIGINAL_PT_NAME, materialise_projections, read_medusa
@@ -73,7 +72,7 @@ def detect_layout(path: Path) -> tuple[str, Path]:
         if any(is_vllm_name(k) for k in keys):
             found.append(("vllm", path))
     if len(found) == 2 and {name for name, _ in found} == {"medusa", "medusa-pt"}:
-        a, b = load_file(str(found[0][1])), load_pickle(found[1][1])
+        a, b = load_safetensors(found[0][1]), load_pickle(found[1][1])
         if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a):
             return found[0]  # the same heads saved twice: take the safetensors copy
     if len(found) > 1:

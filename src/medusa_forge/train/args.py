@@ -123,6 +123,17 @@ class TrainConfig(TrainingArguments):
     auto_resume: bool = field(
         default=True, metadata={"help": "Resume from the last checkpoint-* in --output_dir when there is one."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over: delete the checkpoint-* folders in --output_dir instead of resuming from them."},
+    )
+    recover_truncated_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on the complete records of a data file that ends in the middle of a record (a cut copy) "
+            "instead of refusing it. The embedded 'sharegpt' file is always recovered."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.draft_kind not in DRAFT_KINDS:
@@ -137,6 +148,9 @@ class TrainConfig(TrainingArguments):
             raise UserError("--eagle3_intermediate_size must be >= 1")
         if self.medusa_num_heads < 1 or self.medusa_num_layers < 0:
             raise UserError("--medusa_num_heads must be >= 1 and --medusa_num_layers >= 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.medusa_draft_vocab_size < 0:
             raise UserError("--medusa_draft_vocab_size must be >= 0 (0 = the whole vocabulary)")
         if self.deepspeed:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from medusa_forge.data.conversations import Conversation
+from medusa_forge.data.conversations import Conversation, named_skips
 from medusa_forge.data.tokenize import IGNORE_INDEX, tokenize_conversation
 
 logger = logging.getLogger(__name__)
@@ -33,25 +32,23 @@ class ConversationDataset(Dataset):
         self.conversations = conversations
         self._cache: dict[int, dict[str, list[int]]] = {}
         if not lazy:
-            self.conversations, skipped = [], Counter()
+            self.conversations, skipped = [], {}
             for conversation in tqdm(conversations, desc=f"tokenising {source}", leave=False):
                 try:
                     item = tokenize_conversation(tokenizer, conversation.messages, max_length)
                 except Exception as err:  # a template may raise anything (jinja errors)
-                    skipped[f"rejected by the chat template ({str(err).splitlines()[0][:80]})"] += 1
+                    why = f"rejected by the chat template ({str(err).splitlines()[0][:80]})"
+                    skipped.setdefault(why, []).append(f"conversation {conversation.id}")
                     continue
                 if all(label == IGNORE_INDEX for label in item["labels"][2:]):
-                    skipped[f"with no assistant token within {max_length} tokens"] += 1
+                    why = f"with no assistant token within {max_length} tokens"
+                    skipped.setdefault(why, []).append(f"conversation {conversation.id}")
                     continue
                 self._cache[len(self.conversations)] = item
                 self.conversations.append(conversation)
             if skipped:
-                logger.warning(
-                    "%s: skipped %d conversations (%s)",
-                    source,
-                    sum(skipped.values()),
-                    ", ".join(f"{n} {why}" for why, n in skipped.items()),
-                )
+                total = sum(map(len, skipped.values()))
+                logger.warning("%s: skipped %d conversations (%s)", source, total, named_skips(skipped))
             if not self.conversations:
                 from medusa_forge.errors import UserError
 

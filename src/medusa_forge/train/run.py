@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from medusa_forge.formats.files import read_json
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
+from medusa_forge.outputs import OutputLock, check_writable_folder
 from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights
@@ -59,7 +61,7 @@ def _resume_checkpoint(config: TrainConfig) -> str | None:
         if not Path(config.resume_from_checkpoint).is_dir():
             raise UserError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: no such folder")
         return config.resume_from_checkpoint
-    if config.auto_resume and Path(config.output_dir).is_dir():
+    if config.auto_resume and not config.overwrite_output_dir and Path(config.output_dir).is_dir():
         last = last_complete_checkpoint(Path(config.output_dir))
         if last:
             logger.warning("resuming from %s (pass --auto_resume False to start over)", last)
@@ -163,30 +165,42 @@ def medusa_model(base, config: TrainConfig, base_path: str) -> MedusaForTraining
 
 
 def train(config: TrainConfig) -> Path:
-    """Train the draft (heads or EAGLE-3) as `config` says; returns the draft folder."""
+    """Train the draft (heads or EAGLE-3) as `config` says; returns the draft folder. The output folder is checked
+    and locked first (one run per folder), before anything slow happens."""
+    if config.process_index != 0:
+        return _train(config)
+    check_writable_folder(config.output_dir, f"--output_dir {config.output_dir}")
+    with OutputLock(config.output_dir, "train", "--output_dir"):
+        if config.overwrite_output_dir:
+            for checkpoint in Path(config.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(checkpoint)
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> Path:
     is_main = config.process_index == 0
     if is_main and config.world_size > 1:
         logger.warning("training on %d processes (%s)", config.world_size, config.parallel_mode.value)
+    # The data is read (and checked) before the model: a bad file is found in seconds.
+    conversations = load_conversations(config.data_path, config.max_samples, config.recover_truncated_data)
+    eval_path = config.eval_data_path or ("sharegpt-heldout" if config.data_path == "sharegpt" else None)
+    eval_conversations = None
+    if config.eval_strategy != "no":
+        if eval_path is None:
+            raise UserError("--eval_strategy is not 'no': pass --eval_data_path with held-out conversations")
+        eval_conversations = load_conversations(eval_path, config.max_eval_samples, config.recover_truncated_data)
+
     base_path = resolve_model(config.model_name_or_path)  # rank-safe: converts the alias once, with a lock
     tokenizer = ensure_chat_template(load_tokenizer(base_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
-
-    conversations = load_conversations(config.data_path, config.max_samples)
     train_set = ConversationDataset(
         conversations, tokenizer, config.model_max_length, config.lazy_preprocess, config.data_path
     )
-    eval_path = config.eval_data_path or ("sharegpt-heldout" if config.data_path == "sharegpt" else None)
     eval_set = None
-    if config.eval_strategy != "no":
-        if eval_path is None:
-            raise UserError("--eval_strategy is not 'no': pass --eval_data_path with held-out conversations")
+    if eval_conversations is not None:
         eval_set = ConversationDataset(
-            load_conversations(eval_path, config.max_eval_samples),
-            tokenizer,
-            config.model_max_length,
-            config.lazy_preprocess,
-            eval_path,
+            eval_conversations, tokenizer, config.model_max_length, config.lazy_preprocess, eval_path
         )
 
     base = load_base_model(base_path, dtype=_base_dtype(config)).to(config.device)
@@ -244,8 +258,12 @@ def train(config: TrainConfig) -> Path:
 
 
 def run_train(config: TrainConfig) -> int:
+    """Exit status: 0 done, 2 a user error (raised to the CLI), 130 interrupted (Ctrl-C)."""
     try:
         train(config)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     finally:
         # Under torchrun: leave the process group cleanly, or gloo may abort a rank at interpreter exit.
         if torch.distributed.is_available() and torch.distributed.is_initialized():

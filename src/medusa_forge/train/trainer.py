@@ -7,11 +7,12 @@ import os
 import time
 
 import torch
-from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from medusa_forge.eagle3 import Eagle3Draft
+from medusa_forge.errors import UserError
+from medusa_forge.formats.files import load_safetensors
 from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.tokenizer_files import save_tokenizer
 from medusa_forge.train.model import summarise_head_stats
@@ -84,10 +85,19 @@ class MedusaTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         draft = self._draft(model)
-        if isinstance(draft, Eagle3Draft):  # load() checks the folder as the engines would
-            draft.load_state_dict(Eagle3Draft.load(resume_from_checkpoint).state_dict())
-        else:
-            draft.load_state_dict(load_file(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)))
+        try:
+            if isinstance(draft, Eagle3Draft):  # load() checks the folder as the engines would
+                state = Eagle3Draft.load(resume_from_checkpoint).state_dict()
+            else:
+                state = load_safetensors(os.path.join(resume_from_checkpoint, WEIGHTS_NAME))
+            draft.load_state_dict(state)
+        except (UserError, RuntimeError) as err:  # another kind, head count, layer count or base model
+            reason = str(err).strip().splitlines()[0][:300]
+            raise UserError(
+                f"{resume_from_checkpoint} holds a draft of another shape than this run's ({reason}); it was "
+                f"written by a run with other flags. Pass --overwrite_output_dir True to start over there, or "
+                f"another --output_dir"
+            ) from None
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
