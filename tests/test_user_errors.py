@@ -117,7 +117,8 @@ def two_head_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """A finished 2-head run with checkpoints, written under umask 022."""
     tmp = tmp_path_factory.mktemp("two-heads")
     data = write_conversations(tmp / "data.json", n=4)
-    flags = small_run_flags(tiny_model_dir, data, tmp / "out", "--max_steps", "2", "--save_steps", "1")
+    flags = small_run_flags(tiny_model_dir, data, tmp / "out", "--max_steps", "2", "--save_steps", "1",
+                            "--keep_checkpoints", "True")  # fmt: skip
     flags[flags.index("--medusa_num_heads") + 1] = "2"
     old = os.umask(0o022)
     try:
@@ -208,7 +209,7 @@ def test_truncated_user_data_is_an_error_unless_recovery_is_asked(tmp_path, caps
     with ScriptedServer() as server:
         rc = main(["distill", "--input-filename", str(data), "--output-filename", str(tmp_path / "o.jsonl"),
                    "--url", server.url, "--recover-truncated-data", "--no-progress"])  # fmt: skip
-    assert rc == 0 and [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == ["conv0", "conv1"]
+    assert rc == 0 and sorted(r["id"] for r in read_jsonl(tmp_path / "o.jsonl")) == ["conv0", "conv1"]  # any order
     assert "recovered 2 complete records" in caplog.text
 
 
@@ -294,6 +295,6 @@ def test_outputs_are_readable_as_the_umask_says(two_head_run, tmp_path):
     finally:
         os.umask(old)
     files = [p for folder in (out, tmp_path / "v") for p in folder.rglob("*") if p.is_file()]
-    assert any(p.name == WEIGHTS_NAME for p in files) and any(p.parent.name == "checkpoint-1" for p in files)
+    assert any(p.name == WEIGHTS_NAME for p in files) and any(p.parent.name.startswith("checkpoint-") for p in files)
     unreadable = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
     assert not unreadable
