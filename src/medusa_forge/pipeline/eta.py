@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import datetime
 
+from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.pipeline.configuration import PipelineConfig, command_default
 
 ETA_RATES = {
     "distill_tokens_per_s": 75.0,  # batched in-process greedy generation (the quickstart's distill, idle machine)
-    "cache_tokens_per_s": 500.0,  # frozen base forward building the hidden-state cache
+    "cache_tokens_per_s": 500.0,  # frozen base forward building the hidden-state cache, float32
+    # ... in bfloat16 (--bf16) on a CPU that multiplies it natively: the quickstart's 160k tokens took 80 s
+    "cache_bf16_tokens_per_s": 2000.0,
     "heads_tokens_per_s": 1300.0,  # head training from the cache, per token per epoch (draft vocabulary)
     # EAGLE-3 draft training from the cache, per token per epoch per training-time-test step: the quickstart's
-    # 500 conversations at 384 tokens, 3 steps x 4 epochs, took ~15 min after the same ~4.5 min cache on 2 cores
-    # (Medusa's 3 epochs: ~6 min), and this model's token count for them over-counts as it does for Medusa.
-    "eagle3_tokens_per_s": 2000.0,
+    # 500 conversations at 384 tokens, 3 steps x 3 epochs, took 534 s with --bf16 on 2 cores (Medusa's 3 epochs:
+    # 388 s), and this model's token count for them over-counts as it does for Medusa.
+    "eagle3_tokens_per_s": 3000.0,
     "decode_tokens_per_s": 10.0,  # batch-1 greedy decoding
 }
 
@@ -48,7 +51,9 @@ def estimate_seconds(config: PipelineConfig, stage: str) -> float | None:
             training = tokens * epochs * steps / ETA_RATES["eagle3_tokens_per_s"]
         else:
             training = tokens * epochs / ETA_RATES["heads_tokens_per_s"]
-        return 30 + tokens / ETA_RATES["cache_tokens_per_s"] + training
+        bf16 = train.get("bf16") and cpu_has_native_bfloat16()
+        cache = tokens / ETA_RATES["cache_bf16_tokens_per_s" if bf16 else "cache_tokens_per_s"]
+        return 30 + cache + training
     if stage == "evaluate":
         evalc = config.eval
         new = evalc.get("max_new_tokens", command_default("evaluate", "max_new_tokens"))
