@@ -119,6 +119,23 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
 
 
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly."]
+
+
+def write_prompt_files(folder: Path) -> list[Path]:
+    """PROMPTS as a JSON list of strings, {"prompt": ...} JSONL, and ShareGPT with human turns only (ids q0, q1, ...;
+    the other two files have none, so a record's id is its index)."""
+    strings = folder / "prompts.json"
+    strings.write_text(json.dumps(PROMPTS))
+    jsonl = folder / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    sharegpt = folder / "human_only.json"
+    sharegpt.write_text(
+        json.dumps([{"id": f"q{i}", "conversations": [{"from": "human", "value": p}]} for i, p in enumerate(PROMPTS)])
+    )
+    return [strings, jsonl, sharegpt]
+
+
 def write_conversations(path: Path, n: int = 12, sharegpt: bool = True) -> Path:
     """n small multi-turn conversations from the tokenizer's corpus, ShareGPT or role/content JSON."""
     records = []

@@ -4,6 +4,7 @@ import json
 import logging
 
 import pytest
+from conftest import PROMPTS, write_prompt_files
 
 from medusa_forge.cli import main
 from medusa_forge.data.conversations import load_conversations, split_of
@@ -132,22 +133,8 @@ def test_sharegpt_alias_train_and_heldout_are_disjoint(caplog):
     assert all(split_of(c.id) == "heldout" for c in heldout)
 
 
-def _prompt_files(folder):
-    """The same three prompts as a JSON list of strings, {"prompt": ...} JSONL, and ShareGPT with human turns only."""
-    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly."]
-    strings = folder / "prompts.json"
-    strings.write_text(json.dumps(prompts))
-    jsonl = folder / "prompts.jsonl"
-    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    sharegpt = folder / "human_only.json"
-    sharegpt.write_text(
-        json.dumps([{"id": f"q{i}", "conversations": [{"from": "human", "value": p}]} for i, p in enumerate(prompts)])
-    )
-    return prompts, [strings, jsonl, sharegpt]
-
-
 def test_prompt_only_files_load_where_no_reply_is_needed_and_train_says_distill_first(tmp_path, tiny_model_dir, capsys):
-    prompts, files = _prompt_files(tmp_path)
+    prompts, files = PROMPTS, write_prompt_files(tmp_path)
     for path in files:
         conversations = load_conversations(str(path), need_reply=False)
         assert [c.messages for c in conversations] == [[{"role": "user", "content": p}] for p in prompts]

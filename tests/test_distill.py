@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_conversations
+from conftest import PROMPTS, write_conversations, write_prompt_files
 from test_serve import ServerThread, free_port
 
 from medusa_forge.cli import main
@@ -487,29 +487,17 @@ def test_a_400_about_context_length_ends_that_conversation_only(tmp_path, capsys
     assert "ended early at the model's context limit: 1" in capsys.readouterr().err
 
 
-def _prompt_files(folder: Path) -> tuple[list[str], list[Path]]:
-    """The same prompts as a JSON list of strings, {"prompt": ...} JSONL, and ShareGPT with human turns only."""
-    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion briefly."]
-    strings = folder / "prompts.json"
-    strings.write_text(json.dumps(prompts))
-    jsonl = folder / "prompts.jsonl"
-    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    sharegpt = folder / "human_only.json"
-    sharegpt.write_text(
-        json.dumps([{"id": str(i), "conversations": [{"from": "human", "value": p}]} for i, p in enumerate(prompts)])
-    )
-    return prompts, [strings, jsonl, sharegpt]
-
-
 def test_prompt_only_files_are_distilled_into_training_data(tmp_path, tiny_model_dir):
-    prompts, files = _prompt_files(tmp_path)
-    expected = [
-        {"id": str(i), "messages": [user, {"role": "assistant", "content": f"reply 1 to: {p}"}]}
-        for i, p in enumerate(prompts)
-        for user in [{"role": "user", "content": p}]
-    ]
+    prompts, files = PROMPTS, write_prompt_files(tmp_path)
     with ScriptedServer() as server:
-        for path in files:
+        for path, ids in zip(files, [["0", "1", "2"], ["0", "1", "2"], ["q0", "q1", "q2"]], strict=True):
+            expected = [
+                {
+                    "id": i,
+                    "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": f"reply 1 to: {p}"}],
+                }
+                for i, p in zip(ids, prompts, strict=True)
+            ]
             out = tmp_path / f"{path.stem}.out.jsonl"
             assert distill("--input-filename", str(path), "--output-filename", str(out), "--url", server.url) == 0
             assert sorted(read_jsonl(out), key=lambda r: r["id"]) == expected
