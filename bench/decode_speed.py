@@ -32,7 +32,7 @@ from medusa_forge.formats.tree_file import build_tree
 def profile_steps(model, trees, prefix_length: int, repeats: int, draft_vocab=None) -> list[dict[str, float]]:
     """Median milliseconds of each part of one step, per tree (None: a plain one-token step), timed round-robin."""
     make_decoder = functools.partial(MedusaDecoder, model, check=False, draft_vocab=draft_vocab)
-    timings = time_step_parts(make_decoder, trees, prefix_length, repeats)
+    timings = time_step_parts([(make_decoder, tree) for tree in trees], prefix_length, repeats)
     return [{part: 1000 * statistics.median(s[part] for s in steps) for part in STEP_PARTS} for steps in timings]
 
 

@@ -195,3 +195,28 @@ def test_eval_on_prompts_only_scores_the_draft_on_the_models_own_answers(heads_d
     markdown = (out / "eval.md").read_text()
     assert "## Accuracy on the model's own greedy answers" in markdown and "without assistant replies" in markdown
     assert "Teacher-forced accuracy (held-out" not in markdown
+
+
+def test_step_timing_is_round_robin_over_every_tree_and_dtype(heads_dir):
+    """eval chooses the dtype from timings taken in turn, so a machine drifting between measurements cannot decide."""
+    from medusa_forge.decode.step_latency import time_step_parts
+
+    heads, _ = heads_dir
+    order = []
+
+    def factory(dtype: str):
+        loaded = load_draft(heads, dtype=dtype, device="cpu")
+
+        def make(choices):
+            decoder = loaded.decoder(choices, check=False)
+            step = decoder.step
+            decoder.step = lambda state, mark=None: order.append(dtype) or step(state, mark=mark)
+            return decoder
+
+        return make
+
+    float32, bfloat16 = factory("float32"), factory("bfloat16")
+    cases = [(float32, [[0]]), (bfloat16, [[0], [1]]), (float32, [[0], [0, 0]]), (bfloat16, None)]
+    timings = time_step_parts(cases, prefix_length=8, repeats=2)
+    assert order == ["float32", "bfloat16", "float32"] * 3  # a warm-up round, then 2 rounds; None: a plain step
+    assert [len(steps) for steps in timings] == [2, 2, 2, 2]

@@ -39,24 +39,25 @@ def _stopwatch(parts: dict[str, float]) -> Callable[[str], None]:
 
 
 DecoderFactory = Callable[[Choices], SpeculativeDecoder]  # a decoder for a tree (checks skipped: timing only)
+# What one timing measures: a decoder factory (a draft in some dtype) and a tree, or None for one plain greedy step.
+Case = tuple[DecoderFactory, Choices | None]
 
 
 @torch.no_grad()
-def time_step_parts(
-    make_decoder: DecoderFactory, trees: list[Choices | None], prefix_length: int = 256, repeats: int = 5
-) -> list[list[dict[str, float]]]:
-    """Seconds of each of STEP_PARTS of `repeats` steps per tree, after `prefix_length` cached tokens (a random
-    prompt). A `None` tree times one `plain_step` instead. Every step starts from the same cache length, and trees
-    are timed round-robin, so a burst of load from other processes hits every size alike. `make_decoder` makes
-    the decoder of a tree, whatever its drafter (`LoadedDraft.decoder` with check=False, e.g.)."""
-    decoders = [make_decoder(t or [[0]]) for t in trees]
+def time_step_parts(cases: list[Case], prefix_length: int = 256, repeats: int = 5) -> list[list[dict[str, float]]]:
+    """Seconds of each of STEP_PARTS of `repeats` steps per case, after `prefix_length` cached tokens (a random
+    prompt). A `None` tree times one `plain_step` instead. Every step starts from the same cache length, and the
+    cases are timed round-robin, so a burst of load from other processes, or a machine that drifts faster or
+    slower, hits every tree and every dtype alike. A factory makes the decoder of a tree, whatever its drafter and
+    dtype (`LoadedDraft.decoder` with check=False, e.g.)."""
+    decoders = [make(tree or [[0]]) for make, tree in cases]
     vocab = decoders[0].verifier.lm_head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen).to(decoders[0].device)
-    states = [decoder.prefill(prefix) for decoder in decoders]
-    timings: list[list[dict[str, float]]] = [[] for _ in trees]
+    prefix = torch.randint(0, vocab, (prefix_length,), generator=gen)
+    states = [decoder.prefill(prefix.to(decoder.device)) for decoder in decoders]
+    timings: list[list[dict[str, float]]] = [[] for _ in cases]
     for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for choices, decoder, state, steps in zip(trees, decoders, states, timings, strict=True):
+        for (_, choices), decoder, state, steps in zip(cases, decoders, states, timings, strict=True):
             parts = dict.fromkeys(STEP_PARTS, 0.0)
             mark = _stopwatch(parts)
             if choices:
@@ -70,10 +71,8 @@ def time_step_parts(
     return [steps[1:] for steps in timings]
 
 
-def measure_step_seconds(
-    make_decoder: DecoderFactory, trees: list[Choices | None], prefix_length: int = 256, repeats: int = 5
-) -> list[float]:
-    """Median wall time of one decoding step per tree (see `time_step_parts`): the drafter's proposal, the tree
+def measure_step_seconds(cases: list[Case], prefix_length: int = 256, repeats: int = 5) -> list[float]:
+    """Median wall time of one decoding step per case (see `time_step_parts`): the drafter's proposal, the tree
     forward, lm_head and acceptance, cache pruning and the drafter's update. A `None` tree: one plain greedy step."""
-    timings = time_step_parts(make_decoder, trees, prefix_length, repeats)
+    timings = time_step_parts(cases, prefix_length, repeats)
     return [statistics.median(sum(parts.values()) for parts in steps) for steps in timings]

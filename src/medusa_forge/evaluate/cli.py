@@ -170,10 +170,8 @@ def evaluate(config: EvalConfig) -> EvalReport:
 
     searches = {}
     if config.tree == "auto":
-        searches = {
-            dtype: choose_tree(make_decoder(dtype), rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
-            for dtype in candidates
-        }
+        factories = {dtype: make_decoder(dtype) for dtype in candidates}
+        searches = choose_tree(factories, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
         dtype = max(candidates, key=lambda d: searches[d].chosen_tokens_per_second)
         choices = searches[dtype].choices
         step_seconds = searches[dtype].step_seconds[searches[dtype].sizes.index(searches[dtype].chosen_size)]
@@ -181,7 +179,9 @@ def evaluate(config: EvalConfig) -> EvalReport:
         plain_seconds = {d: s.plain_step_seconds for d, s in searches.items()}
     else:
         choices = resolve_tree(config.tree, config.heads, depth)
-        timings = {d: measure_step_seconds(make_decoder(d), [None, choices], config.latency_prefix) for d in candidates}
+        cases = [(make_decoder(d), tree) for d in candidates for tree in (None, choices)]  # timed round-robin
+        seconds = measure_step_seconds(cases, config.latency_prefix)
+        timings = {d: seconds[2 * i : 2 * i + 2] for i, d in enumerate(candidates)}
         dtype = min(candidates, key=lambda d: timings[d][1])
         step_seconds = timings[dtype][1]
         expected_tps = expected_accept_length(choices, rank_accuracy) / step_seconds

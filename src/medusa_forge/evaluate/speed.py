@@ -23,19 +23,30 @@ logger = logging.getLogger("medusa_forge.eval")
 
 
 def choose_tree(
-    make_decoder, rank_accuracy: list[list[float]], sizes: list[int], prefix_length: int = 256, repeats: int = 5
-) -> TreeSearch:
-    """Best tree per node budget from the rank accuracies, its step latency measured on this machine, and the
-    budget with the most expected tokens per second. `make_decoder`: the decoder of a tree (`time_step_parts`)."""
+    make_decoders: dict[str, Any],
+    rank_accuracy: list[list[float]],
+    sizes: list[int],
+    prefix_length: int = 256,
+    repeats: int = 5,
+) -> dict[str, TreeSearch]:
+    """Per dtype of `make_decoders` ({dtype: the decoder factory of a tree}, see `time_step_parts`): the best tree
+    per node budget from the rank accuracies, its step latency measured on this machine, and the budget with the
+    most expected tokens per second. Every dtype's plain step and trees are timed in one round-robin, so the
+    machine's drift between them cannot decide the dtype."""
     from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import expected_accept_length
     from medusa_forge.formats.tree_file import build_tree
 
     trees = [build_tree(rank_accuracy, n) for n in sizes]
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
-    plain, *seconds = measure_step_seconds(make_decoder, [None, *trees], prefix_length, repeats)
-    best = max(range(len(sizes)), key=lambda i: expected[i] / seconds[i])
-    return TreeSearch([len(t) for t in trees], expected, seconds, plain, len(trees[best]), trees[best])
+    cases = [(make, tree) for make in make_decoders.values() for tree in [None, *trees]]
+    seconds = measure_step_seconds(cases, prefix_length, repeats)
+    searches = {}
+    for index, dtype in enumerate(make_decoders):
+        plain, *steps = seconds[index * (len(trees) + 1) : (index + 1) * (len(trees) + 1)]
+        best = max(range(len(sizes)), key=lambda i: expected[i] / steps[i])
+        searches[dtype] = TreeSearch([len(t) for t in trees], expected, steps, plain, len(trees[best]), trees[best])
+    return searches
 
 
 def first_prompts(tokenizer, conversations, count: int, max_prompt_tokens: int) -> list[list[int]]:
