@@ -120,6 +120,11 @@ class TreeSearch:
         return [a / s for a, s in zip(self.expected_accept_length, self.step_seconds, strict=True)]
 
     @property
+    def chosen_step_seconds(self) -> float:
+        """The chosen tree's measured step time."""
+        return self.step_seconds[self.sizes.index(self.chosen_size)]
+
+    @property
     def chosen_tokens_per_second(self) -> float:
         """The chosen tree's expected tokens per second."""
         return self.expected_tokens_per_second[self.sizes.index(self.chosen_size)]

@@ -174,7 +174,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
         searches = choose_tree(factories, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
         dtype = max(candidates, key=lambda d: searches[d].chosen_tokens_per_second)
         choices = searches[dtype].choices
-        step_seconds = searches[dtype].step_seconds[searches[dtype].sizes.index(searches[dtype].chosen_size)]
+        step_seconds = searches[dtype].chosen_step_seconds
         expected_tps = searches[dtype].chosen_tokens_per_second
         plain_seconds = {d: s.plain_step_seconds for d, s in searches.items()}
     else:

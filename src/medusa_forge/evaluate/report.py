@@ -156,9 +156,9 @@ def render_markdown(report: EvalReport) -> str:
         lines += ["", "## Decoding dtype chosen from measured latency", ""]
         lines += ["| dtype | plain step ms | best tree | its step ms | expected tokens/s |", "|---|---|---|---|---|"]
         for dtype, search in sorted({report.dtype: tree, **report.other_dtype_searches}.items()):
-            step = search.step_seconds[search.sizes.index(search.chosen_size)]
             lines.append(
                 f"| {dtype}{' (chosen)' if dtype == report.dtype else ''} | {1000 * search.plain_step_seconds:.1f} "
-                f"| {search.chosen_size} nodes | {1000 * step:.1f} | {search.chosen_tokens_per_second:.2f} |"
+                f"| {search.chosen_size} nodes | {1000 * search.chosen_step_seconds:.1f} "
+                f"| {search.chosen_tokens_per_second:.2f} |"
             )
     return "\n".join(lines) + "\n"

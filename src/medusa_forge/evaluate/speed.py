@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from medusa_forge.decode.step_latency import DecoderFactory, measure_step_seconds
 from medusa_forge.errors import UserError
 from medusa_forge.generation.text import encode_chat
 from medusa_forge.results import DRAFT_RUN, Acceptance, SpeedComparison, TreeSearch, greedy_run
@@ -23,7 +24,7 @@ logger = logging.getLogger("medusa_forge.eval")
 
 
 def choose_tree(
-    make_decoders: dict[str, Any],
+    make_decoders: dict[str, DecoderFactory],
     rank_accuracy: list[list[float]],
     sizes: list[int],
     prefix_length: int = 256,
@@ -33,7 +34,6 @@ def choose_tree(
     per node budget from the rank accuracies, its step latency measured on this machine, and the budget with the
     most expected tokens per second. Every dtype's plain step and trees are timed in one round-robin, so the
     machine's drift between them cannot decide the dtype."""
-    from medusa_forge.decode.step_latency import measure_step_seconds
     from medusa_forge.decode.tree import expected_accept_length
     from medusa_forge.formats.tree_file import build_tree
 
@@ -123,7 +123,8 @@ def run_speed(
         return _cut_at_eos(out[0, len(ids) :].tolist(), eos)
 
     lookup = {"prompt_lookup_num_tokens": prompt_lookup_tokens} if prompt_lookup_tokens else None
-    generators: dict[str, Callable[[list[int]], list[int]]] = {
+    # Each takes a prompt's ids; greedy and prompt lookup give the new ids, the draft its DecodeResult.
+    generators: dict[str, Callable[[list[int]], Any]] = {
         greedy_run(d): functools.partial(hf, base, n=max_new_tokens) for d, base in bases.items()
     }
     generators[DRAFT_RUN] = lambda ids: decoder.generate(ids, max_new_tokens, eos_token_ids=eos)

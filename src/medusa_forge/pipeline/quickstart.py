@@ -13,8 +13,9 @@ import copy
 from medusa_forge.errors import UserError
 
 # What both kinds train with: bfloat16 where the CPU multiplies it natively (elsewhere train falls back to float32
-# with a warning): the frozen pass ~2x and the draft's step 1.2-1.7x faster there (BENCHMARKS.md), so more of the
-# budget goes to training; and the logging and checkpoint cadence (result-neutral: not part of any fingerprint).
+# with a warning): there the frozen pass is 3.5x and an EAGLE-3 training step ~1.7x faster, head training about as
+# fast (BENCHMARKS.md, "bfloat16 on a CPU ..."); and the logging and checkpoint cadence (result-neutral: not part
+# of any fingerprint).
 _TRAIN_SHARED = {"bf16": True, "logging_steps": 10, "save_steps": 100, "disable_tqdm": False}
 
 QUICKSTART: dict = {
