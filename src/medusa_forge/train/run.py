@@ -81,14 +81,14 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def remove_checkpoints(output_dir: Path) -> None:
-    """A completed run's checkpoints (~12 bytes per draft weight each) are only for resuming: remove them."""
+def remove_checkpoints(output_dir: Path, why: str) -> None:
+    """Remove the `checkpoint-N` folders in `output_dir` (~12 bytes per draft weight each): a completed run's are
+    only for resuming, and --overwrite_output_dir starts over; `why` ends the log line."""
     folders = [f for f in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.name.rsplit("-", 1)[-1].isdigit()]
     for folder in folders:
         shutil.rmtree(folder)
     if folders:
-        logger.warning("removed %d checkpoint(s) of the completed run (--keep_checkpoints True keeps them)",
-                       len(folders))
+        logger.warning("removed %d checkpoint(s) %s", len(folders), why)
 
 
 def _cached(base, train_set, eval_set, config: TrainConfig, outputs: RunOutputs):
@@ -172,8 +172,7 @@ def train(config: TrainConfig) -> Path:
     check_writable_folder(config.output_dir, f"--output_dir {config.output_dir}")
     with OutputLock(config.output_dir, "train", "--output_dir"):
         if config.overwrite_output_dir:
-            for checkpoint in Path(config.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-                shutil.rmtree(checkpoint)
+            remove_checkpoints(Path(config.output_dir), "(--overwrite_output_dir: starting over)")
         return _train(config)
 
 
@@ -232,7 +231,7 @@ def _train(config: TrainConfig) -> Path:
     output = Path(config.output_dir)
     if is_main:
         if not config.keep_checkpoints:
-            remove_checkpoints(output)
+            remove_checkpoints(output, "of the completed run (--keep_checkpoints True keeps them)")
         metrics = training_metrics(trainer.state.log_history, final, name=model.metric_name)
         metrics.save(output)
         plot_history(output, metrics, label="step" if eagle3 else "head")
