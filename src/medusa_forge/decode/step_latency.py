@@ -3,9 +3,11 @@ accepted length, and what bench/decode_speed.py breaks down by part."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,16 +28,34 @@ def plain_step(decoder: SpeculativeDecoder, state: DecodeState, mark: Callable[[
     return token
 
 
-def _stopwatch(parts: dict[str, float]) -> Callable[[str], None]:
-    """A `mark` hook that stores in `parts` the seconds since the previous mark (or since it was made)."""
-    last = time.perf_counter()
+class Stopwatch:
+    """A `mark` hook: call it with a part's name as that part ends; `seconds()` gives each part's seconds since
+    the previous mark (or since the stopwatch was made). On a CUDA device the marks are CUDA events on the
+    device's current stream: kernels run after the host queues them, so host clocks would credit a part's GPU
+    work to whichever later part first waits for a result. `seconds()` waits for the last event."""
 
-    def mark(part: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        parts[part], last = now - last, now
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = [("", self._now())]
 
-    return mark
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def __call__(self, part: str) -> None:
+        self.marks.append((part, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        pairs = itertools.pairwise(self.marks)
+        if self.cuda:  # elapsed_time is in milliseconds
+            return {part: start.elapsed_time(end) / 1000 for (_, start), (part, end) in pairs}
+        return {part: end - start for (_, start), (part, end) in pairs}
 
 
 DecoderFactory = Callable[[Choices], SpeculativeDecoder]  # a decoder for a tree (checks skipped: timing only)
@@ -48,8 +68,9 @@ def time_step_parts(cases: list[Case], prefix_length: int = 256, repeats: int = 
     """Seconds of each of STEP_PARTS of `repeats` steps per case, after `prefix_length` cached tokens (a random
     prompt). A `None` tree times one `plain_step` instead. Every step starts from the same cache length, and the
     cases are timed round-robin, so a burst of load from other processes, or a machine that drifts faster or
-    slower, hits every tree and every dtype alike. A factory makes the decoder of a tree, whatever its drafter and
-    dtype (`LoadedDraft.decoder` with check=False, e.g.)."""
+    slower, hits every tree and every dtype alike; on a GPU the parts are timed with CUDA events (`Stopwatch`).
+    A factory makes the decoder of a tree, whatever its drafter and dtype (`LoadedDraft.decoder` with
+    check=False, e.g.)."""
     decoders = [make(tree or [[0]]) for make, tree in cases]
     vocab = decoders[0].verifier.lm_head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -58,14 +79,13 @@ def time_step_parts(cases: list[Case], prefix_length: int = 256, repeats: int = 
     timings: list[list[dict[str, float]]] = [[] for _ in cases]
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for (_, choices), decoder, state, steps in zip(cases, decoders, states, timings, strict=True):
-            parts = dict.fromkeys(STEP_PARTS, 0.0)
-            mark = _stopwatch(parts)
+            mark = Stopwatch(decoder.device)
             if choices:
                 kept = len(decoder.step(state, mark=mark))
             else:
                 plain_step(decoder, state, mark)
                 kept = 1
-            steps.append(parts)
+            steps.append(dict.fromkeys(STEP_PARTS, 0.0) | mark.seconds())
             state.cache.crop(-kept)
             state.prefix_length = prefix_length
     return [steps[1:] for steps in timings]
