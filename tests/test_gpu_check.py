@@ -104,6 +104,10 @@ def test_tree_cost_rows_for_every_size_and_the_speed_model(run):
             assert all(r[f"{name}_ms"] >= 0 for name in STEP_PARTS) and r["draft_own_ms"] > 0
             assert r["step_over_plain"] == round(r["step_ms"] / plain, 3)
             assert r["verification_over_plain"] == round(r["verification_ms"] / plain, 3)
+    medusa16 = next(r for r in part["rows"] if r["draft"] == "medusa" and r["nodes"] == 16)
+    target = part["issue_target"]  # issue 15: verifying a 16-node tree costs at most 1.15x a plain step
+    assert target["verification_over_plain"] == medusa16["verification_over_plain"]
+    assert target["met"] == (medusa16["verification_over_plain"] <= 1.15)
     model = {(r["draft"], r["nodes"]): r for r in part["model"]}
     assert set(model) == {("medusa", 16), ("eagle3", 8)}  # the defaults: CPU-measured accepted lengths
     assert model["medusa", 16]["accepted"] == 1.70 and model["eagle3", 8]["accepted"] == 1.75
