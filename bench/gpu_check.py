@@ -1,10 +1,11 @@
 """The GPU check (issue 15): one run on a CUDA machine that proves the GPU path and measures what a tree costs on an
-8B-shaped model. Everything is random-initialised from configs (no download, no network); it needs torch,
-transformers and tokenizers only.
+8B-shaped model. Everything is random-initialised from configs (no download, no network); it needs only the
+project's own dependencies (torch, transformers, accelerate for the Trainer).
 
-1. Correctness, on a small random Llama on --device: greedy tree decoding with random Medusa heads and a random
-   EAGLE-3 draft against plain greedy (`greedy_generate`), in float32 (must be token-identical) and in bfloat16
-   (identity, agreement and first divergence reported; not promised). A few steps of the heads' training with
+1. Correctness, on a small random Llama on --device: greedy tree decoding with Medusa heads and an EAGLE-3 draft
+   (fitted on the CPU to the model's own greedy continuation, so that paths of several tokens are accepted)
+   against plain greedy (`greedy_generate`), in float32 (must be token-identical) and in bfloat16 (identity,
+   agreement and first divergence reported; not promised). A few steps of the heads' training with
    --bf16 through the `train` command (Trainer, hidden-state cache), and the hidden-state cache built on the
    device against the same records computed on the CPU.
 2. Tree cost on a Llama-3-8B-shaped model (random weights, bfloat16, batch 1, --prefix cached tokens): a plain
@@ -15,7 +16,8 @@ transformers and tokenizers only.
    optimizer; the Trainer's optimizer and bfloat16 autocast) of 3 Medusa heads and of an EAGLE-3 draft, over
    the whole vocabulary and over a draft vocabulary.
 
-Run (about 3-5 minutes on one H100/H200; the exit status is 1 when a float32 exactness check fails):
+Run (sized for under 8 minutes on one H100/H200, not yet timed on one; exit status 1 when a float32 exactness
+check fails):
     python bench/gpu_check.py [--device cuda] [--parts 1,2,3] [--out gpu_check.json]
         [--medusa-accepted 16:1.70] [--eagle3-accepted 8:1.75]
 --tiny runs the same code on tiny shapes (the test suite runs it on the CPU). It prints a table per part and
@@ -38,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -102,7 +105,7 @@ EXIT_FLOAT32_MISMATCH = 1
 TARGET_NODES, TARGET_RATIO = 16, 1.15  # issue 15's target for the 8B-shaped model
 
 
-def train_default(name: str):
+def train_default(name: str) -> Any:
     """A `train` flag's default (one place for it: TrainConfig)."""
     return {f.name: f.default for f in fields(TrainConfig)}[name]
 
