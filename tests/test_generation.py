@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from medusa_forge.decode.generation import greedy_generate
 from medusa_forge.errors import UserError
-from medusa_forge.generation.device import resolve_device, resolve_dtype
+from medusa_forge.generation.device import cpu_has_native_bfloat16, pack_linear_weights, resolve_device, resolve_dtype
 from medusa_forge.generation.generator import ContextLengthError, check_context
 from medusa_forge.generation.text import StreamedText, decode_text, eos_token_ids
 
@@ -54,3 +58,26 @@ def test_dtype_and_device_names():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(UserError, match="--device 'gpu0'"):
         resolve_device("gpu0")
+
+
+@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="packing applies only on a CPU with native bfloat16")
+def test_packed_bfloat16_weights_give_the_same_logits_and_greedy_tokens(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    reference = copy.deepcopy(model)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert pack_linear_weights(model) == linears > 0
+    assert pack_linear_weights(model) == 0  # packed once
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)  # the same products, in oneDNN's layout
+    assert greedy_generate(model, ids[0], 12) == greedy_generate(reference, ids[0], 12)
+    # Under autograd a packed layer falls back to its own forward (the packed product has no gradient).
+    model.lm_head.weight.requires_grad_(True)
+    model(ids).logits.float().sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_float32_weights_are_never_packed(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert pack_linear_weights(model) == 0
+    assert not any("forward" in vars(m) for m in model.modules())

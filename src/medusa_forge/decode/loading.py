@@ -16,7 +16,7 @@ from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
 from medusa_forge.eagle3 import Eagle3Draft, is_eagle3_folder
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree_dtype
-from medusa_forge.generation.device import resolve_device, resolve_dtype
+from medusa_forge.generation.device import pack_linear_weights, resolve_device, resolve_dtype
 from medusa_forge.generation.text import encode_chat
 from medusa_forge.heads import MedusaModel
 from medusa_forge.modeling import load_base_model, load_tokenizer
@@ -40,6 +40,7 @@ def load_medusa(
     # The heads are read (and checked) before the base model, which takes far longer to load.
     model = MedusaModel.from_pretrained(heads_dir, base_model=base_model, dtype=torch_dtype)
     model = model.to(resolve_device(device))
+    pack_linear_weights(model)  # bfloat16 on a CPU: a step reads each weight once (see there)
     return model, _tokenizer(heads_dir, base_model or model.heads.config.base_model_name_or_path)
 
 
@@ -53,6 +54,8 @@ def load_eagle3(
     base_name = base_model or draft.config.base_model_name_or_path
     base = load_base_model(base_name, dtype=torch_dtype).to(resolve_device(device))
     draft = draft.to(device=next(base.parameters()).device, dtype=torch_dtype)
+    pack_linear_weights(base)  # bfloat16 on a CPU: a step reads each weight once (see there)
+    pack_linear_weights(draft)
     return base, draft, _tokenizer(draft_dir, base_name)
 
 

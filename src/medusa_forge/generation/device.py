@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import types
 from dataclasses import field
 from typing import Any
 
 import torch
+from torch import nn
 
 from medusa_forge.errors import UserError
 
@@ -35,6 +37,46 @@ def cpu_has_native_bfloat16() -> bool:
     are several times faster than float32 ones (BENCHMARKS.md); elsewhere they are emulated and slower."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def _packed_forward(linear: nn.Linear, packed: torch.Tensor) -> Any:
+    """A forward for `linear` that multiplies by `packed` (its weight in oneDNN's layout) where that is the same
+    product: no gradient wanted and bfloat16 CPU tensors throughout; anything else takes nn.Linear's own path."""
+
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        usable = (
+            not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and x.dtype == self.weight.dtype == torch.bfloat16
+            and x.device.type == self.weight.device.type == "cpu"
+        )
+        if not usable:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+    return types.MethodType(forward, linear)
+
+
+def pack_linear_weights(module: nn.Module) -> int:
+    """Give every bfloat16 nn.Linear of `module` on a CPU with native bfloat16 a copy of its weight in oneDNN's
+    blocked layout, and a forward that multiplies by it (what torch.compile's freezing does for CPU inference).
+    Why: without it, every product reorders the weight into that layout first, so a decoding step (one token, or a
+    tree of a few) pays for reading the weights twice; a plain bfloat16 step then costs more than a float32 one
+    and a tree more than it needs (BENCHMARKS.md, "Packed bfloat16 weights"). Inference only: the packed product
+    has no gradient, so under autograd a layer falls back to its own forward; the original weight stays (tied
+    embeddings, export), and a layer whose weight is replaced later must not be packed. Returns the layers packed."""
+    if not cpu_has_native_bfloat16() or not torch.backends.mkldnn.is_available():
+        return 0
+    packed = 0
+    for linear in module.modules():
+        weight = getattr(linear, "weight", None)
+        if not isinstance(linear, nn.Linear) or weight is None or weight.dtype != torch.bfloat16:
+            continue
+        if weight.device.type != "cpu" or "forward" in vars(linear):  # elsewhere, or packed already
+            continue
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        linear.forward = _packed_forward(linear, blocked)
+        packed += 1
+    return packed
 
 
 def resolve_dtype(name: str) -> torch.dtype:
