@@ -21,9 +21,9 @@ _TRAIN_SHARED = {"bf16": True, "logging_steps": 10, "save_steps": 100, "disable_
 QUICKSTART: dict = {
     # The kind trained without --draft-kind, and the measurement behind that choice (the report prints it).
     "default_kind": "medusa",
-    "why": "at the quickstart's budget on a 2-core CPU, Medusa heads measured 1.70 accepted tokens per step and "
-    "0.96x over the fastest plain greedy, an EAGLE-3 draft 1.47 and 0.85x (BENCHMARKS.md, 'Medusa heads vs EAGLE-3 "
-    "at the quickstart's budget')",
+    "why": "at the quickstart's budget on a 2-core CPU, Medusa heads measured 1.55 accepted tokens per step and "
+    "1.13x over the fastest plain greedy (bfloat16), an EAGLE-3 draft 1.51 and 1.10x, in 5.0 against 6.7 minutes "
+    "(BENCHMARKS.md, 'Medusa heads vs EAGLE-3 at the quickstart's budget, packed bfloat16 weights')",
     "shared": {
         "model": "smollm2",
         "data": "sharegpt",
