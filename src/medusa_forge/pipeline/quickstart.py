@@ -20,15 +20,16 @@ _TRAIN_SHARED = {"bf16": True, "logging_steps": 10, "save_steps": 100, "disable_
 
 QUICKSTART: dict = {
     # The kind trained without --draft-kind, and the measurement behind that choice (the report prints it).
-    "default_kind": "medusa",
-    "why": "at the quickstart's budget on a 2-core CPU, Medusa heads measured 1.55 accepted tokens per step and "
-    "1.13x over the fastest plain greedy (bfloat16), an EAGLE-3 draft 1.51 and 1.10x, in 5.0 against 6.7 minutes "
-    "(BENCHMARKS.md, 'Medusa heads vs EAGLE-3 at the quickstart's budget, packed bfloat16 weights')",
+    "default_kind": "eagle3",
+    "why": "at the quickstart's budget on a 2-core CPU, from the same data and in about the same minutes, an EAGLE-3 "
+    "draft measured 1.66 accepted tokens per step and 1.16x over the fastest plain greedy (bfloat16), Medusa heads "
+    "1.52 and 1.09x (BENCHMARKS.md, 'Medusa heads vs EAGLE-3 at the quickstart's budget, packed bfloat16 weights')",
     "shared": {
         "model": "smollm2",
         "data": "sharegpt",
-        # No generation: on a CPU, ShareGPT's own text with soft labels trains better heads per minute than
-        # self-distilled replies (BENCHMARKS.md, "Quickstart"). With a GPU server, distil (pipeline.example.yaml).
+        # No generation: on a CPU, ShareGPT's own text with soft labels trains drafts at least as well per minute
+        # as self-distilled replies (BENCHMARKS.md, "Quickstart" and "What did not lift the EAGLE-3 draft"). With a
+        # GPU server, distil (pipeline.example.yaml).
         "distill": {"enabled": False},
         "eval": {
             "max_prompts": 5,
@@ -55,7 +56,7 @@ QUICKSTART: dict = {
         "eagle3": {
             "train": {
                 "eagle3_ttt_steps": 3,
-                "num_train_epochs": 3,
+                "num_train_epochs": 2,
                 "learning_rate": 1e-3,
                 "per_device_train_batch_size": 4,
                 "max_samples": 500,
@@ -84,6 +85,6 @@ def quickstart_config(kind: str | None = None) -> dict:
 
 def kind_reason(forced: str | None) -> str:
     """Why the quickstart trains the kind it does, for its report: the flag, or QUICKSTART's measured choice."""
-    if forced:
+    if forced and forced != QUICKSTART["default_kind"]:
         return f"chosen with `--draft-kind {forced}` (the quickstart's default is {QUICKSTART['default_kind']})"
     return f"the quickstart's default: {QUICKSTART['why']}"
