@@ -8,7 +8,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.errors import UserError
-from medusa_forge.generation.device import resolve_device, resolve_dtype
+from medusa_forge.generation.device import pack_linear_weights, resolve_device, resolve_dtype
 from medusa_forge.generation.generator import (
     Completion,
     GenerationRequest,
@@ -93,6 +93,7 @@ class HFGenerator:
         torch_device = resolve_device(device)
         path = resolve_model(name_or_path)
         model = load_base_model(path, dtype=torch_dtype).to(torch_device)
+        pack_linear_weights(model)  # bfloat16 on a CPU: each product reads the weight once (see there)
         return cls(model, load_tokenizer(path))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
