@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -81,3 +83,16 @@ def test_float32_weights_are_never_packed(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert pack_linear_weights(model) == 0
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="packing applies only on a CPU with native bfloat16")
+def test_weights_are_not_packed_when_the_copies_would_not_fit(tiny_model_dir, monkeypatch, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    weights = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # A machine with less than twice the copies' size free (what a 7B model meets on a 32 GB laptop); psutil's
+    # figure is the one thing faked: this machine has the memory.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * weights - 1))
+    assert pack_linear_weights(model) == 0
+    assert "bfloat16 weights not packed" in caplog.text and not any("forward" in vars(m) for m in model.modules())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * weights))
+    assert pack_linear_weights(model) > 0

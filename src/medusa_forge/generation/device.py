@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import field
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
 from medusa_forge.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,20 +67,30 @@ def pack_linear_weights(module: nn.Module) -> int:
     tree of a few) pays for reading the weights twice; a plain bfloat16 step then costs more than a float32 one
     and a tree more than it needs (BENCHMARKS.md, "Packed bfloat16 weights"). Inference only: the packed product
     has no gradient, so under autograd a layer falls back to its own forward; the original weight stays (tied
-    embeddings, export), and a layer whose weight is replaced later must not be packed. Returns the layers packed."""
+    embeddings, export), so the packed copies take memory beside it: nothing is packed when that would take more
+    than half of the available memory. A layer whose weight is replaced later must not be packed. Returns the
+    layers packed."""
     if not cpu_has_native_bfloat16() or not torch.backends.mkldnn.is_available():
         return 0
-    packed = 0
-    for linear in module.modules():
-        weight = getattr(linear, "weight", None)
-        if not isinstance(linear, nn.Linear) or weight is None or weight.dtype != torch.bfloat16:
-            continue
-        if weight.device.type != "cpu" or "forward" in vars(linear):  # elsewhere, or packed already
-            continue
-        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        linear.forward = _packed_forward(linear, blocked)
-        packed += 1
-    return packed
+    layers = [
+        linear
+        for linear in module.modules()
+        if isinstance(linear, nn.Linear)
+        and linear.weight.dtype == torch.bfloat16
+        and linear.weight.device.type == "cpu"
+        and "forward" not in vars(linear)  # packed already
+    ]
+    extra = sum(linear.weight.numel() * linear.weight.element_size() for linear in layers)
+    available = psutil.virtual_memory().available
+    if extra > available // 2:  # the copies must not push the machine into swap (a 7B model: +14 GB)
+        logger.warning(
+            "bfloat16 weights not packed for faster CPU inference: the packed copies need %.1f GB and only %.1f GB "
+            "of memory is available", extra / 1e9, available / 1e9,
+        )  # fmt: skip
+        return 0
+    for linear in layers:
+        linear.forward = _packed_forward(linear, torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+    return len(layers)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
