@@ -96,3 +96,14 @@ def measure_step_seconds(cases: list[Case], prefix_length: int = 256, repeats: i
     forward, lm_head and acceptance, cache pruning and the drafter's update. A `None` tree: one plain greedy step."""
     timings = time_step_parts(cases, prefix_length, repeats)
     return [statistics.median(sum(parts.values()) for parts in steps) for steps in timings]
+
+
+def measure_plain_and_trees(
+    factories: dict[str, DecoderFactory], trees: list[Choices], prefix_length: int = 256, repeats: int = 5
+) -> dict[str, tuple[float, list[float]]]:
+    """Per factory (a draft in some dtype, say): (plain step seconds, each tree's step seconds), every one of them
+    timed in one round-robin, so the machine's drift between factories cannot decide between them."""
+    cases = [(make, tree) for make in factories.values() for tree in [None, *trees]]
+    seconds = measure_step_seconds(cases, prefix_length, repeats)
+    width = len(trees) + 1
+    return {key: (seconds[i * width], seconds[i * width + 1 : (i + 1) * width]) for i, key in enumerate(factories)}

@@ -111,7 +111,7 @@ class EvalConfig:
 def evaluate(config: EvalConfig) -> EvalReport:
     from medusa_forge.decode.drafters import trained_draft_vocab
     from medusa_forge.decode.loading import load_draft
-    from medusa_forge.decode.step_latency import measure_step_seconds
+    from medusa_forge.decode.step_latency import measure_plain_and_trees
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
     from medusa_forge.formats.tree_file import save_tree
     from medusa_forge.generation.text import eos_token_ids
@@ -165,12 +165,9 @@ def evaluate(config: EvalConfig) -> EvalReport:
             logger.warning("%s on its own answers: top-1 %.3f top-5 %.3f", row.name, row.top(1), row.top(5))
     rank_accuracy = [row.rank_accuracy for row in (self_accuracy or accuracy)[1:]]
 
-    def make_decoder(dtype: str):
-        return functools.partial(loaded[dtype].decoder, check=False)
-
+    factories = {dtype: functools.partial(loaded[dtype].decoder, check=False) for dtype in candidates}
     searches = {}
     if config.tree == "auto":
-        factories = {dtype: make_decoder(dtype) for dtype in candidates}
         searches = choose_tree(factories, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
         dtype = max(candidates, key=lambda d: searches[d].chosen_tokens_per_second)
         choices = searches[dtype].choices
@@ -179,13 +176,11 @@ def evaluate(config: EvalConfig) -> EvalReport:
         plain_seconds = {d: s.plain_step_seconds for d, s in searches.items()}
     else:
         choices = resolve_tree(config.tree, config.heads, depth)
-        cases = [(make_decoder(d), tree) for d in candidates for tree in (None, choices)]  # timed round-robin
-        seconds = measure_step_seconds(cases, config.latency_prefix)
-        timings = {d: seconds[2 * i : 2 * i + 2] for i, d in enumerate(candidates)}
-        dtype = min(candidates, key=lambda d: timings[d][1])
-        step_seconds = timings[dtype][1]
+        timings = measure_plain_and_trees(factories, [choices], config.latency_prefix)
+        dtype = min(candidates, key=lambda d: timings[d][1][0])
+        step_seconds = timings[dtype][1][0]
         expected_tps = expected_accept_length(choices, rank_accuracy) / step_seconds
-        plain_seconds = {d: t[0] for d, t in timings.items()}
+        plain_seconds = {d: plain for d, (plain, _) in timings.items()}
     for d in candidates:
         logger.warning("%s: plain step %.1f ms", d, 1000 * plain_seconds[d])
     fastest_plain = min(plain_seconds.values())

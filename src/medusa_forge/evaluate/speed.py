@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from medusa_forge.decode.step_latency import DecoderFactory, measure_step_seconds
+from medusa_forge.decode.step_latency import DecoderFactory, measure_plain_and_trees
 from medusa_forge.errors import UserError
 from medusa_forge.generation.text import encode_chat
 from medusa_forge.results import DRAFT_RUN, Acceptance, SpeedComparison, TreeSearch, greedy_run
@@ -39,11 +39,8 @@ def choose_tree(
 
     trees = [build_tree(rank_accuracy, n) for n in sizes]
     expected = [expected_accept_length(t, rank_accuracy) for t in trees]
-    cases = [(make, tree) for make in make_decoders.values() for tree in [None, *trees]]
-    seconds = measure_step_seconds(cases, prefix_length, repeats)
     searches = {}
-    for index, dtype in enumerate(make_decoders):
-        plain, *steps = seconds[index * (len(trees) + 1) : (index + 1) * (len(trees) + 1)]
+    for dtype, (plain, steps) in measure_plain_and_trees(make_decoders, trees, prefix_length, repeats).items():
         best = max(range(len(sizes)), key=lambda i: expected[i] / steps[i])
         searches[dtype] = TreeSearch([len(t) for t in trees], expected, steps, plain, len(trees[best]), trees[best])
     return searches
