@@ -86,13 +86,15 @@ def test_quickstart_draft_kind_selects_that_kinds_quickstart_settings(capsys):
         "--set eval.max_prompts=2"  # fmt: skip
     config = load_config(None, options.overrides, quickstart_config(options.draft_kind))
     assert config.draft_kind == "eagle3" and config.model == "smollm2" and not config.distill.enabled
-    assert config.train == QUICKSTART["kinds"]["eagle3"]["train"] and "medusa_soft_labels" not in config.train
+    shared = QUICKSTART["shared"]["train"]  # the same data for both kinds, each kind's own settings over it
+    assert config.train == {**shared, **QUICKSTART["kinds"]["eagle3"]["train"]}
+    assert "medusa_soft_labels" not in config.train
     assert config.eval["depth"] == 4 and config.eval["max_prompts"] == 2 and config.export.formats == ["vllm", "sglang"]
     default = parse_command("quickstart", [])
     assert default.draft_kind is None and "--draft-kind" not in default.command_line
     chosen = load_config(None, [], quickstart_config(default.draft_kind))
     assert chosen.draft_kind == QUICKSTART["default_kind"]
-    assert chosen.train == QUICKSTART["kinds"][chosen.draft_kind]["train"]
+    assert chosen.train == {**shared, **QUICKSTART["kinds"][chosen.draft_kind]["train"]}
     medusa = load_config(None, [], quickstart_config("medusa"))
     assert medusa.train["medusa_soft_labels"] is True and medusa.export.formats == ["tgi", "vllm"]
     assert main(["quickstart", "--set", "draft_kind=eagle3"]) == 2

@@ -1,9 +1,10 @@
 """The quickstart's sizes, all in one place: `medusa-forge quickstart` is the pipeline with this config.
 
 Chosen by measurement on a 2-core CPU (BENCHMARKS.md, "Quickstart" and the EAGLE-3 section): change them here.
-QUICKSTART holds the settings shared by both kinds of draft, each kind's own training/eval/export settings, the
-kind the quickstart trains unless `--draft-kind` says otherwise, and why. Training flags not named here take the
-train command's own defaults.
+QUICKSTART holds the settings shared by both kinds of draft, each kind's own training/eval settings (merged over
+the shared ones section by section; export writes each kind's default engines), the kind the quickstart trains
+unless `--draft-kind` says otherwise, and why. Training flags not named here take the train command's own
+defaults.
 """
 
 from __future__ import annotations
@@ -11,12 +12,6 @@ from __future__ import annotations
 import copy
 
 from medusa_forge.errors import UserError
-
-# What both kinds train with: bfloat16 where the CPU multiplies it natively (elsewhere train falls back to float32
-# with a warning): there the frozen pass is 3.5x and an EAGLE-3 training step ~1.7x faster, head training about as
-# fast (BENCHMARKS.md, "bfloat16 on a CPU ..."); and the logging and checkpoint cadence (result-neutral: not part
-# of any fingerprint).
-_TRAIN_SHARED = {"bf16": True, "logging_steps": 10, "save_steps": 100, "disable_tqdm": False}
 
 QUICKSTART: dict = {
     # The kind trained without --draft-kind, and the measurement behind that choice (the report prints it).
@@ -31,6 +26,19 @@ QUICKSTART: dict = {
         # as self-distilled replies (BENCHMARKS.md, "Quickstart" and "What did not lift the EAGLE-3 draft"). With a
         # GPU server, distil (pipeline.example.yaml).
         "distill": {"enabled": False},
+        # The same data for both kinds (500 ShareGPT conversations at 384 tokens, batches of 4); bfloat16 where the
+        # CPU multiplies it natively (elsewhere train falls back to float32 with a warning): there the frozen pass
+        # is 3.5x and an EAGLE-3 training step ~1.7x faster, head training about as fast (BENCHMARKS.md, "bfloat16
+        # on a CPU ..."); the logging and checkpoint cadence is result-neutral (not part of any fingerprint).
+        "train": {
+            "max_samples": 500,
+            "model_max_length": 384,
+            "per_device_train_batch_size": 4,
+            "bf16": True,
+            "logging_steps": 10,
+            "save_steps": 100,
+            "disable_tqdm": False,
+        },
         "eval": {
             "max_prompts": 5,
             "max_new_tokens": 96,
@@ -42,29 +50,11 @@ QUICKSTART: dict = {
     },
     "kinds": {
         "medusa": {
-            "train": {
-                "max_samples": 500,
-                "num_train_epochs": 3,
-                "learning_rate": 3e-3,
-                "medusa_soft_labels": True,
-                "per_device_train_batch_size": 4,
-                "model_max_length": 384,
-                **_TRAIN_SHARED,
-            },
-            "export": {"formats": ["tgi", "vllm"]},
+            "train": {"num_train_epochs": 3, "learning_rate": 3e-3, "medusa_soft_labels": True},
         },
         "eagle3": {
-            "train": {
-                "eagle3_ttt_steps": 3,
-                "num_train_epochs": 2,
-                "learning_rate": 1e-3,
-                "per_device_train_batch_size": 4,
-                "max_samples": 500,
-                "model_max_length": 384,
-                **_TRAIN_SHARED,
-            },
+            "train": {"eagle3_ttt_steps": 3, "num_train_epochs": 2, "learning_rate": 1e-3},
             "eval": {"depth": 4},
-            "export": {"formats": ["vllm", "sglang"]},
         },
     },
 }
