@@ -155,6 +155,23 @@ def write_conversations(path: Path, n: int = 12, sharegpt: bool = True) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Point MEDUSA_FORGE_CACHE (read by us and by every CLI subprocess) at a folder of this test session, so
+    the hidden-state caches tests write never pile up in the user's ~/.cache/medusa-forge. Only the converted
+    embedded model (`models/`, ~30 s to convert) is shared with the user's cache, through a link."""
+    from medusa_forge.defaults import cache_dir
+
+    shared = cache_dir() / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("medusa-forge-cache")
+    (root / "models").symlink_to(shared, target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDUSA_FORGE_CACHE", str(root))
+    yield root
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real embedded model, converted once into the cache (shared across test runs)."""

@@ -22,7 +22,7 @@ from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train import hidden_cache
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
-from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights
+from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights, target_argmax
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache, cache_key
 from medusa_forge.train.run import assistant_token_counts
 from medusa_forge.train.run import train as run_train
@@ -138,6 +138,17 @@ def step_by_step_sums(model: Eagle3ForTraining, ids: torch.Tensor, labels: torch
                 sums[j][0] -= float((soft * F.log_softmax(draft.logits(state)[0, 0].float(), dim=-1)).sum())
                 sums[j][1] += 1
     return [(s, n) for s, n in sums]
+
+
+def test_target_argmax_is_argmax_with_first_index_ties_across_chunks():
+    """target_argmax uses max(-1).indices (faster than argmax on bfloat16 CPU): same ids, ties to the first."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(37, 16, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(300, 16, generator=gen).to(torch.bfloat16)
+    weight[40] = weight[150] = rows[0] * 4  # row 0's best ids tie exactly: the lower one must win
+    expected = (rows @ weight.T).argmax(-1)
+    assert expected[0] == 40
+    assert torch.equal(target_argmax(rows, weight, chunk_size=8), expected)
 
 
 def test_ttt_loss_equals_a_step_by_step_recomputation(target, tiny_tokenizer, tmp_path):

@@ -49,8 +49,10 @@ def target_argmax(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chun
     out = torch.empty(final_hidden.shape[0], dtype=torch.long, device=final_hidden.device)
     # The rows come to the weight's dtype, never the [V, H] weight to theirs: no copy of it per batch.
     rows = final_hidden.to(lm_head_weight.dtype)
+    # max().indices, not argmax(): the same ids (ties go to the first), and on a bfloat16 [chunk, V] on the
+    # CPU argmax took longer than the product itself (BENCHMARKS.md, "EAGLE-3 training throughput").
     for start in range(0, rows.shape[0], chunk_size):
-        out[start : start + chunk_size] = (rows[start : start + chunk_size] @ lm_head_weight.T).argmax(-1)
+        out[start : start + chunk_size] = (rows[start : start + chunk_size] @ lm_head_weight.T).max(-1).indices
     return out
 
 
