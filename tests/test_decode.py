@@ -94,11 +94,16 @@ def arch_case(request):
     return request.param, base, ref
 
 
+@pytest.mark.parametrize("every_node_logits", [False, True])
 @pytest.mark.parametrize("tree_name", list(TREES))
-def test_greedy_equals_plain_greedy_with_oracle_heads(arch_case, tree_name):
+def test_greedy_equals_plain_greedy_with_oracle_heads(arch_case, tree_name, every_node_logits):
     _, base, ref = arch_case
     model = MedusaModel(base, OracleHeads(base, PROMPT + ref))
-    result = MedusaDecoder(model, TREES[tree_name]).generate(PROMPT, len(ref))
+    decoder = MedusaDecoder(model, TREES[tree_name])
+    # Both ways of finding the base model's argmax (every node at once, as on GPUs and with packed bfloat16; or
+    # only nodes with children, plus a leaf that ends the path) must accept the same tokens.
+    decoder.verifier.every_node_logits = every_node_logits
+    result = decoder.generate(PROMPT, len(ref))
     assert result.tokens == ref
     assert sum(result.accept_lengths) + 1 == len(ref)  # the prefill gives the first token
     assert max(result.accept_lengths) >= 3, "oracle heads must get multi-token steps accepted"

@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from medusa_forge.decode.generation import greedy_generate
 from medusa_forge.errors import UserError
-from medusa_forge.generation.device import cpu_has_native_bfloat16, pack_linear_weights, resolve_device, resolve_dtype
+from medusa_forge.generation.device import (
+    cpu_has_native_bfloat16,
+    is_packed,
+    pack_linear_weights,
+    resolve_device,
+    resolve_dtype,
+)
 from medusa_forge.generation.generator import ContextLengthError, check_context
 from medusa_forge.generation.text import StreamedText, decode_text, eos_token_ids
 
@@ -82,7 +88,7 @@ def test_packed_bfloat16_weights_give_the_same_logits_and_greedy_tokens(tiny_mod
 def test_float32_weights_are_never_packed(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert pack_linear_weights(model) == 0
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any(is_packed(m) for m in model.modules())
 
 
 @pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="packing applies only on a CPU with native bfloat16")
@@ -93,6 +99,6 @@ def test_weights_are_not_packed_when_the_copies_would_not_fit(tiny_model_dir, mo
     # figure is the one thing faked: this machine has the memory.
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * weights - 1))
     assert pack_linear_weights(model) == 0
-    assert "bfloat16 weights not packed" in caplog.text and not any("forward" in vars(m) for m in model.modules())
+    assert "bfloat16 weights not packed" in caplog.text and not any(is_packed(m) for m in model.modules())
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * weights))
     assert pack_linear_weights(model) > 0

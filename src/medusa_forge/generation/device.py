@@ -60,6 +60,11 @@ def _packed_forward(linear: nn.Linear, packed: torch.Tensor) -> Any:
     return types.MethodType(forward, linear)
 
 
+def is_packed(linear: nn.Module) -> bool:
+    """Whether `pack_linear_weights` gave this layer its packed forward."""
+    return "forward" in vars(linear)
+
+
 def pack_linear_weights(module: nn.Module) -> int:
     """Give every bfloat16 nn.Linear of `module` on a CPU with native bfloat16 a copy of its weight in oneDNN's
     blocked layout, and a forward that multiplies by it (what torch.compile's freezing does for CPU inference).
@@ -78,7 +83,7 @@ def pack_linear_weights(module: nn.Module) -> int:
         if isinstance(linear, nn.Linear)
         and linear.weight.dtype == torch.bfloat16
         and linear.weight.device.type == "cpu"
-        and "forward" not in vars(linear)  # packed already
+        and not is_packed(linear)
     ]
     extra = sum(linear.weight.numel() * linear.weight.element_size() for linear in layers)
     available = psutil.virtual_memory().available
