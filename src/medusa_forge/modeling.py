@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from medusa_forge.defaults import MODEL_ALIAS, resolve_model
 from medusa_forge.errors import UserError
+from medusa_forge.grouped_attention import use_grouped_attention
 
 
 def _load_error(name: str, err: Exception) -> UserError:
@@ -28,7 +29,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load the frozen base model in eval mode with gradients off."""
+    """Load the frozen base model in eval mode with gradients off, its SDPA attention grouped on a CPU
+    (`grouped_attention`: the same outputs, no key/value copies in tree verification)."""
     path = resolve_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -36,4 +38,5 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
         raise _load_error(name_or_path, err) from err
     model.eval()
     model.requires_grad_(False)
+    use_grouped_attention(model)
     return model
