@@ -10,7 +10,9 @@ import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import DynamicCache, PreTrainedTokenizerFast
+
+from medusa_forge.decode.verification import Sampling
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -178,3 +180,16 @@ def smollm2_dir() -> Path:
     from medusa_forge.defaults import smollm2_dir as convert
 
     return convert()
+
+
+@torch.no_grad()
+def plain_sample(base, prompt: list[int], max_new_tokens: int, temperature: float, seed: int, top_p: float = 1.0):
+    """What a sampling decoder must give token for token: plain sampling with a KV cache, one token per forward
+    pass, each drawn by `Sampling.pick` from a generator seeded as `SpeculativeDecoder.stream` seeds its own."""
+    device = next(base.parameters()).device
+    sampling = Sampling(temperature, top_p, torch.Generator(device=device).manual_seed(seed))
+    ids, cache, tokens = torch.tensor([prompt], device=device), DynamicCache(), []
+    while len(tokens) < max_new_tokens:
+        tokens.append(sampling.pick(base(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]))
+        ids = torch.tensor([[tokens[-1]]], device=device)
+    return tokens

@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, plain_sample
 from torch import nn
 
-from medusa_forge.decode.acceptance import greedy_accept, typical_accept
+from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.decode.generation import MedusaDecoder, SpeculativeDecoder, greedy_generate
 from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.tree_support import check_tree_support
@@ -173,40 +173,51 @@ def test_kv_pruning_equals_recomputation():
         torch.testing.assert_close(kept.values, recomputed.values, atol=1e-5, rtol=1e-5)
 
 
-def test_typical_acceptance_at_low_temperature_is_greedy():
+def test_greedy_acceptance_takes_the_longest_path_of_argmax_tokens():
     gen = torch.Generator().manual_seed(0)
     for choices in TREES.values():
         tree = TreeBuffers.from_choices(choices)
-        parent = [0] + [
-            int(torch.nonzero(tree.attention[i] & (tree.depths == tree.depths[i] - 1))[0]) for i in range(1, tree.size)
-        ]
+        parent = {child: node for node, children in enumerate(tree.children) for child in children}
         ranks = [0] + [c[-1] for c in tree.choices]
         for _ in range(30):
             logits = torch.randn(tree.size, 50, generator=gen) * 3
+            argmax = logits.argmax(-1)
             tree_tokens = torch.zeros(tree.size, dtype=torch.long)
             for i in range(1, tree.size):
-                best = int(logits[parent[i]].argmax())
+                best = int(argmax[parent[i]])
                 # Like real top-k candidates: only one sibling can be the argmax (here rank 0, often).
                 hit = ranks[i] == 0 and float(torch.rand(1, generator=gen)) < 0.7
                 tree_tokens[i] = best if hit else (best + 1 + ranks[i]) % 50
-            nodes_g, length_g = greedy_accept(tree_tokens, logits.argmax(-1), tree.paths)
-            nodes_t, length_t = typical_accept(tree_tokens, logits, tree.paths, temperature=1e-4)
-            assert length_t == length_g and torch.equal(nodes_t, nodes_g)
-            # Each accepted candidate is the argmax at its parent, and the path cannot be extended.
-            for j in range(1, len(nodes_g)):
-                assert int(tree_tokens[nodes_g[j]]) == int(logits[nodes_g[j - 1]].argmax())
+            nodes, length = greedy_accept(tree_tokens, argmax, tree.paths)
+            assert len(nodes) == length + 1 and int(nodes[0]) == 0
+            for j in range(1, len(nodes)):  # each accepted candidate is the argmax at its parent ...
+                assert parent[int(nodes[j])] == int(nodes[j - 1])
+                assert int(tree_tokens[nodes[j]]) == int(argmax[nodes[j - 1]])
+            last = int(nodes[-1])  # ... and the path cannot be extended
+            assert all(int(tree_tokens[c]) != int(argmax[last]) for c in tree.children[last])
 
 
-def test_typical_sampling_at_low_temperature_equals_greedy_and_seed_reproduces(arch_case):
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_draws_the_tokens_of_plain_sampling(arch_case, top_p):
+    """Sampling keeps the base model's distribution exactly: with a seed, a tree gives the very tokens plain
+    sampling draws from the same random stream (both ways of computing the tree's logits). The oracle heads
+    guess that sample's tokens, so steps accept several of them: the walk down the tree is exercised."""
     _, base, ref = arch_case
-    model = MedusaModel(base, OracleHeads(base, PROMPT + ref))
-    decoder = MedusaDecoder(model, TREES["default-16"])
-    cold = decoder.generate(PROMPT, len(ref), temperature=1e-4, seed=1)
-    assert cold.tokens == ref
-    hot = [decoder.generate(PROMPT, 30, temperature=1.0, seed=seed).tokens for seed in (7, 7, 8)]
-    assert hot[0] == hot[1]
-    assert hot[0] != hot[2]
-    assert hot[0] != ref[:30]
+    samples, accepted = [], []
+    for seed in (1, 2):
+        want = plain_sample(base, PROMPT, 24, 0.7, seed, top_p)
+        samples.append(want)
+        model = MedusaModel(base, OracleHeads(base, PROMPT + want))
+        for tree_name in ("default-16", "wide"):
+            decoder = MedusaDecoder(model, TREES[tree_name])
+            for every_node_logits in (False, True):
+                decoder.verifier.every_node_logits = every_node_logits
+                result = decoder.generate(PROMPT, 24, temperature=0.7, top_p=top_p, seed=seed)
+                assert result.tokens == want
+                accepted += result.accept_lengths
+    assert max(accepted) >= 3, "multi-token steps must be accepted while sampling"
+    assert len({tuple(s) for s in samples}) > 1 and any(s != ref[:24] for s in samples)  # it does sample
+    assert decoder.generate(PROMPT, len(ref), temperature=1e-4, seed=1).tokens == ref  # cold sampling is greedy
 
 
 def test_trained_heads_decode_exactly(trained_heads):

@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, plain_sample
 
 from medusa_forge.decode.eagle3_drafter import Eagle3Drafter, tree_levels
 from medusa_forge.decode.generation import Eagle3Decoder, SpeculativeDecoder, greedy_generate
@@ -98,13 +98,13 @@ def test_bfloat16_draft_from_a_folder_next_to_a_float32_target(tmp_path):
     assert decoder.generate(PROMPT, NEW).tokens == ref
 
 
-def test_sampling_is_seeded_and_cold_sampling_is_greedy():
+def test_sampling_draws_the_tokens_of_plain_sampling_and_cold_sampling_is_greedy():
     target, ref, draft = case("llama")
     decoder = Eagle3Decoder(target, draft, TREES["default-16"])
     assert decoder.generate(PROMPT, NEW, temperature=1e-4, seed=1).tokens == ref
-    hot = [decoder.generate(PROMPT, 16, temperature=1.0, seed=seed).tokens for seed in (7, 7, 8)]
-    assert hot[0] == hot[1]
-    assert hot[0] != hot[2]
+    hot = [decoder.generate(PROMPT, 16, temperature=1.0, top_p=0.9, seed=seed) for seed in (7, 8)]
+    assert [r.tokens for r in hot] == [plain_sample(target, PROMPT, 16, 1.0, seed, 0.9) for seed in (7, 8)]
+    assert hot[0].tokens != hot[1].tokens
 
 
 def engine_chain(target, draft: Eagle3Draft, accepted: list[int], root: int, steps: int):

@@ -25,9 +25,13 @@ class GenerateConfig:
     system: str | None = field(default=None, metadata={"help": "Optional system message."})
     raw: bool = field(default=False, metadata={"help": "Do not apply the chat template; continue the text."})
     max_new_tokens: int = 256
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 = typical acceptance."})
-    posterior_threshold: float = 0.09
-    posterior_alpha: float = 0.3
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "0 = greedy; > 0 = sampling: the base model's own distribution, exactly (any draft)."},
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "With --temperature > 0: sample among the most likely tokens covering this."}
+    )
     seed: int | None = field(default=None, metadata={"help": "Sampling seed (with --temperature > 0)."})
     tree: str | None = field(
         default=None,
@@ -45,6 +49,8 @@ class GenerateConfig:
             raise UserError("--max-new-tokens must be at least 1")
         if self.temperature < 0:
             raise UserError("--temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p {self.top_p}: expected a number in (0, 1]")
 
 
 class TextStream:
@@ -82,8 +88,7 @@ def run_generate(config: GenerateConfig) -> int:
         config.max_new_tokens,
         eos_token_ids=eos_token_ids(base, tokenizer),
         temperature=config.temperature,
-        posterior_threshold=config.posterior_threshold,
-        posterior_alpha=config.posterior_alpha,
+        top_p=config.top_p,
         seed=config.seed,
         result=result,
     ):

@@ -130,13 +130,13 @@ class SpeculativeDecoder:
         max_new_tokens: int,
         eos_token_ids: set[int] | list[int] | int | None = None,
         temperature: float = 0.0,
-        posterior_threshold: float = 0.09,
-        posterior_alpha: float = 0.3,
+        top_p: float = 1.0,
         seed: int | None = None,
         result: DecodeResult | None = None,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each step (the first yield is the prefill's token). Stops after an EOS token
-        (which is yielded) or max_new_tokens. Pass `result` to collect accept lengths and timings."""
+        (which is yielded) or max_new_tokens. Greedy at temperature 0, else sampling (see `Sampling`). Pass
+        `result` to collect accept lengths and timings."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).flatten()
         if ids.numel() == 0:
             raise UserError("the prompt is empty: Medusa decoding needs at least one prompt token")
@@ -145,7 +145,7 @@ class SpeculativeDecoder:
         eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids or ())
         self._check_length(ids.numel(), max_new_tokens)
         result = result if result is not None else DecodeResult([])
-        sampling = Sampling(temperature, posterior_threshold, posterior_alpha)
+        sampling = Sampling(temperature, top_p)
         if temperature > 0:
             sampling.generator = torch.Generator(device=self.device)
             sampling.generator.manual_seed(seed if seed is not None else torch.seed())

@@ -35,7 +35,6 @@ class DraftServeGenerator:
         self.eos_ids = eos_ids
         # The tree's candidate tokens sit after the prefix: the last `depth` positions are kept free for them.
         self.max_context = context_length(decoder.base.config) - decoder.tree.depth
-        self._warned_top_p = False
 
     @classmethod
     def load(
@@ -58,9 +57,6 @@ class DraftServeGenerator:
     ) -> Steps[int, None, DraftCompletion]:
         """One verification step per `next()` (the first is the prefill), yielding the tokens so far; returns the
         completion. The decoder's state lives in this generator, so several requests can be advanced in turns."""
-        if request.temperature > 0 and request.top_p < 1 and not self._warned_top_p:
-            logger.warning("top_p is ignored with a draft: sampling uses typical acceptance at the temperature")
-            self._warned_top_p = True
         result = DecodeResult([])
         streamed = StreamedText(self.tokenizer) if on_text is not None and request.stream else None
         for _ in self.decoder.stream(
@@ -68,6 +64,7 @@ class DraftServeGenerator:
             request.max_new_tokens,
             eos_token_ids=self.eos_ids,
             temperature=request.temperature,
+            top_p=request.top_p,
             seed=request.seed,
             result=result,
         ):

@@ -35,6 +35,7 @@ class TreeBuffers:
     paths: [L, D+1] node indices of every root-to-leaf path, padded with -1.
     internal: node indices that have children (the root always): only these need the base model's logits to
         decide acceptance; a leaf's logits matter only when the path ends there.
+    children: per node, its children's node indices in rank order (what sampling walks).
     """
 
     choices: Choices
@@ -44,6 +45,7 @@ class TreeBuffers:
     candidate_index: torch.Tensor
     paths: torch.Tensor
     internal: torch.Tensor
+    children: tuple[tuple[int, ...], ...]
 
     @property
     def size(self) -> int:
@@ -78,7 +80,10 @@ class TreeBuffers:
             for d in range(len(leaf) + 1):
                 paths[row, d] = index_of[leaf[:d]]
         internal = torch.tensor(sorted({0} | {index_of[path[:-1]] for path in index_of if path}), dtype=torch.long)
-        return cls(choices, topk, attention, depths, candidate_index, paths, internal)
+        children = tuple(
+            tuple(index_of[child] for child in index_of if child[:-1] == path and child) for path in index_of
+        )  # index_of is in node order, so children come in rank order
+        return cls(choices, topk, attention, depths, candidate_index, paths, internal, children)
 
     def attention_bias(
         self, prefix_length: int, dtype: torch.dtype, device: torch.device | str = "cpu"
@@ -101,6 +106,7 @@ class TreeBuffers:
             self.candidate_index.to(device),
             self.paths.to(device),
             self.internal.to(device),
+            self.children,
         )
 
 

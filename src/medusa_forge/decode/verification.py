@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from medusa_forge.decode.acceptance import greedy_accept, typical_accept
+from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import is_packed
@@ -23,17 +23,22 @@ from medusa_forge.heads import backbone
 
 @dataclass
 class Sampling:
-    """How the base model's tokens are chosen: greedy at temperature 0, else typical acceptance and sampling."""
+    """How the base model's tokens are chosen: its argmax at temperature 0, else a draw (from `generator`) from
+    its distribution at the temperature, cut to the most likely tokens that cover `top_p` of it: the draws of
+    plain sampling, so a tree changes nothing but the speed."""
 
     temperature: float = 0.0
-    posterior_threshold: float = 0.09
-    posterior_alpha: float = 0.3
+    top_p: float = 1.0
     generator: torch.Generator | None = None
 
     def pick(self, logits: torch.Tensor) -> int:
         if self.temperature <= 0:
             return int(logits.argmax())
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            ranked, order = probs.sort(descending=True)
+            keep = ranked.cumsum(-1) - ranked < self.top_p  # the most likely token always stays
+            probs = torch.zeros_like(probs).scatter(-1, order[keep], ranked[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -124,19 +129,10 @@ class TreeVerifier:
         """The accepted nodes (root first) and the next root token, from the tree's final hidden states [N, H].
 
         Greedy runs the lm_head over every node, or (`every_node_logits` False) only over nodes with children,
-        plus the last accepted node if it is a leaf."""
+        plus the last accepted node if it is a leaf. Sampling: `_sample_path`."""
         tree = self.tree
         if sampling.temperature > 0:
-            logits = self.lm_head(hidden)
-            nodes, _ = typical_accept(
-                tree_tokens,
-                logits,
-                tree.paths,
-                sampling.temperature,
-                sampling.posterior_threshold,
-                sampling.posterior_alpha,
-            )
-            return nodes, sampling.pick(logits[int(nodes[-1])])
+            return self._sample_path(tree_tokens, hidden, sampling)
         # max().indices is argmax (ties to the first id) at a fraction of its cost on bfloat16 CPU logits.
         if self.every_node_logits:
             predictions = self.lm_head(hidden).max(dim=-1).indices
@@ -148,3 +144,24 @@ class TreeVerifier:
         if root < 0:  # the path ended on a leaf
             root = int(self.lm_head(hidden[int(nodes[-1])]).argmax())
         return nodes, root
+
+    def _sample_path(
+        self, tree_tokens: torch.Tensor, hidden: torch.Tensor, sampling: Sampling
+    ) -> tuple[torch.Tensor, int]:
+        """Sampling that keeps the base model's distribution exactly: from the root, draw the base model's token
+        at the node; if a child holds that token, accept the child and draw again there; else the draw is the
+        next root. The same acceptance as SGLang's `tree_speculative_sampling_target_only` (sgl-kernel, default
+        thresholds 1.0: a child is taken with its probability, the bonus token drawn from what the rejected
+        children leave), with one draw per node instead of a coin and a residual. Each draw is the one plain
+        sampling would make after the same tokens, from the same random stream, so a given seed gives plain
+        sampling's tokens; the tree only saves forward passes."""
+        tokens = tree_tokens.tolist()
+        logits = self.lm_head(hidden) if self.every_node_logits else None
+        node, nodes = 0, [0]
+        while True:
+            token = sampling.pick(logits[node] if logits is not None else self.lm_head(hidden[node]))
+            child = next((c for c in self.tree.children[node] if tokens[c] == token), None)
+            if child is None:
+                return torch.tensor(nodes, device=hidden.device), token
+            node = child
+            nodes.append(node)
