@@ -18,6 +18,7 @@ from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import is_packed
+from medusa_forge.generation.sampling import pick_token
 from medusa_forge.heads import backbone
 
 
@@ -32,14 +33,7 @@ class Sampling:
     generator: torch.Generator | None = None
 
     def pick(self, logits: torch.Tensor) -> int:
-        if self.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if self.top_p < 1:
-            ranked, order = probs.sort(descending=True)
-            keep = ranked.cumsum(-1) - ranked < self.top_p  # the most likely token always stays
-            probs = torch.zeros_like(probs).scatter(-1, order[keep], ranked[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return pick_token(logits, self.temperature, self.top_p, self.generator)
 
 
 def cache_kwarg(module: torch.nn.Module) -> str:

@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from medusa_forge.generation.generator import Completion
 from medusa_forge.generation.hf import HFGenerator
+from medusa_forge.generation.sampling import pick_token
 from medusa_forge.generation.text import StreamedText, decode_text
 from medusa_forge.generation.worker import Ticket, WorkerEngine
 
@@ -39,15 +40,8 @@ def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     chosen = logits.argmax(dim=-1).tolist()
     for index, row in enumerate(rows):
         request = row.request
-        if request.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[index].float() / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p  # always keeps the top token
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        chosen[index] = int(torch.multinomial(probs, 1, generator=row.rng).item())
+        if request.temperature > 0:
+            chosen[index] = pick_token(logits[index], request.temperature, request.top_p, row.rng)
     return chosen
 
 
