@@ -132,15 +132,19 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_model_d
     assert not torch.equal(fresh["0.1.weight"], a["0.1.weight"])  # steps 4-6 did change the heads
 
 
-def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(tmp_path, tiny_model_dir):
-    """Not bit-identical heads: two ranks see other batches (2 per device, gradients averaged), so the weights
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(tmp_path, tiny_model_dir, kind):
+    """Not bit-identical drafts: two ranks see other batches (2 per device, gradients averaged), so the weights
     differ; what must hold is that both ranks train together and rank 0 alone writes a complete folder."""
     data = write_conversations(tmp_path / "data.json", n=12)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    eagle3 = ["--draft_kind", "eagle3", "--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"]
+    weights = "medusa_lm_head.safetensors" if kind == "medusa" else "model.safetensors"
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
-        flags = small_run_flags(tiny_model_dir, data, out, "--num_train_epochs", "1", "--save_strategy", "no")
+        flags = small_run_flags(tiny_model_dir, data, out, "--num_train_epochs", "1", "--save_strategy", "no",
+                                *(eagle3 if kind == "eagle3" else []))  # fmt: skip
         flags[flags.index("--per_device_train_batch_size") + 1] = "2"
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                    "-m", "medusa_forge.train", *flags]  # fmt: skip
@@ -148,12 +152,15 @@ def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[nproc] = out
     names = {n: sorted(p.name for p in out.iterdir()) for n, out in outputs.items()}
-    assert names[1] == names[2]
-    one, two = (load_file(str(outputs[n] / "medusa_lm_head.safetensors")) for n in (1, 2))
+    assert names[1] == names[2] and weights in names[1]
+    one, two = (load_file(str(outputs[n] / weights)) for n in (1, 2))
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the same heads folder, written once
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the same folder, written once
         assert (outputs[1] / name).read_bytes() == (outputs[2] / name).read_bytes(), name
-    assert all(two[k].abs().sum() > 0 for k in two if k.endswith("linear.weight"))  # trained (zero at the start)
+    if kind == "medusa":
+        assert all(two[k].abs().sum() > 0 for k in two if k.endswith("linear.weight"))  # trained (zero at the start)
+    else:  # the same seeded start, other batches: both moved, apart
+        assert any(not torch.equal(one[k], two[k]) for k in one if k.endswith("weight"))
     steps = {
         n: json.loads((outputs[n] / "training_metrics.json").read_text())["train"]["0"][-1]["step"] for n in (1, 2)
     }
