@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from medusa_forge.generation.generator import GREEDY_BELOW
+
 
 def pick_token(
     logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
 ) -> int:
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:  # dividing by a tinier temperature overflows: greedy, as vLLM does
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
