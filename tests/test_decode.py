@@ -197,7 +197,7 @@ def test_greedy_acceptance_takes_the_longest_path_of_argmax_tokens():
             assert all(int(tree_tokens[c]) != int(argmax[last]) for c in tree.children[last])
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.parametrize("top_p", [1.0, 0.3])
 def test_sampling_draws_the_tokens_of_plain_sampling(arch_case, top_p):
     """Sampling keeps the base model's distribution exactly: with a seed, a tree gives the very tokens plain
     sampling draws from the same random stream (both ways of computing the tree's logits). The oracle heads
@@ -216,7 +216,8 @@ def test_sampling_draws_the_tokens_of_plain_sampling(arch_case, top_p):
                 assert result.tokens == want
                 accepted += result.accept_lengths
     assert max(accepted) >= 3, "multi-token steps must be accepted while sampling"
-    assert len({tuple(s) for s in samples}) > 1 and any(s != ref[:24] for s in samples)  # it does sample
+    if top_p == 1.0:  # it does sample (a top-p of 0.3 may leave one token wherever the model is sure)
+        assert len({tuple(s) for s in samples}) > 1 and any(s != ref[:24] for s in samples)
     for cold in (1e-4, 1e-9):  # cold sampling is greedy; below GREEDY_BELOW it is greedy outright (no overflow)
         assert decoder.generate(PROMPT, len(ref), temperature=cold, seed=1).tokens == ref
 

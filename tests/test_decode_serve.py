@@ -9,10 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import plain_sample
 from test_serve import HELLO, ServerThread, chat, read_chunks_then_disconnect, solo, wait_for_cancelled
 
 from medusa_forge.decode.serving import DraftServeGenerator
 from medusa_forge.generation.hf import HFGenerator
+from medusa_forge.generation.text import decode_text
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.serve import create_app
@@ -57,6 +59,17 @@ def test_greedy_reply_equals_plain_server(medusa_server, tiny_model_dir, heads_d
     direct = generator.decoder.generate(generator.encode_chat(messages), 20, eos_token_ids=generator.eos_ids)
     assert len(direct.tokens) > 1 and usage["completion_tokens"] == len(direct.tokens) <= 20
     assert usage["accepted_tokens_per_step"] == round(direct.mean_accept_length, 3)
+
+
+def test_seeded_sampled_reply_is_plain_sampling_with_that_seed(medusa_server, heads_dir):
+    """temperature and top_p reach the decoder, whose sampling keeps the base model's distribution exactly: the
+    reply is the text plain sampling draws with the request's seed, every time."""
+    generator = DraftServeGenerator.load(str(heads_dir), device="cpu", tree="default-8")
+    want = plain_sample(generator.decoder.base, generator.encode_chat(HELLO), 12, 0.8, 7, top_p=0.3)
+    end = next((i for i, token in enumerate(want) if token in generator.eos_ids), len(want))
+    replies = [chat(medusa_server, messages=HELLO, max_tokens=12, temperature=0.8, top_p=0.3, seed=7) for _ in "ab"]
+    texts = [reply.json()["choices"][0]["message"]["content"] for reply in replies]
+    assert texts == [decode_text(generator.tokenizer, want[:end])] * 2
 
 
 def test_streaming_matches_and_reports_acceptance(medusa_server):
