@@ -63,17 +63,15 @@ class TreeLevel:
 
 
 def tree_levels(tree: TreeBuffers) -> list[TreeLevel]:
-    """The level-by-level plan of a tree: node i >= 1 is `tree.choices[i - 1]` (TreeBuffers' order), so a
-    node's parent and rank come from its path. Each level has its own top-k, so a tree from `build_tree` that
+    """The level-by-level plan of a tree: parents from `tree.children`, and node i >= 1 is `tree.choices[i - 1]`
+    (TreeBuffers' order), whose last entry is its rank. Each level has its own top-k, so a tree from `build_tree` that
     is wide at depth 1 and narrow below costs only what it uses."""
-    index_of = {(): 0} | {tuple(path): i for i, path in enumerate(tree.choices, start=1)}
-    depth_of = {i: len(path) for path, i in index_of.items()}
-    parent_of = {i: index_of[path[:-1]] for path, i in index_of.items() if path}
-    has_children = set(parent_of.values())
+    depth_of = tree.depths.tolist()
+    parent_of = {child: node for node, children in enumerate(tree.children) for child in children}
     levels, earlier = [], []  # earlier: run nodes of previous levels, in the order their keys are stored
     for depth in range(1, tree.depth + 1):
-        runs = sorted(i for i in has_children if depth_of[i] == depth - 1)
-        children = sorted(i for i, d in depth_of.items() if d == depth)
+        runs = [i for i in range(tree.size) if depth_of[i] == depth - 1 and tree.children[i]]
+        children = [i for i in range(tree.size) if depth_of[i] == depth]
         slot = [runs.index(parent_of[i]) for i in children]
         rank = [tree.choices[i - 1][-1] for i in children]
         # tree.attention[i, j]: j is i itself or an ancestor; the root's entry is the cache's last one
