@@ -1,12 +1,13 @@
 """Grouped-query attention without key/value copies on a CPU, for several query rows under a mask.
 
 transformers' SDPA attention copies every key/value head once per query head of its group (`repeat_kv`) whenever
-more than one query row comes with a mask: CUDA's fused kernels need that. A tree verification is exactly that
-case (a few query rows, a 4D tree mask), and so is a padded batch in the frozen pass; on a CPU those copies of
-the whole KV cache, per layer and per step, are a visible share of a verification step (BENCHMARKS.md, "Grouped
-attention"). PyTorch's CPU kernel takes the groups as they are (`enable_gqa=True`), with the same result bit for
-bit (tests/test_grouped_attention.py). Everything else, every device but the CPU included, goes to transformers'
-own SDPA function unchanged: a one-token greedy step takes exactly transformers' path.
+more than one query row comes with a mask: CUDA's fused kernels need that. A tree verification is exactly that case
+(a few query rows, a 4D tree mask), and so is a padded batch in the frozen pass; on a CPU those copies of the whole
+KV cache, per layer and per step, are a visible share of a verification step (BENCHMARKS.md, "Three costs a decoding
+step and a training step paid for nothing"). PyTorch's CPU kernel takes the groups as they are (`enable_gqa=True`),
+with the same result bit for bit (tests/test_grouped_attention.py). Everything else, every device but the CPU
+included, goes to transformers' own SDPA function unchanged: a one-token greedy step takes exactly transformers'
+path.
 """
 
 from __future__ import annotations

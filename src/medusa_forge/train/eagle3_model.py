@@ -50,7 +50,7 @@ def target_argmax(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chun
     # The rows come to the weight's dtype, never the [V, H] weight to theirs: no copy of it per batch.
     rows = final_hidden.to(lm_head_weight.dtype)
     # max().indices, not argmax(): the same ids (ties go to the first), and on a bfloat16 [chunk, V] on the
-    # CPU argmax took longer than the product itself (BENCHMARKS.md, "EAGLE-3 training throughput").
+    # CPU argmax took longer than the product itself (BENCHMARKS.md, "Three costs a decoding step ...").
     for start in range(0, rows.shape[0], chunk_size):
         out[start : start + chunk_size] = (rows[start : start + chunk_size] @ lm_head_weight.T).max(-1).indices
     return out
