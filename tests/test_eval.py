@@ -220,3 +220,32 @@ def test_step_timing_is_round_robin_over_every_tree_and_dtype(heads_dir):
     timings = time_step_parts(cases, prefix_length=8, repeats=2)
     assert order == ["float32", "bfloat16", "float32"] * 3  # a warm-up round, then 2 rounds; None: a plain step
     assert [len(steps) for steps in timings] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plain_step_is_transformers_own_greedy_step(heads_dir, dtype):
+    """The reference every tree's step time is set against (eval's tree choice, bench/gpu_check.py): one greedy step
+    after the cached prefix, the KV cache one entry longer; no mask of ours, so transformers runs the forward that
+    plain greedy decoding runs (an explicit mask would put a GPU's SDPA on a slower kernel)."""
+    from medusa_forge.decode.generation import greedy_generate
+    from medusa_forge.decode.step_latency import plain_step
+
+    loaded = load_draft(heads_dir[0], dtype=dtype, device="cpu")
+    decoder = loaded.decoder([[0]], check=False)
+    prompt = torch.tensor([5, 17, 42, 99, 7, 64, 11])
+    expected = greedy_generate(loaded.base, prompt, 2)
+    state = decoder.prefill(prompt)
+    assert state.root == expected[0]
+    seen = []
+    forward = decoder.verifier.backbone.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append(kwargs["attention_mask"])
+        return out
+
+    decoder.verifier.backbone.forward = spy
+    marks = []
+    assert plain_step(decoder, state, marks.append) == expected[1]
+    assert marks == ["verify", "accept"] and state.cache.get_seq_length() == len(prompt) + 1
+    assert seen == [None]

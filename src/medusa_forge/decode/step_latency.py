@@ -17,11 +17,12 @@ from medusa_forge.formats.tree_file import Choices
 
 def plain_step(decoder: SpeculativeDecoder, state: DecodeState, mark: Callable[[str], None]) -> int:
     """One plain greedy step, the reference a tree must beat: the root through the base model ("verify") and its
-    lm_head ("accept"). Only its time matters: `state` is left as it is apart from the root's KV entry."""
+    lm_head ("accept"). Only its time matters: `state` is left as it is apart from the root's KV entry. No mask is
+    passed, so transformers runs its own one-token step (on a GPU an explicit mask would take SDPA off its fastest
+    kernel and copy the grouped key/value heads, making the reference slower than plain decoding is)."""
     verifier = decoder.verifier
-    bias = torch.zeros(1, 1, 1, state.prefix_length + 1, dtype=verifier.dtype, device=verifier.device)
     positions = torch.tensor([state.prefix_length], device=verifier.device)
-    hidden, _ = verifier.forward(torch.tensor([state.root], device=verifier.device), positions, bias, state.cache)
+    hidden, _ = verifier.forward(torch.tensor([state.root], device=verifier.device), positions, None, state.cache)
     mark("verify")
     token = int(verifier.lm_head(hidden[-1]).argmax())
     mark("accept")

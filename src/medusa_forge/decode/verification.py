@@ -87,10 +87,10 @@ class TreeVerifier:
         self.every_node_logits = self.device.type != "cpu" or is_packed(self.lm_head)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, cache: DynamicCache
+        self, tokens: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None, cache: DynamicCache
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The final hidden states [n, H] of `tokens` and the drafter's features [n, F] (the same final states
-        unless `feature_layers` asks for others), extending `cache`."""
+        unless `feature_layers` asks for others), extending `cache`. `bias` None: transformers' causal mask."""
         extra = {"output_hidden_states": True} if self.feature_layers else {}
         out = self.backbone(
             input_ids=tokens[None],
