@@ -144,7 +144,9 @@ def test_eos_inside_an_accepted_path_and_length_limits(arch_case):
         assert sum(result.accept_lengths) + 1 == limit
 
 
-def test_kv_pruning_equals_recomputation():
+# Accepted paths of the "wide" tree: in place (the root; through node 1), partly in place, moved entirely.
+@pytest.mark.parametrize("path", [[0], [0, 1], [0, 1, 4], [0, 1, 4, 6], [0, 2], [0, 2, 5], [0, 3]])
+def test_kv_pruning_equals_recomputation(path):
     base = chaotic_model("llama")
     inner = backbone(base)
     tree = TreeBuffers.from_choices(TREES["wide"])
@@ -162,8 +164,7 @@ def test_kv_pruning_equals_recomputation():
             use_cache=True,
         )
         assert cache.get_seq_length() == p + tree.size
-        path = tree.paths[-1]
-        path = path[path >= 0]
+        path = torch.tensor(path)
         keep_cache_entries(cache, p, path)
         fresh = transformers.DynamicCache()
         inner(input_ids=torch.cat([prompt, tokens[path]])[None], cache=fresh, use_cache=True)

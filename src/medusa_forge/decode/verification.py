@@ -52,16 +52,24 @@ def causal_bias(length: int, dtype: torch.dtype, device: torch.device | str = "c
 
 
 def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Tensor) -> None:
-    """Keep the first prefix_length entries plus the tree nodes `nodes` (in order) of every layer; drop the rest.
+    """Keep the first prefix_length entries plus the tree nodes `nodes` (ascending, root first) of every layer; drop
+    the rest.
 
-    The accepted nodes are copied down to sit right after the prefix, so positions stay contiguous.
+    The accepted nodes are copied down to sit right after the prefix, so positions stay contiguous. Nodes already
+    in their place are not copied: the root always is, and a path through node 1 (the first child's top guess)
+    starts in place, so most steps only cut the cache, with no copy in any layer (on a GPU, two kernels less per
+    layer and step).
     """
-    index = nodes + prefix_length
+    order = nodes.tolist()
+    moved = next((i for i, node in enumerate(order) if node != i), len(order))  # the first node out of place
+    kept = prefix_length + len(order)
+    index = nodes[moved:] + prefix_length
     for layer in cache.layers:
         for name in ("keys", "values"):
             states = getattr(layer, name)
-            states[..., prefix_length : prefix_length + len(nodes), :] = states.index_select(-2, index)
-            setattr(layer, name, states[..., : prefix_length + len(nodes), :])
+            if moved < len(order):
+                states[..., prefix_length + moved : kept, :] = states.index_select(-2, index)
+            setattr(layer, name, states[..., :kept, :])
 
 
 class TreeVerifier:
