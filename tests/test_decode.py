@@ -25,6 +25,7 @@ from medusa_forge.decode.verification import causal_bias, keep_cache_entries
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
+from medusa_forge.modeling import cache_kwarg
 
 INIT_SCALE = {"llama": 0.3, "qwen2": 0.3, "mistral": 0.3, "gemma": 1.0, "gpt2": 0.5}
 ARCHS = ["llama", "qwen2", "mistral", "gemma"]
@@ -153,21 +154,22 @@ def test_kv_pruning_equals_recomputation(path):
     tokens = torch.tensor([11, 22, 33, 44, 55, 66, 77])
     prompt = torch.tensor(PROMPT)
     p = len(prompt)
+    name = cache_kwarg(inner)
     with torch.no_grad():
         cache = transformers.DynamicCache()
-        inner(input_ids=prompt[None], attention_mask=causal_bias(p, torch.float32), cache=cache, use_cache=True)
+        inner(input_ids=prompt[None], attention_mask=causal_bias(p, torch.float32), use_cache=True, **{name: cache})
         inner(
             input_ids=tokens[None],
             attention_mask=tree.attention_bias(p, torch.float32),
             position_ids=(p + tree.depths)[None],
-            cache=cache,
             use_cache=True,
+            **{name: cache},
         )
         assert cache.get_seq_length() == p + tree.size
         path = torch.tensor(path)
         keep_cache_entries(cache, p, path)
         fresh = transformers.DynamicCache()
-        inner(input_ids=torch.cat([prompt, tokens[path]])[None], cache=fresh, use_cache=True)
+        inner(input_ids=torch.cat([prompt, tokens[path]])[None], use_cache=True, **{name: fresh})
     assert cache.get_seq_length() == fresh.get_seq_length() == p + len(path)
     for kept, recomputed in zip(cache.layers, fresh.layers, strict=True):
         torch.testing.assert_close(kept.keys, recomputed.keys, atol=1e-5, rtol=1e-5)

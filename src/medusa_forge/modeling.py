@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -40,3 +43,25 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
     model.requires_grad_(False)
     use_grouped_attention(model)
     return model
+
+
+# transformers 5.2x renamed the KV cache a model's forward takes and returns from `past_key_values` to `cache`; code
+# that passes or reads a cache goes through these two, so every transformers 5.x works.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The name under which `module.forward` takes its KV cache."""
+    params = inspect.signature(module.forward).parameters
+    for name in CACHE_NAMES:
+        if name in params:
+            return name
+    raise UserError(
+        f"{type(module).__name__}.forward takes no KV cache argument: speculative decoding and continuous batching "
+        "need one"
+    )
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward pass returned (None when it returned none)."""
+    return next((cache for cache in (getattr(output, name, None) for name in CACHE_NAMES) if cache is not None), None)

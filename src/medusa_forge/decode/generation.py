@@ -19,11 +19,12 @@ from medusa_forge.decode.drafters import Drafter, MedusaDrafter
 from medusa_forge.decode.eagle3_drafter import Eagle3Drafter, load_draft
 from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.tree_support import check_tree_support
-from medusa_forge.decode.verification import Sampling, TreeVerifier, cache_kwarg, keep_cache_entries
+from medusa_forge.decode.verification import Sampling, TreeVerifier, keep_cache_entries
 from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import Choices
 from medusa_forge.heads import MedusaModel
+from medusa_forge.modeling import cache_kwarg
 
 
 @dataclass

@@ -59,8 +59,8 @@ def check_tree_support(base: PreTrainedModel) -> None:
             nodes = row[row >= 0]
             pairs.append((tree_logits[nodes], fresh(torch.cat([prompt, tree_tokens[nodes]]))[5:]))
         pairs.append((pruned_logits, fresh(torch.cat([prompt, tree_tokens[kept], extra]))[-1:]))
-    except UserError:
-        raise
+    except UserError as err:  # e.g. no KV cache argument
+        raise UserError(f"{name} cannot verify a tree: {err}") from err
     except Exception as err:  # the architecture's forward rejects our arguments: report it, do not guess
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise UserError(

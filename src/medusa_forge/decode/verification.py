@@ -8,7 +8,6 @@ whose backbone takes a 4D float mask, position ids and a DynamicCache works (`tr
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +15,10 @@ from transformers import DynamicCache, PreTrainedModel
 
 from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.decode.tree import TreeBuffers
-from medusa_forge.errors import UserError
 from medusa_forge.generation.device import is_packed
 from medusa_forge.generation.sampling import pick_token
 from medusa_forge.heads import backbone
+from medusa_forge.modeling import cache_kwarg
 
 
 @dataclass
@@ -34,15 +33,6 @@ class Sampling:
 
     def pick(self, logits: torch.Tensor) -> int:
         return pick_token(logits, self.temperature, self.top_p, self.generator)
-
-
-def cache_kwarg(module: torch.nn.Module) -> str:
-    """The name under which `module.forward` takes its KV cache."""
-    params = inspect.signature(module.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise UserError(f"{type(module).__name__}.forward takes no KV cache argument; Medusa decoding needs one")
 
 
 def causal_bias(length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -23,6 +23,7 @@ from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.generation.sampling import pick_token
 from medusa_forge.generation.text import StreamedText, decode_text
 from medusa_forge.generation.worker import Ticket, WorkerEngine
+from medusa_forge.modeling import cache_kwarg, returned_cache
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ContinuousEngine(WorkerEngine):
         super().__init__(max_batch_size, batch_wait_ms)
         self.generator = generator
         self.model = generator.model
+        self.cache_kwarg = cache_kwarg(self.model)
         self.step_sizes: list[int] = []  # rows in each decode step (tests and the benchmark read it)
 
     def stats(self) -> dict:
@@ -74,13 +76,13 @@ class ContinuousEngine(WorkerEngine):
                 out = generator.model(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    cache=DynamicCache(config=generator.model.config),
                     use_cache=True,
+                    **{cache_kwarg(generator.model): DynamicCache(config=generator.model.config)},
                 )
         except Exception as err:  # any model that cannot take an explicit DynamicCache
             logger.info("continuous batching unavailable: %s", err)
             return False
-        cache = getattr(out, "cache", None)
+        cache = returned_cache(out)
         return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
     def _ticket(self, request, settle, on_text, is_cancelled) -> _Row:
@@ -149,11 +151,11 @@ class ContinuousEngine(WorkerEngine):
             input_ids=input_ids,
             attention_mask=new_mask,
             position_ids=positions,
-            cache=DynamicCache(config=self.model.config),
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kwarg: DynamicCache(config=self.model.config)},
         )
-        return new, out.cache, new_mask, _choose_tokens(out.logits[:, -1, :], new)
+        return new, returned_cache(out), new_mask, _choose_tokens(out.logits[:, -1, :], new)
 
     def _admit(self, rows, cache, mask, new: list[_Row], new_cache: DynamicCache, new_mask, first: list[int]):
         """Merge prefilled requests into the running batch."""
@@ -195,10 +197,11 @@ class ContinuousEngine(WorkerEngine):
         input_ids = torch.tensor([[row.tokens[-1]] for row in rows], device=device)
         positions = torch.tensor([[row.position] for row in rows], device=device)
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cached = {self.cache_kwarg: cache}
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cached)
         for row in rows:
             row.position += 1
-        return self._record(rows, out.cache, mask, _choose_tokens(out.logits[:, -1, :], rows))
+        return self._record(rows, returned_cache(out), mask, _choose_tokens(out.logits[:, -1, :], rows))
 
     def _record(self, rows: list[_Row], cache, mask, chosen: list[int | None]):
         """Append each row's new token; settle and drop rows that finished (or whose caller went away)."""
