@@ -45,8 +45,8 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
     return model
 
 
-# transformers 5.2x renamed the KV cache a model's forward takes and returns from `past_key_values` to `cache`; code
-# that passes or reads a cache goes through these two, so every transformers 5.x works.
+# transformers renamed the KV cache a model's forward takes and returns from `past_key_values` to `cache` after 5.17
+# (5.24 has the new name); code that passes or reads a cache goes through these two, so every transformers 5.x works.
 CACHE_NAMES = ("cache", "past_key_values")
 
 

@@ -46,8 +46,8 @@ def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Ten
     the rest.
 
     The accepted nodes are copied down to sit right after the prefix, so positions stay contiguous. Nodes already
-    in their place are not copied: the root always is, and a path through node 1 (the first child's top guess)
-    starts in place, so most steps only cut the cache, with no copy in any layer (on a GPU, two kernels less per
+    in their place are not copied: the root always is, and a path through node 1 (the top guess for the first
+    token) starts in place, so most steps only cut the cache, with no copy in any layer (on a GPU, two kernels less per
     layer and step).
     """
     order = nodes.tolist()
