@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from medusa_forge.decode.verification import Sampling
+from medusa_forge.modeling import cache_kwarg
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -188,8 +189,8 @@ def plain_sample(base, prompt: list[int], max_new_tokens: int, temperature: floa
     pass, each drawn by `Sampling.pick` from a generator seeded as `SpeculativeDecoder.stream` seeds its own."""
     device = next(base.parameters()).device
     sampling = Sampling(temperature, top_p, torch.Generator(device=device).manual_seed(seed))
-    ids, cache, tokens = torch.tensor([prompt], device=device), DynamicCache(), []
+    ids, cached, tokens = torch.tensor([prompt], device=device), {cache_kwarg(base): DynamicCache()}, []
     while len(tokens) < max_new_tokens:
-        tokens.append(sampling.pick(base(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]))
+        tokens.append(sampling.pick(base(input_ids=ids, use_cache=True, **cached).logits[0, -1]))
         ids = torch.tensor([[tokens[-1]]], device=device)
     return tokens

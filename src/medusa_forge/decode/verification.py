@@ -53,11 +53,11 @@ def keep_cache_entries(cache: DynamicCache, prefix_length: int, nodes: torch.Ten
     order = nodes.tolist()
     moved = next((i for i, node in enumerate(order) if node != i), len(order))  # the first node out of place
     kept = prefix_length + len(order)
-    index = nodes[moved:] + prefix_length
+    index = nodes[moved:] + prefix_length if moved < len(order) else None
     for layer in cache.layers:
         for name in ("keys", "values"):
             states = getattr(layer, name)
-            if moved < len(order):
+            if index is not None:
                 states[..., prefix_length + moved : kept, :] = states.index_select(-2, index)
             setattr(layer, name, states[..., :kept, :])
 
