@@ -4,6 +4,8 @@ architectures, all built in-process (no downloads)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,18 @@ def plain_sample(base, prompt: list[int], max_new_tokens: int, temperature: floa
         tokens.append(sampling.pick(base(input_ids=ids, use_cache=True, **cached).logits[0, -1]))
         ids = torch.tensor([[tokens[-1]]], device=device)
     return tokens
+
+
+def install_once(folder: Path, packages: list[str], steps: list[list[str]], what: str) -> None:
+    """Run the install `steps` into `folder` unless it already holds `packages` (its packages.json says so); a
+    failed step fails the test, naming `what` was being made and the step."""
+    marker = folder / "packages.json"
+    if marker.is_file() and json.loads(marker.read_text()) == packages:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.fail(f"could not make {what} ({' '.join(step)}):\n{done.stderr}")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(packages))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import CHATML, build_tokenizer, write_conversations
+from conftest import CHATML, build_tokenizer, install_once, write_conversations
 from tokenizer_probe import probe
 
 from medusa_forge.export import export_heads
@@ -37,16 +37,9 @@ PROBE = Path(__file__).with_name("tokenizer_probe.py")
 @pytest.fixture(scope="session")
 def transformers4_python() -> Path:
     """The side environment's interpreter, made on first use (~20 s) and reused while its packages match."""
-    python, marker = SIDE_ENV / "bin" / "python", SIDE_ENV / "packages.json"
-    if python.is_file() and marker.is_file() and json.loads(marker.read_text()) == SIDE_PACKAGES:
-        return python
-    shutil.rmtree(SIDE_ENV, ignore_errors=True)
+    python = SIDE_ENV / "bin" / "python"
     steps = [[sys.executable, "-m", "venv", str(SIDE_ENV)], [str(python), "-m", "pip", "install", "-q", *SIDE_PACKAGES]]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.fail(f"could not make the transformers 4.x side environment ({' '.join(step)}):\n{done.stderr}")
-    marker.write_text(json.dumps(SIDE_PACKAGES))
+    install_once(SIDE_ENV, SIDE_PACKAGES, steps, "the transformers 4.x side environment")
     return python
 
 

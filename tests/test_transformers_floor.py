@@ -9,15 +9,14 @@ PYTHONPATH (torch and everything else are this environment's), and those test fi
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import install_once
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAY = ROOT / ".venv-transformers-floor"
@@ -39,15 +38,8 @@ def overlay() -> Path:
     """The folder holding the floor release and its companions, made on first use (~10 s) and reused while the
     packages match."""
     packages = [f"transformers=={transformers_floor()}", *COMPANIONS]
-    marker = OVERLAY / "packages.json"
-    if marker.is_file() and json.loads(marker.read_text()) == packages:
-        return OVERLAY
-    shutil.rmtree(OVERLAY, ignore_errors=True)
     step = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(OVERLAY), *packages]
-    done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        pytest.fail(f"could not install the transformers floor ({' '.join(step)}):\n{done.stderr}")
-    marker.write_text(json.dumps(packages))
+    install_once(OVERLAY, packages, [step], "the transformers floor")
     return OVERLAY
 
 
