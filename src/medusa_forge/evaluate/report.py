@@ -86,6 +86,28 @@ def _label(report: EvalReport) -> str:
     return "EAGLE-3" if report.draft_kind == "eagle3" else "Medusa"
 
 
+def _chain_section(report: EvalReport) -> list[str]:
+    """What the engines will give: they draft a chain, not our tree."""
+    if not report.chains:
+        return []
+    k = report.chains[0].draft_tokens
+    lines = [
+        "",
+        "## In the engines (a chain, not the tree)",
+        "",
+        f"vLLM (`\"num_speculative_tokens\": {k}`) and SGLang (`--speculative-eagle-topk 1`, as `export` prints) "
+        f"draft a chain of {k} tokens per step; greedy, on the timed prompts, float32:",
+        "",
+        "| measured by | steps | accepted tokens per step | accepted at each draft position | outputs |",
+        "|---|---|---|---|---|",
+    ]
+    for chain in report.chains:
+        rates = " / ".join(f"{rate:.2f}" for rate in chain.acceptance_rates)
+        outputs = {None: "", True: "equal to ours", False: "**differ from ours**"}[chain.outputs_equal]
+        lines.append(f"| {chain.measured_by} | {chain.steps} | {chain.mean_accept_length:.2f} | {rates} | {outputs} |")
+    return lines
+
+
 def render_markdown(report: EvalReport) -> str:
     """eval.md, also printed by `medusa-forge eval`. For a report eval wrote (every section present)."""
     lines = [
@@ -123,6 +145,7 @@ def render_markdown(report: EvalReport) -> str:
     )
     lines += ["", "| tokens per step | steps |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(acceptance.histogram.items())]
+    lines += _chain_section(report)
     speed = report.speed
     lines += ["", "## Speed", "", "| run | tokens/s | speed-up |", "|---|---|---|"]
     for name, tps in speed.tokens_per_second.items():

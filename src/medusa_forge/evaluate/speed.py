@@ -117,7 +117,7 @@ def run_speed(
             **extra,
         )
         # generate() may pad after an EOS; keep up to the first EOS like the other decoders
-        return _cut_at_eos(out[0, len(ids) :].tolist(), eos)
+        return cut_at_eos(out[0, len(ids) :].tolist(), eos)
 
     lookup = {"prompt_lookup_num_tokens": prompt_lookup_tokens} if prompt_lookup_tokens else None
     # Each takes a prompt's ids; greedy and prompt lookup give the new ids, the draft its DecodeResult.
@@ -148,7 +148,8 @@ def run_speed(
     return runs, outputs, accept_lengths
 
 
-def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+def cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """`tokens` up to their first end-of-sequence token, which is kept."""
     for i, token in enumerate(tokens):
         if token in eos:
             return tokens[: i + 1]
