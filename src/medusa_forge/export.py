@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medusa_forge.eagle3 import Eagle3Draft, check_servable, is_eagle3_folder
-from medusa_forge.engine_commands import EAGLE3_ENGINES, eagle3_serve_command, vllm_medusa_command
+from medusa_forge.engine_commands import (
+    EAGLE3_ENGINES,
+    EAGLE3_SPECULATIVE_TOKENS,
+    eagle3_serve_command,
+    vllm_cpu_command,
+    vllm_medusa_command,
+)
 from medusa_forge.engine_versions import (
     EAGLE3_ONLY,
     SGLANG_EAGLE3_RELEASE,
@@ -84,7 +90,7 @@ def serve_commands(fmt: str, output_dir: Path, loaded: LoadedHeads) -> list[str]
             f"--speculate {k}",
         ]
     if fmt == "vllm":
-        return [vllm_medusa_command(base, str(output_dir), k)]
+        return [vllm_medusa_command(base, str(output_dir), k), vllm_cpu_command(base, str(output_dir), "medusa", k)]
     choices = json.dumps(_tree(loaded), separators=(",", ":"))
     release = TENSORRT_LLM_MEDUSA_RELEASE
     return [
@@ -190,7 +196,14 @@ def export_eagle3(source: Path, fmt: str, output_dir: Path, base_model_id: str |
         f"{SGLANG_EAGLE3_RELEASE}); both read the tokenizer and the frozen embeddings from the target"
     )
     base = config.base_model_name_or_path
-    return ExportResult(output_dir, files, [eagle3_serve_command(fmt, str(output_dir), base)], notes)
+    commands = [eagle3_serve_command(fmt, str(output_dir), base)]
+    if fmt == "vllm":
+        commands.append(vllm_cpu_command(base, str(output_dir), "eagle3", EAGLE3_SPECULATIVE_TOKENS))
+    notes.append(
+        f"the engines draft a chain of the printed num_speculative_tokens, not medusa-forge's tree: `medusa-forge "
+        f"eval --draft {shlex.quote(str(source))} --engine vllm` measures what vLLM accepts, next to our decoder"
+    )
+    return ExportResult(output_dir, files, commands, notes)
 
 
 @dataclass
