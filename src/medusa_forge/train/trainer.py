@@ -10,14 +10,13 @@ import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
+from medusa_forge.drafts import kinds
 from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import load_safetensors
 from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.tokenizer_files import save_tokenizer
 from medusa_forge.train.model import summarise_head_stats
-
-METRIC_NAMES = ("medusa", "eagle3_step")
 
 
 class MedusaTrainer(Trainer):
@@ -121,7 +120,7 @@ def format_logs(step: int, logs: dict) -> str:
         if key in logs:
             parts.append(f"{key} {logs[key]:.4g}")
     for prefix in ("", "eval_"):
-        for name, label in zip(METRIC_NAMES, ("head", "step"), strict=True):
+        for name, label in ((kind.metric_name, kind.metric_label) for kind in kinds()):
             i = 0
             while f"{prefix}{name}{i}_loss" in logs:
                 key = f"{prefix}{name}{i}"
