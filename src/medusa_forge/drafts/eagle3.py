@@ -3,11 +3,18 @@ in the folder layout vLLM and SGLang load."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
 
 from medusa_forge import eagle3
+from medusa_forge.drafts import eagle3_training
 from medusa_forge.drafts.kind import DraftKind
 from medusa_forge.engine_commands import EAGLE3_ENGINES
+from medusa_forge.formats.files import read_json
 
 
 class Eagle3Kind(DraftKind):
@@ -21,9 +28,45 @@ class Eagle3Kind(DraftKind):
     formats = EAGLE3_ENGINES  # the same folder loads in both (docs/eagle3-reference.md §0)
     default_formats = EAGLE3_ENGINES
     expected_files = f"{eagle3.CONFIG_NAME} naming {eagle3.ARCHITECTURE} + {eagle3.WEIGHTS_NAME}"
+    records_need_token_ids = True  # the draft embeds the next tokens
+    trains_without_cache = True  # its features are computed per batch instead (the frozen pass every epoch)
 
     def recognises(self, folder: Path) -> bool:
         return eagle3.is_eagle3_folder(folder)
+
+    def record_layers(self, base: PreTrainedModel) -> list[int | str]:
+        return [*eagle3.target_layers(base.config.get_text_config().num_hidden_layers), "final"]
+
+    def records(self, base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return eagle3_training.feature_records(base, input_ids, attention_mask)
+
+    def training_module(
+        self,
+        base: PreTrainedModel,
+        config: Any,
+        base_path: str,
+        token_items: Callable[[], list[dict[str, list[int]]]],
+    ) -> eagle3_training.Eagle3ForTraining:
+        return eagle3_training.new_training_module(base, config, base_path, token_items)
+
+    def checkpoint_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        return eagle3.Eagle3Draft.load(folder).state_dict()  # load() checks the folder as the engines would
+
+    def read_config(self, folder: Path) -> eagle3.Eagle3Config:
+        # As saved: its torch_dtype is the saved weights'.
+        path = folder / self.config_name
+        return eagle3.Eagle3Config.from_json(read_json(path), str(path))
+
+    def training_facts(self, config: Any) -> dict[str, str]:
+        return {
+            "Training-time test": (
+                f"{config.eagle3_ttt_steps} steps, step j's loss weighted {config.eagle3_step_decay:g}**j"
+            ),
+            "Learning rate": f"{config.learning_rate:g}",
+        }
+
+    def target_num_layers(self, base: PreTrainedModel) -> int | None:
+        return base.config.get_text_config().num_hidden_layers
 
 
 EAGLE3 = Eagle3Kind()

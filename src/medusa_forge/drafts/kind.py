@@ -5,7 +5,13 @@ registers one `DraftKind`."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 
 class DraftKind(ABC):
@@ -21,7 +27,51 @@ class DraftKind(ABC):
     formats: tuple[str, ...]  # the engines `export` writes the kind for
     default_formats: tuple[str, ...]  # the pipeline's export formats when its configuration names none
     expected_files: str  # what its folder holds, for the error that finds no kind in a folder
+    # Training: its hidden-state cache records go with the token ids (a draft that embeds the next tokens).
+    records_need_token_ids: bool
+    # A hidden-state cache the disk cannot hold: train on, computing the records per batch (else: the error).
+    trains_without_cache: bool
 
     @abstractmethod
     def recognises(self, folder: Path) -> bool:
         """Whether `folder` (an existing folder) holds a draft of this kind; cheap, reads no weights."""
+
+    # ----- training -----
+
+    @abstractmethod
+    def record_layers(self, base: PreTrainedModel) -> list[int | str]:
+        """What each token's hidden-state record holds, in order: `output_hidden_states` indices or "final"
+        (each as wide as the base's hidden size)."""
+
+    @abstractmethod
+    def records(self, base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, width] the records of one frozen forward of `base` (`record_layers`), in its dtype."""
+
+    @abstractmethod
+    def training_module(
+        self,
+        base: PreTrainedModel,
+        config: Any,
+        base_path: str,
+        token_items: Callable[[], list[dict[str, list[int]]]],
+    ) -> nn.Module:
+        """A fresh draft for `base` inside its training module, as train's flags (`config`: a TrainConfig) say.
+        The module's forward(labels, input_ids, attention_mask | hidden_states) returns {"loss", "head_stats"}
+        ([K, 3 + len(TOPK)] sums, `fused_ce.summarise_head_stats`); `draft_attribute` names the draft submodule,
+        which has `config` and `save(folder)`. `token_items`: the training data's token items, when needed."""
+
+    @abstractmethod
+    def checkpoint_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The draft's weights in a checkpoint folder the trainer saved (checked as far as loading checks)."""
+
+    @abstractmethod
+    def read_config(self, folder: Path) -> Any:
+        """The draft's config as saved in `folder` (what the model card describes)."""
+
+    def training_facts(self, config: Any) -> dict[str, str]:
+        """Rows the model card adds about training (a TrainConfig's kind-specific flags)."""
+        return {}
+
+    def target_num_layers(self, base: PreTrainedModel) -> int | None:
+        """The base's layer count, for a kind whose model card names the layers it reads; else None."""
+        return None

@@ -15,9 +15,9 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from medusa_forge.drafts import default_kind, get_kind, kind_names
+from medusa_forge.drafts.fused_ce import TOPK
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
-from medusa_forge.train.fused_ce import TOPK
 
 logger = logging.getLogger(__name__)
 
