@@ -31,6 +31,9 @@ class DraftKind(ABC):
     records_need_token_ids: bool
     # A hidden-state cache the disk cannot hold: train on, computing the records per batch (else: the error).
     trains_without_cache: bool
+    # Measured training speed from the cache, tokens per second per epoch per pass (`training_passes`), on the
+    # 2-core CPU with the quickstart's settings: what the pipeline's time estimate divides by.
+    training_tokens_per_s: float
 
     @abstractmethod
     def recognises(self, folder: Path) -> bool:
@@ -67,6 +70,10 @@ class DraftKind(ABC):
     @abstractmethod
     def read_config(self, folder: Path) -> Any:
         """The draft's config as saved in `folder` (what the model card describes)."""
+
+    def training_passes(self, setting: Callable[[str], Any]) -> int:
+        """Passes of the draft per training token (`setting(flag)`: a train flag's value in this run)."""
+        return 1
 
     def training_facts(self, config: Any) -> dict[str, str]:
         """Rows the model card adds about training (a TrainConfig's kind-specific flags)."""
