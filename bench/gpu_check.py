@@ -55,14 +55,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from medusa_forge.decode.generation import STEP_PARTS, Eagle3Decoder, MedusaDecoder, greedy_generate
 from medusa_forge.decode.step_latency import Stopwatch, time_step_parts
 from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
+from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, step_weights
+from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
 from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.generation.device import resolve_device
 from medusa_forge.heads import WEIGHTS_NAME, MedusaConfig, MedusaHeads, MedusaModel
 from medusa_forge.train.args import TrainConfig, parse_args
-from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights
 from medusa_forge.train.hidden_cache import build_hidden_cache, frozen_pass
-from medusa_forge.train.model import head_weights, medusa_loss
 from medusa_forge.train.run import train
 from medusa_forge.train.trainer import MedusaTrainer
 

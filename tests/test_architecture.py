@@ -1,4 +1,4 @@
-"""Data flows one way: data -> distill -> train -> drafts -> decode/evaluate -> export/serve -> pipeline. No module
+"""Data flows one way: data -> distill -> drafts -> train -> decode/evaluate -> export/serve -> pipeline. No module
 imports one later in that order (function-local imports included); shared foundations come before all of them."""
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ ORDER = {
     "data": 1,
     "generation": 2,  # the in-process generation engines (distill, serve and decode use them)
     "distill": 3,
-    "train": 4, "model_card": 4,
-    "decode": 5, "evaluate": 5,
-    "export": 6, "import_heads": 6, "hub": 6, "serve": 6,
-    "pipeline": 7,
-    "cli": 8,
+    "drafts": 4,  # the registry of draft kinds: everything after it asks a kind instead of branching on its name
+    "train": 5, "model_card": 5,
+    "decode": 6, "evaluate": 6,
+    "export": 7, "import_heads": 7, "hub": 7, "serve": 7,
+    "pipeline": 8,
+    "cli": 9,
 }  # fmt: skip
 
 

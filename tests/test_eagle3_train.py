@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX
+from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, assistant_token_counts, step_weights, target_argmax
 from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, causal_bias, draft_vocab_ids, draft_vocabulary
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
@@ -22,9 +23,7 @@ from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.train import hidden_cache
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
-from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights, target_argmax
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache, cache_key
-from medusa_forge.train.run import assistant_token_counts
 from medusa_forge.train.run import train as run_train
 
 STEPS = 3

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from medusa_forge.drafts.medusa_training import MedusaForTraining
 from medusa_forge.errors import UserError
 from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model
 from medusa_forge.train import hidden_cache
 from medusa_forge.train.dataset import PadCollator
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache, cache_key
-from medusa_forge.train.model import MedusaForTraining
 
 
 def make_items(n=7, vocab=400, seed=0):

@@ -3,8 +3,9 @@
 import torch
 import torch.nn.functional as F
 
+from medusa_forge.drafts.fused_ce import summarise_head_stats
+from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
 from medusa_forge.heads import MedusaConfig, MedusaHeads
-from medusa_forge.train.model import head_weights, medusa_loss, summarise_head_stats
 
 
 def make_heads(num_heads=3, hidden=8, vocab=11):
@@ -42,7 +43,7 @@ def test_loss_matches_brute_force_shift_and_mask():
     out = medusa_loss(heads, hidden, labels, weights)
     expected, per_head = brute_force(heads, hidden, labels, weights)
     torch.testing.assert_close(out["loss"], expected)
-    summary = summarise_head_stats(out["head_stats"])
+    summary = summarise_head_stats(out["head_stats"], "medusa")
     for i, value in enumerate(per_head):
         assert abs(summary[f"medusa{i}_loss"] - float(value)) < 1e-5
 
@@ -55,7 +56,7 @@ def test_topk_counts_hits_at_the_shifted_position():
         preds0 = heads[0](hidden[0]).argmax(-1)
     labels = torch.full((1, 6), -100)
     labels[0, 2:] = preds0[:4]
-    summary = summarise_head_stats(medusa_loss(heads, hidden, labels, [1.0, 1.0])["head_stats"])
+    summary = summarise_head_stats(medusa_loss(heads, hidden, labels, [1.0, 1.0])["head_stats"], "medusa")
     assert summary["medusa0_top1"] == 1.0
     assert summary["medusa0_top5"] == 1.0
 

@@ -14,6 +14,8 @@ import math
 import shlex
 from pathlib import Path
 
+from medusa_forge.drafts.eagle3 import EAGLE3
+from medusa_forge.drafts.medusa import MEDUSA
 from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Config, target_layers
 from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS, eagle3_serve_command, vllm_medusa_command
 from medusa_forge.engine_versions import (
@@ -35,7 +37,6 @@ from medusa_forge.results import (
     SpeedComparison,
     TrainingMetrics,
 )
-from medusa_forge.train.eagle3_model import METRIC_NAME as EAGLE3_METRIC_NAME
 
 logger = logging.getLogger("medusa_forge")
 
@@ -213,7 +214,7 @@ def render_model_card(
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
 
     title = "Head accuracy (held-out, teacher-forced, at the end of training)"
-    sections = _accuracy_sections(title, "head", "medusa", metrics, summary, first=0)
+    sections = _accuracy_sections(title, MEDUSA.metric_label, MEDUSA.metric_name, metrics, summary, first=0)
 
     where = repo_id or "<this-repo-or-folder>"
     serve_base = hub_id or base_model_id
@@ -338,7 +339,7 @@ def render_eagle3_card(
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
 
     title = "Draft accuracy per step (held-out, training-time test, at the end of training)"
-    sections = _accuracy_sections(title, "step", EAGLE3_METRIC_NAME, metrics, summary, first=1)
+    sections = _accuracy_sections(title, EAGLE3.metric_label, EAGLE3.metric_name, metrics, summary, first=1)
     body = "\n\n".join(sections)
 
     where = repo_id or "<this-repo-or-folder>"
@@ -454,7 +455,7 @@ def refreshed_model_card(
     inputs = inputs if isinstance(inputs, dict) else {}
     base = base_model_id or inputs.get("base_model_id") or config.base_model_name_or_path
     facts = inputs.get("facts") if isinstance(inputs.get("facts"), dict) else {}
-    name = EAGLE3_METRIC_NAME if isinstance(config, Eagle3Config) else "medusa"
+    name = (EAGLE3 if isinstance(config, Eagle3Config) else MEDUSA).metric_name
     metrics = inputs.get("metrics") if isinstance(inputs.get("metrics"), dict) else _training_metrics(folder, name)
     recorded = inputs.get("target_num_layers")
     layers = target_num_layers or (recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None)

@@ -13,7 +13,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.decode.generation import Eagle3Decoder, MedusaDecoder, SpeculativeDecoder
 from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
-from medusa_forge.eagle3 import Eagle3Draft, is_eagle3_folder
+from medusa_forge.drafts import kind_of
+from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree_dtype
@@ -59,13 +60,6 @@ def load_eagle3(
     pack_linear_weights(base)  # bfloat16 on a CPU: a step reads each weight once (see there)
     pack_linear_weights(draft)
     return base, draft, _tokenizer(draft_dir, base_name)
-
-
-def draft_kind(folder: str | Path) -> str:
-    """ "eagle3" for an EAGLE-3 draft folder, "medusa" for anything else (Medusa heads are checked on loading)."""
-    if not Path(folder).is_dir():
-        raise UserError(f"{folder}: no such folder (expected a draft folder written by `medusa-forge train`)")
-    return "eagle3" if is_eagle3_folder(folder) else "medusa"
 
 
 def _tokenizer(folder: str | Path, base_name: str) -> PreTrainedTokenizerBase:
@@ -149,7 +143,7 @@ def load_draft(
 ) -> LoadedDraft:
     """Medusa heads or an EAGLE-3 draft (detected from the folder), its base model and tokenizer. dtype "auto":
     the one `eval` measured fastest and stored with the tree, else float32."""
-    kind = draft_kind(folder)
+    kind = kind_of(folder).name
     if dtype == "auto":
         dtype = load_tree_dtype(folder) or "float32"
         if dtype != "float32":

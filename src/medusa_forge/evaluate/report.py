@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medusa_forge.drafts import get_kind
 from medusa_forge.results import DRAFT_RUN, EvalReport
 
 
@@ -83,7 +84,7 @@ def _exactness(speed) -> str:
 
 
 def _label(report: EvalReport) -> str:
-    return "EAGLE-3" if report.draft_kind == "eagle3" else "Medusa"
+    return get_kind(report.draft_kind).title
 
 
 def _chain_section(report: EvalReport) -> list[str]:

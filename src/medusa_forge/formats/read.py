@@ -55,22 +55,7 @@ def detect_layout(path: Path) -> tuple[str, Path]:
         raise UserError(
             f"{path}: no Medusa head tensors found (names like 0.0.linear.weight, blocks.0.layers.0.weight)"
         )
-    found: list[tuple[str, Path]] = []
-    if (path / WEIGHTS_NAME).is_file():
-        found.append(("medusa", path / WEIGHTS_NAME))
-    if (path / ORIGINAL_PT_NAME).is_file():
-        found.append(("medusa-pt", path / ORIGINAL_PT_NAME))
-    raw = _folder_config(path) or {}
-    weights = _weight_files(path)
-    if raw.get("model_type") == "medusa" or (weights and "num_heads" in raw and "medusa_num_heads" not in raw):
-        found.append(("vllm", path))
-    elif weights and raw.get("medusa_num_heads") is not None:
-        if any(has_head_names(tensor_names(f)) for f in weights):
-            found.append(("full-checkpoint", path))
-    elif weights:
-        keys = [k for f in weights if f.suffix == ".safetensors" for k in tensor_names(f)]
-        if any(is_vllm_name(k) for k in keys):
-            found.append(("vllm", path))
+    found = folder_layouts(path)
     if len(found) == 2 and {name for name, _ in found} == {"medusa", "medusa-pt"}:
         a, b = load_safetensors(found[0][1]), load_pickle(found[1][1])
         if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a):
@@ -88,6 +73,28 @@ def detect_layout(path: Path) -> tuple[str, Path]:
             + f". The folder holds: {sorted(p.name for p in path.iterdir())[:10]}"
         )
     return found[0]
+
+
+def folder_layouts(path: Path) -> list[tuple[str, Path]]:
+    """(layout, weights file or folder) of every set of heads the folder `path` holds, from file names and
+    configs (weights are read only to tell a full checkpoint or vLLM names apart)."""
+    found: list[tuple[str, Path]] = []
+    if (path / WEIGHTS_NAME).is_file():
+        found.append(("medusa", path / WEIGHTS_NAME))
+    if (path / ORIGINAL_PT_NAME).is_file():
+        found.append(("medusa-pt", path / ORIGINAL_PT_NAME))
+    raw = _folder_config(path) or {}
+    weights = _weight_files(path)
+    if raw.get("model_type") == "medusa" or (weights and "num_heads" in raw and "medusa_num_heads" not in raw):
+        found.append(("vllm", path))
+    elif weights and raw.get("medusa_num_heads") is not None:
+        if any(has_head_names(tensor_names(f)) for f in weights):
+            found.append(("full-checkpoint", path))
+    elif weights:
+        keys = [k for f in weights if f.suffix == ".safetensors" for k in tensor_names(f)]
+        if any(is_vllm_name(k) for k in keys):
+            found.append(("vllm", path))
+    return found
 
 
 def read_heads(

@@ -9,8 +9,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from medusa_forge.drafts import get_kind
 from medusa_forge.errors import UserError
-from medusa_forge.pipeline.configuration import DRAFT_LABELS, load_config, parse_override
+from medusa_forge.pipeline.configuration import load_config, parse_override
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.eta import format_seconds
 from medusa_forge.pipeline.quickstart import QUICKSTART, QUICKSTART_WORKDIR, kind_reason, quickstart_config
@@ -114,7 +115,7 @@ def _summary(ctx: Context) -> list[str]:
         speed, tps = report.speed, report.speed.tokens_per_second
         lines.insert(
             0,
-            f"{DRAFT_LABELS.get(report.draft_kind, report.draft_kind)}: mean accepted tokens per step "
+            f"{get_kind(report.draft_kind).label}: mean accepted tokens per step "
             f"{report.acceptance.mean_accept_length:.2f}; {tps[DRAFT_RUN]:.1f} tokens/s in {speed.dtype} vs "
             f"{speed.reference} {tps[speed.reference]:.1f} ({speed.draft_speedup:.2f}x); outputs equal to greedy "
             f"in {speed.dtype}: {speed.outputs_equal}",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from medusa_forge.drafts import default_kind, get_kind, kind_names
 from medusa_forge.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,19 +26,7 @@ OWNED = {
     "evaluate": ("heads", "model", "data", "output_dir", "no_save_tree"),
 }
 # Where an owned key comes from instead, for the error that refuses it in a section.
-OWNED_BY = {"draft_kind": "the top-level key `draft_kind` (medusa or eagle3)"}
-
-# What each kind of draft is called in messages and the report, and the engines it is exported for by default.
-DRAFT_LABELS = {"medusa": "Medusa heads", "eagle3": "EAGLE-3 draft"}
-DEFAULT_FORMATS = {"medusa": ["tgi", "vllm"], "eagle3": ["vllm", "sglang"]}
-
-
-def export_formats(kind: str) -> tuple[str, ...]:
-    """The engines `export` writes a draft of this kind for."""
-    from medusa_forge.export import EAGLE3_FORMATS
-    from medusa_forge.formats.layouts import FORMATS
-
-    return EAGLE3_FORMATS if kind == "eagle3" else FORMATS
+OWNED_BY = {"draft_kind": f"the top-level key `draft_kind` ({' or '.join(kind_names())})"}
 
 
 @dataclass
@@ -51,7 +40,8 @@ class DistillSection:
 
 @dataclass
 class ExportSection:
-    # Medusa: tgi, vllm, tensorrt-llm; EAGLE-3: vllm, sglang. Left out (null): DEFAULT_FORMATS of the draft_kind.
+    # Any of the draft kind's formats (Medusa: tgi, vllm, tensorrt-llm; EAGLE-3: vllm, sglang). Left out (null):
+    # the kind's default_formats.
     formats: list[str] = field(default_factory=list)
     base_model_id: str | None = None  # Hub id written into the exported configs instead of a local base path
 
@@ -70,7 +60,8 @@ class PipelineConfig:
     """The whole pipeline; pipeline.example.yaml documents every key."""
 
     model: str = "smollm2"  # base model: local folder, Hub id, or the offline alias smollm2
-    draft_kind: str = "medusa"  # what the train stage trains: medusa (heads) or eagle3 (an EAGLE-3 draft)
+    # What the train stage trains: a name of the drafts registry (medusa: heads, eagle3: an EAGLE-3 draft).
+    draft_kind: str = field(default_factory=lambda: default_kind().name)
     data: str = "sharegpt"  # conversations to replay (ShareGPT or role/content JSON/JSONL) or the alias sharegpt
     eval_data: str | None = None  # held-out conversations; default sharegpt-heldout when data is sharegpt
     train_launcher: str | None = None  # e.g. "torchrun --nproc_per_node=4": the train stage runs under it
@@ -139,11 +130,9 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
     for key in ("model", "data", "eval_data", "train_launcher"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
             raise UserError(f"{source}: '{key}' must be a string (a path, Hub id or alias)")
-    from medusa_forge.train.args import DRAFT_KINDS
-
-    kind = raw.get("draft_kind") or "medusa"
-    if not isinstance(kind, str) or kind not in DRAFT_KINDS:
-        raise UserError(f"{source}: draft_kind {kind!r}: choose one of {', '.join(DRAFT_KINDS)}")
+    kind = raw.get("draft_kind") or default_kind().name
+    if not isinstance(kind, str) or kind not in kind_names():
+        raise UserError(f"{source}: draft_kind {kind!r}: choose one of {', '.join(kind_names())}")
 
     distill_raw = dict(raw["distill"])
     enabled = distill_raw.pop("enabled", True)
@@ -158,7 +147,7 @@ def config_from_dict(raw: dict, source: str) -> PipelineConfig:
     _check_keys(f"{source}: push", raw["push"], [f.name for f in fields(PushSection)])
     export = dict(raw["export"])
     if export.get("formats") is None:
-        export["formats"] = list(DEFAULT_FORMATS[kind])
+        export["formats"] = list(get_kind(kind).default_formats)
     config = PipelineConfig(
         model=raw.get("model") or "smollm2",
         draft_kind=kind,
@@ -196,12 +185,12 @@ def _validate(config: PipelineConfig, source: str) -> None:
     formats = config.export.formats
     if isinstance(formats, str):
         config.export.formats = formats = [formats]
-    valid = export_formats(config.draft_kind)
-    bad = [f for f in formats if f not in valid]
+    kind = get_kind(config.draft_kind)
+    bad = [f for f in formats if f not in kind.formats]
     if bad:
         raise UserError(
-            f"{source}: export.formats {bad}: with draft_kind {config.draft_kind} ({DRAFT_LABELS[config.draft_kind]}) "
-            f"choose from {', '.join(valid)}"
+            f"{source}: export.formats {bad}: with draft_kind {kind.name} ({kind.label}) "
+            f"choose from {', '.join(kind.formats)}"
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 
+from medusa_forge.drafts import get_kind
 from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.pipeline.configuration import PipelineConfig, command_default
 
@@ -14,11 +15,6 @@ ETA_RATES = {
     "cache_tokens_per_s": 500.0,  # frozen base forward building the hidden-state cache, float32
     # ... in bfloat16 (--bf16) on a CPU that multiplies it natively: the quickstart's 160k tokens took 80 s
     "cache_bf16_tokens_per_s": 2000.0,
-    "heads_tokens_per_s": 1300.0,  # head training from the cache, per token per epoch (draft vocabulary)
-    # EAGLE-3 draft training from the cache, per token per epoch per training-time-test step: the quickstart's
-    # 500 conversations at 384 tokens, 3 steps x 3 epochs, took 534 s with --bf16 on 2 cores (Medusa's 3 epochs:
-    # 388 s), and this model's token count for them over-counts as it does for Medusa.
-    "eagle3_tokens_per_s": 3000.0,
     "decode_tokens_per_s": 10.0,  # batch-1 greedy decoding
 }
 
@@ -46,11 +42,9 @@ def estimate_seconds(config: PipelineConfig, stage: str) -> float | None:
             batch = train.get("per_device_train_batch_size", command_default("train", "per_device_train_batch_size"))
             epochs = min(epochs, max_steps * batch / samples)
         tokens = samples * per_conversation
-        if config.draft_kind == "eagle3":  # every training-time-test step is one more pass of the draft layer
-            steps = train.get("eagle3_ttt_steps", command_default("train", "eagle3_ttt_steps"))
-            training = tokens * epochs * steps / ETA_RATES["eagle3_tokens_per_s"]
-        else:
-            training = tokens * epochs / ETA_RATES["heads_tokens_per_s"]
+        kind = get_kind(config.draft_kind)
+        passes = kind.training_passes(lambda flag: train.get(flag, command_default("train", flag)))
+        training = tokens * epochs * passes / kind.training_tokens_per_s
         bf16 = train.get("bf16") and cpu_has_native_bfloat16()
         cache = tokens / ETA_RATES["cache_bf16_tokens_per_s" if bf16 else "cache_tokens_per_s"]
         return 30 + cache + training

@@ -11,8 +11,9 @@ import shlex
 import shutil
 from pathlib import Path
 
+from medusa_forge.drafts import get_kind
 from medusa_forge.formats.tree_file import TREE_FILE
-from medusa_forge.pipeline.configuration import DRAFT_LABELS, command_default
+from medusa_forge.pipeline.configuration import command_default
 from medusa_forge.pipeline.context import Context
 from medusa_forge.results import (
     DRAFT_RUN,
@@ -88,7 +89,7 @@ def write_pipeline_report(ctx: Context) -> list[Path]:
     evaluation = EvalReport.load(eval_path) if eval_path.is_file() else None
     draft_config = _read_json_or_empty(ctx.draft / "config.json")
     eagle3 = config.draft_kind == "eagle3"
-    label = DRAFT_LABELS[config.draft_kind]
+    label = get_kind(config.draft_kind).label
     predictor = "draft step" if eagle3 else "head"  # a row of training_metrics.json
     commands = _read_json_or_empty(ctx.serve_commands)
     written: list[Path] = []

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from medusa_forge.drafts import default_kind, get_kind
 from medusa_forge.pipeline.configuration import (
     PushSection,
     distill_config,
@@ -47,10 +48,8 @@ def _exit_ok(stage: str, code: int, what: str) -> None:
 
 def _draft_files(ctx: Context) -> list[Path]:
     """What training writes that later stages read: the draft's config and weights (file names by kind)."""
-    from medusa_forge import eagle3, heads
-
-    weights = eagle3.WEIGHTS_NAME if ctx.config.draft_kind == "eagle3" else heads.WEIGHTS_NAME
-    return [ctx.draft / "config.json", ctx.draft / weights]
+    kind = get_kind(ctx.config.draft_kind)
+    return [ctx.draft / kind.config_name, ctx.draft / kind.weights_name]
 
 
 def _draft_inputs(ctx: Context) -> dict:
@@ -92,7 +91,7 @@ def run_distill_stage(ctx: Context, fresh: bool) -> StageResult:
 
 def fingerprint_train(ctx: Context) -> StageFingerprint:
     settings, extend = split_section(ctx.config.train, "train")
-    if ctx.config.draft_kind != "medusa":  # left out for heads: work folders from before the key keep their state
+    if ctx.config.draft_kind != default_kind().name:  # left out: work folders from before the key keep their state
         settings["draft_kind"] = ctx.config.draft_kind
     inputs = {"data": source_identity(ctx.train_data), "model": source_identity(ctx.config.model)}
     return StageFingerprint(settings, inputs, extend)

@@ -14,14 +14,12 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from medusa_forge.drafts import default_kind, get_kind, kind_names
+from medusa_forge.drafts.fused_ce import TOPK
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
-from medusa_forge.train.fused_ce import TOPK
 
 logger = logging.getLogger(__name__)
-
-DRAFT_KINDS = ("medusa", "eagle3")
-
 
 @dataclass
 class TrainConfig(TrainingArguments):
@@ -48,12 +46,12 @@ class TrainConfig(TrainingArguments):
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many conversations."})
     max_eval_samples: int | None = field(default=200, metadata={"help": "Use at most this many eval conversations."})
     draft_kind: str = field(
-        default="medusa",
+        default=default_kind().name,
         metadata={
             "help": "What to train: 'medusa' heads (TGI, vLLM <= 0.32, TensorRT-LLM 1.2) or an 'eagle3' draft "
             "(vLLM, SGLang, TensorRT-LLM). medusa_* flags apply to heads, eagle3_* flags to EAGLE-3 drafts; the "
             "data, cache and Trainer flags to both.",
-            "choices": list(DRAFT_KINDS),
+            "choices": list(kind_names()),
         },
     )
     medusa_num_heads: int = field(default=3, metadata={"help": "Number of heads K (head i predicts token t+2+i)."})
@@ -136,8 +134,10 @@ class TrainConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.draft_kind not in DRAFT_KINDS:
-            raise UserError(f"--draft_kind {self.draft_kind!r}: expected one of {', '.join(DRAFT_KINDS)}")
+        try:
+            get_kind(self.draft_kind)
+        except UserError as err:
+            raise UserError(f"--draft_kind: {err}") from None
         if self.eagle3_ttt_steps < 1:
             raise UserError("--eagle3_ttt_steps must be >= 1 (1 = no training-time test)")
         if not self.eagle3_step_decay > 0:

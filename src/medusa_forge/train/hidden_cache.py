@@ -1,16 +1,16 @@
 """Hidden-state cache: run the frozen base model once over the tokenised data set, keep what the draft's loss
 reads from it on disk (float16, memory-mapped), and train every epoch from them.
 
-What is kept per token depends on the draft kind (`record_layout`): Medusa heads read the final hidden state
-[H]; an EAGLE-3 draft reads the three feature layers (`eagle3.target_features`) followed by the final hidden
-state, [4H] (the target's distribution is recomputed from the final state with the lm_head's draft-vocabulary
-rows, so nothing vocabulary-sized is stored). meta.json says which (kind, layers, width).
+What is kept per token is the draft kind's record (`DraftKind.record_layers`, `DraftKind.records`): Medusa heads
+read the final hidden state [H]; an EAGLE-3 draft reads its three feature layers followed by the final hidden state,
+[4H] (nothing vocabulary-sized is stored). meta.json says which (kind, layers, width).
 
 Why: the base model is frozen, so its hidden states are the same in every epoch; recomputing them (what
 the original trainer does) is most of the cost of epochs 2..N. The cache is keyed by a hash of the model's
 weights and config and of every token id (which covers data, chat template and max length), so a stale
-cache is never reused; EAGLE-3 caches also hash the kind and layers (Medusa keys are unchanged, so existing Medusa
-caches stay valid). Building is resumable: progress is recorded batch by batch.
+cache is never reused; other kinds' caches also hash the kind and layers (the default kind's keys are
+unchanged, so Medusa caches written before other kinds existed stay valid). Building is resumable: progress is
+recorded batch by batch.
 """
 
 from __future__ import annotations
@@ -29,15 +29,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from medusa_forge.eagle3 import target_features, target_layers
+from medusa_forge.drafts import default_kind, get_kind
 from medusa_forge.errors import UserError
-from medusa_forge.heads import backbone
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DATA_FILE, OFFSETS_FILE, PROGRESS_FILE, META_FILE = "hidden.f16", "offsets.npy", "progress.json", "meta.json"
-KINDS = ("medusa", "eagle3")
 RESERVE = 256 * 2**20  # left free on a disk: logs, metrics, the tokenizer files
 
 
@@ -45,38 +43,26 @@ class CacheTooLarge(UserError):
     """The disk cannot hold the cache; callers that can compute the frozen pass per batch catch this."""
 
 
-def _num_layers(base: PreTrainedModel) -> int:
-    return base.config.get_text_config().num_hidden_layers
-
-
 def record_layout(base: PreTrainedModel, kind: str) -> tuple[list[int | str], int]:
     """(what each token's record holds, in order, as `output_hidden_states` indices or "final"; its width)."""
-    hidden_size = base.get_output_embeddings().weight.shape[1]
-    if kind == "medusa":
-        return ["final"], hidden_size
-    if kind == "eagle3":
-        return [*target_layers(_num_layers(base)), "final"], 4 * hidden_size
-    raise ValueError(f"unknown draft kind {kind!r}, expected one of {KINDS}")
+    layers = get_kind(kind).record_layers(base)
+    return layers, len(layers) * base.get_output_embeddings().weight.shape[1]
 
 
 def frozen_pass(
-    base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str = "medusa"
+    base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str | None = None
 ) -> torch.Tensor:
-    """[B, T, width] records of one frozen forward (`record_layout`), in the base model's dtype; no gradient.
-    The per-batch path (no cache) and the cache build both use it, so both see the same numbers."""
+    """[B, T, width] records of one frozen forward (`record_layout`) for `kind` (default: the default kind), in the
+    base model's dtype; no gradient. The per-batch path (no cache) and the cache build both use the kind's
+    records, so both see the same numbers."""
     with torch.no_grad():
-        if kind == "medusa":
-            return backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        out = backbone(base)(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
-        )
-        return torch.cat([target_features(out.hidden_states), out.last_hidden_state], dim=-1)
+        return get_kind(kind or default_kind().name).records(base, input_ids, attention_mask)
 
 
-def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: str = "medusa") -> str:
+def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: str | None = None) -> str:
     """Hash of the model (config + a checksum of every weight), of what is recorded, and of all token ids."""
     digest = hashlib.sha256(f"medusa-forge hidden cache v{FORMAT_VERSION}".encode())
-    if kind != "medusa":  # Medusa keys stay as they were before other kinds existed
+    if kind is not None and kind != default_kind().name:  # the default kind's keys stay as they were
         layers, width = record_layout(base, kind)
         digest.update(f"kind={kind} layers={layers} width={width}".encode())
     digest.update(base.config.to_json_string(use_diff=False).encode())
@@ -94,7 +80,8 @@ class HiddenStateCache:
 
     def __init__(self, folder: Path) -> None:
         meta = json.loads((folder / META_FILE).read_text())
-        self.kind = meta.get("kind", "medusa")  # caches written before the field existed are Medusa's
+        # Caches written before the field existed are the default kind's (Medusa heads').
+        self.kind = get_kind(meta.get("kind", default_kind().name))
         self.offsets = np.load(folder / OFFSETS_FILE)
         self.data = np.memmap(folder / DATA_FILE, dtype=np.float16, mode="r", shape=(meta["tokens"], meta["hidden"]))
 
@@ -175,12 +162,13 @@ def build_hidden_cache(
     items: list[dict[str, list[int]]],
     root: Path,
     max_tokens_per_batch: int = 8192,
-    kind: str = "medusa",
+    kind: str | None = None,
     outputs: RunOutputs | None = None,
 ) -> HiddenStateCache:
-    """Load the cache for (base, items, kind), building or finishing it first if needed. CacheTooLarge when
-    the disk cannot hold it, with `outputs` (what the run writes next) when that goes to the same disk (nothing is
-    written then)."""
+    """Load the cache for (base, items, kind; default: the default kind), building or finishing it first if
+    needed. CacheTooLarge when the disk cannot hold it, with `outputs` (what the run writes next) when that goes
+    to the same disk (nothing is written then)."""
+    kind = kind or default_kind().name
     folder = root / cache_key(base, items, kind)
     if (folder / META_FILE).is_file():
         logger.warning("hidden-state cache: reusing %s", folder)
@@ -249,8 +237,8 @@ def build_hidden_cache(
 
 
 class CachedHiddenDataset(Dataset):
-    """Items for training from the cache: hidden states instead of token ids (EAGLE-3 keeps the token ids too:
-    the draft embeds the next tokens)."""
+    """Items for training from the cache: hidden states instead of token ids (and the token ids too for a kind
+    whose records need them)."""
 
     def __init__(self, items: list[dict[str, list[int]]], cache: HiddenStateCache) -> None:
         if len(items) != len(cache):
@@ -262,6 +250,6 @@ class CachedHiddenDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = {"hidden_states": self.cache.get(index), "labels": self.items[index]["labels"]}
-        if self.cache.kind != "medusa":
+        if self.cache.kind.records_need_token_ids:
             item["input_ids"] = self.items[index]["input_ids"]
         return item

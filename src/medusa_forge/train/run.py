@@ -1,5 +1,5 @@
-"""The training command: from a TrainConfig, build data + model, train with MedusaTrainer, write the draft folder
-(Medusa heads, or an EAGLE-3 draft with --draft_kind eagle3)."""
+"""The training command: from a TrainConfig, build data + the draft kind's training module, train with MedusaTrainer,
+write the draft folder (Medusa heads, or another kind of draft with --draft_kind)."""
 
 from __future__ import annotations
 
@@ -10,29 +10,18 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medusa_forge.data.conversations import load_conversations
-from medusa_forge.data.tokenize import IGNORE_INDEX, ensure_chat_template
+from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.defaults import cache_dir, resolve_model
-from medusa_forge.eagle3 import CONFIG_NAME as EAGLE3_CONFIG_NAME
-from medusa_forge.eagle3 import (
-    ENGINE_MIN_TARGET_LAYERS,
-    Eagle3Config,
-    Eagle3Draft,
-    draft_vocab_ids,
-    draft_vocabulary,
-)
+from medusa_forge.drafts import get_kind
 from medusa_forge.errors import UserError
-from medusa_forge.formats.files import read_json
-from medusa_forge.heads import MedusaHeads
 from medusa_forge.model_card import hub_base_id, write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.outputs import OutputLock, check_writable_folder
 from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
-from medusa_forge.train.eagle3_model import Eagle3ForTraining, step_weights
 from medusa_forge.train.hidden_cache import (
     CachedHiddenDataset,
     CacheTooLarge,
@@ -41,7 +30,6 @@ from medusa_forge.train.hidden_cache import (
     check_output_space,
     run_outputs,
 )
-from medusa_forge.train.model import MedusaForTraining, head_weights
 from medusa_forge.train.report import plot_history, training_metrics
 from medusa_forge.train.trainer import MedusaTrainer
 
@@ -93,8 +81,8 @@ def remove_checkpoints(output_dir: Path, why: str) -> None:
 
 def _cached(base, train_set, eval_set, config: TrainConfig, outputs: RunOutputs):
     """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait.
-    An EAGLE-3 run whose cache does not fit on the disk keeps the token dataset: the draft's features are then
-    computed per batch (the frozen pass runs every epoch)."""
+    A run whose cache does not fit on the disk keeps the token dataset when its kind `trains_without_cache`: the
+    records are then computed per batch (the frozen pass runs every epoch)."""
     root = Path(config.medusa_hidden_cache_dir or cache_dir() / "hidden")
     out = []
     for dataset in (train_set, eval_set):
@@ -106,62 +94,13 @@ def _cached(base, train_set, eval_set, config: TrainConfig, outputs: RunOutputs)
             with config.main_process_first(desc="hidden-state cache"):
                 cache = build_hidden_cache(base, items, root, kind=config.draft_kind, outputs=outputs)
         except CacheTooLarge as err:
-            if config.draft_kind == "medusa":
+            if not get_kind(config.draft_kind).trains_without_cache:
                 raise
             logger.warning("%s\ncomputing the target's features per batch instead of caching them", err)
             out.append(dataset)
             continue
         out.append(CachedHiddenDataset(items, cache))
     return out
-
-
-def assistant_token_counts(items: list[dict[str, list[int]]], vocab_size: int) -> torch.Tensor:
-    """[V] how often each token id is a labelled (assistant) token: what the draft vocabulary is chosen from."""
-    labels = torch.tensor([t for item in items for t in item["labels"] if t != IGNORE_INDEX], dtype=torch.long)
-    if len(labels) and int(labels.max()) >= vocab_size:
-        raise UserError(f"the data holds token id {int(labels.max())}, beyond the model's vocabulary {vocab_size}")
-    return torch.bincount(labels, minlength=vocab_size)
-
-
-def eagle3_model(base, train_set: ConversationDataset, config: TrainConfig, base_path: str) -> Eagle3ForTraining:
-    """A fresh EAGLE-3 draft for `base` (draft vocabulary from the training data's assistant tokens) + its loss."""
-    layers = base.config.get_text_config().num_hidden_layers
-    if layers < ENGINE_MIN_TARGET_LAYERS:
-        logger.warning(
-            "the target has %d layers (< %d): the draft reads layers vLLM and SGLang cannot give it, so it can be "
-            "trained and used by medusa-forge's decoder but not exported to an engine",
-            layers,
-            ENGINE_MIN_TARGET_LAYERS,
-        )
-    vocab = base.config.get_text_config().vocab_size
-    size = min(config.eagle3_draft_vocab_size or vocab, vocab)
-    ids = None
-    if size < vocab:
-        d2t, _ = draft_vocabulary(assistant_token_counts(train_set.all_items(), vocab), size)
-        ids = draft_vocab_ids(d2t)
-    set_seed(config.seed)  # the draft's random initial weights are the same on every rank and every run
-    draft = Eagle3Draft.for_target(base, ids, base_path, config.eagle3_intermediate_size).to(base.device)
-    weights = step_weights(config.eagle3_ttt_steps, config.eagle3_step_decay)
-    return Eagle3ForTraining(base, draft, weights, chunk_size=config.medusa_loss_chunk_size)
-
-
-def medusa_model(base, config: TrainConfig, base_path: str) -> MedusaForTraining:
-    heads = MedusaHeads.for_base_model(base, config.medusa_num_heads, config.medusa_num_layers, base_path)
-    draft_vocab = config.medusa_draft_vocab_size or None
-    if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:
-        draft_vocab = None  # the whole vocabulary anyway
-    heads.config.draft_vocab_size = draft_vocab
-    if config.medusa_freeze_projection:
-        for head in heads:
-            head[-1].weight.requires_grad_(False)
-    return MedusaForTraining(
-        base,
-        heads,
-        head_weights(config.medusa_num_heads, config.medusa_decay_coefficient),
-        soft_labels=config.medusa_soft_labels,
-        chunk_size=config.medusa_loss_chunk_size,
-        draft_vocab_size=draft_vocab,
-    )
 
 
 def train(config: TrainConfig) -> Path:
@@ -203,11 +142,11 @@ def _train(config: TrainConfig) -> Path:
         )
 
     base = load_base_model(base_path, dtype=_base_dtype(config)).to(config.device)
-    eagle3 = config.draft_kind == "eagle3"
-    # The draft vocabulary is chosen from the token data before the cache replaces it; the draft is built before
+    kind = get_kind(config.draft_kind)
+    # A draft vocabulary is chosen from the token data before the cache replaces it; the draft is built before
     # the cache so that the disk check counts its checkpoints. In config.json: aliases become the folder a
     # server can load.
-    model = eagle3_model(base, train_set, config, base_path) if eagle3 else medusa_model(base, config, base_path)
+    model = kind.training_module(base, config, base_path, train_set.all_items)
     draft = getattr(model, model.draft_attribute)
     outputs = run_outputs(draft, Path(config.output_dir), config.save_strategy, config.save_total_limit)
     check_output_space(outputs)
@@ -232,27 +171,19 @@ def _train(config: TrainConfig) -> Path:
     if is_main:
         if not config.keep_checkpoints:
             remove_checkpoints(output, "of the completed run (--keep_checkpoints True keeps them)")
-        metrics = training_metrics(trainer.state.log_history, final, name=model.metric_name)
+        metrics = training_metrics(trainer.state.log_history, final, name=kind.metric_name)
         metrics.save(output)
-        plot_history(output, metrics, label="step" if eagle3 else "head")
+        plot_history(output, metrics, label=kind.metric_label)
         facts = {
             "Training data": f"`{config.data_path}` ({len(train_set)} conversations)",
             "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
+            **kind.training_facts(config),
         }
-        layers = None
-        if eagle3:
-            layers = base.config.get_text_config().num_hidden_layers
-            facts["Training-time test"] = (
-                f"{config.eagle3_ttt_steps} steps, step j's loss weighted {config.eagle3_step_decay:g}**j"
-            )
-            facts["Learning rate"] = f"{config.learning_rate:g}"
-        # The config as saved (its torch_dtype is the saved weights'), for an EAGLE-3 draft.
-        saved = output / EAGLE3_CONFIG_NAME
-        draft_config = Eagle3Config.from_json(read_json(saved), str(saved)) if eagle3 else model.heads.config
-        card_metrics = metrics.held_out_head_metrics(model.metric_name)
+        card_metrics = metrics.held_out_head_metrics(kind.metric_name)
         base_id = hub_base_id(config.model_name_or_path) or base_path
-        write_model_card(output, draft_config, base_id, facts, card_metrics, target_num_layers=layers)
-        logger.warning("%s written to %s", "EAGLE-3 draft" if eagle3 else "heads", output)
+        layers = kind.target_num_layers(base)
+        write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, target_num_layers=layers)
+        logger.warning("%s written to %s", kind.label, output)
     return output
 
 

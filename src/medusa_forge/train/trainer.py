@@ -5,26 +5,23 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
-from medusa_forge.eagle3 import Eagle3Draft
+from medusa_forge.drafts import get_kind, kinds
+from medusa_forge.drafts.fused_ce import summarise_head_stats
 from medusa_forge.errors import UserError
-from medusa_forge.formats.files import load_safetensors
-from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.tokenizer_files import save_tokenizer
-from medusa_forge.train.model import summarise_head_stats
-
-METRIC_NAMES = ("medusa", "eagle3_step")
 
 
 class MedusaTrainer(Trainer):
     """Checkpoints hold only the draft (heads: config.json + medusa_lm_head.safetensors; EAGLE-3: config.json +
     model.safetensors) plus the Trainer's optimizer/scheduler/RNG state, so a checkpoint folder is itself a
-    loadable draft folder. The model (MedusaForTraining, Eagle3ForTraining) names its draft submodule
-    (`draft_attribute`) and its metrics (`metric_name`)."""
+    loadable draft folder. The model (the draft kind's training module) names its draft submodule
+    (`draft_attribute`); the kind (`args.draft_kind`) names its metrics and reads its checkpoints."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -52,8 +49,8 @@ class MedusaTrainer(Trainer):
             stats = self._head_stats[phase].to(self.args.device)
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
-            name = self.accelerator.unwrap_model(self.model).metric_name
-            logs.update(summarise_head_stats(stats.cpu(), prefix="eval_" if phase == "eval" else "", name=name))
+            name = get_kind(self.args.draft_kind).metric_name
+            logs.update(summarise_head_stats(stats.cpu(), name, prefix="eval_" if phase == "eval" else ""))
             self._head_stats[phase] = None
         super().log(logs, start_time)
 
@@ -86,11 +83,7 @@ class MedusaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         draft = self._draft(model)
         try:
-            if isinstance(draft, Eagle3Draft):  # load() checks the folder as the engines would
-                state = Eagle3Draft.load(resume_from_checkpoint).state_dict()
-            else:
-                state = load_safetensors(os.path.join(resume_from_checkpoint, WEIGHTS_NAME))
-            draft.load_state_dict(state)
+            draft.load_state_dict(get_kind(self.args.draft_kind).checkpoint_state(Path(resume_from_checkpoint)))
         except (UserError, RuntimeError) as err:  # another kind, head count, layer count or base model
             reason = str(err).strip().splitlines()[0][:300]
             raise UserError(
@@ -121,7 +114,7 @@ def format_logs(step: int, logs: dict) -> str:
         if key in logs:
             parts.append(f"{key} {logs[key]:.4g}")
     for prefix in ("", "eval_"):
-        for name, label in zip(METRIC_NAMES, ("head", "step"), strict=True):
+        for name, label in ((kind.metric_name, kind.metric_label) for kind in kinds()):
             i = 0
             while f"{prefix}{name}{i}_loss" in logs:
                 key = f"{prefix}{name}{i}"

@@ -1,14 +1,42 @@
-"""The training module: frozen base + trainable heads, and the Medusa loss with its per-head statistics."""
+"""Medusa heads' training: the records they read (the final hidden state), the training module (frozen base +
+trainable heads) built from train's flags, and the Medusa loss with its per-head statistics."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
+from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
 from medusa_forge.heads import MedusaHeads, backbone
-from medusa_forge.train.fused_ce import TOPK, linear_cross_entropy
+
+
+def final_hidden_records(base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] the base model's final hidden state (after its final norm): what every head reads."""
+    return backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def new_training_module(base: PreTrainedModel, config: Any, base_path: str) -> MedusaForTraining:
+    """Fresh heads for `base` with their loss, as train's flags (`config`, a TrainConfig) say."""
+    heads = MedusaHeads.for_base_model(base, config.medusa_num_heads, config.medusa_num_layers, base_path)
+    draft_vocab = config.medusa_draft_vocab_size or None
+    if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:
+        draft_vocab = None  # the whole vocabulary anyway
+    heads.config.draft_vocab_size = draft_vocab
+    if config.medusa_freeze_projection:
+        for head in heads:
+            head[-1].weight.requires_grad_(False)
+    return MedusaForTraining(
+        base,
+        heads,
+        head_weights(config.medusa_num_heads, config.medusa_decay_coefficient),
+        soft_labels=config.medusa_soft_labels,
+        chunk_size=config.medusa_loss_chunk_size,
+        draft_vocab_size=draft_vocab,
+    )
 
 
 def head_weights(num_heads: int, decay_coefficient: float) -> list[float]:
@@ -24,7 +52,6 @@ class MedusaForTraining(nn.Module):
     """
 
     draft_attribute = "heads"  # what the trainer saves
-    metric_name = "medusa"  # logged as medusa{i}_loss, medusa{i}_top1, ...
 
     def __init__(
         self,
@@ -59,9 +86,7 @@ class MedusaForTraining(nn.Module):
     ) -> dict[str, torch.Tensor]:
         if hidden_states is None:
             with torch.no_grad():
-                hidden_states = backbone(self.base)(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).last_hidden_state
+                hidden_states = final_hidden_records(self.base, input_ids, attention_mask)
         soft_weight = self.base.get_output_embeddings().weight if self.soft_labels else None
         return medusa_loss(
             self.heads, hidden_states, labels, self.loss_weights, soft_weight, self.chunk_size, self.draft_vocab_size
@@ -118,13 +143,3 @@ def medusa_loss(
         stats[i, 1] = count
         stats[i, 3:] = hits
     return {"loss": total, "head_stats": stats}
-
-
-def summarise_head_stats(stats: torch.Tensor, prefix: str = "", name: str = "medusa") -> dict[str, float]:
-    """Summed head_stats -> {medusa{i}_loss, medusa{i}_top{k}} means (`name` eagle3_step: per EAGLE-3 step)."""
-    out = {}
-    for i in range(stats.shape[0]):
-        out[f"{prefix}{name}{i}_loss"] = float(stats[i, 0]) / max(float(stats[i, 1]), 1.0)
-        for k_index, k in enumerate(TOPK):
-            out[f"{prefix}{name}{i}_top{k}"] = float(stats[i, 3 + k_index]) / max(float(stats[i, 2]), 1.0)
-    return out

@@ -18,16 +18,69 @@ over all B x T indices (so padding and user turns do not scale the loss).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
-from medusa_forge.eagle3 import Eagle3Draft, UnrolledAttention, causal_bias, draft_vocab_ids
-from medusa_forge.train.fused_ce import TOPK, linear_cross_entropy
-from medusa_forge.train.hidden_cache import frozen_pass
+from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
+from medusa_forge.eagle3 import (
+    ENGINE_MIN_TARGET_LAYERS,
+    Eagle3Draft,
+    UnrolledAttention,
+    causal_bias,
+    draft_vocab_ids,
+    draft_vocabulary,
+    target_features,
+)
+from medusa_forge.errors import UserError
+from medusa_forge.heads import backbone
 
-METRIC_NAME = "eagle3_step"  # logged as eagle3_step{j}_loss, eagle3_step{j}_top1, ...
+logger = logging.getLogger("medusa_forge")
+
+
+def feature_records(base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, 4H] what the draft's loss reads of the frozen target: its features [3H] (`target_features`) then its
+    final hidden state [H] (the target's distribution over the draft vocabulary is recomputed from it)."""
+    out = backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+    return torch.cat([target_features(out.hidden_states), out.last_hidden_state], dim=-1)
+
+
+def assistant_token_counts(items: list[dict[str, list[int]]], vocab_size: int) -> torch.Tensor:
+    """[V] how often each token id is a labelled (assistant) token: what the draft vocabulary is chosen from."""
+    labels = torch.tensor([t for item in items for t in item["labels"] if t != IGNORE_INDEX], dtype=torch.long)
+    if len(labels) and int(labels.max()) >= vocab_size:
+        raise UserError(f"the data holds token id {int(labels.max())}, beyond the model's vocabulary {vocab_size}")
+    return torch.bincount(labels, minlength=vocab_size)
+
+
+def new_training_module(
+    base: PreTrainedModel, config: Any, base_path: str, token_items: Callable[[], list[dict[str, list[int]]]]
+) -> Eagle3ForTraining:
+    """A fresh EAGLE-3 draft for `base` with its loss, as train's flags (`config`, a TrainConfig) say; its draft
+    vocabulary is chosen from the training data's assistant tokens (`token_items`)."""
+    layers = base.config.get_text_config().num_hidden_layers
+    if layers < ENGINE_MIN_TARGET_LAYERS:
+        logger.warning(
+            "the target has %d layers (< %d): the draft reads layers vLLM and SGLang cannot give it, so it can be "
+            "trained and used by medusa-forge's decoder but not exported to an engine",
+            layers,
+            ENGINE_MIN_TARGET_LAYERS,
+        )
+    vocab = base.config.get_text_config().vocab_size
+    size = min(config.eagle3_draft_vocab_size or vocab, vocab)
+    ids = None
+    if size < vocab:
+        d2t, _ = draft_vocabulary(assistant_token_counts(token_items(), vocab), size)
+        ids = draft_vocab_ids(d2t)
+    set_seed(config.seed)  # the draft's random initial weights are the same on every rank and every run
+    draft = Eagle3Draft.for_target(base, ids, base_path, config.eagle3_intermediate_size).to(base.device)
+    weights = step_weights(config.eagle3_ttt_steps, config.eagle3_step_decay)
+    return Eagle3ForTraining(base, draft, weights, chunk_size=config.medusa_loss_chunk_size)
 
 
 def step_weights(steps: int, decay: float) -> list[float]:
@@ -59,14 +112,13 @@ def target_argmax(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chun
 class Eagle3ForTraining(nn.Module):
     """forward(labels, input_ids, attention_mask[, hidden_states]) -> {"loss", "head_stats"}.
 
-    hidden_states (from the hidden-state cache) are the [B, T, 4H] records of `frozen_pass(kind="eagle3")`:
+    hidden_states (from the hidden-state cache) are the [B, T, 4H] records of `feature_records`:
     target features [3H] then the final hidden state [H]; without them the target runs on the batch.
     head_stats is a [steps, 3 + len(TOPK)] tensor of sums per step (soft cross-entropy, positions in the loss,
     labelled positions, top-k hits of the draft against the target's argmax), as MedusaForTraining's per head.
     """
 
     draft_attribute = "draft"  # what the trainer saves
-    metric_name = METRIC_NAME
 
     def __init__(
         self,
@@ -105,7 +157,8 @@ class Eagle3ForTraining(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if hidden_states is None:
-            hidden_states = frozen_pass(self.base, input_ids, attention_mask, "eagle3")
+            with torch.no_grad():
+                hidden_states = feature_records(self.base, input_ids, attention_mask)
         with torch.no_grad():
             embeds = self.base.get_input_embeddings()(input_ids)
         return self.loss(hidden_states, embeds, labels, attention_mask)

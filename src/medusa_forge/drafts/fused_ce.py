@@ -77,3 +77,14 @@ def linear_cross_entropy(
         zero = (x.sum() + weight.sum()) * 0.0
         return zero.float(), torch.zeros(len(TOPK), device=x.device)
     return _LinearCrossEntropy.apply(x, weight, target, target_hidden, target_weight, chunk_size)
+
+
+def summarise_head_stats(stats: torch.Tensor, name: str, prefix: str = "") -> dict[str, float]:
+    """Summed head_stats [K, 3 + len(TOPK)] (the sums every kind's loss returns per head or step) ->
+    {`name`{i}_loss, `name`{i}_top{k}} means (`name`: the kind's metric_name)."""
+    out = {}
+    for i in range(stats.shape[0]):
+        out[f"{prefix}{name}{i}_loss"] = float(stats[i, 0]) / max(float(stats[i, 1]), 1.0)
+        for k_index, k in enumerate(TOPK):
+            out[f"{prefix}{name}{i}_top{k}"] = float(stats[i, 3 + k_index]) / max(float(stats[i, 2]), 1.0)
+    return out

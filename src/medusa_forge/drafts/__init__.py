@@ -1,0 +1,78 @@
+"""The registry of draft kinds: the one list of kinds, looked up by name or recognised from a folder.
+
+A kind lives in one module of this package (`medusa.py`, `eagle3.py`); registering it here is all the rest of the
+code needs: training, the hidden-state cache, decoding, eval, export, push, the model card and the pipeline ask
+the kind they are given (`get_kind`) or find (`kind_of`) instead of branching on its name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medusa_forge.drafts.eagle3 import EAGLE3
+from medusa_forge.drafts.kind import DraftKind
+from medusa_forge.drafts.medusa import MEDUSA
+from medusa_forge.errors import UserError
+
+__all__ = ["DraftKind", "default_kind", "get_kind", "kind_names", "kind_of", "kinds", "register", "unregister"]
+
+# Registration order is the order kinds are listed in (choices, messages); the first is the default kind: the
+# tutorial's Medusa heads, and what files written before other kinds existed hold.
+_KINDS: dict[str, DraftKind] = {}
+
+
+def register(kind: DraftKind) -> DraftKind:
+    """Add `kind` to the registry (a new kind's module calls this; tests register toy kinds)."""
+    if kind.name in _KINDS:
+        raise ValueError(f"a draft kind named {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    """Remove a kind registered by `register` (tests that registered a toy kind clean up with it)."""
+    del _KINDS[name]
+
+
+def kinds() -> tuple[DraftKind, ...]:
+    return tuple(_KINDS.values())
+
+
+def kind_names() -> tuple[str, ...]:
+    return tuple(_KINDS)
+
+
+def default_kind() -> DraftKind:
+    return next(iter(_KINDS.values()))
+
+
+def get_kind(name: str) -> DraftKind:
+    """The kind named `name`; a UserError that lists the kinds for any other name."""
+    if name not in _KINDS:
+        raise UserError(f"draft kind {name!r}: expected one of {', '.join(_KINDS)}")
+    return _KINDS[name]
+
+
+def kind_of(folder: str | Path) -> DraftKind:
+    """The kind of the draft in `folder`. A folder that no kind recognises is an error that names the folder and
+    what each kind's folder holds: it is never taken for one kind by default."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"{folder}: no such folder (expected a draft folder written by `medusa-forge train`)")
+    found = [kind for kind in _KINDS.values() if kind.recognises(path)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise UserError(f"{folder}: ambiguous, it holds {' and '.join(kind.label for kind in found)}")
+    expected = "; ".join(f"{kind.label}: {kind.expected_files}" for kind in _KINDS.values())
+    held = sorted(p.name for p in path.iterdir())[:10]
+    # Every kind's folder has its config file: a missing one is the usual mistake (the wrong folder), said first.
+    missing = sorted({kind.config_name for kind in _KINDS.values() if not (path / kind.config_name).is_file()})
+    why = f" ({' and '.join(missing)} is missing)" if missing else ""
+    raise UserError(
+        f"{folder}: no draft of a known kind found{why}. Expected one of: {expected}. The folder holds: {held}"
+    )
+
+
+register(MEDUSA)
+register(EAGLE3)
