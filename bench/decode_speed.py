@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from medusa_forge.decode.generation import STEP_PARTS, MedusaDecoder
-from medusa_forge.decode.loading import load_medusa
+from medusa_forge.decode.loading import load_draft
 from medusa_forge.decode.step_latency import time_step_parts
 from medusa_forge.evaluate.cli import EvalConfig, evaluate
 from medusa_forge.formats.tree_file import build_tree
@@ -81,7 +81,7 @@ def main() -> None:
         rank_accuracy = [r.rank_accuracy for r in (report.accuracy_own_answers or report.accuracy)[1:]]
     else:
         rank_accuracy = None
-    model, _ = load_medusa(args.heads, device="cpu")
+    model = load_draft(args.heads, device="cpu").draft.model
     prior = [[0.5, 0.1, 0.05]] * 3
     trees = [build_tree(rank_accuracy or prior, int(size)) for size in args.sizes.split(",")]
     profile = {}

@@ -16,8 +16,9 @@ import torch
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.decode.generation import Eagle3Decoder
-from medusa_forge.decode.loading import load_eagle3
-from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH, resolve_tree
+from medusa_forge.decode.loading import load_draft
+from medusa_forge.decode.tree import resolve_tree
+from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH
 from medusa_forge.evaluate.speed import acceptance, first_prompts, run_speed, speed_comparison
 from medusa_forge.generation.text import eos_token_ids
 from medusa_forge.results import DRAFT_RUN
@@ -44,7 +45,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base, draft, tokenizer = load_eagle3(args.draft, dtype=args.dtype, device="cpu")
+    loaded = load_draft(args.draft, dtype=args.dtype, device="cpu")
+    base, draft, tokenizer = loaded.base, loaded.draft.draft, loaded.tokenizer
     conversations = load_conversations(args.data, 40 * args.max_prompts)
     prompts = first_prompts(tokenizer, conversations, args.max_prompts, args.max_prompt_tokens)
     eos = eos_token_ids(base, tokenizer)

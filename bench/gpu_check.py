@@ -54,7 +54,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from medusa_forge.decode.generation import STEP_PARTS, Eagle3Decoder, MedusaDecoder, greedy_generate
 from medusa_forge.decode.step_latency import Stopwatch, time_step_parts
-from medusa_forge.decode.tree import EAGLE3_TREE_DEPTH
+from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, step_weights
 from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
 from medusa_forge.eagle3 import Eagle3Draft

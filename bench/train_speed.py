@@ -81,17 +81,16 @@ def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dic
 def score(out: Path, args: argparse.Namespace) -> dict:
     from medusa_forge.data.conversations import load_conversations
     from medusa_forge.decode.generation import MedusaDecoder
+    from medusa_forge.decode.loading import load_draft
     from medusa_forge.evaluate.accuracy import measure_accuracy
     from medusa_forge.evaluate.speed import first_prompts
     from medusa_forge.formats.tree_file import default_choices
-    from medusa_forge.heads import MedusaModel
-    from medusa_forge.modeling import load_tokenizer
 
-    model = MedusaModel.from_pretrained(out)
-    tokenizer = load_tokenizer(model.heads.config.base_model_name_or_path)
+    loaded = load_draft(out, device="cpu")  # the heads rank their trained draft vocabulary, as they decode
+    model, tokenizer = loaded.draft.model, loaded.tokenizer
     draft = model.heads.config.draft_vocab_size
     heldout = load_conversations("sharegpt-heldout", args.eval_conversations)
-    accuracy = measure_accuracy(model, tokenizer, heldout, args.max_length, progress=False, draft_vocab=draft)
+    accuracy = measure_accuracy(loaded.draft, tokenizer, heldout, args.max_length, progress=False)
     prompts = first_prompts(tokenizer, heldout, args.eval_prompts, 384)
 
     def accepted_length(draft_vocab: int | None) -> float:

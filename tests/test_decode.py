@@ -19,9 +19,9 @@ from torch import nn
 
 from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.decode.generation import MedusaDecoder, SpeculativeDecoder, greedy_generate
-from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.tree_support import check_tree_support
 from medusa_forge.decode.verification import causal_bias, keep_cache_entries
+from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
@@ -324,6 +324,9 @@ class ReferenceDrafter:
     def start(self, tokens: torch.Tensor, hidden: torch.Tensor) -> list[int]:
         assert hidden.shape == (len(tokens), self.width)
         return tokens.tolist()  # the prompt after its first token, then the root: the root is at index len(state)
+
+    def check_tree(self, tree: TreeBuffers) -> None:
+        pass  # it fills any tree
 
     def propose(self, state: list[int], root: int, tree: TreeBuffers) -> torch.Tensor:
         assert state[-1] == root

@@ -12,9 +12,9 @@ import torch
 import transformers
 from conftest import TINY_CONFIGS, plain_sample
 
-from medusa_forge.decode.eagle3_drafter import Eagle3Drafter, tree_levels
 from medusa_forge.decode.generation import Eagle3Decoder, SpeculativeDecoder, greedy_generate
-from medusa_forge.decode.tree import TreeBuffers
+from medusa_forge.drafts.drafter import TreeBuffers
+from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter, tree_levels
 from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, causal_bias, target_features, target_layers
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import build_tree, default_choices

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model, write_conversations
 
 from medusa_forge.cli import main
-from medusa_forge.decode.loading import load_draft, load_medusa
+from medusa_forge.decode.loading import load_draft
 from medusa_forge.evaluate.accuracy import measure_accuracy
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree, load_tree_dtype
 from medusa_forge.heads import MedusaModel
@@ -37,9 +37,10 @@ def test_accuracy_counts_ranks_by_brute_force(heads_dir):
     from medusa_forge.data.tokenize import IGNORE_INDEX, tokenize_conversation
 
     heads, data = heads_dir
-    model, tokenizer = load_medusa(heads, device="cpu")
+    loaded = load_draft(heads, device="cpu")
+    model, tokenizer = loaded.draft.model, loaded.tokenizer
     conversations = load_conversations(str(data), 3)
-    rows = measure_accuracy(model, tokenizer, conversations, 128, progress=False)
+    rows = measure_accuracy(loaded.draft, tokenizer, conversations, 128, progress=False)
     assert [r.name for r in rows] == ["base", "head 0", "head 1", "head 2"]
     # Brute force: every position t whose target t+1+shift is an assistant token.
     for which, row in enumerate(rows):

@@ -13,10 +13,11 @@ from conftest import make_tiny_model, write_conversations
 from medusa_forge.cli import main
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX
-from medusa_forge.decode.eagle3_drafter import Eagle3Drafter
-from medusa_forge.decode.loading import load_eagle3
+from medusa_forge.decode.loading import load_draft
+from medusa_forge.drafts.accuracy import RANKS
+from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter, score_eagle3_samples
 from medusa_forge.eagle3 import CachedAttention, target_features
-from medusa_forge.evaluate.accuracy import RANKS, conversation_samples, score_eagle3_samples
+from medusa_forge.evaluate.accuracy import conversation_samples
 from medusa_forge.formats.tree_file import load_tree, load_tree_dtype
 from medusa_forge.results import EvalReport
 
@@ -62,7 +63,8 @@ def rank(draft, logits: torch.Tensor, token: int) -> int:
 
 def test_step_accuracy_matches_the_engines_chain(draft_dir):
     folder, data = draft_dir
-    base, draft, tokenizer = load_eagle3(folder, device="cpu")
+    loaded = load_draft(folder, device="cpu")
+    base, draft, tokenizer = loaded.base, loaded.draft.draft, loaded.tokenizer
     samples = conversation_samples(tokenizer, load_conversations(str(data), 2), 96)
     rows = score_eagle3_samples(base, draft, samples, depth=3, progress=False)
     assert [r.name for r in rows] == ["base", "step 1", "step 2", "step 3"]

@@ -7,8 +7,8 @@ import transformers.integrations.sdpa_attention as transformers_sdpa
 from conftest import make_tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.verification import TreeVerifier, causal_bias
+from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.grouped_attention import GROUPED_SDPA, use_grouped_attention
 from medusa_forge.modeling import load_base_model
 

@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from medusa_forge.cli import main
+from medusa_forge.drafts.card import CARD_MARKER
 from medusa_forge.heads import MedusaHeads
-from medusa_forge.model_card import CARD_MARKER, write_model_card
+from medusa_forge.model_card import write_model_card
 from medusa_forge.modeling import load_base_model
 
 TOKEN = "hf_standin_token"

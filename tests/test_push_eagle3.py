@@ -16,9 +16,10 @@ from test_eagle3_train import eagle3_flags
 from test_export_eagle3 import target_folder
 
 from medusa_forge.cli import main
+from medusa_forge.drafts.card import CARD_MARKER
 from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.formats.tree_file import save_tree
-from medusa_forge.model_card import CARD_MARKER, render_model_card
+from medusa_forge.model_card import render_model_card
 from medusa_forge.modeling import load_base_model
 from medusa_forge.results import Acceptance, EvalReport, PredictorAccuracy, SpeedComparison
 

@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from medusa_forge.decode.tree import TreeBuffers, expected_accept_length, resolve_tree
+from medusa_forge.decode.tree import expected_accept_length, resolve_tree
+from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import (
     DEFAULT_TREE_SIZES,

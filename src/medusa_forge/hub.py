@@ -1,9 +1,10 @@
-"""`medusa-forge push`: check a draft folder (Medusa heads or an EAGLE-3 draft), refresh its model card, and upload
-it to the Hugging Face Hub (create-repo + upload-folder). `--dry-run` lists what would go up and sends nothing.
+"""`medusa-forge push`: check a draft folder (its kind checks it: `DraftKind.check_for_push`), refresh its model
+card, and upload it to the Hugging Face Hub (create-repo + upload-folder). `--dry-run` lists what would go up and
+sends nothing.
 
-A heads folder goes up whole, less Trainer checkpoints, logs and caches. An EAGLE-3 draft folder sends only
-what an engine or the card reads: a Trainer run leaves checkpoints and plots next to it that would otherwise sit
-in the repository, and engines read any extra weights file they find.
+A folder goes up whole, less Trainer checkpoints, logs and caches, unless its kind names its files (an EAGLE-3
+draft does): then only those and what the card and medusa-forge read go up, since a Trainer run leaves checkpoints
+and plots next to it that would otherwise sit in the repository, and engines read any extra weights file they find.
 
 The token comes from HF_TOKEN or the local login (`hf auth login`); the endpoint from HF_ENDPOINT.
 """
@@ -18,14 +19,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medusa_forge.eagle3 import WEIGHTS_NAME as EAGLE3_WEIGHTS_NAME
-from medusa_forge.eagle3 import Eagle3Draft, check_servable, is_eagle3_folder
+from medusa_forge.drafts import kind_of
+from medusa_forge.drafts.card import CARD_INPUTS_NAME, README_NAME, hub_base_id
 from medusa_forge.errors import UserError
-from medusa_forge.formats.layouts import LAYOUTS
-from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE
-from medusa_forge.heads import CONFIG_NAME
-from medusa_forge.model_card import CARD_INPUTS_NAME, README_NAME, hub_base_id, refreshed_model_card
+from medusa_forge.model_card import refreshed_model_card
 from medusa_forge.results import EVAL_REPORT_FILE, TRAINING_METRICS_FILE
 from medusa_forge.tokenizer_files import TOKENIZER_CONFIG, TOKENIZER_FILES, portable_config
 
@@ -33,13 +31,9 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Not for the Hub: Trainer checkpoints and logs, the pickled TrainingArguments, caches.
 EXCLUDED_DIRS = ("checkpoint-", "runs", ".git", ".cache", "__pycache__")
 EXCLUDED_FILES = ("training_args.bin", ".DS_Store")
-COMMIT_MESSAGE = "Upload Medusa heads with medusa-forge"
-EAGLE3_COMMIT_MESSAGE = "Upload EAGLE-3 draft with medusa-forge"
-# What an EAGLE-3 push uploads, where present: the engines' two files, the tokenizer, the card and what it is
-# rendered from (its inputs, training metrics, eval report), and the tree medusa-forge's own decoder reads.
-EAGLE3_UPLOADS = (
-    CONFIG_NAME,
-    EAGLE3_WEIGHTS_NAME,
+# What a push of a kind that names its files uploads next to them, where present: the tokenizer, the card and what
+# it is rendered from (its inputs, training metrics, eval report), and the tree medusa-forge's own decoder reads.
+SIDECAR_UPLOADS = (
     *TOKENIZER_FILES,
     README_NAME,
     CARD_INPUTS_NAME,
@@ -84,7 +78,7 @@ def files_to_upload(folder: Path) -> list[str]:
 
 
 def _base_for_hub(
-    folder: Path, config_base: str, base_model_id: str | None, notes: list[str], readers: str
+    folder: Path, config_name: str, config_base: str, base_model_id: str | None, notes: list[str], readers: str
 ) -> str | None:
     """The Hub id to write into config.json when it names a local folder (`readers` load the base from it)."""
     if base_model_id:
@@ -99,7 +93,7 @@ def _base_for_hub(
         notes.append(f"config.json named the local folder {config_base}; training recorded the Hub id {recorded}")
         return recorded
     raise UserError(
-        f"{folder / CONFIG_NAME}: base_model_name_or_path is the local path {config_base!r}; {readers} load the base "
+        f"{folder / config_name}: base_model_name_or_path is the local path {config_base!r}; {readers} load the base "
         "model from it. Pass --base-model-id HUB_ID (e.g. meta-llama/Llama-3.2-1B-Instruct) to name it on the Hub."
     )
 
@@ -144,48 +138,25 @@ def _portable_tokenizer(folder: Path, overrides: dict[str, bytes], notes: list[s
         )
 
 
-def _medusa_upload(folder: Path, repo: str, base_model_id: str | None) -> _Upload:
-    """Medusa heads: validated (names, shapes and counts, and sizes against the base model where it is available)."""
-    loaded = read_heads(folder)
-    if loaded.layout not in ("medusa", "vllm"):
-        raise UserError(
-            f"{folder} holds {LAYOUTS[loaded.layout]}; push uploads this project's (= TGI's) layout or a vLLM "
-            f"export. Convert first: medusa-forge import --from {folder} --output-dir HEADS"
-        )
-    notes = list(loaded.notes)
-    config = loaded.config
-    readers = "TGI and everyone who downloads these heads"
-    new_base = _base_for_hub(folder, config.base_model_name_or_path, base_model_id, notes, readers)
-    if new_base and new_base != config.base_model_name_or_path:
-        notes.append(
-            f"uploaded config.json names the base {new_base!r} (the local one keeps {config.base_model_name_or_path!r})"
-        )
-        config.base_model_name_or_path = new_base
-    overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
-    _portable_tokenizer(folder, overrides, notes)
-    card = refreshed_model_card(folder, config, repo, new_base, loaded.layout)
-    return _Upload(files_to_upload(folder), overrides, card, notes, COMMIT_MESSAGE)
-
-
-def _eagle3_upload(folder: Path, repo: str, base_model_id: str | None) -> _Upload:
-    """An EAGLE-3 draft: loaded and checked (tensor names, shapes, dtypes, vocabulary maps), and against its target
-    where the target's config is here (the rule `export` applies), so no draft goes up that the engines misread."""
-    config = Eagle3Draft.load(folder).config
-    notes = []
+def _prepare(folder: Path, repo: str, base_model_id: str | None) -> _Upload:
+    """The folder checked by its kind, the Hub id of its base in config.json, a tokenizer TGI's transformers 4.x
+    reads, and its card refreshed."""
+    kind = kind_of(folder)
+    check = kind.check_for_push(folder)
+    config, notes = check.config, check.notes
     local_base = config.base_model_name_or_path
-    layers = check_servable(config, str(folder))
-    if layers is None:
-        notes.append(f"not checked against the target {local_base!r} (no local config.json)")
-    readers = "`medusa-forge generate/serve` and the model card's vLLM and SGLang commands"
-    new_base = _base_for_hub(folder, local_base, base_model_id, notes, readers)
+    new_base = _base_for_hub(folder, kind.config_name, local_base, base_model_id, notes, check.readers)
     if new_base and new_base != local_base:
         notes.append(f"uploaded config.json names the base {new_base!r} (the local one keeps {local_base!r})")
         config.base_model_name_or_path = new_base
-    overrides = {CONFIG_NAME: _config_bytes(folder, new_base)} if new_base else {}
+    overrides = {kind.config_name: _config_bytes(folder / kind.config_name, new_base)} if new_base else {}
     _portable_tokenizer(folder, overrides, notes)
-    card = refreshed_model_card(folder, config, repo, new_base, target_num_layers=layers)
-    files = sorted(name for name in EAGLE3_UPLOADS if (folder / name).is_file())
-    return _Upload(files, overrides, card, notes, EAGLE3_COMMIT_MESSAGE)
+    card = refreshed_model_card(folder, config, repo, new_base, **check.card_options)
+    if check.uploads is None:
+        files = files_to_upload(folder)
+    else:
+        files = sorted(name for name in (*check.uploads, *SIDECAR_UPLOADS) if (folder / name).is_file())
+    return _Upload(files, overrides, card, notes, check.commit_message)
 
 
 def push(
@@ -204,8 +175,7 @@ def push(
     if not REPO_ID.match(repo):
         raise UserError(f"--repo {repo!r}: expected USER/NAME (or ORG/NAME), e.g. alice/zephyr-7b-medusa")
     # Validation first, before anything is written or sent.
-    prepare = _eagle3_upload if is_eagle3_folder(folder) else _medusa_upload
-    upload = prepare(folder, repo, base_model_id)
+    upload = _prepare(folder, repo, base_model_id)
     notes, card = upload.notes, upload.card
     readme_exists = (folder / README_NAME).is_file()
     card_state = "kept (edited by hand)" if card is None else "refreshed" if readme_exists else "written"
@@ -255,8 +225,8 @@ def push(
     return PushResult(files, card_state, str(getattr(info, "commit_url", info)), notes)
 
 
-def _config_bytes(folder: Path, base: str) -> bytes:
-    raw = json.loads((folder / CONFIG_NAME).read_text())
+def _config_bytes(path: Path, base: str) -> bytes:
+    raw = json.loads(path.read_text())
     raw["base_model_name_or_path"] = base
     return (json.dumps(raw, indent=2) + "\n").encode()
 

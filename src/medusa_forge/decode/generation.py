@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from medusa_forge.decode.drafters import Drafter, MedusaDrafter
-from medusa_forge.decode.eagle3_drafter import Eagle3Drafter, load_draft
-from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.tree_support import check_tree_support
 from medusa_forge.decode.verification import Sampling, TreeVerifier, keep_cache_entries
+from medusa_forge.drafts.drafter import Drafter, TreeBuffers
+from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter
+from medusa_forge.drafts.medusa_drafter import MedusaDrafter
 from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import Choices
@@ -76,6 +76,7 @@ class SpeculativeDecoder:
         self.verifier = TreeVerifier(base, TreeBuffers.from_choices(choices, drafter.max_depth), drafter.feature_layers)
         self.tree = self.verifier.tree
         self.device = self.verifier.device
+        drafter.check_tree(self.tree)
         if check:
             check_tree_support(base)
 
@@ -211,8 +212,8 @@ class Eagle3Decoder(SpeculativeDecoder):
         dtype: torch.dtype | None = None,
     ) -> None:
         """`dtype`: the draft's (e.g. bfloat16 next to a float32 base); None keeps the module's or the folder's."""
-        super().__init__(base, Eagle3Drafter(base, load_draft(draft, dtype)), choices, check)
-        self.drafter.levels(self.tree)  # a tree the draft vocabulary cannot fill fails here, not mid-generation
+        module = draft if isinstance(draft, Eagle3Draft) else Eagle3Draft.load(draft)
+        super().__init__(base, Eagle3Drafter(base, module if dtype is None else module.to(dtype)), choices, check)
 
 
 @torch.no_grad()

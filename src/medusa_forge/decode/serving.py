@@ -42,7 +42,7 @@ class DraftServeGenerator:
     ) -> DraftServeGenerator:
         loaded = load_draft(draft_dir, base_model, dtype, device)
         decoder = loaded.decoder(resolve_tree(tree, draft_dir, loaded.max_depth))
-        logger.info("%s decoding with a tree of %d nodes", loaded.kind, decoder.tree.size - 1)
+        logger.info("%s decoding with a tree of %d nodes", loaded.kind.label, decoder.tree.size - 1)
         return cls(decoder, loaded.tokenizer, eos_token_ids(loaded.base, loaded.tokenizer))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:

@@ -7,8 +7,8 @@ import weakref
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from medusa_forge.decode.tree import TreeBuffers
 from medusa_forge.decode.verification import TreeVerifier, causal_bias, keep_cache_entries
+from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.errors import UserError
 
 _SUPPORTED: weakref.WeakSet = weakref.WeakSet()  # models already proven, so the check runs once per model

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from medusa_forge.decode.acceptance import greedy_accept
-from medusa_forge.decode.tree import TreeBuffers
+from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.generation.device import is_packed
 from medusa_forge.generation.sampling import pick_token
 from medusa_forge.heads import backbone

@@ -7,6 +7,7 @@ the kind they are given (`get_kind`) or find (`kind_of`) instead of branching on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medusa_forge.drafts.eagle3 import EAGLE3
@@ -14,7 +15,19 @@ from medusa_forge.drafts.kind import DraftKind
 from medusa_forge.drafts.medusa import MEDUSA
 from medusa_forge.errors import UserError
 
-__all__ = ["DraftKind", "default_kind", "get_kind", "kind_names", "kind_of", "kinds", "register", "unregister"]
+__all__ = [
+    "DraftKind",
+    "default_kind",
+    "format_choices",
+    "get_kind",
+    "kind_choices",
+    "kind_for_config",
+    "kind_names",
+    "kind_of",
+    "kinds",
+    "register",
+    "unregister",
+]
 
 # Registration order is the order kinds are listed in (choices, messages); the first is the default kind: the
 # tutorial's Medusa heads, and what files written before other kinds existed hold.
@@ -42,6 +55,30 @@ def kind_names() -> tuple[str, ...]:
     return tuple(_KINDS)
 
 
+class _Live(Sequence[str]):
+    """Names read from the registry when asked, not when a parser was built: argparse choices that a kind
+    registered later (a test's toy kind) belongs to."""
+
+    def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
+        self._names = names
+
+    def __getitem__(self, index):  # noqa: ANN001 - Sequence's int | slice
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+def kind_choices() -> Sequence[str]:
+    """`choices` for a flag that names a kind (a live view of the registry)."""
+    return _Live(kind_names)
+
+
+def format_choices() -> Sequence[str]:
+    """Every engine some registered kind is exported for, in the kinds' order (export's --format; live)."""
+    return _Live(lambda: tuple(dict.fromkeys(fmt for kind in _KINDS.values() for fmt in kind.formats)))
+
+
 def default_kind() -> DraftKind:
     return next(iter(_KINDS.values()))
 
@@ -53,17 +90,33 @@ def get_kind(name: str) -> DraftKind:
     return _KINDS[name]
 
 
+def kind_for_config(config: object) -> DraftKind:
+    """The kind whose config `config` is (what a model card is rendered from)."""
+    for kind in _KINDS.values():
+        if isinstance(config, kind.config_type):
+            return kind
+    raise TypeError(f"{type(config).__name__} is no registered draft kind's config")
+
+
 def kind_of(folder: str | Path) -> DraftKind:
     """The kind of the draft in `folder`. A folder that no kind recognises is an error that names the folder and
     what each kind's folder holds: it is never taken for one kind by default."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{folder}: no such folder (expected a draft folder written by `medusa-forge train`)")
-    found = [kind for kind in _KINDS.values() if kind.recognises(path)]
+    found, damaged = [], []
+    for kind in _KINDS.values():
+        try:
+            if kind.recognises(path):
+                found.append(kind)
+        except UserError as err:  # a file one kind had to read is damaged: it may be a stray file of another kind
+            damaged.append(err)
     if len(found) == 1:
         return found[0]
     if found:
         raise UserError(f"{folder}: ambiguous, it holds {' and '.join(kind.label for kind in found)}")
+    if damaged:
+        raise damaged[0]
     expected = "; ".join(f"{kind.label}: {kind.expected_files}" for kind in _KINDS.values())
     held = sorted(p.name for p in path.iterdir())[:10]
     # Every kind's folder has its config file: a missing one is the usual mistake (the wrong folder), said first.

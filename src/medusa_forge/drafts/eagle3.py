@@ -11,10 +11,12 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa_forge import eagle3
-from medusa_forge.drafts import eagle3_training
-from medusa_forge.drafts.kind import DraftKind
+from medusa_forge.drafts import eagle3_card, eagle3_export, eagle3_training
+from medusa_forge.drafts.eagle3_drafter import Eagle3ForDecoding
+from medusa_forge.drafts.kind import DraftKind, ExportResult, PushCheck
 from medusa_forge.engine_commands import EAGLE3_ENGINES
 from medusa_forge.formats.files import read_json
+from medusa_forge.results import EvalReport
 
 
 class Eagle3Kind(DraftKind):
@@ -22,9 +24,12 @@ class Eagle3Kind(DraftKind):
     label = "EAGLE-3 draft"
     title = "EAGLE-3"
     config_name = eagle3.CONFIG_NAME
+    config_type = eagle3.Eagle3Config
     weights_name = eagle3.WEIGHTS_NAME
     metric_name = "eagle3_step"  # eagle3_step{j}_loss: step j of the training-time test
     metric_label = "step"
+    predictor = "draft step"
+    first_predictor = 1  # step 1 drafts the token after the base model's
     formats = EAGLE3_ENGINES  # the same folder loads in both (docs/eagle3-reference.md §0)
     default_formats = EAGLE3_ENGINES
     expected_files = f"{eagle3.CONFIG_NAME} naming {eagle3.ARCHITECTURE} + {eagle3.WEIGHTS_NAME}"
@@ -60,8 +65,32 @@ class Eagle3Kind(DraftKind):
         path = folder / self.config_name
         return eagle3.Eagle3Config.from_json(read_json(path), str(path))
 
+    def export(
+        self,
+        source: Path,
+        fmt: str,
+        output_dir: Path,
+        base_model_id: str | None = None,
+        tokenizer: str | None = None,
+        layout: str | None = None,
+    ) -> ExportResult:
+        return eagle3_export.export_draft(source, fmt, output_dir, base_model_id)
+
+    def check_for_push(self, folder: Path) -> PushCheck:
+        return eagle3_export.check_for_push(folder)
+
+    def load(
+        self, folder: Path, base_model: str | None, dtype: torch.dtype, device: str, draft_vocab: int | None
+    ) -> Eagle3ForDecoding:
+        return Eagle3ForDecoding.load(self, folder, base_model, dtype, device, draft_vocab)
+
     def training_passes(self, setting: Callable[[str], Any]) -> int:
         return setting("eagle3_ttt_steps")  # every training-time-test step is one more pass of the draft layer
+
+    def report_rows(self, draft_config: dict[str, Any], setting: Callable[[str], Any]) -> list[tuple[str, str]]:
+        layers, vocabulary = draft_config.get("num_hidden_layers"), draft_config.get("draft_vocab_size")
+        steps = setting("eagle3_ttt_steps")
+        return [("Draft layers x vocabulary", f"{layers} x {vocabulary} tokens; {steps} training-time-test steps")]
 
     def training_facts(self, config: Any) -> dict[str, str]:
         return {
@@ -71,8 +100,23 @@ class Eagle3Kind(DraftKind):
             "Learning rate": f"{config.learning_rate:g}",
         }
 
-    def target_num_layers(self, base: PreTrainedModel) -> int | None:
-        return base.config.get_text_config().num_hidden_layers
+    def card_options(self, base: PreTrainedModel) -> dict[str, Any]:
+        return {"target_num_layers": base.config.get_text_config().num_hidden_layers}  # names the feature layers
+
+    def render_card(
+        self,
+        config: eagle3.Eagle3Config,
+        base_model_id: str,
+        facts: dict[str, str],
+        metrics: dict[str, float],
+        evaluation: EvalReport | None,
+        repo_id: str | None,
+        options: dict[str, Any],
+    ) -> str:
+        layers = options.get("target_num_layers")
+        layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+        metric = (self.metric_label, self.metric_name, self.first_predictor)
+        return eagle3_card.render_card(config, base_model_id, facts, metrics, evaluation, repo_id, *metric, layers)
 
 
 EAGLE3 = Eagle3Kind()

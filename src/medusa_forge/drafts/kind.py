@@ -6,12 +6,87 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from medusa_forge.drafts.accuracy import HeadAccuracy
+from medusa_forge.drafts.drafter import Drafter
+from medusa_forge.results import EvalReport
+
+
+@dataclass
+class ExportResult:
+    """What `export` wrote for an engine, and how to serve it."""
+
+    output_dir: Path
+    files: list[Path]
+    serve_commands: list[str]  # copy-paste commands that serve the written folder, pinned to a release
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PushCheck:
+    """A draft folder checked by its kind before `push` uploads it."""
+
+    config: Any  # the draft's config as read (its base_model_name_or_path; what the card is rendered from)
+    notes: list[str]
+    readers: str  # who loads the base model from config.json's base_model_name_or_path (for a local path's error)
+    card_options: dict[str, Any]  # the kind's own model card options known from the folder
+    uploads: tuple[str, ...] | None  # the kind's own files to upload; None: every file of the folder
+    commit_message: str
+
+
+class DecodingDraft(ABC):
+    """A draft loaded for decoding next to its base model (`DraftKind.load`): what generate, serve and eval decode
+    with, through its drafter (the decoder never asks which kind it is)."""
+
+    kind: DraftKind
+    base: PreTrainedModel  # the base model it drafts for, loaded with it
+    base_name: str  # the base model's name or path (where its tokenizer is, when the folder ships none)
+    folder: Path  # where the draft was read from
+    # The ids below which the drafter proposes, where it is cut from the whole vocabulary (eval.json's draft_vocab);
+    # None: the whole vocabulary, or a draft vocabulary of the kind's own.
+    draft_vocab: int | None = None
+
+    @property
+    @abstractmethod
+    def max_depth(self) -> int:
+        """The deepest tree decoding builds for it (its own bound, or the default trees' depth)."""
+
+    def scored_depth(self, requested: int) -> int:
+        """The depth eval scores and builds trees to, `requested` being eval's --depth (a kind with a fixed depth,
+        a predictor per depth, keeps its own)."""
+        return requested
+
+    @abstractmethod
+    def accuracy(
+        self,
+        samples: list[tuple[list[int], list[int]]],
+        depth: int,
+        progress: bool = True,
+        desc: str = "draft accuracy",
+    ) -> list[HeadAccuracy]:
+        """Teacher-forced rank counts of the base lm_head (predicts t+1), then of the draft's predictor for each depth
+        d = 1..`depth` (predicts t+1+d), at every labelled position of `samples` ((input_ids, labels) pairs), as the
+        drafter proposes: a token it cannot propose is a miss."""
+
+    @abstractmethod
+    def drafter(self) -> Drafter:
+        """A fresh drafter over the loaded draft, for one decoder."""
+
+    @abstractmethod
+    def engine_drafter(self) -> Drafter:
+        """A drafter that drafts as the engines that serve the kind do (what they will accept)."""
+
+    @abstractmethod
+    def vllm_speculative_config(self, scratch: Path, num_speculative_tokens: int) -> dict:
+        """vLLM's --speculative-config for this draft; `scratch`: an empty folder it may write the draft into in
+        the layout vLLM loads."""
 
 
 class DraftKind(ABC):
@@ -24,6 +99,10 @@ class DraftKind(ABC):
     weights_name: str  # the draft folder's weights file (what later pipeline stages fingerprint)
     metric_name: str  # training logs name metric i of the draft `{metric_name}{i}_loss`, `_top1`, ...
     metric_label: str  # what one of those i is called in log lines and plots ("head", "step")
+    predictor: str  # what the pipeline report calls one of them ("head", "draft step")
+    first_predictor: int  # the number eval, the tree and the reports give metric 0 (heads from 0, steps from 1)
+    # What the stored tree is to engines, after "`medusa-forge generate` and `serve` use it" (or "").
+    tree_note: str = ""
     formats: tuple[str, ...]  # the engines `export` writes the kind for
     default_formats: tuple[str, ...]  # the pipeline's export formats when its configuration names none
     expected_files: str  # what its folder holds, for the error that finds no kind in a folder
@@ -37,7 +116,8 @@ class DraftKind(ABC):
 
     @abstractmethod
     def recognises(self, folder: Path) -> bool:
-        """Whether `folder` (an existing folder) holds a draft of this kind; cheap, reads no weights."""
+        """Whether `folder` (an existing folder) holds a draft of this kind; cheap, reads no weights (at most their
+        names). A UserError for a damaged file it had to read counts only when no kind recognises the folder."""
 
     # ----- training -----
 
@@ -71,14 +151,67 @@ class DraftKind(ABC):
     def read_config(self, folder: Path) -> Any:
         """The draft's config as saved in `folder` (what the model card describes)."""
 
+    # ----- decoding -----
+
+    @abstractmethod
+    def load(
+        self, folder: Path, base_model: str | None, dtype: torch.dtype, device: str, draft_vocab: int | None
+    ) -> DecodingDraft:
+        """The draft in `folder` and its base model (`base_model`, else the one its config names), in `dtype` on
+        `device` ("auto" allowed). `draft_vocab`: propose only ids below it (a UserError for a kind without)."""
+
+    # ----- model card -----
+
+    config_type: type  # the class of its config (`read_config`): what a card is rendered from
+
+    @abstractmethod
+    def render_card(
+        self,
+        config: Any,
+        base_model_id: str,
+        facts: dict[str, str],
+        metrics: dict[str, float],
+        evaluation: EvalReport | None,
+        repo_id: str | None,
+        options: dict[str, Any],
+    ) -> str:
+        """The draft folder's README.md (`model_card.render_model_card`); `options`: the kind's own, as given or as
+        read back from model_card.json (so: checked here)."""
+
+    # ----- export -----
+
+    @abstractmethod
+    def export(
+        self,
+        source: Path,
+        fmt: str,
+        output_dir: Path,
+        base_model_id: str | None = None,
+        tokenizer: str | None = None,
+        layout: str | None = None,
+    ) -> ExportResult:
+        """Write the draft in `source` for engine `fmt` into `output_dir` (naming the base `base_model_id` when
+        given), read it back and compare; a UserError for a format not in `formats`. `tokenizer`, `layout`: export's
+        flags for kinds whose folders need them (else ignored)."""
+
+    @abstractmethod
+    def check_for_push(self, folder: Path) -> PushCheck:
+        """Check the draft in `folder` as far as the engines would (a UserError for what they would misread)."""
+
     def training_passes(self, setting: Callable[[str], Any]) -> int:
         """Passes of the draft per training token (`setting(flag)`: a train flag's value in this run)."""
         return 1
+
+    def report_rows(self, draft_config: dict[str, Any], setting: Callable[[str], Any]) -> list[tuple[str, str]]:
+        """The pipeline report's rows about the draft's shape: `draft_config` its folder's config.json as read
+        (keys may be missing), `setting(flag)` a train flag's value in this run."""
+        return []
 
     def training_facts(self, config: Any) -> dict[str, str]:
         """Rows the model card adds about training (a TrainConfig's kind-specific flags)."""
         return {}
 
-    def target_num_layers(self, base: PreTrainedModel) -> int | None:
-        """The base's layer count, for a kind whose model card names the layers it reads; else None."""
-        return None
+    def card_options(self, base: PreTrainedModel) -> dict[str, Any]:
+        """The kind's own model card options that only the base model tells (training records them in
+        model_card.json, so a later push renders the same card)."""
+        return {}

@@ -11,11 +11,13 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa_forge import heads
-from medusa_forge.drafts import medusa_training
-from medusa_forge.drafts.kind import DraftKind
+from medusa_forge.drafts import medusa_card, medusa_export, medusa_training
+from medusa_forge.drafts.kind import DraftKind, ExportResult, PushCheck
+from medusa_forge.drafts.medusa_drafter import MedusaForDecoding
 from medusa_forge.formats.files import load_safetensors
 from medusa_forge.formats.layouts import FORMATS, LAYOUTS
 from medusa_forge.formats.read import folder_layouts
+from medusa_forge.results import EvalReport
 
 
 class MedusaKind(DraftKind):
@@ -23,9 +25,13 @@ class MedusaKind(DraftKind):
     label = "Medusa heads"
     title = "Medusa"
     config_name = heads.CONFIG_NAME
+    config_type = heads.MedusaConfig
     weights_name = heads.WEIGHTS_NAME
     metric_name = "medusa"  # logged as medusa{i}_loss, medusa{i}_top1, ... (the original trainer's names)
     metric_label = "head"
+    predictor = "head"
+    first_predictor = 0
+    tree_note = "; TensorRT-LLM takes it as `--medusa_choices`"
     formats = FORMATS
     default_formats = ("tgi", "vllm")
     expected_files = "; ".join(LAYOUTS.values())
@@ -54,8 +60,45 @@ class MedusaKind(DraftKind):
     def checkpoint_state(self, folder: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(folder / self.weights_name)
 
+    def report_rows(self, draft_config: dict[str, Any], setting: Callable[[str], Any]) -> list[tuple[str, str]]:
+        shape = f"{draft_config.get('medusa_num_heads')} x {draft_config.get('medusa_num_layers')}"
+        return [("Heads x residual blocks", shape)]
+
     def read_config(self, folder: Path) -> heads.MedusaConfig:
         return heads.MedusaConfig.load(folder)
+
+    def render_card(
+        self,
+        config: heads.MedusaConfig,
+        base_model_id: str,
+        facts: dict[str, str],
+        metrics: dict[str, float],
+        evaluation: EvalReport | None,
+        repo_id: str | None,
+        options: dict[str, Any],
+    ) -> str:
+        layout = "vllm" if options.get("layout") == "vllm" else "medusa"  # the layouts push uploads
+        metric = (self.metric_label, self.metric_name, self.first_predictor)
+        return medusa_card.render_card(config, base_model_id, facts, metrics, evaluation, repo_id, *metric, layout)
+
+    def export(
+        self,
+        source: Path,
+        fmt: str,
+        output_dir: Path,
+        base_model_id: str | None = None,
+        tokenizer: str | None = None,
+        layout: str | None = None,
+    ) -> ExportResult:
+        return medusa_export.export_heads(source, fmt, output_dir, base_model_id, tokenizer, layout)
+
+    def check_for_push(self, folder: Path) -> PushCheck:
+        return medusa_export.check_for_push(folder)
+
+    def load(
+        self, folder: Path, base_model: str | None, dtype: torch.dtype, device: str, draft_vocab: int | None
+    ) -> MedusaForDecoding:
+        return MedusaForDecoding.load(self, folder, base_model, dtype, device, draft_vocab)
 
 
 MEDUSA = MedusaKind()

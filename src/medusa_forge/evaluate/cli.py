@@ -23,12 +23,7 @@ from medusa_forge.data.conversations import has_reply, load_conversations
 from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
 from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS
 from medusa_forge.errors import UserError
-from medusa_forge.evaluate.accuracy import (
-    conversation_samples,
-    own_answer_samples,
-    score_eagle3_samples,
-    score_samples,
-)
+from medusa_forge.evaluate.accuracy import conversation_samples, own_answer_samples
 from medusa_forge.evaluate.engines import ENGINES, our_chain, same_replies, vllm_chain
 from medusa_forge.evaluate.report import render_markdown, write_eval_report
 from medusa_forge.evaluate.speed import (
@@ -40,7 +35,7 @@ from medusa_forge.evaluate.speed import (
     speed_comparison,
 )
 from medusa_forge.generation.device import device_field, dtype_field
-from medusa_forge.results import ChainAcceptance, EvalReport
+from medusa_forge.results import ChainAcceptance, EvalReport, SpeedComparison
 
 logger = logging.getLogger("medusa_forge.eval")
 
@@ -136,12 +131,109 @@ class EvalConfig:
         return _parse_sizes(self.tree_sizes)
 
 
-def evaluate(config: EvalConfig) -> EvalReport:
-    from medusa_forge.decode.drafters import trained_draft_vocab
-    from medusa_forge.decode.loading import load_draft
+@dataclass
+class _TreeChoice:
+    """The tree eval decodes with, the dtype it is fastest in, and what was measured to choose them."""
+
+    choices: list[list[int]]
+    dtype: str
+    step_seconds: float
+    expected_tokens_per_second: float
+    plain_step_seconds: dict[str, float]  # per candidate dtype
+    searches: dict = field(default_factory=dict)  # per dtype, with --tree auto
+
+
+def _accuracy(config: EvalConfig, first, conversations, references) -> tuple[list, list | None, list, list]:
+    """Teacher-forced accuracy on the reference answers and (with calibration prompts) on the model's own answers;
+    and the timed prompts and the calibration prompts."""
+    from medusa_forge.generation.text import eos_token_ids
+
+    base, tokenizer, draft = first.base, first.tokenizer, first.draft
+    depth = draft.scored_depth(config.depth)
+    accuracy = []
+    if references:
+        samples = conversation_samples(tokenizer, references, config.max_length)
+        accuracy = draft.accuracy(samples, depth, desc="draft accuracy")
+    else:
+        logger.warning("%s has no assistant replies: scoring the draft on the model's own answers", config.data)
+    for row in accuracy:
+        logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
+    prompts = first_prompts(
+        tokenizer, conversations, config.max_prompts + config.calibration_prompts, config.max_prompt_tokens
+    )
+    prompts, calibration = prompts[: config.max_prompts], prompts[config.max_prompts :]
+    if not references and not calibration:
+        raise _no_calibration(config, len(prompts))
+    self_accuracy = None
+    if calibration:
+        samples = own_answer_samples(base, calibration, config.max_new_tokens, eos_token_ids(base, tokenizer))
+        self_accuracy = draft.accuracy(samples, depth, desc="draft accuracy (own answers)")
+        for row in self_accuracy:
+            logger.warning("%s on its own answers: top-1 %.3f top-5 %.3f", row.name, row.top(1), row.top(5))
+    return accuracy, self_accuracy, prompts, calibration
+
+
+def _choose_tree(config: EvalConfig, loaded: dict, candidates: list[str], rank_accuracy: list) -> _TreeChoice:
+    """--tree auto: the tree and dtype with the most expected tokens/s on this machine (stored with the draft unless
+    --no-save-tree); else the given tree, in the dtype whose step is fastest."""
     from medusa_forge.decode.step_latency import measure_plain_and_trees
     from medusa_forge.decode.tree import expected_accept_length, resolve_tree
+
+    factories = {dtype: functools.partial(loaded[dtype].decoder, check=False) for dtype in candidates}
+    if config.tree == "auto":
+        searches = choose_tree(factories, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
+        dtype = max(candidates, key=lambda d: searches[d].chosen_tokens_per_second)
+        best = searches[dtype]
+        plain = {d: search.plain_step_seconds for d, search in searches.items()}
+        chosen = _TreeChoice(
+            best.choices, dtype, best.chosen_step_seconds, best.chosen_tokens_per_second, plain, searches
+        )
+    else:
+        choices = resolve_tree(config.tree, config.heads, loaded[candidates[0]].draft.scored_depth(config.depth))
+        timings = measure_plain_and_trees(factories, [choices], config.latency_prefix)
+        dtype = min(candidates, key=lambda d: timings[d][1][0])
+        step_seconds = timings[dtype][1][0]
+        expected = expected_accept_length(choices, rank_accuracy) / step_seconds
+        chosen = _TreeChoice(choices, dtype, step_seconds, expected, {d: p for d, (p, _) in timings.items()})
+    for d in candidates:
+        logger.warning("%s: plain step %.1f ms", d, 1000 * chosen.plain_step_seconds[d])
+    fastest_plain = min(chosen.plain_step_seconds.values())
+    logger.warning(
+        "decoding in %s: %d-node tree, %.1f ms per step, expected %.2f tokens/s (fastest plain greedy: %.2f)",
+        dtype,
+        len(chosen.choices),
+        1000 * chosen.step_seconds,
+        chosen.expected_tokens_per_second,
+        1 / fastest_plain,
+    )
+    if chosen.expected_tokens_per_second <= 1 / fastest_plain:
+        logger.warning(
+            "no tree is expected to beat plain greedy here: the draft's accuracy is too low for this machine's cost "
+            "of drafting and verifying a tree"
+        )
+    if config.tree == "auto" and not config.no_save_tree:
+        _save_tree(config, chosen, expected_accept_length(chosen.choices, rank_accuracy))
+    return chosen
+
+
+def _save_tree(config: EvalConfig, chosen: _TreeChoice, expected_accept_length: float) -> None:
     from medusa_forge.formats.tree_file import save_tree
+
+    path = save_tree(
+        config.heads,
+        chosen.choices,
+        chosen_by="medusa-forge eval",
+        expected_accept_length=expected_accept_length,
+        step_seconds=chosen.step_seconds,
+        dtype=chosen.dtype,
+        machine=machine_description(),
+    )
+    logger.warning("tree of %d nodes and dtype %s stored in %s", len(chosen.choices), chosen.dtype, path)
+
+
+def evaluate(config: EvalConfig) -> EvalReport:
+    from medusa_forge.decode.loading import load_draft
+    from medusa_forge.decode.tree import expected_accept_length
     from medusa_forge.generation.text import eos_token_ids
 
     # Prompt-only records are fine: the draft is then scored on the model's own answers to held-out prompts.
@@ -156,87 +248,13 @@ def evaluate(config: EvalConfig) -> EvalReport:
         for dtype in dict.fromkeys([*candidates, "float32", "bfloat16"])
     }
     first = loaded[candidates[0]]  # accuracy is scored in float32 (or the dtype given)
-    kind, base, tokenizer, model = first.kind, first.base, first.tokenizer, first.medusa
-    if model is None:  # an EAGLE-3 draft
-        draft_vocab = None
-        depth = config.depth
-
-        def score(samples, desc: str):
-            return score_eagle3_samples(base, first.eagle3, samples, depth, desc=desc)
-
-    else:
-        draft_vocab = trained_draft_vocab(model) if config.draft_vocab is None else config.draft_vocab
-        depth = first.max_depth
-
-        def score(samples, desc: str):
-            return score_samples(model, samples, draft_vocab=draft_vocab, desc=desc)
-
-    accuracy = []
-    if references:
-        accuracy = score(conversation_samples(tokenizer, references, config.max_length), "draft accuracy")
-    else:
-        logger.warning("%s has no assistant replies: scoring the draft on the model's own answers", config.data)
-    for row in accuracy:
-        logger.warning("%s: top-1 %.3f top-5 %.3f over %d tokens", row.name, row.top(1), row.top(5), row.tokens)
-    eos = eos_token_ids(base, tokenizer)
-    prompts = first_prompts(
-        tokenizer, conversations, config.max_prompts + config.calibration_prompts, config.max_prompt_tokens
-    )
-    prompts, calibration = prompts[: config.max_prompts], prompts[config.max_prompts :]
-    if not references and not calibration:
-        raise _no_calibration(config, len(prompts))
-    self_accuracy = None
-    if calibration:
-        samples = own_answer_samples(base, calibration, config.max_new_tokens, eos)
-        self_accuracy = score(samples, "draft accuracy (own answers)")
-        for row in self_accuracy:
-            logger.warning("%s on its own answers: top-1 %.3f top-5 %.3f", row.name, row.top(1), row.top(5))
+    accuracy, self_accuracy, prompts, calibration = _accuracy(config, first, conversations, references)
     rank_accuracy = [row.rank_accuracy for row in (self_accuracy or accuracy)[1:]]
+    tree = _choose_tree(config, loaded, candidates, rank_accuracy)
+    choices, dtype = tree.choices, tree.dtype
 
-    factories = {dtype: functools.partial(loaded[dtype].decoder, check=False) for dtype in candidates}
-    searches = {}
-    if config.tree == "auto":
-        searches = choose_tree(factories, rank_accuracy, config.sizes, prefix_length=config.latency_prefix)
-        dtype = max(candidates, key=lambda d: searches[d].chosen_tokens_per_second)
-        choices = searches[dtype].choices
-        step_seconds = searches[dtype].chosen_step_seconds
-        expected_tps = searches[dtype].chosen_tokens_per_second
-        plain_seconds = {d: s.plain_step_seconds for d, s in searches.items()}
-    else:
-        choices = resolve_tree(config.tree, config.heads, depth)
-        timings = measure_plain_and_trees(factories, [choices], config.latency_prefix)
-        dtype = min(candidates, key=lambda d: timings[d][1][0])
-        step_seconds = timings[dtype][1][0]
-        expected_tps = expected_accept_length(choices, rank_accuracy) / step_seconds
-        plain_seconds = {d: plain for d, (plain, _) in timings.items()}
-    for d in candidates:
-        logger.warning("%s: plain step %.1f ms", d, 1000 * plain_seconds[d])
-    fastest_plain = min(plain_seconds.values())
-    logger.warning(
-        "decoding in %s: %d-node tree, %.1f ms per step, expected %.2f tokens/s (fastest plain greedy: %.2f)",
-        dtype,
-        len(choices),
-        1000 * step_seconds,
-        expected_tps,
-        1 / fastest_plain,
-    )
-    if expected_tps <= 1 / fastest_plain:
-        logger.warning(
-            "no tree is expected to beat plain greedy here: the draft's accuracy is too low for this machine's cost "
-            "of drafting and verifying a tree"
-        )
-    if config.tree == "auto" and not config.no_save_tree:
-        path = save_tree(
-            config.heads,
-            choices,
-            chosen_by="medusa-forge eval",
-            expected_accept_length=expected_accept_length(choices, rank_accuracy),
-            step_seconds=step_seconds,
-            dtype=dtype,
-            machine=machine_description(),
-        )
-        logger.warning("tree of %d nodes and dtype %s stored in %s", len(choices), dtype, path)
-
+    base, tokenizer = first.base, first.tokenizer
+    eos = eos_token_ids(base, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     lookup = None if config.prompt_lookup_tokens <= 0 else config.prompt_lookup_tokens
     bases = {d: draft.base for d, draft in loaded.items()}
@@ -245,7 +263,6 @@ def evaluate(config: EvalConfig) -> EvalReport:
         bases, decoder, dtype, prompts, config.max_new_tokens, eos, pad_id, lookup
     )
     speed = speed_comparison(runs, outputs, dtype, config.max_new_tokens)
-    chains = _engine_chains(config, loaded["float32"], prompts, eos)
     report = EvalReport(
         heads=str(config.heads),
         base_model=base.config.name_or_path,
@@ -256,18 +273,23 @@ def evaluate(config: EvalConfig) -> EvalReport:
         tree_accuracy_source="own greedy answers" if self_accuracy else "reference answers",
         calibration_prompts=len(calibration),
         tree=choices,
-        draft_vocab=draft_vocab,
-        tree_search=searches.get(dtype),
+        draft_vocab=first.draft.draft_vocab,
+        tree_search=tree.searches.get(dtype),
         acceptance=acceptance(accept_lengths, expected_accept_length(choices, rank_accuracy)),
         speed=speed,
-        draft_kind=kind,
+        draft_kind=first.kind.name,
         dtype=dtype,
-        other_dtype_searches={d: search for d, search in searches.items() if d != dtype},
-        chains=chains,
+        other_dtype_searches={d: search for d, search in tree.searches.items() if d != dtype},
+        chains=_engine_chains(config, loaded["float32"], prompts, eos),
     )
     folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
     for path in write_eval_report(report, folder):
         logger.warning("wrote %s", path)
+    _warn_mismatches(speed, dtype)
+    return report
+
+
+def _warn_mismatches(speed: SpeedComparison, dtype: str) -> None:
     if speed.mismatched_prompts and dtype == "float32":
         logger.error(
             "the draft's output differed from plain greedy on prompts %s: please report this", speed.mismatched_prompts
@@ -281,7 +303,6 @@ def evaluate(config: EvalConfig) -> EvalReport:
             speed.mismatched_prompts,
             100 * speed.agreement,
         )
-    return report
 
 
 def _engine_chains(config: EvalConfig, loaded, prompts: list[list[int]], eos: set[int]) -> list[ChainAcceptance]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from medusa_forge.drafts import default_kind, get_kind, kind_names
+from medusa_forge.drafts import default_kind, get_kind, kind_choices
 from medusa_forge.drafts.fused_ce import TOPK
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
@@ -51,7 +51,7 @@ class TrainConfig(TrainingArguments):
             "help": "What to train: 'medusa' heads (TGI, vLLM <= 0.32, TensorRT-LLM 1.2) or an 'eagle3' draft "
             "(vLLM, SGLang, TensorRT-LLM). medusa_* flags apply to heads, eagle3_* flags to EAGLE-3 drafts; the "
             "data, cache and Trainer flags to both.",
-            "choices": list(kind_names()),
+            "choices": kind_choices(),
         },
     )
     medusa_num_heads: int = field(default=3, metadata={"help": "Number of heads K (head i predicts token t+2+i)."})

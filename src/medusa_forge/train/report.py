@@ -1,4 +1,4 @@
-"""What a training run leaves besides the heads: training_metrics.json (TrainingMetrics) and a loss/top-1 plot."""
+"""What a training run leaves besides the draft: training_metrics.json (TrainingMetrics) and a loss/top-1 plot."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 from medusa_forge.results import TrainingMetrics
 
 
-def head_history(log_history: list[dict], prefix: str = "", name: str = "medusa") -> dict[int, list[dict]]:
-    """Per head (per EAGLE-3 step with name "eagle3_step"): [{step, loss, top1, ...}] from the log history."""
+def head_history(log_history: list[dict], name: str, prefix: str = "") -> dict[int, list[dict]]:
+    """Per metric i of the draft (`{name}{i}_loss`, ...: the kind's `metric_name`): [{step, loss, top1, ...}] from
+    the log history."""
     history: dict[int, list[dict]] = {}
     for entry in log_history:
         i = 0
@@ -23,20 +24,20 @@ def head_history(log_history: list[dict], prefix: str = "", name: str = "medusa"
     return history
 
 
-def training_metrics(log_history: list[dict], final: dict[str, float], name: str = "medusa") -> TrainingMetrics:
-    """What training_metrics.json holds, from the Trainer's log history and the run's final metrics; for an
-    EAGLE-3 draft (name "eagle3_step") its train/eval histories are keyed by step instead of head."""
+def training_metrics(log_history: list[dict], final: dict[str, float], name: str) -> TrainingMetrics:
+    """What training_metrics.json holds, from the Trainer's log history and the run's final metrics; its train/eval
+    histories are keyed by the draft's metric number (`name`: the kind's `metric_name`)."""
     return TrainingMetrics(
         final=final,
         epoch_seconds=[entry["epoch_seconds"] for entry in log_history if "epoch_seconds" in entry],
-        train=head_history(log_history, name=name),
-        eval=head_history(log_history, "eval_", name),
+        train=head_history(log_history, name),
+        eval=head_history(log_history, name, "eval_"),
     )
 
 
-def plot_history(folder: Path, metrics: TrainingMetrics, label: str = "head") -> Path | None:
-    """training_curves.png: per-head (label "step": per EAGLE-3 step) loss and top-1 against the training step
-    (train solid, eval dashed)."""
+def plot_history(folder: Path, metrics: TrainingMetrics, label: str) -> Path | None:
+    """training_curves.png: loss and top-1 of each of the draft's metrics (`label`: the kind's `metric_label`)
+    against the training step (train solid, eval dashed)."""
     train, evaluation = metrics.train, metrics.eval
     if not train and not evaluation:
         return None

@@ -16,8 +16,9 @@ from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.defaults import cache_dir, resolve_model
 from medusa_forge.drafts import get_kind
+from medusa_forge.drafts.card import hub_base_id
 from medusa_forge.errors import UserError
-from medusa_forge.model_card import hub_base_id, write_model_card
+from medusa_forge.model_card import write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.outputs import OutputLock, check_writable_folder
 from medusa_forge.train.args import TrainConfig
@@ -181,8 +182,8 @@ def _train(config: TrainConfig) -> Path:
         }
         card_metrics = metrics.held_out_head_metrics(kind.metric_name)
         base_id = hub_base_id(config.model_name_or_path) or base_path
-        layers = kind.target_num_layers(base)
-        write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, target_num_layers=layers)
+        options = kind.card_options(base)
+        write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, **options)
         logger.warning("%s written to %s", kind.label, output)
     return output
 

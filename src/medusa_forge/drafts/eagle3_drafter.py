@@ -1,5 +1,6 @@
-"""The EAGLE-3 drafter: an `Eagle3Draft` behind the `Drafter` interface, drafting as the engines do
-(docs/eagle3-reference.md §2.2, §3) and expanding the decoder's static tree level by level as EAGLE-2 does.
+"""An EAGLE-3 draft when decoding: its drafter, an `Eagle3Draft` behind the `Drafter` interface, drafting as the
+engines do (docs/eagle3-reference.md §2.2, §3) and expanding the decoder's static tree level by level as EAGLE-2
+does; and the draft loaded next to its base model (`EAGLE3.load`).
 
 Notation: the base model has accepted x_0 .. x_{n-1} (in its KV cache) and chosen the root x_n. The draft's
 *first pass* pairs the base features f_p (hidden states at `target_layers`) with the next token x_{p+1} at rotary
@@ -19,11 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from medusa_forge.decode.tree import TreeBuffers
-from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, target_layers
+from medusa_forge.data.tokenize import IGNORE_INDEX
+from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy, count_ranks
+from medusa_forge.drafts.drafter import TreeBuffers
+from medusa_forge.drafts.kind import DecodingDraft, DraftKind
+from medusa_forge.eagle3 import (
+    CachedAttention,
+    Eagle3Draft,
+    UnrolledAttention,
+    causal_bias,
+    draft_vocab_ids,
+    target_features,
+    target_layers,
+)
 from medusa_forge.errors import UserError
+from medusa_forge.formats.tree_file import PRIOR_ACCURACIES
+from medusa_forge.generation.device import pack_linear_weights, resolve_device
+from medusa_forge.modeling import load_base_model
+
+# An EAGLE-3 draft can fill a tree of any depth; without a stored tree, trees are built this deep at most.
+EAGLE3_TREE_DEPTH = len(PRIOR_ACCURACIES)
 
 # Hidden entries of a draft attention bias: finite, so a fully masked row would stay finite (none is).
 HIDDEN = torch.finfo(torch.float32).min
@@ -150,6 +169,9 @@ class Eagle3Drafter:
         # The tree's own draft keys were never stored in `state`, so nothing of a rejected branch remains.
         return self.first_pass(state, tokens, hidden)
 
+    def check_tree(self, tree: TreeBuffers) -> None:
+        self.levels(tree)  # a tree the draft vocabulary cannot fill fails here
+
     def levels(self, tree: TreeBuffers) -> list[TreeLevel]:
         """`tree_levels(tree)`, computed once per tree and checked against the draft vocabulary."""
         if self._levels_for is not tree:
@@ -192,7 +214,111 @@ class Eagle3Drafter:
         return tokens.to(self.target_device)
 
 
-def load_draft(draft: Eagle3Draft | str | Path, dtype: torch.dtype | None = None) -> Eagle3Draft:
-    """A draft module from a module or a draft folder, cast to `dtype` when given."""
-    module = draft if isinstance(draft, Eagle3Draft) else Eagle3Draft.load(draft)
-    return module if dtype is None else module.to(dtype)
+@torch.no_grad()
+def score_eagle3_samples(
+    base, draft: Eagle3Draft, samples, depth: int, progress: bool = True, desc: str = "draft accuracy"
+) -> list[HeadAccuracy]:
+    """Rank of the true token under the base lm_head (predicts t+1) and under each EAGLE-3 draft step j = 1..depth
+    (predicts t+1+j), at every position whose target is labelled. Step j sees the true tokens up to t+j and its own
+    earlier states, as a tree path whose tokens were all right does in decoding: the training-time-test unroll
+    (first step: target features at t with token t+1 at position t; step j: step j-1's state with token t+j at
+    position t+j-1, attending to the first step's keys up to t and its own chain's). The draft ranks its own
+    vocabulary; a target outside it is a miss, as the decoder cannot propose it."""
+    names = ["base"] + [f"step {j}" for j in range(1, depth + 1)]
+    counts = [[0] * RANKS for _ in names]
+    totals = [0] * len(names)
+    device = next(base.parameters()).device
+    draft_device = next(draft.parameters()).device
+    dtype = draft.fc.weight.dtype
+    ids_in_draft = draft_vocab_ids(draft.d2t).to(draft_device)
+    to_draft = torch.full((draft.config.vocab_size,), -1, dtype=torch.long, device=draft_device)
+    to_draft[ids_in_draft] = torch.arange(len(ids_in_draft), device=draft_device)
+    embedding = base.get_input_embeddings()
+    for input_ids, label_ids in tqdm(samples, desc=desc, disable=not progress, leave=False):
+        ids = torch.tensor(input_ids, device=device)
+        labels = torch.tensor(label_ids, device=draft_device)
+        length = len(ids)
+        if length < 2 or (labels != IGNORE_INDEX).sum() == 0:
+            continue
+        out = base(ids[None], output_hidden_states=True)
+        mask = labels[1:] != IGNORE_INDEX
+        if mask.any():
+            totals[0] += int(mask.sum())
+            count_ranks(out.logits[0, :-1][mask.to(device)], ids[1:][mask.to(device)], counts[0])
+        ids = ids.to(draft_device)
+        embeds = embedding(ids.to(embedding.weight.device)).to(device=draft_device, dtype=dtype)[None]
+        feature = draft.combine(target_features(out.hidden_states).to(device=draft_device, dtype=dtype))
+        attention = UnrolledAttention(causal_bias(torch.ones(1, length, device=draft_device), dtype))
+        positions = torch.arange(length, device=draft_device)[None]
+        for j in range(1, depth + 1):
+            # index t reads token t+j (padding past the end: those indices are never scored) and predicts t+1+j
+            tokens = torch.cat([embeds[:, j:], embeds.new_zeros(1, min(j, length), embeds.shape[-1])], dim=1)
+            step = draft.layer(tokens[:, :length], feature, positions + j - 1, attention)
+            attention = attention.after(step.keys, step.values)
+            feature = step.state
+            scored = length - 1 - j  # indices t with t+1+j inside the sequence
+            if scored <= 0:
+                break
+            mask = labels[1 + j :] != IGNORE_INDEX
+            if not mask.any():
+                continue
+            targets = to_draft[ids[1 + j :][mask]]
+            totals[j] += len(targets)
+            inside = targets >= 0  # a target outside the draft vocabulary is a miss
+            logits = draft.logits(feature[0, :scored][mask][inside]).float()
+            count_ranks(logits, targets[inside], counts[j])
+    if totals[0] == 0:
+        raise UserError("no sample had a labelled token to score; check --data")
+    return [HeadAccuracy(name, total, count) for name, total, count in zip(names, totals, counts, strict=True)]
+
+
+class Eagle3ForDecoding(DecodingDraft):
+    """An EAGLE-3 draft and its base model, loaded from a draft folder (the draft in the base's dtype and device)."""
+
+    def __init__(
+        self, kind: DraftKind, base: PreTrainedModel, draft: Eagle3Draft, folder: Path, base_name: str
+    ) -> None:
+        self.kind, self.base, self.draft, self.folder, self.base_name = kind, base, draft, folder, base_name
+
+    @classmethod
+    def load(
+        cls,
+        kind: DraftKind,
+        folder: Path,
+        base_model: str | None,
+        dtype: torch.dtype,
+        device: str,
+        draft_vocab: int | None,
+    ) -> Eagle3ForDecoding:
+        if draft_vocab is not None:
+            raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
+        draft = Eagle3Draft.load(folder)
+        base_name = base_model or draft.config.base_model_name_or_path
+        base = load_base_model(base_name, dtype=dtype).to(resolve_device(device))
+        draft = draft.to(device=next(base.parameters()).device, dtype=dtype)
+        pack_linear_weights(base)  # bfloat16 on a CPU: a step reads each weight once (see there)
+        pack_linear_weights(draft)
+        return cls(kind, base, draft, folder, base_name)
+
+    @property
+    def max_depth(self) -> int:
+        return EAGLE3_TREE_DEPTH  # the draft is autoregressive: the bound is the default trees'
+
+    def accuracy(
+        self,
+        samples: list[tuple[list[int], list[int]]],
+        depth: int,
+        progress: bool = True,
+        desc: str = "draft accuracy",
+    ) -> list[HeadAccuracy]:
+        return score_eagle3_samples(self.base, self.draft, samples, depth, progress, desc)
+
+    def drafter(self) -> Eagle3Drafter:
+        return Eagle3Drafter(self.base, self.draft)
+
+    def engine_drafter(self) -> Eagle3Drafter:
+        return self.drafter()  # through its d2t, as vLLM and SGLang draft
+
+    def vllm_speculative_config(self, scratch: Path, num_speculative_tokens: int) -> dict:
+        # The folder is vLLM's layout as it is.
+        return {"method": "eagle3", "model": str(self.folder), "num_speculative_tokens": num_speculative_tokens}
