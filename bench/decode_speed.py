@@ -22,16 +22,17 @@ from pathlib import Path
 
 import torch
 
-from medusa_forge.decode.generation import STEP_PARTS, MedusaDecoder
+from medusa_forge.decode.generation import STEP_PARTS, SpeculativeDecoder
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.decode.step_latency import time_step_parts
+from medusa_forge.drafts.medusa_drafter import MedusaDrafter
 from medusa_forge.evaluate.cli import EvalConfig, evaluate
 from medusa_forge.formats.tree_file import build_tree
 
 
 def profile_steps(model, trees, prefix_length: int, repeats: int, draft_vocab=None) -> list[dict[str, float]]:
     """Median milliseconds of each part of one step, per tree (None: a plain one-token step), timed round-robin."""
-    make_decoder = functools.partial(MedusaDecoder, model, check=False, draft_vocab=draft_vocab)
+    make_decoder = functools.partial(SpeculativeDecoder, model.base, MedusaDrafter(model, draft_vocab), check=False)
     timings = time_step_parts([(make_decoder, tree) for tree in trees], prefix_length, repeats)
     return [{part: 1000 * statistics.median(s[part] for s in steps) for part in STEP_PARTS} for steps in timings]
 

@@ -15,10 +15,10 @@ import json
 import torch
 
 from medusa_forge.data.conversations import load_conversations
-from medusa_forge.decode.generation import Eagle3Decoder
+from medusa_forge.decode.generation import SpeculativeDecoder
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.decode.tree import resolve_tree
-from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH
+from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH, Eagle3Drafter
 from medusa_forge.evaluate.speed import acceptance, first_prompts, run_speed, speed_comparison
 from medusa_forge.generation.text import eos_token_ids
 from medusa_forge.results import DRAFT_RUN
@@ -54,7 +54,7 @@ def main() -> None:
     rows = []
     for spec in args.trees.split(","):
         choices = tree(spec, args.draft)
-        decoder = Eagle3Decoder(base, draft, choices)
+        decoder = SpeculativeDecoder(base, Eagle3Drafter(base, draft), choices)
         runs, outputs, accepted = run_speed(
             {args.dtype: base}, decoder, args.dtype, prompts, args.max_new_tokens, eos, pad, 3
         )

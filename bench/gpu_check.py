@@ -52,10 +52,11 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from medusa_forge.decode.generation import STEP_PARTS, Eagle3Decoder, MedusaDecoder, greedy_generate
+from medusa_forge.decode.generation import STEP_PARTS, SpeculativeDecoder, greedy_generate
 from medusa_forge.decode.step_latency import Stopwatch, time_step_parts
-from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH
+from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH, Eagle3Drafter
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, step_weights
+from medusa_forge.drafts.medusa_drafter import MedusaDrafter
 from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
 from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.formats.tree_file import default_choices
@@ -271,8 +272,12 @@ def decoding_checks(base: LlamaForCausalLM, heads: MedusaHeads, draft: Eagle3Dra
         target = copy.deepcopy(base).to(device=device, dtype=dtype)
         reference = greedy_generate(target, PROMPT, new_tokens)
         makers = {
-            "medusa": functools.partial(MedusaDecoder, MedusaModel(target, copy.deepcopy(heads).to(device, dtype))),
-            "eagle3": functools.partial(Eagle3Decoder, target, copy.deepcopy(draft).to(device, dtype)),
+            "medusa": functools.partial(
+                SpeculativeDecoder, target, MedusaDrafter(MedusaModel(target, copy.deepcopy(heads).to(device, dtype)))
+            ),
+            "eagle3": functools.partial(
+                SpeculativeDecoder, target, Eagle3Drafter(target, copy.deepcopy(draft).to(device, dtype))
+            ),
         }
         for kind, make in makers.items():
             for name, tree in trees[kind].items():
@@ -470,8 +475,8 @@ def part_tree_cost(args: argparse.Namespace, device: torch.device) -> dict:
     base = random_llama(shape, device, torch.bfloat16)
     heads = random_heads(medusa_config(base), device, base.get_output_embeddings().weight).to(torch.bfloat16)
     draft = random_draft(base, min(args.draft_vocab, shape["vocab_size"]), device).to(torch.bfloat16)
-    medusa = functools.partial(MedusaDecoder, MedusaModel(base, heads), check=False)
-    eagle3 = functools.partial(Eagle3Decoder, base, draft, check=False)
+    medusa = functools.partial(SpeculativeDecoder, base, MedusaDrafter(MedusaModel(base, heads)), check=False)
+    eagle3 = functools.partial(SpeculativeDecoder, base, Eagle3Drafter(base, draft), check=False)
     trees = {
         "medusa": [(n, medusa, default_choices(n, NUM_HEADS)) for n in args.sizes],
         "eagle3": [(n, eagle3, default_choices(n, EAGLE3_TREE_DEPTH)) for n in args.sizes],

@@ -80,8 +80,9 @@ def train_one(name: str, data: Path, out: Path, args: argparse.Namespace) -> dic
 
 def score(out: Path, args: argparse.Namespace) -> dict:
     from medusa_forge.data.conversations import load_conversations
-    from medusa_forge.decode.generation import MedusaDecoder
+    from medusa_forge.decode.generation import SpeculativeDecoder
     from medusa_forge.decode.loading import load_draft
+    from medusa_forge.drafts.medusa_drafter import MedusaDrafter
     from medusa_forge.evaluate.accuracy import measure_accuracy
     from medusa_forge.evaluate.speed import first_prompts
     from medusa_forge.formats.tree_file import default_choices
@@ -94,7 +95,7 @@ def score(out: Path, args: argparse.Namespace) -> dict:
     prompts = first_prompts(tokenizer, heldout, args.eval_prompts, 384)
 
     def accepted_length(draft_vocab: int | None) -> float:
-        decoder = MedusaDecoder(model, default_choices(16, 3), draft_vocab=draft_vocab)
+        decoder = SpeculativeDecoder(model.base, MedusaDrafter(model, draft_vocab), default_choices(16, 3))
         steps = tokens = 0
         for prompt in prompts:
             result = decoder.generate(prompt, args.max_new_tokens, eos_token_ids={tokenizer.eos_token_id})

@@ -14,7 +14,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
+from medusa_forge.decode.generation import SpeculativeDecoder
 from medusa_forge.decode.verification import Sampling
+from medusa_forge.drafts.medusa_drafter import MedusaDrafter
 from medusa_forge.modeling import cache_kwarg
 
 CHATML = (
@@ -213,3 +215,8 @@ def install_once(folder: Path, packages: list[str], steps: list[list[str]], what
             pytest.fail(f"could not make {what} ({' '.join(step)}):\n{done.stderr}")
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(packages))
+
+
+def medusa_decoder(model, choices, check: bool = True, draft_vocab: int | None = None) -> SpeculativeDecoder:
+    """A decoder whose drafter is a MedusaModel's heads (`draft_vocab`: see MedusaDrafter)."""
+    return SpeculativeDecoder(model.base, MedusaDrafter(model, draft_vocab), choices, check)

@@ -14,11 +14,11 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS, plain_sample
+from conftest import TINY_CONFIGS, medusa_decoder, plain_sample
 from torch import nn
 
 from medusa_forge.decode.acceptance import greedy_accept
-from medusa_forge.decode.generation import MedusaDecoder, SpeculativeDecoder, greedy_generate
+from medusa_forge.decode.generation import SpeculativeDecoder, greedy_generate
 from medusa_forge.decode.tree_support import check_tree_support
 from medusa_forge.decode.verification import causal_bias, keep_cache_entries
 from medusa_forge.drafts.drafter import TreeBuffers
@@ -100,7 +100,7 @@ def arch_case(request):
 def test_greedy_equals_plain_greedy_with_oracle_heads(arch_case, tree_name, every_node_logits):
     _, base, ref = arch_case
     model = MedusaModel(base, OracleHeads(base, PROMPT + ref))
-    decoder = MedusaDecoder(model, TREES[tree_name])
+    decoder = medusa_decoder(model, TREES[tree_name])
     # Both ways of finding the base model's argmax (every node at once, as on GPUs and with packed bfloat16; or
     # only nodes with children, plus a leaf that ends the path) must accept the same tokens.
     decoder.verifier.every_node_logits = every_node_logits
@@ -121,14 +121,14 @@ def test_greedy_equals_plain_greedy_with_random_heads(arch):
         for p in heads.parameters():
             p.normal_(0, 0.5)
     for choices in (TREES["wide"], TREES["default-16"]):
-        result = MedusaDecoder(MedusaModel(base, heads), choices).generate(PROMPT, 24)
+        result = medusa_decoder(MedusaModel(base, heads), choices).generate(PROMPT, 24)
         assert result.tokens == ref
 
 
 def test_eos_inside_an_accepted_path_and_length_limits(arch_case):
     _, base, ref = arch_case
     model = MedusaModel(base, OracleHeads(base, PROMPT + ref, p0=1.0))
-    decoder = MedusaDecoder(model, TREES["chain"])  # perfect heads: every step adds 3 candidates + 1 base token
+    decoder = medusa_decoder(model, TREES["chain"])  # perfect heads: every step adds 3 candidates + 1 base token
     positions = [p for p in range(1, 20) if ref[p] not in ref[:p]]
     assert any((p - 1) % 4 < 3 for p in positions), "need an EOS that lands on a head candidate"
     for n, position in enumerate(positions):
@@ -212,7 +212,7 @@ def test_sampling_draws_the_tokens_of_plain_sampling(arch_case, top_p):
         samples.append(want)
         model = MedusaModel(base, OracleHeads(base, PROMPT + want))
         for tree_name in ("default-16", "wide"):
-            decoder = MedusaDecoder(model, TREES[tree_name])
+            decoder = medusa_decoder(model, TREES[tree_name])
             for every_node_logits in (False, True):
                 decoder.verifier.every_node_logits = every_node_logits
                 result = decoder.generate(PROMPT, 24, temperature=0.7, top_p=top_p, seed=seed)
@@ -229,7 +229,7 @@ def test_trained_heads_decode_exactly(trained_heads):
     base, heads_dir, ref = trained_heads
     model = MedusaModel.from_pretrained(heads_dir, base_model=base)
     for choices in (TREES["chain"], TREES["default-64"]):
-        result = MedusaDecoder(model, choices).generate(PROMPT, len(ref))
+        result = medusa_decoder(model, choices).generate(PROMPT, len(ref))
         assert result.tokens == ref
 
 
@@ -278,8 +278,8 @@ def test_bad_inputs_are_user_errors():
     base = chaotic_model("llama")
     model = MedusaModel(base, MedusaHeads.for_base_model(base, 2, 1, "tiny"))
     with pytest.raises(UserError, match="deeper"):
-        MedusaDecoder(model, TREES["chain"])  # depth 3 > 2 heads
-    decoder = MedusaDecoder(model, [[0], [0, 0]])
+        medusa_decoder(model, TREES["chain"])  # depth 3 > 2 heads
+    decoder = medusa_decoder(model, [[0], [0, 0]])
     with pytest.raises(UserError, match="empty"):
         decoder.generate([], 5)
     with pytest.raises(UserError, match="positions"):
@@ -293,20 +293,20 @@ def test_draft_vocabulary_keeps_output_exact_and_proposes_only_its_ids():
     torch.manual_seed(3)
     heads = MedusaHeads.for_base_model(base, NUM_HEADS, 1, "tiny")
     model = MedusaModel(base, heads)
-    decoder = MedusaDecoder(model, TREES["default-16"], draft_vocab=50)
+    decoder = medusa_decoder(model, TREES["default-16"], draft_vocab=50)
     hidden = torch.randn(32)
     draft = decoder.drafter.head_logits(hidden)
     assert draft.shape == (NUM_HEADS, 50)
     torch.testing.assert_close(draft, heads(hidden)[:, :50])  # the same logits, restricted to ids < 50
     assert decoder.generate(PROMPT, 24).tokens == ref
     with pytest.raises(UserError, match="draft-vocab"):
-        MedusaDecoder(model, TREES["chain"], draft_vocab=10**6)
+        medusa_decoder(model, TREES["chain"], draft_vocab=10**6)
     # Heads trained on a draft vocabulary (config.draft_vocab_size) propose from it by default
-    assert MedusaDecoder(model, TREES["chain"]).drafter.draft_projections is None
+    assert medusa_decoder(model, TREES["chain"]).drafter.draft_projections is None
     heads.config.draft_vocab_size = 50
-    assert MedusaDecoder(model, TREES["chain"]).drafter.head_logits(hidden).shape == (NUM_HEADS, 50)
+    assert medusa_decoder(model, TREES["chain"]).drafter.head_logits(hidden).shape == (NUM_HEADS, 50)
     vocab = base.get_output_embeddings().weight.shape[0]
-    whole = MedusaDecoder(model, TREES["chain"], draft_vocab=vocab).drafter
+    whole = medusa_decoder(model, TREES["chain"], draft_vocab=vocab).drafter
     assert whole.head_logits(hidden).shape == (NUM_HEADS, vocab)
 
 

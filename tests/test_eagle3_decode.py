@@ -12,7 +12,7 @@ import torch
 import transformers
 from conftest import TINY_CONFIGS, plain_sample
 
-from medusa_forge.decode.generation import Eagle3Decoder, SpeculativeDecoder, greedy_generate
+from medusa_forge.decode.generation import SpeculativeDecoder, greedy_generate
 from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter, tree_levels
 from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, causal_bias, target_features, target_layers
@@ -30,6 +30,13 @@ TREES = {
 PROMPT = [5, 17, 42, 99, 123, 7, 64]
 VOCAB = 400
 NEW = 24
+
+
+def eagle3_decoder(target, draft, choices, check: bool = True, dtype: torch.dtype | None = None) -> SpeculativeDecoder:
+    """A decoder whose drafter is an EAGLE-3 draft of `target`: a module or a draft folder, in `dtype` if given."""
+    module = draft if isinstance(draft, Eagle3Draft) else Eagle3Draft.load(draft)
+    drafter = Eagle3Drafter(target, module if dtype is None else module.to(dtype))
+    return SpeculativeDecoder(target, drafter, choices, check)
 
 
 def chaotic_target(arch: str, layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:
@@ -85,7 +92,7 @@ def test_feature_layers_are_hf_hidden_state_indices():
 @pytest.mark.parametrize("tree_name", list(TREES))
 def test_greedy_equals_plain_greedy(arch_case, tree_name):
     target, ref, draft = arch_case
-    result = Eagle3Decoder(target, draft, TREES[tree_name]).generate(PROMPT, NEW)
+    result = eagle3_decoder(target, draft, TREES[tree_name]).generate(PROMPT, NEW)
     assert result.tokens == ref
     assert sum(result.accept_lengths) + 1 == NEW
 
@@ -93,14 +100,14 @@ def test_greedy_equals_plain_greedy(arch_case, tree_name):
 def test_bfloat16_draft_from_a_folder_next_to_a_float32_target(tmp_path):
     target, ref, draft = case("qwen2")
     folder = draft.save(tmp_path / "draft")
-    decoder = Eagle3Decoder(target, folder, TREES["branching"], dtype=torch.bfloat16)
+    decoder = eagle3_decoder(target, folder, TREES["branching"], dtype=torch.bfloat16)
     assert decoder.drafter.dtype == torch.bfloat16
     assert decoder.generate(PROMPT, NEW).tokens == ref
 
 
 def test_sampling_draws_the_tokens_of_plain_sampling_and_cold_sampling_is_greedy():
     target, ref, draft = case("llama")
-    decoder = Eagle3Decoder(target, draft, TREES["default-16"])
+    decoder = eagle3_decoder(target, draft, TREES["default-16"])
     assert decoder.generate(PROMPT, NEW, temperature=1e-4, seed=1).tokens == ref
     hot = [decoder.generate(PROMPT, 16, temperature=1.0, top_p=0.9, seed=seed) for seed in (7, 8)]
     assert [r.tokens for r in hot] == [plain_sample(target, PROMPT, 16, 1.0, seed, 0.9) for seed in (7, 8)]
@@ -144,7 +151,7 @@ def test_rank0_chain_and_draft_cache_match_the_engines_from_scratch(arch):
     target = chaotic_target(arch, seed=2)
     draft = random_draft(target, None, seed=3)
     tree_name = "branching"
-    decoder = Eagle3Decoder(target, draft, TREES[tree_name])
+    decoder = eagle3_decoder(target, draft, TREES[tree_name])
     tree = decoder.tree
     chain = [tree.choices.index([0] * d) + 1 for d in range(1, tree.depth + 1)]  # node ids of the rank-0 chain
     state = decoder.prefill(torch.tensor(PROMPT))
@@ -231,11 +238,11 @@ def test_a_draft_that_knows_the_target_gets_whole_paths_accepted(choices):
     ref = greedy_generate(target, prompt, 24)
     assert len(set(ref)) == HALF
     depth = TreeBuffers.from_choices(choices).depth
-    result = Eagle3Decoder(target, cycle_draft(target), choices, check=False).generate(prompt, 24)
+    result = eagle3_decoder(target, cycle_draft(target), choices, check=False).generate(prompt, 24)
     assert result.tokens == ref
     assert result.accept_lengths[:-1] == [depth + 1] * (len(result.accept_lengths) - 1)
     if choices == TREES["branching"]:  # the same target with a draft that knows nothing: ~1 token per step
-        guess = Eagle3Decoder(target, random_draft(target, None), choices, check=False).generate(prompt, 24)
+        guess = eagle3_decoder(target, random_draft(target, None), choices, check=False).generate(prompt, 24)
         assert guess.tokens == ref
         assert guess.mean_accept_length < 1.5 < 4 < result.mean_accept_length
 
@@ -261,7 +268,7 @@ def test_refusals():
     target = chaotic_target("llama")
     small = Eagle3Draft.for_target(target, torch.tensor([1, 2, 3]), "tiny")
     with pytest.raises(UserError, match="rank 3"):
-        Eagle3Decoder(target, small, [[0], [1], [2], [3]])
+        eagle3_decoder(target, small, [[0], [1], [2], [3]])
     other = chaotic_target("qwen2")
     other.config.vocab_size = 500
     with pytest.raises(UserError, match="vocabulary"):

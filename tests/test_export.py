@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import medusa_decoder
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_forge.cli import main
-from medusa_forge.decode.generation import MedusaDecoder
 from medusa_forge.export import export_heads
 from medusa_forge.formats.files import same_tensors
 from medusa_forge.formats.tree_file import default_choices
@@ -245,8 +245,8 @@ def test_exported_then_imported_heads_decode_identically(tmp_path, base, heads_d
     prompt = torch.tensor([[1, 5, 9, 33, 71, 120, 7]])
     assert torch.equal(original.head_logits(prompt), back.head_logits(prompt))
     choices = default_choices(8, K)
-    first = MedusaDecoder(original, choices).generate(prompt[0], max_new_tokens=24)
-    second = MedusaDecoder(back, choices).generate(prompt[0], max_new_tokens=24)
+    first = medusa_decoder(original, choices).generate(prompt[0], max_new_tokens=24)
+    second = medusa_decoder(back, choices).generate(prompt[0], max_new_tokens=24)
     assert first.tokens == second.tokens and first.accept_lengths == second.accept_lengths
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +17,8 @@ from transformers import DynamicCache, PreTrainedModel
 from medusa_forge.decode.tree_support import check_tree_support
 from medusa_forge.decode.verification import Sampling, TreeVerifier, keep_cache_entries
 from medusa_forge.drafts.drafter import Drafter, TreeBuffers
-from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter
-from medusa_forge.drafts.medusa_drafter import MedusaDrafter
-from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import Choices
-from medusa_forge.heads import MedusaModel
 from medusa_forge.modeling import cache_kwarg
 
 
@@ -188,32 +183,6 @@ class SpeculativeDecoder:
         for _ in self.stream(input_ids, max_new_tokens, result=result, **kwargs):
             pass
         return result
-
-
-class MedusaDecoder(SpeculativeDecoder):
-    """A SpeculativeDecoder whose drafter is a MedusaModel's heads."""
-
-    def __init__(
-        self, model: MedusaModel, choices: Choices, check: bool = True, draft_vocab: int | None = None
-    ) -> None:
-        """`draft_vocab`: see MedusaDrafter."""
-        super().__init__(model.base, MedusaDrafter(model, draft_vocab), choices, check)
-
-
-class Eagle3Decoder(SpeculativeDecoder):
-    """A SpeculativeDecoder whose drafter is an EAGLE-3 draft of `base`: a module or a draft folder."""
-
-    def __init__(
-        self,
-        base: PreTrainedModel,
-        draft: Eagle3Draft | str | Path,
-        choices: Choices,
-        check: bool = True,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """`dtype`: the draft's (e.g. bfloat16 next to a float32 base); None keeps the module's or the folder's."""
-        module = draft if isinstance(draft, Eagle3Draft) else Eagle3Draft.load(draft)
-        super().__init__(base, Eagle3Drafter(base, module if dtype is None else module.to(dtype)), choices, check)
 
 
 @torch.no_grad()
