@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from medusa_forge.eagle3 import target_features, target_layers
 from medusa_forge.errors import UserError
 from medusa_forge.heads import backbone
+from medusa_forge.train.shapes import padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def build_hidden_cache(
             range(done, len(batches)), desc="caching hidden states", initial=done, total=len(batches)
         ):
             batch = batches[batch_index]
-            width = max(lengths[i] for i in batch)
+            width = padded_length(max(lengths[i] for i in batch), max(lengths))  # few shapes (train/shapes.py)
             input_ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
