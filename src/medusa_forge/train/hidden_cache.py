@@ -91,19 +91,26 @@ def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: st
 
 
 class HiddenStateCache:
-    """Read side: the records of sequence i as a [len_i, width] float16 tensor."""
+    """Read side: the records of sequence i as a [len_i, width] float16 tensor.
+
+    Records are read from the file, not memory-mapped: the pages of a mapping count in the process's resident
+    memory once touched, so one epoch over a mapped cache added the whole file to the training process's RSS (0.74 GB
+    for 160k EAGLE-3 tokens; issue 27). Read pages stay in the kernel's page cache, shared and reclaimable."""
 
     def __init__(self, folder: Path) -> None:
         meta = json.loads((folder / META_FILE).read_text())
         self.kind = meta.get("kind", "medusa")  # caches written before the field existed are Medusa's
         self.offsets = np.load(folder / OFFSETS_FILE)
-        self.data = np.memmap(folder / DATA_FILE, dtype=np.float16, mode="r", shape=(meta["tokens"], meta["hidden"]))
+        self.path, self.width = folder / DATA_FILE, meta["hidden"]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def get(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.data[self.offsets[index] : self.offsets[index + 1]]))
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        record = np.dtype(np.float16).itemsize * self.width
+        rows = np.fromfile(self.path, dtype=np.float16, count=(stop - start) * self.width, offset=start * record)
+        return torch.from_numpy(rows.reshape(stop - start, self.width))
 
 
 def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
