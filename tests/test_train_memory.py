@@ -103,3 +103,32 @@ def test_memory_and_shapes_flat_after_warmup(kind, tiny_model_dir, tiny_tokenize
     assert len(new) <= 12, f"{len(new)} product shapes first seen after the first epoch (of {len(seen)} in it)"
     growth = later[-1]["rss"] - warm["rss"]
     assert growth < 64, f"resident memory grew {growth:.0f} MB after the first epoch"
+
+
+@pytest.mark.parametrize("kind", ["medusa", "medusa-soft", "eagle3"])
+def test_padding_to_a_multiple_leaves_losses_and_gradients_unchanged(kind, tiny_model_dir, tiny_tokenizer):
+    """The same rows padded to their longest (70) or to the next multiple of 64 (128): padding is masked, so the
+    losses, statistics and gradients agree to float noise."""
+    base = load_base_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    if kind.startswith("medusa"):
+        heads = MedusaHeads.for_base_model(base, 3, 1, str(tiny_model_dir))
+        model = MedusaForTraining(base, heads, head_weights(3, 0.8), soft_labels=kind == "medusa-soft")
+    else:
+        model = Eagle3ForTraining(base, Eagle3Draft.for_target(base, None, str(tiny_model_dir)), step_weights(3, 0.8))
+    first, *rest = varied_items(base.config.vocab_size)  # the first is longer than 70
+    items = [{key: value[:70] for key, value in first.items()}, *[i for i in rest if len(i["input_ids"]) < 70][:2]]
+    results = []
+    for limit in (70, MAX_LENGTH):
+        batch = PadCollator(tiny_tokenizer.pad_token_id, limit)(items)
+        out = model(**batch)
+        out["loss"].backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        results.append((batch["labels"].shape[1], out["loss"].detach(), out["head_stats"], grads))
+    (short, *exact), (padded, *bucketed) = results
+    assert (short, padded) == (70, 128)
+    torch.testing.assert_close(exact[0], bucketed[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exact[1], bucketed[1], rtol=1e-5, atol=1e-4)
+    for a, b in zip(exact[2], bucketed[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,5 @@
 """Hidden-state cache: run the frozen base model once over the tokenised data set, keep what the draft's loss
-reads from it on disk (float16, memory-mapped), and train every epoch from them.
+reads from it in one float16 file, and train every epoch from them.
 
 What is kept per token depends on the draft kind (`record_layout`): Medusa heads read the final hidden state
 [H]; an EAGLE-3 draft reads the three feature layers (`eagle3.target_features`) followed by the final hidden
