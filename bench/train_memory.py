@@ -8,12 +8,14 @@ first, or reused); this script samples the process's VmRSS every 50 ms and, at e
 prints one line per step), records the highest RSS seen since the previous step. Reported per kind: RSS after the
 warm-up steps, at the end, the peak over training, the growth per step over the second half (a least-squares
 slope: ~0 when memory is flat), and the median step time. Run it on an idle machine for the step times.
+`--primitive-probe` instead measures what oneDNN keeps per distinct product shape (no training).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -116,6 +118,29 @@ def train_one(kind: str, out: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def primitive_probe(products: int = 200) -> None:
+    """How much memory oneDNN keeps per product shape, on any CPU: float32 [rows, 576] x [576, 8192] products through
+    oneDNN (mkldnn tensors: the path bfloat16 products take on CPUs with native bfloat16), once with `products`
+    different row counts, once with one row count; RssAnon before and after each."""
+    import random
+
+    import torch
+
+    weight = torch.randn(8192, 576).to_mkldnn()
+    for label, rows in (
+        ("one shape", [1024] * products),
+        ("distinct shapes", random.Random(0).sample(range(1, 1537), products)),
+    ):
+        before = rss_bytes(os.getpid(), "RssAnon")
+        for n in rows:
+            torch._C._nn.mkldnn_linear(torch.randn(n, 576).to_mkldnn(), weight)
+        after = rss_bytes(os.getpid(), "RssAnon")
+        print(
+            f"{label}: {products} products, RssAnon {before / 1e6:.0f} -> {after / 1e6:.0f} MB "
+            f"({(after - before) / 1e6 / len(set(rows)):.2f} MB per distinct shape)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="eagle3,medusa")
@@ -131,7 +156,11 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/bench-memory")
     parser.add_argument("--output", help="Write the results (with RSS per step) as JSON here too.")
     parser.add_argument("--verbose", action="store_true", help="echo the training output")
+    parser.add_argument("--primitive-probe", action="store_true", help="only measure oneDNN's memory per shape")
     args = parser.parse_args()
+    if args.primitive_probe:
+        primitive_probe()
+        return
     results = [train_one(kind, Path(args.output_dir), args) for kind in args.kinds.split(",")]
     print("| kind | steps | RSS after warm-up GB | RSS at end GB | peak in training GB | MB/step (2nd half) | step s |")
     print("|---|---|---|---|---|---|---|")
