@@ -1,12 +1,12 @@
 """Few tensor shapes in training: sequence lengths and gathered row counts rounded up to a multiple.
 
-Why (issue 27): every distinct matrix-product shape costs memory and time in the kernel libraries. On a CPU,
-oneDNN (which runs bfloat16 products) keeps one primitive per shape in a cache of up to 1024 entries (~1.4 MB each
-for a float32 [rows, 576] x [576, 8192] product on an AVX2 CPU: BENCHMARKS.md, "Training memory"); padding each batch to
+Why (issue 27): every distinct matrix-product shape costs memory and time in the kernel libraries. On a CPU, oneDNN
+(which runs bfloat16 products) keeps one primitive per shape in a cache of up to 1024 entries (1.4-1.7 MB each for a
+float32 [rows, 576] x [576, 8192] product on an AVX2 CPU: BENCHMARKS.md, "Training memory"). Padding each batch to
 its own longest row and gathering a different number of labelled tokens per batch made nearly every step add new
-shapes, and resident memory grew ~35 MB per step. On a GPU the same churn costs kernel selection and allocator
-fragmentation. Rounding up to multiples of 64 leaves a handful of shapes (6 lengths at --model_max_length 384),
-at the cost of at most 63 padded positions or rows, which are masked and never reach a loss.
+shapes: the issue measured ~35 MB more resident memory per step. On a GPU the same churn costs kernel selection and
+allocator fragmentation. Rounding up to multiples of 64 leaves a handful of shapes (6 lengths at
+--model_max_length 384), at the cost of at most 63 padded positions or rows, which are masked and never reach a loss.
 """
 
 from __future__ import annotations
