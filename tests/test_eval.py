@@ -78,7 +78,8 @@ def test_eval_writes_report_and_stores_tree(heads_dir, tmp_path, capsys):
     expected = {chosen: report["tree_search"], other: report["other_dtype_searches"][other]}
     best = {d: max(search["expected_tokens_per_second"]) for d, search in expected.items()}
     assert best[chosen] >= best[other]
-    assert load_tree_dtype(heads) == chosen and load_draft(heads, device="cpu").dtype == chosen  # for generate/serve
+    # generate and serve (--dtype auto) decode in the dtype eval chose
+    assert load_tree_dtype(heads) == chosen and load_draft(heads, dtype="auto", device="cpu").dtype == chosen
     # speed-ups are over the faster plain greedy; exactness is against greedy in the draft's dtype
     greedy = {name: tps for name, tps in speed["tokens_per_second"].items() if name.startswith("greedy_")}
     assert speed["reference"] == max(greedy, key=greedy.get) and speed["speedup"][speed["reference"]] == 1.0

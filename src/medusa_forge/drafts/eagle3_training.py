@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, set_seed
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
+from medusa_forge.drafts.shapes import pad_rows
 from medusa_forge.eagle3 import (
     ENGINE_MIN_TARGET_LAYERS,
     Eagle3Draft,
@@ -99,14 +100,15 @@ def shift_left(x: torch.Tensor, n: int, fill: float | int = 0) -> torch.Tensor:
 def target_argmax(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[N] argmax over the target's whole vocabulary of final_hidden [N, H] @ lm_head_weight.T, in row chunks
     so memory stays at [chunk, V]."""
-    out = torch.empty(final_hidden.shape[0], dtype=torch.long, device=final_hidden.device)
-    # The rows come to the weight's dtype, never the [V, H] weight to theirs: no copy of it per batch.
-    rows = final_hidden.to(lm_head_weight.dtype)
+    # The rows come to the weight's dtype, never the [V, H] weight to theirs: no copy of it per batch. Zero rows
+    # pad them to a multiple of 64 (few product shapes, drafts/shapes.py); their results are dropped.
+    rows = pad_rows(final_hidden.to(lm_head_weight.dtype))
+    out = torch.empty(rows.shape[0], dtype=torch.long, device=final_hidden.device)
     # max().indices, not argmax(): the same ids (ties go to the first), and on a bfloat16 [chunk, V] on the
     # CPU argmax took longer than the product itself (BENCHMARKS.md, "Three costs a decoding step ...").
     for start in range(0, rows.shape[0], chunk_size):
         out[start : start + chunk_size] = (rows[start : start + chunk_size] @ lm_head_weight.T).max(-1).indices
-    return out
+    return out[: final_hidden.shape[0]]
 
 
 class Eagle3ForTraining(nn.Module):

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
+from medusa_forge.drafts.shapes import pad_rows
 from medusa_forge.heads import MedusaHeads, backbone
 
 
@@ -129,7 +130,7 @@ def medusa_loss(
         count = int(valid.sum())
         soft_hidden = hidden[:, shift - 1 : seq_len - 1][valid] if soft_target_weight is not None else None
         ce_sum, hits = linear_cross_entropy(
-            head[:-1](hidden[:, : seq_len - shift][valid]),
+            head[:-1](pad_rows(hidden[:, : seq_len - shift][valid])),  # padded before the blocks: few shapes
             head[-1].weight[vocab],
             targets[valid],
             soft_hidden,

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from medusa_forge.data.conversations import Conversation, named_skips
 from medusa_forge.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from medusa_forge.drafts.shapes import padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,14 @@ class ConversationDataset(Dataset):
 class PadCollator:
     """Right-pads a batch: token ids with pad_token_id (attention_mask 0 there), cached hidden states with
     zeros, labels with IGNORE_INDEX (so padding never reaches the loss). Items with cached hidden states may
-    carry their token ids too (EAGLE-3); then both are returned."""
+    carry their token ids too (EAGLE-3); then both are returned. The padded length is the longest row's rounded
+    up to a multiple of 64 (`shapes.padded_length`, at most max_length), so that training sees a few shapes."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, max_length: int | None = None) -> None:
+        self.pad_token_id, self.max_length = pad_token_id, max_length
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(item["labels"]) for item in items)
+        length = padded_length(max(len(item["labels"]) for item in items), self.max_length)
         labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
         for row, item in enumerate(items):
             labels[row, : len(item["labels"])] = torch.tensor(item["labels"])

@@ -160,7 +160,7 @@ def _train(config: TrainConfig) -> Path:
         args=config,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PadCollator(tokenizer.pad_token_id, config.model_max_length),
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
