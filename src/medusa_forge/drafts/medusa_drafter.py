@@ -12,6 +12,7 @@ from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy
 from medusa_forge.drafts.drafter import Drafter, TreeBuffers
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind
+from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.errors import UserError
 from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.vllm import write_vllm
@@ -167,4 +168,4 @@ class MedusaForDecoding(DecodingDraft):
     def vllm_speculative_config(self, scratch: Path, num_speculative_tokens: int) -> dict:
         # The heads are written in vLLM's layout into `scratch`, as `export --format vllm` writes them.
         write_vllm(read_heads(self.folder, check_base=False), scratch)
-        return {"method": "medusa", "model": str(scratch), "num_speculative_tokens": num_speculative_tokens}
+        return vllm_speculative_config("medusa", scratch, num_speculative_tokens)

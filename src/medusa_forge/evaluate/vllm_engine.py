@@ -141,7 +141,7 @@ def parse_spec_counters(text: str) -> SpecCounters:
     per_position: dict[int, int] = {}
     for line in text.splitlines():
         match = _METRIC.match(line.strip())
-        if not match or line.startswith("#"):
+        if not match:
             continue
         name, labels, value = match.group(1), match.group(2) or "", int(float(match.group(3)))
         if name == "num_drafts":
@@ -193,11 +193,6 @@ class VllmClient:
         if response.status_code != 200:
             raise EngineError(f"vLLM at {self.url} answered {response.status_code} to {path}: {response.text[:500]}")
         return response.json()
-
-
-def speculative_config(method: str, draft: str | Path, num_speculative_tokens: int) -> dict:
-    """vLLM's --speculative-config for a draft folder: method "eagle3" or "medusa"."""
-    return {"method": method, "model": str(draft), "num_speculative_tokens": num_speculative_tokens}
 
 
 class VllmServer:
