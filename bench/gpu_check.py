@@ -55,10 +55,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from medusa_forge.decode.generation import STEP_PARTS, SpeculativeDecoder, greedy_generate
 from medusa_forge.decode.step_latency import Stopwatch, time_step_parts
 from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH, Eagle3Drafter
+from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, step_weights
 from medusa_forge.drafts.medusa_drafter import MedusaDrafter
 from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
-from medusa_forge.eagle3 import Eagle3Draft
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.generation.device import resolve_device
 from medusa_forge.heads import WEIGHTS_NAME, MedusaConfig, MedusaHeads, MedusaModel

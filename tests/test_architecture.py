@@ -15,7 +15,7 @@ ORDER = {
     # the result files, the engine facts
     "errors": 0, "defaults": 0, "modeling": 0, "engine_versions": 0, "engine_commands": 0,
     "tokenizer_files": 0, "heads": 0, "grouped_attention": 0,
-    "eagle3": 0, "formats": 0, "results": 0, "flags": 0, "outputs": 0,
+    "formats": 0, "results": 0, "flags": 0, "outputs": 0,
     "data": 1,
     "generation": 2,  # the in-process generation engines (distill, serve and decode use them)
     "distill": 3,

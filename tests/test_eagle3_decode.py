@@ -14,8 +14,9 @@ from conftest import TINY_CONFIGS, plain_sample
 
 from medusa_forge.decode.generation import SpeculativeDecoder, greedy_generate
 from medusa_forge.drafts.drafter import TreeBuffers
+from medusa_forge.drafts.eagle3_config import target_features, target_layers
 from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter, tree_levels
-from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, causal_bias, target_features, target_layers
+from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, causal_bias
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import build_tree, default_choices
 

@@ -17,16 +17,8 @@ import transformers
 from conftest import TINY_CONFIGS
 from safetensors.torch import load_file, save_file
 
-from medusa_forge.eagle3 import (
-    CachedAttention,
-    Eagle3Draft,
-    UnrolledAttention,
-    causal_bias,
-    draft_vocab_ids,
-    draft_vocabulary,
-    target_features,
-    target_layers,
-)
+from medusa_forge.drafts.eagle3_config import draft_vocab_ids, draft_vocabulary, target_features, target_layers
+from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, UnrolledAttention, causal_bias
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import same_tensors
 

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX
+from medusa_forge.drafts.eagle3_config import draft_vocab_ids, draft_vocabulary
+from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, causal_bias
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, assistant_token_counts, step_weights, target_argmax
-from medusa_forge.eagle3 import CachedAttention, Eagle3Draft, causal_bias, draft_vocab_ids, draft_vocabulary
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.modeling import load_base_model, load_tokenizer

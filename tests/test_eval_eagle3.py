@@ -15,8 +15,9 @@ from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.drafts.accuracy import RANKS
+from medusa_forge.drafts.eagle3_config import target_features
 from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter, score_eagle3_samples
-from medusa_forge.eagle3 import CachedAttention, target_features
+from medusa_forge.drafts.eagle3_model import CachedAttention
 from medusa_forge.evaluate.accuracy import conversation_samples
 from medusa_forge.formats.tree_file import load_tree, load_tree_dtype
 from medusa_forge.results import EvalReport

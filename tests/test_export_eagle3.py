@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from test_eagle3_draft import DRAFT_IDS, SglangEagle3, VllmEagle3, trained_like
 
 from medusa_forge.cli import main
-from medusa_forge.eagle3 import Eagle3Draft
+from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.export import export_heads
 from medusa_forge.formats.files import same_tensors
 from medusa_forge.modeling import load_base_model

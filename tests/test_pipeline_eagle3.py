@@ -15,7 +15,8 @@ from conftest import TINY_CONFIGS
 from test_pipeline import events, log_length, tiny_config
 
 from medusa_forge.cli import main
-from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Draft, is_eagle3_folder
+from medusa_forge.drafts.eagle3_config import ENGINE_MIN_TARGET_LAYERS, is_eagle3_folder
+from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.errors import UserError
 from medusa_forge.pipeline import QUICKSTART, load_config
 from medusa_forge.pipeline.configuration import config_from_dict

@@ -17,7 +17,7 @@ from test_export_eagle3 import target_folder
 
 from medusa_forge.cli import main
 from medusa_forge.drafts.card import CARD_MARKER
-from medusa_forge.eagle3 import Eagle3Draft
+from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.formats.tree_file import save_tree
 from medusa_forge.model_card import render_model_card
 from medusa_forge.modeling import load_base_model

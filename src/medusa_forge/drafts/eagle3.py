@@ -1,5 +1,5 @@
-"""An EAGLE-3 draft as a kind of draft: one decoder layer over three of the target's hidden states (`eagle3.py`),
-in the folder layout vLLM and SGLang load."""
+"""An EAGLE-3 draft as a kind of draft: one decoder layer over three of the target's hidden states
+(`eagle3_model.py`), in the folder layout vLLM and SGLang load."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from medusa_forge import eagle3
 from medusa_forge.drafts import eagle3_card, eagle3_export, eagle3_training
+from medusa_forge.drafts import eagle3_config as layout
 from medusa_forge.drafts.eagle3_drafter import Eagle3ForDecoding
+from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.kind import DraftKind, ExportResult, PushCheck
 from medusa_forge.engine_commands import EAGLE3_ENGINES
 from medusa_forge.formats.files import read_json
@@ -23,16 +24,16 @@ class Eagle3Kind(DraftKind):
     name = "eagle3"
     label = "EAGLE-3 draft"
     title = "EAGLE-3"
-    config_name = eagle3.CONFIG_NAME
-    config_type = eagle3.Eagle3Config
-    weights_name = eagle3.WEIGHTS_NAME
+    config_name = layout.CONFIG_NAME
+    config_type = layout.Eagle3Config
+    weights_name = layout.WEIGHTS_NAME
     metric_name = "eagle3_step"  # eagle3_step{j}_loss: step j of the training-time test
     metric_label = "step"
     predictor = "draft step"
     first_predictor = 1  # step 1 drafts the token after the base model's
     formats = EAGLE3_ENGINES  # the same folder loads in both (docs/eagle3-reference.md §0)
     default_formats = EAGLE3_ENGINES
-    expected_files = f"{eagle3.CONFIG_NAME} naming {eagle3.ARCHITECTURE} + {eagle3.WEIGHTS_NAME}"
+    expected_files = f"{layout.CONFIG_NAME} naming {layout.ARCHITECTURE} + {layout.WEIGHTS_NAME}"
     records_need_token_ids = True  # the draft embeds the next tokens
     trains_without_cache = True  # its features are computed per batch instead (the frozen pass every epoch)
     # The quickstart's 500 conversations at 384 tokens, 3 steps x 3 epochs, took 534 s with --bf16 on 2 cores
@@ -40,10 +41,10 @@ class Eagle3Kind(DraftKind):
     training_tokens_per_s = 3000.0
 
     def recognises(self, folder: Path) -> bool:
-        return eagle3.is_eagle3_folder(folder)
+        return layout.is_eagle3_folder(folder)
 
     def record_layers(self, base: PreTrainedModel) -> list[int | str]:
-        return [*eagle3.target_layers(base.config.get_text_config().num_hidden_layers), "final"]
+        return [*layout.target_layers(base.config.get_text_config().num_hidden_layers), "final"]
 
     def records(self, base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return eagle3_training.feature_records(base, input_ids, attention_mask)
@@ -58,12 +59,12 @@ class Eagle3Kind(DraftKind):
         return eagle3_training.new_training_module(base, config, base_path, token_items)
 
     def checkpoint_state(self, folder: Path) -> dict[str, torch.Tensor]:
-        return eagle3.Eagle3Draft.load(folder).state_dict()  # load() checks the folder as the engines would
+        return Eagle3Draft.load(folder).state_dict()  # load() checks the folder as the engines would
 
-    def read_config(self, folder: Path) -> eagle3.Eagle3Config:
+    def read_config(self, folder: Path) -> layout.Eagle3Config:
         # As saved: its torch_dtype is the saved weights'.
         path = folder / self.config_name
-        return eagle3.Eagle3Config.from_json(read_json(path), str(path))
+        return layout.Eagle3Config.from_json(read_json(path), str(path))
 
     def export(
         self,
@@ -105,7 +106,7 @@ class Eagle3Kind(DraftKind):
 
     def render_card(
         self,
-        config: eagle3.Eagle3Config,
+        config: layout.Eagle3Config,
         base_model_id: str,
         facts: dict[str, str],
         metrics: dict[str, float],

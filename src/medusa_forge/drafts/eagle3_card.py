@@ -13,7 +13,7 @@ from medusa_forge.drafts.card import (
     headline_rows,
     hub_base_id,
 )
-from medusa_forge.eagle3 import ENGINE_MIN_TARGET_LAYERS, Eagle3Config, target_layers
+from medusa_forge.drafts.eagle3_config import ENGINE_MIN_TARGET_LAYERS, Eagle3Config, target_layers
 from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS, eagle3_serve_command
 from medusa_forge.engine_versions import SGLANG_EAGLE3_RELEASE, VLLM_EAGLE3_RELEASE
 from medusa_forge.results import EvalReport

@@ -26,16 +26,9 @@ from transformers import PreTrainedModel
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy, count_ranks
 from medusa_forge.drafts.drafter import TreeBuffers
+from medusa_forge.drafts.eagle3_config import draft_vocab_ids, target_features, target_layers
+from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, UnrolledAttention, causal_bias
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind
-from medusa_forge.eagle3 import (
-    CachedAttention,
-    Eagle3Draft,
-    UnrolledAttention,
-    causal_bias,
-    draft_vocab_ids,
-    target_features,
-    target_layers,
-)
 from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import PRIOR_ACCURACIES

@@ -8,8 +8,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from medusa_forge.drafts.eagle3_config import CONFIG_NAME, WEIGHTS_NAME, check_servable
+from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.kind import ExportResult, PushCheck
-from medusa_forge.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Draft, check_servable
 from medusa_forge.engine_commands import (
     EAGLE3_ENGINES,
     EAGLE3_SPECULATIVE_TOKENS,

@@ -27,17 +27,15 @@ from torch import nn
 from transformers import PreTrainedModel, set_seed
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
-from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
-from medusa_forge.drafts.shapes import pad_rows
-from medusa_forge.eagle3 import (
+from medusa_forge.drafts.eagle3_config import (
     ENGINE_MIN_TARGET_LAYERS,
-    Eagle3Draft,
-    UnrolledAttention,
-    causal_bias,
     draft_vocab_ids,
     draft_vocabulary,
     target_features,
 )
+from medusa_forge.drafts.eagle3_model import Eagle3Draft, UnrolledAttention, causal_bias
+from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
+from medusa_forge.drafts.shapes import pad_rows
 from medusa_forge.errors import UserError
 from medusa_forge.heads import backbone
 
