@@ -55,19 +55,6 @@ def render_card(
     sections = accuracy_sections(title, metric_label, metric_name, metrics, summary, first_predictor)
     body = "\n\n".join(sections)
 
-    where = repo_id or "<this-repo-or-folder>"
-    serve_base = hub_id or base_model_id
-    base_flag = shlex.quote(serve_base)
-    engines = (
-        f"vLLM (>= 0.32; pinned: {VLLM_EAGLE3_RELEASE}) and SGLang (pinned: {SGLANG_EAGLE3_RELEASE}) load this folder "
-        "as it is"
-    )
-    if target_num_layers is not None and target_num_layers < ENGINE_MIN_TARGET_LAYERS:
-        engines = (
-            f"**No engine serves this draft**: its target has {target_num_layers} layers, and vLLM and SGLang read "
-            f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS}. The commands "
-            f"below are what a draft for a larger target runs; {engines}"
-        )
     return f"""{chr(10).join(header)}
 {CARD_MARKER}
 
@@ -84,32 +71,7 @@ unchanged.
 
 {body}
 
-## Serve
-
-{engines}; both take the tokenizer and the token embeddings from the target.
-Each step drafts a chain of {EAGLE3_SPECULATIVE_TOKENS} tokens (vLLM: `num_speculative_tokens`; SGLang:
-`--speculative-num-steps` with `--speculative-eagle-topk 1`, verifying steps + 1 tokens).
-
-**vLLM**:
-
-```bash
-{eagle3_serve_command("vllm", where, serve_base)}
-```
-
-**SGLang**:
-
-```bash
-{eagle3_serve_command("sglang", where, serve_base)}
-```
-
-**medusa-forge** (tree drafting, as `medusa-forge eval` measured it; CPU or GPU):
-
-```bash
-hf download {where} --local-dir draft
-medusa-forge generate --draft draft --model {base_flag} --prompt "Explain KV caches in two sentences."
-medusa-forge serve --draft draft --model {base_flag}
-```
-"""
+{_serve_section(repo_id, base_model_id, hub_id, target_num_layers)}"""
 
 
 def _draft_rows(
@@ -137,3 +99,47 @@ def _draft_rows(
         *facts.items(),
     ]
     return rows
+
+
+def _serve_section(repo_id: str | None, base_model_id: str, hub_id: str | None, target_num_layers: int | None) -> str:
+    """The card's "Serve" section: the vLLM, SGLang and medusa-forge commands (from `repo_id` when given), or why no
+    engine serves a draft for a target this shallow."""
+    where = repo_id or "<this-repo-or-folder>"
+    serve_base = hub_id or base_model_id
+    base_flag = shlex.quote(serve_base)
+    engines = (
+        f"vLLM (>= 0.32; pinned: {VLLM_EAGLE3_RELEASE}) and SGLang (pinned: {SGLANG_EAGLE3_RELEASE}) load this folder "
+        "as it is"
+    )
+    if target_num_layers is not None and target_num_layers < ENGINE_MIN_TARGET_LAYERS:
+        engines = (
+            f"**No engine serves this draft**: its target has {target_num_layers} layers, and vLLM and SGLang read "
+            f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS}. The commands "
+            f"below are what a draft for a larger target runs; {engines}"
+        )
+    return f"""## Serve
+
+{engines}; both take the tokenizer and the token embeddings from the target.
+Each step drafts a chain of {EAGLE3_SPECULATIVE_TOKENS} tokens (vLLM: `num_speculative_tokens`; SGLang:
+`--speculative-num-steps` with `--speculative-eagle-topk 1`, verifying steps + 1 tokens).
+
+**vLLM**:
+
+```bash
+{eagle3_serve_command("vllm", where, serve_base)}
+```
+
+**SGLang**:
+
+```bash
+{eagle3_serve_command("sglang", where, serve_base)}
+```
+
+**medusa-forge** (tree drafting, as `medusa-forge eval` measured it; CPU or GPU):
+
+```bash
+hf download {where} --local-dir draft
+medusa-forge generate --draft draft --model {base_flag} --prompt "Explain KV caches in two sentences."
+medusa-forge serve --draft draft --model {base_flag}
+```
+"""
