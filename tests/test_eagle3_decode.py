@@ -49,9 +49,12 @@ def chaotic_target(arch: str, layers: int = 2, seed: int = 0) -> transformers.Pr
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def random_draft(target: transformers.PreTrainedModel, vocab_ids: torch.Tensor | None, seed: int = 1) -> Eagle3Draft:
-    """for_target's start (lm_head = the target's rows, so some proposals are accepted), other weights random."""
-    draft = Eagle3Draft.for_target(target, vocab_ids, "tiny")
+def random_draft(
+    target: transformers.PreTrainedModel, vocab_ids: torch.Tensor | None, seed: int = 1, **switches: bool
+) -> Eagle3Draft:
+    """for_target's start (lm_head = the target's rows, so some proposals are accepted), other weights random;
+    `switches`: EAGLE 3.1's (fc_norm, norm_output)."""
+    draft = Eagle3Draft.for_target(target, vocab_ids, "tiny", **switches)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in draft.named_parameters():
@@ -117,8 +120,9 @@ def test_sampling_draws_the_tokens_of_plain_sampling_and_cold_sampling_is_greedy
 
 def engine_chain(target, draft: Eagle3Draft, accepted: list[int], root: int, steps: int):
     """What vLLM does from scratch (§2.2, §3): a first pass over the accepted tokens (ids shifted left by one, the
-    root last, positions unchanged), then single-token steps, each feeding the previous pre-norm state and the
-    drafted token (argmax over the draft vocabulary, mapped to target ids) at position + 1, with a growing cache.
+    root last, positions unchanged), then single-token steps, each feeding the previous pre-norm state (post-norm
+    with EAGLE 3.1's norm_output: vLLM 0.32.0 llama_eagle3.py LlamaModel.forward's aux_output) and the drafted
+    token (argmax over the draft vocabulary, mapped to target ids) at position + 1, with a growing cache.
     Returns the drafted tokens and the first pass (its keys/values are the draft cache over `accepted`)."""
     embed = target.get_input_embeddings()
     ids = torch.tensor(accepted)
@@ -135,7 +139,7 @@ def engine_chain(target, draft: Eagle3Draft, accepted: list[int], root: int, ste
             tokens.append(int(draft.to_target_ids(draft.logits(state[0, -1]).argmax())))
             out = draft.layer(
                 embed(torch.tensor([tokens[-1:]])),
-                state,
+                draft.norm(state) if draft.config.norm_output else state,
                 torch.tensor([[len(ids) + step]]),
                 CachedAttention(keys, values, torch.zeros(1, 1, 1, keys.shape[2] + 1)),
             )
@@ -144,13 +148,16 @@ def engine_chain(target, draft: Eagle3Draft, accepted: list[int], root: int, ste
     return tokens, first
 
 
+@pytest.mark.parametrize("switches", ["eagle3", "eagle3.1"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_rank0_chain_and_draft_cache_match_the_engines_from_scratch(arch):
+def test_rank0_chain_and_draft_cache_match_the_engines_from_scratch(arch, switches):
     """After prefill and after several steps of accepting and rejecting: (1) the tokens `propose` puts along the
     tree's rank-0 chain are the engines' chain, (2) the draft cache and root state equal a first pass over the
-    accepted sequence from scratch, so no rejected branch and no drift remains."""
+    accepted sequence from scratch, so no rejected branch and no drift remains. Also for an EAGLE 3.1 draft
+    (fc_norm and norm_output on)."""
     target = chaotic_target(arch, seed=2)
-    draft = random_draft(target, None, seed=3)
+    eagle31 = switches == "eagle3.1"
+    draft = random_draft(target, None, seed=3, fc_norm=eagle31, norm_output=eagle31)
     tree_name = "branching"
     decoder = eagle3_decoder(target, draft, TREES[tree_name])
     tree = decoder.tree

@@ -79,6 +79,8 @@ def engine_params(raw: dict, target_vocab: int, stacked: bool = True) -> dict[st
     }
     if draft_vocab != target_vocab:
         params["draft_id_to_target_id"] = (draft_vocab,)
+    if raw.get("fc_norm", False):  # EAGLE 3.1, vLLM 0.32.0's LlamaModel.__init__: one RMSNorm per aux hidden state
+        params |= {f"model.fc_norm.{i}.weight": (raw.get("target_hidden_size", h),) for i in range(3)}
     return params
 
 
@@ -254,6 +256,24 @@ def test_folder_loads_by_the_engines_rules(tmp_path, targets, arch, draft_ids):
         assert "draft_id_to_target_id" not in vllm.params and sglang.hot_token_id is None
 
 
+def test_an_eagle31_folder_loads_by_vllms_rules_and_back(tmp_path, targets):
+    draft = trained_like(Eagle3Draft.for_target(targets["llama"], DRAFT_IDS, "tiny", fc_norm=True, norm_output=True))
+    folder = saved(tmp_path, draft)
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["fc_norm"] is True and raw["norm_output"] is True
+    state = load_file(str(folder / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items() if k.startswith("fc_norm")} == {
+        f"fc_norm.{i}.weight": (32,) for i in range(3)
+    }
+    vllm = VllmEagle3(folder, VOCAB)
+    assert vllm.missing() == []
+    for i in range(3):
+        assert torch.equal(vllm.params[f"model.fc_norm.{i}.weight"], state[f"fc_norm.{i}.weight"])
+    loaded = Eagle3Draft.load(folder)
+    assert loaded.config.fc_norm and loaded.config.norm_output
+    assert same_tensors(loaded.state_dict(), draft.state_dict())
+
+
 def test_engines_do_not_notice_a_missing_tensor_but_load_does(tmp_path, targets):
     folder = saved(tmp_path, Eagle3Draft.for_target(targets["llama"], DRAFT_IDS, "tiny"))
     state = load_file(str(folder / "model.safetensors"))
@@ -291,8 +311,19 @@ class EngineForward:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """Eagle3LlamaForCausalLM.combine_hidden_states (vLLM 0.32.0): with config fc_norm each of the three aux
+        states is RMS-normed by its own fc_norm.{i} before fc."""
+        if self.raw.get("fc_norm", False):
+            chunks = features.chunk(3, dim=-1)
+            eps = self.raw["rms_norm_eps"]
+            norms = [self.p[f"model.fc_norm.{i}.weight"] for i in range(3)]
+            features = torch.cat([rms_norm(c, w, eps) for c, w in zip(chunks, norms, strict=True)], -1)
+        return features @ self.p["model.fc.weight"].T
+
     def step(self, embeds: torch.Tensor, feature: torch.Tensor, positions: torch.Tensor):
-        """embeds, feature [T, H] -> (logits over the target vocabulary [T, V], next feature [T, H])."""
+        """embeds, feature [T, H] -> (logits over the target vocabulary [T, V], next feature [T, H]:
+        LlamaModel.forward's aux_output, the post-norm state with config norm_output, else the pre-norm one)."""
         p, raw, eps, layer = self.p, self.raw, self.raw["rms_norm_eps"], "model.layers.0."
         nh, nkv, hd = raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]
         x = torch.cat(
@@ -318,14 +349,22 @@ class EngineForward:
             @ p[layer + "mlp.gate_up_proj.weight"].T
         ).chunk(2, -1)
         state = (F.silu(gate) * up) @ p[layer + "mlp.down_proj.weight"].T + residual
-        return self.engine.compute_logits(rms_norm(state, p["model.norm.weight"], eps)), state
+        normed = rms_norm(state, p["model.norm.weight"], eps)
+        return self.engine.compute_logits(normed), normed if raw.get("norm_output", False) else state
 
 
+EAGLE31 = {"eagle3": {}, "fc_norm": {"fc_norm": True}, "norm_output": {"norm_output": True}}
+EAGLE31["eagle3.1"] = EAGLE31["fc_norm"] | EAGLE31["norm_output"]
+
+
+@pytest.mark.parametrize("switches", list(EAGLE31))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_forward_matches_the_engines(tmp_path, targets, arch):
+def test_forward_matches_the_engines(tmp_path, targets, arch, switches):
     target = targets[arch]
-    draft = trained_like(Eagle3Draft.for_target(target, DRAFT_IDS, "tiny"))
+    draft = trained_like(Eagle3Draft.for_target(target, DRAFT_IDS, "tiny", **EAGLE31[switches]))
     folder = saved(tmp_path, draft)
+    raw = json.loads((folder / "config.json").read_text())
+    assert {k: raw[k] for k in ("fc_norm", "norm_output") if k in raw} == EAGLE31[switches]  # only when on
     reference = EngineForward(VllmEagle3(folder, VOCAB))
     draft = Eagle3Draft.load(folder)
     tokens = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
@@ -337,7 +376,7 @@ def test_forward_matches_the_engines(tmp_path, targets, arch):
         embeds = embed(tokens[0, 1:])  # the first pass: ids shifted left by one, positions unchanged (§2.2)
         positions = torch.arange(6)
 
-        ref_logits, ref_state = reference.step(embeds, features @ reference.p["model.fc.weight"].T, positions)
+        ref_logits, ref_state = reference.step(embeds, reference.combine(features), positions)
         out = draft.layer(
             embeds[None],
             draft.combine(features[None]),
@@ -345,7 +384,7 @@ def test_forward_matches_the_engines(tmp_path, targets, arch):
             CachedAttention(None, None, causal_bias(torch.ones(1, 6))),
         )
         torch.testing.assert_close(draft.to_target_logits(draft.logits(out.state))[0], ref_logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.state[0], ref_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(draft.next_feature(out.state)[0], ref_state, rtol=1e-5, atol=1e-5)
         keys, values = out.keys, out.values
 
         # Two chain steps: the drafted token (a target id) and the previous state, one position further each.
@@ -356,7 +395,7 @@ def test_forward_matches_the_engines(tmp_path, targets, arch):
             ref_logits, ref_state = reference.step(embed(token[0]), ref_state[-1:], position)
             out = draft.layer(
                 embed(token),
-                out.state[:, -1:],
+                draft.next_feature(out.state[:, -1:]),
                 position[None],
                 CachedAttention(keys, values, torch.zeros(1, 1, 1, keys.shape[2] + 1)),
             )
@@ -364,7 +403,7 @@ def test_forward_matches_the_engines(tmp_path, targets, arch):
             torch.testing.assert_close(
                 draft.to_target_logits(draft.logits(out.state))[0], ref_logits, rtol=1e-5, atol=1e-5
             )
-            torch.testing.assert_close(out.state[0], ref_state, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(draft.next_feature(out.state)[0], ref_state, rtol=1e-5, atol=1e-5)
 
 
 # ----- the two attention modes agree -----
@@ -557,6 +596,11 @@ CORRUPTIONS = {
     "eagle_config": (lambda f: rewrite_config(f, eagle_config={}), r"unexpected \['eagle_config'\]"),
     "no draft_vocab_size": (lambda f: rewrite_config(f, draft_vocab_size="DELETE"), r"missing \['draft_vocab_size'\]"),
     "tied": (lambda f: rewrite_config(f, tie_word_embeddings=True), "tie_word_embeddings is True"),
+    "fc_norm not a bool": (lambda f: rewrite_config(f, fc_norm="yes"), "fc_norm must be true or false, found 'yes'"),
+    "fc_norm without its norms": (
+        lambda f: rewrite_config(f, fc_norm=True),
+        r"missing tensor\(s\) \['fc_norm.0.weight', 'fc_norm.1.weight', 'fc_norm.2.weight'\]",
+    ),
     "two layers": (lambda f: rewrite_config(f, num_hidden_layers=2), "num_hidden_layers is 2"),
     "Qwen3 arch": (lambda f: rewrite_config(f, architectures=["Qwen3ForCausalLM"]), "architectures is"),
     "vocab mismatch": (lambda f: rewrite_config(f, vocab_size=VOCAB + 1), r"tensor t2d has shape \(96,\)"),

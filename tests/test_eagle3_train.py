@@ -65,11 +65,15 @@ def tokenised(tokenizer, data: Path) -> list[dict[str, list[int]]]:
     return ConversationDataset(load_conversations(str(data)), tokenizer, 96).all_items()
 
 
-def training_model(target, items, size=64, seed=0) -> Eagle3ForTraining:
+def training_model(target, items, size=64, seed=0, **switches: bool) -> Eagle3ForTraining:
     vocab = target.config.vocab_size
     d2t, _ = draft_vocabulary(assistant_token_counts(items, vocab), size)
     torch.manual_seed(seed)
-    draft = Eagle3Draft.for_target(target, draft_vocab_ids(d2t), "x")
+    draft = Eagle3Draft.for_target(target, draft_vocab_ids(d2t), "x", **switches)
+    if switches.get("fc_norm"):  # norms away from 1, so that skipping them would show
+        with torch.no_grad():
+            for norm in draft.fc_norm:
+                norm.weight.uniform_(0.5, 2.0)
     return Eagle3ForTraining(target, draft, step_weights(STEPS, 0.8))
 
 
@@ -125,7 +129,7 @@ def step_by_step_sums(model: Eagle3ForTraining, ids: torch.Tensor, labels: torch
                         break
                     step = draft.layer(
                         embeds[:, t + 1 + j : t + 2 + j],
-                        state,
+                        draft.norm(state) if draft.config.norm_output else state,  # EAGLE 3.1's norm_output
                         torch.tensor([[t + j]]),
                         CachedAttention(keys, values, torch.zeros(1, 1, 1, keys.shape[2] + 1)),
                     )
@@ -151,10 +155,11 @@ def test_target_argmax_is_argmax_with_first_index_ties_across_chunks():
     assert torch.equal(target_argmax(rows, weight, chunk_size=8), expected)
 
 
-def test_ttt_loss_equals_a_step_by_step_recomputation(target, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("eagle31", [False, True], ids=["eagle3", "eagle3.1"])
+def test_ttt_loss_equals_a_step_by_step_recomputation(target, tiny_tokenizer, tmp_path, eagle31):
     items = tokenised(tiny_tokenizer, write_conversations(tmp_path / "data.json", n=3))
     items = [{k: v[:length] for k, v in item.items()} for item, length in zip(items, (40, 27, 33), strict=True)]
-    model = training_model(target, items, size=48)
+    model = training_model(target, items, size=48, fc_norm=eagle31, norm_output=eagle31)
     batch = PadCollator(tiny_tokenizer.pad_token_id)(items)  # padded: the rows differ in length
     with torch.no_grad():
         result = model(**batch)
@@ -239,6 +244,19 @@ def test_train_writes_a_loadable_draft_that_learns(tmp_path, tiny_tokenizer, arc
         losses = [row["loss"] for row in metrics["train"][str(j)]]
         assert losses[-1] < losses[0] * 0.9, (arch, j, losses)
     assert "train_loss" in metrics["final"]
+
+
+def test_train_writes_eagle31_switches_the_engines_read(tmp_path, target_dir):
+    data = write_conversations(tmp_path / "data.json", n=8)
+    flags = eagle3_flags(target_dir, data, tmp_path / "out", "--num_train_epochs", "3", "--save_strategy", "no",
+                         "--eagle3_fc_norm", "True", "--eagle3_norm_output", "True")  # fmt: skip
+    out = run_train(parse_args(flags))
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["fc_norm"] is True and raw["norm_output"] is True
+    draft = Eagle3Draft.load(out)
+    assert draft.config.fc_norm and draft.config.norm_output
+    assert all(not torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in draft.fc_norm)  # trained
+    assert "EAGLE 3.1" in (out / "README.md").read_text()
 
 
 def test_falls_back_to_per_batch_features_when_the_cache_does_not_fit(tmp_path, target_dir, monkeypatch, caplog):

@@ -52,7 +52,8 @@ USER_PROMPTS = [
     "How do I reverse a list in Python?",
     "Summarise the plot of Hamlet.",
 ]
-METHODS = {"eagle3": "eagle3", "medusa": "medusa"}  # our kind -> vLLM's "method"
+# Our draft (an EAGLE 3.1 draft: EAGLE-3 with fc_norm and norm_output, which vLLM 0.32.0 reads) -> vLLM's "method"
+METHODS = {"eagle3": "eagle3", "eagle3.1": "eagle3", "medusa": "medusa"}
 
 
 def tolerance(steps: int) -> int:
@@ -106,6 +107,8 @@ def drafts(work, target) -> dict[str, Path]:
     ]  # fmt: skip
     kinds = {
         "eagle3": ["--draft_kind", "eagle3", "--eagle3_ttt_steps", str(K), "--num_train_epochs", "3"],
+        "eagle3.1": ["--draft_kind", "eagle3", "--eagle3_ttt_steps", str(K), "--num_train_epochs", "3",
+                     "--eagle3_fc_norm", "True", "--eagle3_norm_output", "True"],
         "medusa": ["--medusa_num_heads", str(K), "--medusa_num_layers", "1", "--num_train_epochs", "4"],
     }
     exports = {}
@@ -142,14 +145,17 @@ def served(vllm_python, work, target, drafts):
         yield runs, {name: client.url for name, client in clients.items()}
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
-def test_vllm_serves_our_export_losslessly_and_accepts_what_our_decoder_counts(kind, work, target, served):
+@pytest.mark.parametrize("kind", list(METHODS))
+def test_vllm_serves_our_export_losslessly_and_accepts_what_our_decoder_counts(kind, work, target, drafts, served):
     runs, urls = served
     replies, counters = runs[kind]
     plain, plain_counters = runs["plain"]
     log = (work / f"{kind}.log").read_text()
-    if kind == "eagle3":  # vLLM took the export for what it is: its EAGLE-3 Llama, sharing the target's embedding
+    if METHODS[kind] == "eagle3":  # vLLM took the export for what it is: its EAGLE-3 Llama (shares the embedding)
         assert "Resolved architecture: LlamaForCausalLMEagle3" in log
+    if kind == "eagle3.1":  # and the switches went with it
+        assert {k: v for k, v in json.loads((drafts[kind] / "config.json").read_text()).items()
+                if k in ("fc_norm", "norm_output")} == {"fc_norm": True, "norm_output": True}  # fmt: skip
     assert plain_counters.drafts == 0
     # Lossless: the draft changes nothing in what vLLM answers.
     assert [r.prompt_ids for r in replies] == [r.prompt_ids for r in plain]

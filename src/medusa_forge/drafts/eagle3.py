@@ -91,7 +91,11 @@ class Eagle3Kind(DraftKind):
     def report_rows(self, draft_config: dict[str, Any], setting: Callable[[str], Any]) -> list[tuple[str, str]]:
         layers, vocabulary = draft_config.get("num_hidden_layers"), draft_config.get("draft_vocab_size")
         steps = setting("eagle3_ttt_steps")
-        return [("Draft layers x vocabulary", f"{layers} x {vocabulary} tokens; {steps} training-time-test steps")]
+        switches = [key for key in layout.EAGLE31_SWITCHES if draft_config.get(key)]
+        eagle31 = f"; EAGLE 3.1: {', '.join(switches)}" if switches else ""
+        return [
+            ("Draft layers x vocabulary", f"{layers} x {vocabulary} tokens; {steps} training-time-test steps{eagle31}")
+        ]
 
     def training_facts(self, config: Any) -> dict[str, str]:
         return {

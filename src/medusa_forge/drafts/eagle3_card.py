@@ -95,6 +95,7 @@ def _draft_rows(
             "lm_head; token embeddings are the target's (frozen, not stored)",
         ),
         ("Draft vocabulary", vocabulary),
+        *([("EAGLE 3.1", eagle31_switches(config))] if config.fc_norm or config.norm_output else []),
         ("Weights", f"`{config.torch_dtype}` (`model.safetensors`, the engines' names)"),
         *facts.items(),
     ]
@@ -143,3 +144,13 @@ medusa-forge generate --draft draft --model {base_flag} --prompt "Explain KV cac
 medusa-forge serve --draft draft --model {base_flag}
 ```
 """
+
+
+def eagle31_switches(config: Eagle3Config) -> str:
+    """What EAGLE 3.1's switches (config.json `fc_norm`, `norm_output`) make the draft do, for cards and reports."""
+    parts = []
+    if config.fc_norm:
+        parts.append("`fc_norm`: each feature layer RMS-normalised before `fc`")
+    if config.norm_output:
+        parts.append("`norm_output`: each step feeds the next its post-norm state")
+    return "; ".join(parts) or "off"

@@ -31,6 +31,7 @@ FIXED_CONFIG = {
     "tie_word_embeddings": False,  # SGLang would tie lm_head to the V x H embedding
     "attention_bias": False,  # ignored by SGLang, so a bias would make the engines disagree
 }
+EAGLE31_SWITCHES = ("fc_norm", "norm_output")  # optional config keys, absent = off (Eagle3Config)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,6 +89,12 @@ class Eagle3Config:
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # EAGLE 3.1's switches (arXiv 2605.09992), read by vLLM's llama_eagle3.py (0.32.0's CPU build already has them)
+    # as `getattr(config, "fc_norm" / "norm_output", False)`: written only when on, so a plain draft's config.json
+    # stays what every engine version reads. fc_norm: an RMSNorm per feature layer before `fc` (weights
+    # fc_norm.{i}.weight); norm_output: the next step is fed the post-norm state instead of the pre-norm one.
+    fc_norm: bool = False
+    norm_output: bool = False
 
     @classmethod
     def for_target(
@@ -96,8 +103,11 @@ class Eagle3Config:
         draft_vocab_size: int,
         base_model_name_or_path: str,
         intermediate_size: int | None = None,
+        fc_norm: bool = False,
+        norm_output: bool = False,
     ) -> Eagle3Config:
-        """Sizes from the target's text config (Llama, Qwen2/3, Mistral, Gemma ...): one layer of its shape."""
+        """Sizes from the target's text config (Llama, Qwen2/3, Mistral, Gemma ...): one layer of its shape; EAGLE
+        3.1's switches as given."""
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         heads = text.num_attention_heads
         vocab = text.vocab_size
@@ -115,10 +125,12 @@ class Eagle3Config:
             vocab_size=vocab,
             draft_vocab_size=draft_vocab_size,
             base_model_name_or_path=base_model_name_or_path,
+            fc_norm=fc_norm,
+            norm_output=norm_output,
         )
 
     def to_json(self) -> dict:
-        raw = asdict(self)
+        raw = {k: v for k, v in asdict(self).items() if k not in EAGLE31_SWITCHES or v}
         first = ("architectures", "model_type")  # where a reader looks first
         return {k: raw[k] for k in first} | {k: v for k, v in raw.items() if k not in first}
 
@@ -126,13 +138,16 @@ class Eagle3Config:
     def from_json(cls, raw: dict, where: str) -> Eagle3Config:
         """Exactly our keys, the fixed values the engines need, and integer sizes; errors name the file."""
         keys = set(cls.__dataclass_fields__)
-        missing, extra = sorted(keys - set(raw)), sorted(set(raw) - keys)
+        missing, extra = sorted(keys - set(raw) - set(EAGLE31_SWITCHES)), sorted(set(raw) - keys)
         if missing or extra:
             raise UserError(
                 f"{where} is not an EAGLE-3 draft config written by medusa-forge: "
                 + "; ".join(p for p in (missing and f"missing {missing}", extra and f"unexpected {extra}") if p)
-                + " (extra keys such as eagle_config or norm_output change what the engines compute)"
+                + " (extra keys such as eagle_config or norm_before_fc change what the engines compute)"
             )
+        for key in EAGLE31_SWITCHES:
+            if not isinstance(raw.get(key, False), bool):
+                raise UserError(f"{where}: {key} must be true or false, found {raw[key]!r}")
         for key, value in FIXED_CONFIG.items():
             if raw[key] != value:
                 raise UserError(f"{where}: {key} is {raw[key]!r}; vLLM and SGLang need {value!r}")
@@ -188,6 +203,8 @@ class Eagle3Config:
         }
         if self.draft_vocab_size != self.vocab_size:
             shapes["d2t"] = (self.draft_vocab_size,)  # vLLM raises on a d2t when V_d == V (§1.3)
+        if self.fc_norm:
+            shapes |= {f"fc_norm.{i}.weight": (h,) for i in range(3)}  # one per feature layer, before fc
         return shapes
 
 

@@ -196,7 +196,7 @@ class Eagle3Drafter:
                 cached_values = state.values if values is None else torch.cat([state.values, values], dim=2)
                 out = draft.layer(
                     self.embed(tokens[runs])[None],
-                    states[level.parents][None],
+                    draft.next_feature(states[level.parents])[None],
                     torch.full((1, count), position, device=self.device),
                     CachedAttention(cached_keys, cached_values, bias[None, None]),
                 )
@@ -249,7 +249,7 @@ def score_eagle3_samples(
             tokens = torch.cat([embeds[:, j:], embeds.new_zeros(1, min(j, length), embeds.shape[-1])], dim=1)
             step = draft.layer(tokens[:, :length], feature, positions + j - 1, attention)
             attention = attention.after(step.keys, step.values)
-            feature = step.state
+            feature = draft.next_feature(step.state)
             scored = length - 1 - j  # indices t with t+1+j inside the sequence
             if scored <= 0:
                 break

@@ -165,6 +165,10 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
+        # EAGLE 3.1: each feature layer normalised on its own before fc (vLLM's combine_hidden_states)
+        self.fc_norm = (
+            nn.ModuleList(LlamaRMSNorm(h, eps=config.rms_norm_eps) for _ in range(3)) if config.fc_norm else None
+        )
         self.fc = nn.Linear(3 * h, h, bias=False)
         self.midlayer = Eagle3Layer(config)
         self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
@@ -180,7 +184,15 @@ class Eagle3Draft(nn.Module):
 
     def combine(self, features: torch.Tensor) -> torch.Tensor:
         """[..., 3 H_t] target features (`target_features`) -> [..., H], the first step's feature."""
+        if self.fc_norm is not None:
+            chunks = features.chunk(len(self.fc_norm), dim=-1)
+            features = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks, strict=True)], dim=-1)
         return self.fc(features)
+
+    def next_feature(self, state: torch.Tensor) -> torch.Tensor:
+        """The feature the next step reads from this step's output `state`: the state itself, or with EAGLE 3.1's
+        norm_output the post-norm state (vLLM's `aux_output`); `logits` reads the pre-norm state either way."""
+        return self.norm(state) if self.config.norm_output else state
 
     def layer(
         self,
@@ -222,17 +234,21 @@ class Eagle3Draft(nn.Module):
         draft_vocab_ids: torch.Tensor | None,
         base_model_name_or_path: str,
         intermediate_size: int | None = None,
+        fc_norm: bool = False,
+        norm_output: bool = False,
     ) -> Eagle3Draft:
         """Fresh float32 draft for `target` over the given ascending target ids (None: the whole vocabulary).
         lm_head starts as the target's lm_head rows of those ids (a sensible first guess, since norm(state)
         plays the part of the target's final hidden state); norms at 1; other weights normal(0,
-        initializer_range) as HF initialises Llama."""
+        initializer_range) as HF initialises Llama. `fc_norm`, `norm_output`: EAGLE 3.1's switches (Eagle3Config)."""
         lm_head = target.get_output_embeddings()
         if lm_head is None or getattr(lm_head, "weight", None) is None:
             raise UserError(f"{type(target).__name__} has no output embedding (lm_head) to start the draft from")
         vocab = target.config.get_text_config().vocab_size
         ids = torch.arange(vocab) if draft_vocab_ids is None else torch.as_tensor(draft_vocab_ids).flatten()
-        config = Eagle3Config.for_target(target.config, len(ids), base_model_name_or_path, intermediate_size)
+        config = Eagle3Config.for_target(
+            target.config, len(ids), base_model_name_or_path, intermediate_size, fc_norm, norm_output
+        )
         if lm_head.weight.shape != (vocab, config.hidden_size):
             shape = (vocab, config.hidden_size)
             raise UserError(f"target lm_head is {tuple(lm_head.weight.shape)}, expected {shape}")

@@ -77,7 +77,9 @@ def new_training_module(
         d2t, _ = draft_vocabulary(assistant_token_counts(token_items(), vocab), size)
         ids = draft_vocab_ids(d2t)
     set_seed(config.seed)  # the draft's random initial weights are the same on every rank and every run
-    draft = Eagle3Draft.for_target(base, ids, base_path, config.eagle3_intermediate_size).to(base.device)
+    draft = Eagle3Draft.for_target(
+        base, ids, base_path, config.eagle3_intermediate_size, config.eagle3_fc_norm, config.eagle3_norm_output
+    ).to(base.device)
     weights = step_weights(config.eagle3_ttt_steps, config.eagle3_step_decay)
     return Eagle3ForTraining(base, draft, weights, chunk_size=config.medusa_loss_chunk_size)
 
@@ -195,7 +197,7 @@ class Eagle3ForTraining(nn.Module):
             shift = 1 + j  # index t reads token t+shift and the target's state there; it predicts t+shift+1
             out = draft.layer(shift_left(embeds, shift), feature, positions + j, attention)
             attention = attention.after(out.keys, out.values)
-            feature = out.state
+            feature = draft.next_feature(out.state)
             n = length - 1 - shift  # indices t whose target position t+shift is <= T-2
             if n <= 0:
                 continue

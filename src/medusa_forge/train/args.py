@@ -99,6 +99,19 @@ class TrainConfig(TrainingArguments):
             "turns (d2t/t2d maps in the draft folder; the engines read them). 0 = the whole vocabulary."
         },
     )
+    eagle3_fc_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "EAGLE 3.1: an RMSNorm per target feature layer before fc (config.json fc_norm; vLLM reads it)."
+        },
+    )
+    eagle3_norm_output: bool = field(
+        default=False,
+        metadata={
+            "help": "EAGLE 3.1: each draft step feeds the next its post-norm state (config.json norm_output; vLLM "
+            "reads it)."
+        },
+    )
     eagle3_intermediate_size: int | None = field(
         default=None, metadata={"help": "The draft layer's MLP width (default: the target's)."}
     )
