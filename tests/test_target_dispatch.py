@@ -6,6 +6,9 @@ gives the same losses step for step."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,26 @@ def test_a_budget_smaller_than_the_embeddings_is_refused(tiny_model_dir, tmp_pat
     placement = TargetPlacement(torch.device("cpu"), {"cpu": 1000}, str(tmp_path))
     with pytest.raises(UserError, match="--target_max_memory: cpu must hold at least the target's embeddings"):
         load_base_model(str(tiny_model_dir), placement=placement)
+
+
+def test_two_gloo_ranks_each_with_a_dispatched_target_train_as_with_the_whole_one(tmp_path, tiny_model_dir):
+    """torchrun, 2 ranks, each with its own dispatched target (a 70B target on two 8-GPU nodes runs so: every rank's
+    target over its share of its node's GPUs): the same losses as 2 ranks with the whole target."""
+    data = write_conversations(tmp_path / "data.json", n=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    placement = ["--target_device_map", "auto", "--target_max_memory", f"cpu={split_budget(tiny_model_dir)}",
+                 "--target_offload_folder", str(tmp_path / "offload")]  # fmt: skip
+    runs = {}
+    for name, extra in (("whole", []), ("dispatched", placement)):
+        out = tmp_path / name
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+            "medusa_forge.train", "--model_name_or_path", str(tiny_model_dir), "--data_path", str(data),
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "2", "--logging_steps", "1",
+            "--seed", "0", "--disable_tqdm", "True", "--save_strategy", "no", "--medusa_hidden_cache", "False",
+            "--draft_kind", "eagle3", "--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64", *extra,
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = losses(out)
+    assert runs["dispatched"] == runs["whole"] and all(len(v) == 2 for v in runs["whole"].values())
