@@ -9,9 +9,9 @@ memory (GPU: torch's peak allocated; CPU: the process's peak RSS, VmHWM, reset b
         --train-flags "--medusa_num_heads 1 --medusa_freeze_projection True --eagle3_intermediate_size 2048"
     python bench/scale.py --layers 32 --bf16 --ranks 1            # a CUDA device: the whole 8B shape
 
-Each rank count is one `torchrun --standalone` launch of this script as workers (gloo on the CPU, nccl on GPUs: the
-Trainer's choice), so memory is per process; peaks are reset between phases and kinds. Every rank loads the whole
-target once (as `train` does today), then per kind builds the cache of its own share (rank r takes sequences r, r+R,
+Each (rank count, kind) is one `torchrun --standalone` launch of this script as workers (gloo on the CPU, nccl on
+GPUs: the Trainer's choice), so memory is per process and per kind; peaks are reset between the phases. Every rank
+loads the whole target (as `train` does today), builds the cache of its own share (rank r takes sequences r, r+R,
 ...) and trains from it for --steps optimizer steps; training tokens/s is batch x length / the median step time
 over steps after the first (warm-up). --layers N keeps only the first N decoder layers where memory forbids 32
 (2 layers fp32 = 6 GB per rank: the embeddings and lm_head alone are 1.05B weights). Sequences are random token
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_ca
 from medusa_forge.train.trainer import MedusaTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import LLAMA3_8B, TINY_SHAPE, random_llama  # noqa: E402  (one 8B shape, one way to draw weights)
+from gpu_check import LLAMA3_8B, TINY_SHAPE, print_scale_rows, random_llama  # noqa: E402  (shared with the GPU check)
 
 SCRIPT = Path(__file__).resolve()
 COMPLETE = "complete.json"  # written last into a target folder: the weights there are whole
@@ -127,14 +126,12 @@ class StepTimer(TrainerCallback):
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of one launch: load the target once, then per kind build the cache of this rank's share and train
-    --steps steps from it; write this rank's figures to --results/rank{R}.json."""
+    """One rank of one launch (one kind: `launch` gives it): load the target, build the cache of this rank's share,
+    train --steps steps from it; write this rank's figures to --results/rank{R}.json."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    work = Path(args.work)
-    runs = work / "runs"
-    configs = {kind: parse_args(train_flags(args, kind, runs / f"{world}-{kind}-{rank}")) for kind in args.kinds}
-    config = configs[args.kinds[0]]  # under torchrun: joined the process group (gloo on the CPU, nccl on GPUs)
-    device = config.device
+    work, kind = Path(args.work), args.kinds[0]
+    config = parse_args(train_flags(args, kind, work / "runs" / f"{world}-{kind}-{rank}"))
+    device = config.device  # under torchrun: joined the process group (gloo on the CPU, nccl on GPUs)
     dtype = torch.bfloat16 if config.bf16 else torch.float32  # as `train` loads the target
     start = time.perf_counter()
     base = load_base_model(args.target, dtype=dtype).to(device)
@@ -142,58 +139,54 @@ def worker(args: argparse.Namespace) -> None:
     loaded_gib = peak_gib(device)
     items = random_items(world * args.sequences_per_rank, args.length, base.config.vocab_size)
     share = items[rank::world]
-    rows = []
-    for kind, config in configs.items():
-        root = work / "cache" / f"{world}-{rank}"
-        shutil.rmtree(root, ignore_errors=True)  # a reused cache would time nothing
-        reset_peak(device)
-        start = time.perf_counter()
-        cache = build_hidden_cache(base, share, root, kind=kind)
-        frozen_seconds = time.perf_counter() - start
-        frozen_peak = peak_gib(device)
-        frozen_tokens = sum(len(item["input_ids"]) for item in share)
 
-        model = get_kind(kind).training_module(base, config, args.target, lambda: items)
-        timer = StepTimer(device)
-        trainer = MedusaTrainer(
-            model=model,
-            args=config,
-            train_dataset=CachedHiddenDataset(share, cache),
-            data_collator=PadCollator(0, args.length),
-            callbacks=[timer],
-        )
-        reset_peak(device)
-        trainer.train()
-        training_peak = peak_gib(device)
-        del trainer, model  # the next kind's peak starts from the target alone
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        steps = timer.seconds[1:] or timer.seconds  # the first step warms up (allocations, kernel choice)
-        step_seconds = statistics.median(steps)
-        tokens_per_step = args.batch * args.length * config.gradient_accumulation_steps
-        rows.append({
-            "rank": rank,
-            "world_size": world,
-            "kind": kind,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(),
-            "load_seconds": round(load_seconds, 2),
-            "loaded_gib": loaded_gib,
-            "frozen_tokens": frozen_tokens,
-            "frozen_seconds": round(frozen_seconds, 3),
-            "frozen_tokens_per_s": round(frozen_tokens / frozen_seconds, 1),
-            "frozen_peak_gib": frozen_peak,
-            "training_steps": len(timer.seconds),
-            "training_tokens_per_step": tokens_per_step,
-            "training_step_seconds": round(step_seconds, 4),
-            "training_tokens_per_s": round(tokens_per_step / step_seconds, 1),
-            "training_peak_gib": training_peak,
-        })  # fmt: skip
+    root = work / "cache" / f"{world}-{rank}"
+    shutil.rmtree(root, ignore_errors=True)  # a reused cache would time nothing
+    reset_peak(device)
+    start = time.perf_counter()
+    cache = build_hidden_cache(base, share, root, kind=kind)
+    frozen_seconds = time.perf_counter() - start
+    frozen_peak = peak_gib(device)
+    frozen_tokens = sum(len(item["input_ids"]) for item in share)
+    print(f"rank {rank}/{world} {kind}: frozen pass, {frozen_tokens} tokens in {frozen_seconds:.1f} s", flush=True)
+
+    model = get_kind(kind).training_module(base, config, args.target, lambda: items)
+    timer = StepTimer(device)
+    trainer = MedusaTrainer(
+        model=model,
+        args=config,
+        train_dataset=CachedHiddenDataset(share, cache),
+        data_collator=PadCollator(0, args.length),
+        callbacks=[timer],
+    )
+    reset_peak(device)
+    trainer.train()
+    training_peak = peak_gib(device)
+    steps = timer.seconds[1:] or timer.seconds  # the first step warms up (allocations, kernel choice)
+    step_seconds = statistics.median(steps)
+    tokens_per_step = args.batch * args.length * config.gradient_accumulation_steps
+    row = {
+        "rank": rank,
+        "world_size": world,
+        "kind": kind,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "load_seconds": round(load_seconds, 2),
+        "loaded_gib": loaded_gib,
+        "frozen_tokens": frozen_tokens,
+        "frozen_seconds": round(frozen_seconds, 3),
+        "frozen_tokens_per_s": round(frozen_tokens / frozen_seconds, 1),
+        "frozen_peak_gib": frozen_peak,
+        "training_steps": len(timer.seconds),
+        "training_tokens_per_step": tokens_per_step,
+        "training_step_seconds": round(step_seconds, 4),
+        "training_tokens_per_s": round(tokens_per_step / step_seconds, 1),
+        "training_peak_gib": training_peak,
+    }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"rank{rank}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (results / f"rank{rank}.json").write_text(json.dumps(row, indent=1) + "\n")
 
 
 def train_flags(args: argparse.Namespace, kind: str, output_dir: Path) -> list[str]:
@@ -210,13 +203,14 @@ def train_flags(args: argparse.Namespace, kind: str, output_dir: Path) -> list[s
 # -- the launches and the table --------------------------------------------------------------------------------
 
 
-def launch(args: argparse.Namespace, target: Path, ranks: int) -> list[dict]:
-    """One torchrun launch of `ranks` workers; their figures, by kind then rank."""
-    results = Path(args.work) / "results" / str(ranks)
+def launch(args: argparse.Namespace, target: Path, ranks: int, kind: str) -> list[dict]:
+    """One torchrun launch of `ranks` workers for `kind` (its own processes: the peaks are the kind's alone); their
+    figures, by rank. Their output streams through."""
+    results = Path(args.work) / "results" / f"{ranks}-{kind}"
     shutil.rmtree(results, ignore_errors=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", str(SCRIPT),
-        "--worker", "--target", str(target), "--kinds", ",".join(args.kinds), "--results", str(results),
+        "--worker", "--target", str(target), "--kinds", kind, "--results", str(results),
         "--work", args.work, "--sequences-per-rank", str(args.sequences_per_rank), "--length", str(args.length),
         "--batch", str(args.batch), "--steps", str(args.steps), "--train-flags", args.train_flags,
         *(["--bf16"] if args.bf16 else []),
@@ -224,22 +218,11 @@ def launch(args: argparse.Namespace, target: Path, ranks: int) -> list[dict]:
     env = dict(os.environ)
     if not torch.cuda.is_available():  # the CPU's cores shared out between the ranks
         env["OMP_NUM_THREADS"] = str(max(1, (args.threads or os.cpu_count() or 1) // ranks))
-    print(f"[{ranks} rank(s)] {' '.join(command)}", flush=True)
-    done = subprocess.run(command, env=env, capture_output=not args.verbose, text=True)
+    print(f"[{ranks} rank(s), {kind}] {' '.join(command)}", flush=True)
+    done = subprocess.run(command, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{ranks} rank(s): exit {done.returncode}\n{(done.stderr or '')[-4000:]}")
-    by_rank = [json.loads((results / f"rank{r}.json").read_text()) for r in range(ranks)]
-    rows = [row for rank_rows in by_rank for row in rank_rows]
-    return sorted(rows, key=lambda row: (args.kinds.index(row["kind"]), row["rank"]))
-
-
-def print_table(rows: list[dict]) -> None:
-    print("| ranks | kind | rank | frozen pass tokens/s | training tokens/s | peak GiB frozen / training | threads |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['world_size']} | {r['kind']} | {r['rank']} | {r['frozen_tokens_per_s']:.0f} | "
-              f"{r['training_tokens_per_s']:.0f} | {r['frozen_peak_gib']} / {r['training_peak_gib']} | "
-              f"{r['threads']} |")  # fmt: skip
+        raise RuntimeError(f"{ranks} rank(s), {kind}: the workers exited with {done.returncode} (output above)")
+    return [json.loads((results / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -257,7 +240,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads shared by the ranks (0: all cores).")
     parser.add_argument("--work", default="scale-work", help="Target, caches and per-rank results go here.")
     parser.add_argument("--out", default="scale.json", help="Where the JSON of every figure is written.")
-    parser.add_argument("--verbose", action="store_true", help="Show the workers' output.")
     # a worker's own flags (set by `launch`)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -293,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     target = make_target(Path(args.work) / "target", shape, layers, dtype)
     target_seconds = time.perf_counter() - start
-    rows = [row for ranks in args.ranks for row in launch(args, target, ranks)]
+    rows = [row for ranks in args.ranks for kind in args.kinds for row in launch(args, target, ranks, kind)]
     report = {
         "machine": {
             "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -320,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     report = run(args)
-    print_table(report["rows"])
+    print_scale_rows(report["rows"])
     print(f"wrote {args.out} ({report['seconds']} s)")
     return 0
 
