@@ -664,12 +664,13 @@ def part_scale(args: argparse.Namespace, device: torch.device) -> dict:
 
 def print_scale_rows(rows: list[dict]) -> None:
     """bench/scale.py's table (its rows: one per rank and kind)."""
-    print("| ranks | kind | rank | frozen pass tokens/s | training tokens/s | peak GiB frozen / training | threads |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ranks | kind | rank | frozen pass tokens/s | cache key s | training tokens/s | peak GiB frozen / training "
+          "| threads |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['world_size']} | {r['kind']} | {r['rank']} | {r['frozen_tokens_per_s']:.0f} | "
-              f"{r['training_tokens_per_s']:.0f} | {r['frozen_peak_gib']} / {r['training_peak_gib']} | "
-              f"{r['threads']} |")  # fmt: skip
+              f"{r['cache_key_seconds']:.1f} | {r['training_tokens_per_s']:.0f} | {r['frozen_peak_gib']} / "
+              f"{r['training_peak_gib']} | {r['threads']} |")  # fmt: skip
 
 
 # -- the table -----------------------------------------------------------------------------------------------
