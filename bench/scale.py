@@ -6,8 +6,9 @@ from that cache (the kind's training module in `MedusaTrainer`, DDP over the ran
 of the frozen pass and of training, and peak memory (GPU: torch's peak allocated; CPU: the process's peak RSS,
 VmHWM, reset between phases).
 
-    python bench/scale.py --layers 2 --ranks 1,2 --sequences-per-rank 8 --length 128 --steps 4 \
-        --train-flags "--medusa_num_heads 1 --medusa_freeze_projection True --eagle3_intermediate_size 2048"
+    python bench/scale.py --layers 2 --ranks 1,2 --sequences-per-rank 8 --length 128 --batch 2 --steps 4 \
+        --train-flags "--medusa_num_heads 1 --medusa_freeze_projection True --eagle3_intermediate_size 1024 \
+                       --eagle3_draft_vocab_size 2048 --eagle3_ttt_steps 2"   # a 24 GB CPU box: ~10 GB per rank
     python bench/scale.py --layers 32 --bf16 --ranks 1            # a CUDA device: the whole 8B shape
 
 Each (rank count, kind) is one `torchrun --standalone` launch of this script as workers (gloo on the CPU, nccl on
