@@ -154,7 +154,7 @@ def test_scale_part_runs_the_frozen_pass_and_training_of_both_kinds_on_one_rank(
     rows = {(r["kind"], r["world_size"], r["rank"]): r for r in part["rows"]}
     assert set(rows) == {("medusa", 1, 0), ("eagle3", 1, 0)}
     for r in rows.values():
-        assert r["device"] == "cpu" and r["frozen_tokens"] == 2 * 64  # --sequences-per-rank 2, --length 64
+        assert r["device"].startswith("cpu") and r["frozen_tokens"] == 2 * 64  # --sequences-per-rank 2, --length 64
         assert r["frozen_tokens_per_s"] > 0 and r["training_tokens_per_s"] > 0
         assert r["training_steps"] == 2 and r["training_tokens_per_step"] == 64
         assert r["loaded_gib"] > 0 and r["frozen_peak_gib"] > 0 and r["training_peak_gib"] > 0
