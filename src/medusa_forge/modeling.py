@@ -133,7 +133,7 @@ def target_device_map(path: str, dtype: torch.dtype, placement: TargetPlacement)
         raise UserError(
             f"--target_max_memory: {first} must hold at least the target's embeddings and lm_head "
             f"({pinned_bytes / 2**30:.2f} GiB; the draft reads them there), it is given "
-            f"{budget.get(first, 0) / 2**30:.2f} GiB"
+            f"{budget.get(first, 0) / 2**30:.2f} GiB (the flag's value, else what is free there)"
         )
     budget[first] -= pinned_bytes
     for name in pinned:  # placed below, already counted: out of the inference's way
