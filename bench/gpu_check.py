@@ -16,9 +16,14 @@ project's own dependencies (torch, transformers, accelerate for the Trainer).
    optimizer; the Trainer's optimizer and bfloat16 autocast) of 3 Medusa heads and of an EAGLE-3 draft, over
    the whole vocabulary and over a draft vocabulary.
 
-Run (sized for under 8 minutes on one H100/H200, not yet timed on one; exit status 1 when a float32 exactness
+4. Scale (issue 24): `bench/scale.py` with one rank on the device: the whole Llama-3.1-8B shape (32 layers, random
+   bfloat16 weights written to disk as safetensors and loaded back by `train`'s loader), the frozen pass that builds
+   the hidden-state cache, and training steps of 3 Medusa heads and of an EAGLE-3 draft from it (train's defaults):
+   tokens/s of each and peak memory. Sized for under 3 minutes on an H200 (writing and reading 16 GB included).
+
+Run (parts 1-3 sized for under 8 minutes on one H100/H200, not yet timed on one; exit status 1 when a float32 exactness
 check fails, 3 when a part raised: its traceback goes to the JSON and the other parts still run):
-    python bench/gpu_check.py [--device cuda] [--parts 1,2,3] [--out gpu_check.json]
+    python bench/gpu_check.py [--device cuda] [--parts 1,2,3,4] [--out gpu_check.json]
         [--medusa-accepted 16:1.70] [--eagle3-accepted 8:1.75]
 On a GPU machine whose Python has torch, transformers, accelerate, tokenizers and safetensors but not this package,
 nothing needs installing: `PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/gpu_check.py` from the repository root
@@ -35,8 +40,10 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -629,6 +636,43 @@ def throughput_row(
     return row
 
 
+# -- part 4: scale ------------------------------------------------------------------------------------------
+
+# bench/scale.py's settings on the device: the whole 8B shape in bfloat16; 64k tokens through the frozen pass, 8
+# training steps of 4 x 1024 tokens per kind. --tiny: the tests' run, seconds on a CPU.
+SCALE_FLAGS = ["--layers", "32", "--bf16", "--sequences-per-rank", "64", "--length", "1024", "--batch", "4",
+               "--steps", "8"]  # fmt: skip
+SCALE_TINY_FLAGS = ["--tiny", "--sequences-per-rank", "2", "--length", "64", "--batch", "1", "--steps", "2"]
+
+
+def part_scale(args: argparse.Namespace, device: torch.device) -> dict:
+    """bench/scale.py with one rank (a torchrun launch of its workers) on `device` (on a GPU machine: the first
+    visible GPU); its report."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-scale-") as work:
+        out = Path(work) / "scale.json"
+        command = [sys.executable, str(Path(__file__).with_name("scale.py")), "--ranks", "1", "--work", work,
+                   "--out", str(out), *(SCALE_TINY_FLAGS if args.tiny else SCALE_FLAGS)]  # fmt: skip
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        # One rank: torchrun gives it the first visible GPU; on the CPU none may be visible.
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device.type == "cpu" else {})}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench/scale.py exit {done.returncode}: {(done.stdout + done.stderr)[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def print_scale_rows(rows: list[dict]) -> None:
+    """bench/scale.py's table (its rows: one per rank and kind)."""
+    print("| ranks | kind | rank | frozen pass tokens/s | cache key s | training tokens/s | peak GiB frozen / training "
+          "| threads |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['world_size']} | {r['kind']} | {r['rank']} | {r['frozen_tokens_per_s']:.0f} | "
+              f"{r['cache_key_seconds']:.1f} | {r['training_tokens_per_s']:.0f} | {r['frozen_peak_gib']} / "
+              f"{r['training_peak_gib']} | {r['threads']} |")  # fmt: skip
+
+
 # -- the table -----------------------------------------------------------------------------------------------
 
 
@@ -661,6 +705,10 @@ def print_part(number: str, result: dict) -> None:
         for r in result["model"]:
             print(f"MODEL ({r['label']}): {r['draft']} {r['nodes']} nodes, {r['accepted']} accepted / "
                   f"{r['step_over_plain']:.3f} step cost = {r['speed_up']:.2f}x")  # fmt: skip
+    elif number == "4":
+        print(f"{result['shape']['layers']} layers of the 8B shape, {result['dtype']}, target written and read back "
+              f"in {result['target_seconds']} s")  # fmt: skip
+        print_scale_rows(result["rows"])
     else:
         print("| draft | vocabulary | step ms | tokens/s | peak GiB |")
         print("|---|---|---|---|---|")
@@ -675,6 +723,7 @@ PARTS = {
     "1": ("correctness", part_correctness),
     "2": ("tree cost", part_tree_cost),
     "3": ("head-training throughput", part_training_throughput),
+    "4": ("scale", part_scale),
 }
 
 
@@ -682,7 +731,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cuda, cuda:1, cpu")
     parser.add_argument("--tiny", action="store_true", help="Tiny shapes in parts 2 and 3 (the test suite's run).")
-    parser.add_argument("--parts", default="1,2,3", help="Which parts to run, e.g. 2 or 1,3.")
+    parser.add_argument("--parts", default="1,2,3,4", help="Which parts to run, e.g. 2 or 1,3.")
     parser.add_argument("--out", default="gpu_check.json", help="Where the JSON of every figure is written.")
     parser.add_argument("--sizes", default=",".join(map(str, TREE_SIZES)), help="Tree sizes (nodes) of part 2.")
     parser.add_argument("--prefix", type=int, default=256, help="Cached tokens before each timed step (part 2).")
@@ -709,7 +758,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)  # fmt: skip
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not args.parts or any(p not in PARTS for p in args.parts):
-        parser.error(f"--parts {','.join(args.parts)}: choose from 1, 2, 3 (comma-separated)")
+        parser.error(f"--parts {','.join(args.parts)}: choose from 1, 2, 3, 4 (comma-separated)")
     try:
         args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     except ValueError:

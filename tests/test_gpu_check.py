@@ -64,13 +64,13 @@ def run(tmp_path_factory):
 
 def test_report_holds_every_part_and_the_machine(run):
     report, stdout = run
-    assert set(report["parts"]) == {"1", "2", "3"} and report["tiny"] is True
+    assert set(report["parts"]) == {"1", "2", "3", "4"} and report["tiny"] is True
     machine = report["machine"]
     assert machine["device"] == "cpu" and machine["device_name"]
     assert {"torch", "transformers", "date", "command"} <= set(machine)
     assert "--tiny --device cpu" in machine["command"]
     assert report["failures"] == []
-    for number in ("1", "2", "3"):
+    for number in ("1", "2", "3", "4"):
         assert f"[part {number}] done in" in stdout  # progress with elapsed time, per part
 
 
@@ -146,6 +146,21 @@ def test_throughput_rows_with_and_without_the_draft_vocabulary(run):
         assert r["tokens_in_first_loss"] == part["batch"] * (part["sequence_length"] - 2)
 
 
+def test_scale_part_runs_the_frozen_pass_and_training_of_both_kinds_on_one_rank(run):
+    """Part 4 (issue 24): bench/scale.py's figures, per kind, for its one rank."""
+    report, stdout = run
+    part = report["parts"]["4"]
+    assert part["dtype"] == "float32" and part["shape"]["layers"] == 4  # --tiny: the tiny shape, all its layers
+    rows = {(r["kind"], r["world_size"], r["rank"]): r for r in part["rows"]}
+    assert set(rows) == {("medusa", 1, 0), ("eagle3", 1, 0)}
+    for r in rows.values():
+        assert r["device"].startswith("cpu") and r["frozen_tokens"] == 2 * 64  # --sequences-per-rank 2, --length 64
+        assert r["frozen_tokens_per_s"] > 0 and r["training_tokens_per_s"] > 0
+        assert r["training_steps"] == 2 and r["training_tokens_per_step"] == 64
+        assert r["loaded_gib"] > 0 and r["frozen_peak_gib"] > 0 and r["training_peak_gib"] > 0
+    assert "| 1 | eagle3 | 0 |" in stdout
+
+
 def test_a_float32_mismatch_makes_the_exit_status_non_zero(monkeypatch, tmp_path, capsys):
     gpu_check = load_script()
     assert gpu_check.compare_tokens([1, 2, 3, 4], [1, 2, 3, 4]) == {
@@ -180,6 +195,7 @@ def test_a_part_that_raises_is_recorded_and_the_others_still_run(monkeypatch, tm
     monkeypatch.setitem(gpu_check.PARTS, "1", ("correctness", lambda args, device: {"decoding": []}))
     monkeypatch.setitem(gpu_check.PARTS, "2", ("tree cost", out_of_memory))
     monkeypatch.setitem(gpu_check.PARTS, "3", ("throughput", lambda args, device: {"rows": ["figures"]}))
+    monkeypatch.setitem(gpu_check.PARTS, "4", ("scale", lambda args, device: {"rows": []}))
     monkeypatch.setattr(gpu_check, "print_part", lambda number, result: None)
     out = tmp_path / "check.json"
     assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == gpu_check.EXIT_PART_BROKEN == 3
@@ -202,7 +218,7 @@ def test_flags_are_checked():
     with pytest.raises(SystemExit):  # a tree size the MODEL line needs but part 2 would not measure
         gpu_check.parse(["--sizes", "4,8", "--medusa-accepted", "16:1.7"])
     with pytest.raises(SystemExit):
-        gpu_check.parse(["--parts", "4"])
+        gpu_check.parse(["--parts", "5"])
 
 
 def test_stopwatch_times_each_part_since_the_previous_mark():

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from accelerate import init_empty_weights
+from accelerate.utils import align_module_device, compute_module_sizes, infer_auto_device_map
+from accelerate.utils.modeling import convert_file_size_to_int, get_max_memory
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_forge.defaults import MODEL_ALIAS, resolve_model
 from medusa_forge.errors import UserError
@@ -31,18 +37,160 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         raise _load_error(name_or_path, err) from err
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+# A target larger than one device: accelerate's dispatch (a device map over the devices of one process, then CPU
+# memory, then disk), not transformers' tensor parallelism under torchrun. Both run here (TP over 2 gloo ranks gives
+# the one-process features to 1e-6; checked with transformers 5.25, torch 2.13); dispatch was chosen because:
+# - the frozen pass is inference only: no backward to overlap, and the ranks give the parallelism (each rank
+#   computes its own share of the cache), so each rank's target only has to fit, not to be fast alone;
+# - it composes with data parallelism as a user with two 8-GPU nodes and a 70B target needs it: torchrun
+#   --nproc_per_node 4, each rank's target over 2 GPUs of its node, gradients of the draft reduced over all 8 ranks.
+#   TP needs the ranks of a TP group to feed the same batch (the Trainer gives each rank its own) and all-reduces
+#   at every layer (across nodes: over the network);
+# - its features are bit-identical to the target's in one piece (each layer runs whole on one device; TP sums
+#   partial products in another order), so a cache built either way is the same cache;
+# - the decoder (tree attention masks, KV cache pruned with index_select) runs the model's own forward unchanged,
+#   in one process: generate, serve and eval need no torchrun;
+# - CPU and disk offload let a target that fits nowhere at once run at all (slowly), e.g. for a cache build.
+
+
+@dataclass(frozen=True)
+class TargetPlacement:
+    """Where a dispatched target goes (train's --target_* flags): its layers fill `device`, then this process's other
+    GPUs, then CPU memory, then disk (`offload_folder`), each up to `max_memory` (bytes by GPU index or "cpu")."""
+
+    device: torch.device  # where inputs enter and the draft lives: the embeddings and lm_head are pinned here
+    max_memory: dict[int | str, int] | None = None
+    offload_folder: str | None = None
+
+
+def parse_max_memory(text: str, flag: str) -> dict[int | str, int]:
+    """`0=70GiB,1=70GiB,cpu=200GiB` -> {0: bytes, 1: bytes, "cpu": bytes}; a UserError naming `flag` otherwise."""
+    budget: dict[int | str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        key = key.strip()
+        if not sep or not (key == "cpu" or key.isdigit()):
+            raise UserError(
+                f"{flag} {text}: expected DEVICE=SIZE pairs separated by commas, DEVICE a GPU index or 'cpu', "
+                f"e.g. 0=70GiB,1=70GiB,cpu=200GiB"
+            )
+        try:
+            size = size.strip()
+            budget[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else convert_file_size_to_int(size)
+        except ValueError:
+            raise UserError(f"{flag} {text}: {size!r} is not a size (e.g. 70GiB, 500MB or bytes)") from None
+    if not budget:
+        raise UserError(f"{flag}: empty; e.g. 0=70GiB,cpu=200GiB")
+    return budget
+
+
+def rank_devices(device: torch.device) -> list[int]:
+    """The GPUs this process's target spreads over: its own (`device`, the one torchrun gave it) first, then every
+    LOCAL_WORLD_SIZE-th after it, so the ranks of a node share its GPUs out evenly (4 ranks on 8 GPUs: rank 1 gets
+    1 and 5). Empty on a CPU."""
+    if device.type != "cuda":
+        return []
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return list(range(device.index or 0, torch.cuda.device_count(), ranks))
+
+
+def _pinned_modules(model: PreTrainedModel) -> list[str]:
+    """The input and output embeddings' module names: the draft reads their weights directly (its initial weights,
+    its loss's soft targets and argmax, EAGLE-3's token embeddings), so they are never offloaded."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return [name for name, module in model.named_modules() if id(module) in wanted]
+
+
+def _separate(device_map: dict[str, int | str], model: torch.nn.Module, name: str) -> None:
+    """Split the entry of `device_map` that covers module `name` into its children's, until `name` has its own."""
+    while name not in device_map:
+        parent = next(k for k in device_map if k == "" or name.startswith(k + "."))
+        device = device_map.pop(parent)
+        module = model.get_submodule(parent)
+        prefix = parent + "." if parent else ""
+        for child, _ in module.named_children():
+            device_map[prefix + child] = device
+        for tensor, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            device_map[prefix + tensor] = device
+
+
+def target_device_map(path: str, dtype: torch.dtype, placement: TargetPlacement) -> dict[str, int | str]:
+    """accelerate's device map for the model at `path` under `placement`, the embeddings and lm_head on its
+    device (their size taken from that device's budget first)."""
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    devices = rank_devices(placement.device)
+    available = get_max_memory(dict(placement.max_memory) if placement.max_memory else None)
+    budget = {key: value for key, value in available.items() if key in devices or not isinstance(key, int)}
+    first: int | str = devices[0] if devices else "cpu"
+    sizes = compute_module_sizes(empty, dtype=dtype)
+    pinned = _pinned_modules(empty)
+    pinned_bytes = sum(sizes[name] for name in dict.fromkeys(pinned))
+    if id(empty.get_input_embeddings().weight) == id(empty.get_output_embeddings().weight):
+        pinned_bytes = sizes[pinned[0]]  # tied: one matrix
+    if budget.get(first, 0) < pinned_bytes:
+        raise UserError(
+            f"--target_max_memory: {first} must hold at least the target's embeddings and lm_head "
+            f"({pinned_bytes / 2**30:.2f} GiB; the draft reads them there), it is given "
+            f"{budget.get(first, 0) / 2**30:.2f} GiB (the flag's value, else what is free there)"
+        )
+    budget[first] -= pinned_bytes
+    for name in pinned:  # placed below, already counted: out of the inference's way
+        empty.set_submodule(name, torch.nn.Identity())
+    no_split = list(getattr(empty, "_no_split_modules", None) or [])
+    device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+    for name in pinned:
+        _separate(device_map, empty, name)
+        device_map[name] = first
+    return device_map
+
+
+def load_base_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, placement: TargetPlacement | None = None
+) -> PreTrainedModel:
     """Load the frozen base model in eval mode with gradients off, its SDPA attention grouped on a CPU
-    (`grouped_attention`: the same outputs, no key/value copies in tree verification)."""
+    (`grouped_attention`: the same outputs, no key/value copies in tree verification). With `placement` it is
+    dispatched (see TargetPlacement) and must not be moved; its inputs go to `input_device`."""
     path = resolve_model(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if placement is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            device_map = target_device_map(path, dtype, placement)
+            if "disk" in device_map.values() and placement.offload_folder is None:
+                on_disk = sum(1 for device in device_map.values() if device == "disk")
+                raise UserError(
+                    f"the target does not fit in the memory given to it (--target_max_memory, else all that is "
+                    f"free): {on_disk} of its modules would be read from disk at every forward pass. Pass "
+                    f"--target_offload_folder DIR to accept that (slow), or give it more devices or memory"
+                )
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map=device_map, offload_folder=placement.offload_folder
+            )
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
     model.eval()
     model.requires_grad_(False)
     use_grouped_attention(model)
     return model
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where `model`'s inputs go: its embeddings' device (a dispatched model's first device)."""
+    return model.get_input_embeddings().weight.device
+
+
+def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model.named_parameters()` with their values also where a device map offloaded them (to disk: parameters
+    on the meta device), read one module at a time."""
+    names = {name for name, _ in model.named_parameters()}  # shared (tied) weights once, as named_parameters
+    for module_name, module in model.named_modules():
+        prefix = module_name + "." if module_name else ""
+        with align_module_device(module):
+            for name, param in module.named_parameters(recurse=False):
+                if prefix + name in names:
+                    yield prefix + name, param
 
 
 # transformers renamed the KV cache a model's forward takes and returns from `past_key_values` to `cache` after 5.17

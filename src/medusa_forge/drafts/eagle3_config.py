@@ -55,7 +55,9 @@ def target_layers(num_target_layers: int) -> tuple[int, int, int]:
 def target_features(hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
     """[..., 3 H_t]: the target's `output_hidden_states` at `target_layers`, concatenated in ascending order."""
     layers = target_layers(len(hidden_states) - 1)
-    return torch.cat([hidden_states[i] for i in layers], dim=-1)
+    # A target dispatched over several devices leaves each layer's state on that layer's device: the features go
+    # to the first (the embeddings' output), where the inputs and the draft are.
+    return torch.cat([hidden_states[i].to(hidden_states[0].device) for i in layers], dim=-1)
 
 
 def _rope_theta(config: PretrainedConfig) -> float:

@@ -38,6 +38,7 @@ from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
 from medusa_forge.drafts.shapes import pad_rows
 from medusa_forge.errors import UserError
 from medusa_forge.heads import backbone
+from medusa_forge.modeling import input_device
 
 logger = logging.getLogger("medusa_forge")
 
@@ -46,7 +47,7 @@ def feature_records(base: PreTrainedModel, input_ids: torch.Tensor, attention_ma
     """[B, T, 4H] what the draft's loss reads of the frozen target: its features [3H] (`target_features`) then its
     final hidden state [H] (the target's distribution over the draft vocabulary is recomputed from it)."""
     out = backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
-    return torch.cat([target_features(out.hidden_states), out.last_hidden_state], dim=-1)
+    return torch.cat([target_features(out.hidden_states), out.last_hidden_state.to(input_ids.device)], dim=-1)
 
 
 def assistant_token_counts(items: list[dict[str, list[int]]], vocab_size: int) -> torch.Tensor:
@@ -79,7 +80,7 @@ def new_training_module(
     set_seed(config.seed)  # the draft's random initial weights are the same on every rank and every run
     draft = Eagle3Draft.for_target(
         base, ids, base_path, config.eagle3_intermediate_size, config.eagle3_fc_norm, config.eagle3_norm_output
-    ).to(base.device)
+    ).to(input_device(base))
     weights = step_weights(config.eagle3_ttt_steps, config.eagle3_step_decay)
     return Eagle3ForTraining(base, draft, weights, chunk_size=config.medusa_loss_chunk_size)
 
@@ -132,7 +133,9 @@ class Eagle3ForTraining(nn.Module):
         super().__init__()
         base.eval()
         base.requires_grad_(False)
-        self.base = base
+        # Held, not registered as a submodule: the frozen target is never trained, saved, moved by the Trainer or
+        # wrapped by DDP, and a dispatched one (modeling.TargetPlacement) keeps its own devices.
+        object.__setattr__(self, "base", base)
         self.draft = draft
         self.loss_weights = loss_weights
         self.chunk_size = chunk_size

@@ -16,8 +16,10 @@ from medusa_forge.heads import MedusaHeads, backbone
 
 
 def final_hidden_records(base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] the base model's final hidden state (after its final norm): what every head reads."""
-    return backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    """[B, T, H] the base model's final hidden state (after its final norm): what every head reads, on the inputs'
+    device (a dispatched base leaves it on its last layer's)."""
+    out = backbone(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state.to(input_ids.device)
 
 
 def new_training_module(base: PreTrainedModel, config: Any, base_path: str) -> MedusaForTraining:
@@ -66,7 +68,9 @@ class MedusaForTraining(nn.Module):
         super().__init__()
         base.eval()
         base.requires_grad_(False)
-        self.base = base
+        # Held, not registered as a submodule: the frozen target is never trained, saved, moved by the Trainer or
+        # wrapped by DDP, and a dispatched one (modeling.TargetPlacement) keeps its own devices.
+        object.__setattr__(self, "base", base)
         self.heads = heads
         self.loss_weights = loss_weights
         self.soft_labels = soft_labels

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from medusa_forge.drafts import default_kind, get_kind
 from medusa_forge.drafts.shapes import padded_length
 from medusa_forge.errors import UserError
+from medusa_forge.modeling import input_device, named_weights
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: st
         digest.update(f"kind={kind} layers={layers} width={width}".encode())
     digest.update(base.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for name, param in base.named_parameters():
-            digest.update(f"{name}:{tuple(param.shape)}:{float(param.double().sum()):.10e}".encode())
+        # Offloaded weights too: a dispatched target keys as the whole one. Summed in float64 without a float64
+        # copy of the weight (an 8B-shaped vocabulary matrix's copy is 4.2 GB; the sums are bit-identical).
+        for name, param in named_weights(base):
+            digest.update(f"{name}:{tuple(param.shape)}:{float(param.sum(dtype=torch.float64)):.10e}".encode())
     for item in items:
         digest.update(np.asarray(item["input_ids"], dtype=np.int64).tobytes())
         digest.update(b"|")
@@ -213,7 +216,7 @@ def build_hidden_cache(
     done = json.loads(progress_path.read_text())["batches"] if mode == "r+" and progress_path.exists() else 0
     if done:
         logger.warning("hidden-state cache: resuming at batch %d of %d", done, len(batches))
-    device = next(base.parameters()).device
+    device = input_device(base)
     with torch.inference_mode():
         for batch_index in tqdm(
             range(done, len(batches)), desc="caching hidden states", initial=done, total=len(batches)

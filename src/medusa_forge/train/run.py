@@ -142,7 +142,10 @@ def _train(config: TrainConfig) -> Path:
             eval_conversations, tokenizer, config.model_max_length, config.lazy_preprocess, eval_path
         )
 
-    base = load_base_model(base_path, dtype=_base_dtype(config)).to(config.device)
+    placement = config.target_placement()
+    base = load_base_model(base_path, dtype=_base_dtype(config), placement=placement)
+    if placement is None:  # a dispatched target stays where its device map put it
+        base = base.to(config.device)
     kind = get_kind(config.draft_kind)
     # A draft vocabulary is chosen from the token data before the cache replaces it; the draft is built before
     # the cache so that the disk check counts its checkpoints. In config.json: aliases become the folder a
