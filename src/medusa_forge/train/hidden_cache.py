@@ -353,6 +353,7 @@ def build_hidden_cache(
         for path in folder.glob(f"{SHARD_PREFIX}*-of-{len(group.ranks):05d}-*")
         if path.name not in finished and (path / DATA_FILE).is_file()
     )
+    root.mkdir(parents=True, exist_ok=True)  # the disk measured is the one the cache goes to
     free, device = _free_bytes(folder)
     # Checkpoints and the draft count here too when they go to the same disk: the run needs both.
     shared = outputs is not None and _free_bytes(outputs.folder)[1] == device
