@@ -322,11 +322,12 @@ def build_hidden_cache(
 ) -> HiddenStateCache:
     """Load the cache for (target, items, kind; default: the default kind), first computing with `base` (the
     target loaded from `target`'s files; None only when the cache is complete) this process's share of what is
-    missing. Under torchrun every process of `group` (default: this process alone) calls it at once. CacheTooLarge
+    missing. Under torchrun every process calls it at once; `group`: who shares `root` (default: found out now,
+    `cache_group`). CacheTooLarge
     when the disk cannot hold it, with `outputs` (what the run writes next) when that goes to the same disk
     (nothing is written then; raised by every process when one's disk is short)."""
     kind = kind or default_kind().name
-    group = group or CacheGroup(((0,),), 0)
+    group = group or cache_group(root)
     folder = root / cache_key(target, items, kind)
     layers, width = record_layout(target.config, kind)
     lengths = [len(item["input_ids"]) for item in items]
