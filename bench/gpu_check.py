@@ -72,6 +72,7 @@ from medusa_forge.heads import WEIGHTS_NAME, MedusaConfig, MedusaHeads, MedusaMo
 from medusa_forge.train.args import TrainConfig, parse_args
 from medusa_forge.train.hidden_cache import build_hidden_cache, frozen_pass
 from medusa_forge.train.run import train
+from medusa_forge.train.target_files import TargetFiles
 from medusa_forge.train.trainer import MedusaTrainer
 
 try:  # transformers 5; 4.x keeps it in modeling_utils
@@ -373,6 +374,7 @@ def hidden_cache_checks(base: LlamaForCausalLM, device: torch.device, root: Path
     """`build_hidden_cache` with the base model on `device` (float32 and bfloat16), per draft kind, against the
     records of a float32 frozen pass on the CPU. The cache stores float16, so float32 must agree to float16
     rounding (rtol/atol 1e-2); bfloat16 is reported."""
+    base.save_pretrained(root / "model")  # the cache is keyed by the model's files
     generator = torch.Generator().manual_seed(0)
     items = []
     for _ in range(8):
@@ -385,7 +387,10 @@ def hidden_cache_checks(base: LlamaForCausalLM, device: torch.device, root: Path
                     for ids in (item["input_ids"] for item in items)]  # fmt: skip
         for dtype in (torch.float32, torch.bfloat16):
             target = copy.deepcopy(base).to(device=device, dtype=dtype)
-            cache = build_hidden_cache(target, items, root / f"{kind}-{dtype}", max_tokens_per_batch=128, kind=kind)
+            files = TargetFiles(root / "model", dtype)
+            cache = build_hidden_cache(
+                target, files, items, root / f"{kind}-{dtype}", max_tokens_per_batch=128, kind=kind
+            )
             got = [cache.get(i).float() for i in range(len(items))]
             worst = max(float((g - e).abs().max()) for g, e in zip(got, expected, strict=True))
             scale = max(float(e.abs().max()) for e in expected)

@@ -1,8 +1,9 @@
 """Scale bench (issue 24, part 5): an 8B-shaped target (Llama-3.1-8B's shape: hidden 4096, 32 heads, 8 KV heads,
 intermediate 14336, vocabulary 128256) with random weights written to disk as safetensors, then per draft kind and
 per rank count: the frozen pass (the hidden-state cache build, `build_hidden_cache`: the code path `train` takes;
-its cache key, a hash of every weight, timed apart) over each rank's share of the data, and a few training steps
-from that cache (the kind's training module in `MedusaTrainer`, DDP over the ranks). Reported per process: tokens/s
+its cache key, a fingerprint of the target's files, timed apart) of each rank's share of the data, and a few
+training steps from that cache (the kind's training module in `MedusaTrainer`, DDP over the ranks) with the target
+freed, as `train` goes on from a complete cache. Reported per process: tokens/s
 of the frozen pass and of training, and peak memory (GPU: torch's peak allocated; CPU: the process's peak RSS,
 VmHWM, reset between phases).
 
@@ -13,10 +14,11 @@ VmHWM, reset between phases).
 
 Each (rank count, kind) is one `torchrun --standalone` launch of this script as workers (gloo on the CPU, nccl on
 GPUs: the Trainer's choice), so memory is per process and per kind; peaks are reset between the phases. Every rank
-loads the whole target (as `train` does today), builds the cache of its own share (rank r takes sequences r, r+R,
-...) and trains from it for --steps optimizer steps; training tokens/s is batch x length / the median step time
-over steps after the first (warm-up). --layers N keeps only the first N decoder layers where memory forbids 32
-(2 layers fp32 = 6 GB per rank: the embeddings and lm_head alone are 1.05B weights). Sequences are random token
+loads the whole target, builds its share of one cache (as `train` does: shards balanced by tokens), frees the
+target (keeping its embedding and lm_head, read from the files) and trains from the cache for --steps optimizer
+steps; training tokens/s is batch x length / the median step time over steps after the first (warm-up).
+--layers N keeps only the first N decoder layers where memory forbids 32 (2 layers fp32 = 6 GB per rank: the
+embeddings and lm_head alone are 1.05B weights). Sequences are random token
 ids of one length (a multiple of 64: no padding), the first quarter unlabelled (a user turn). The table goes to
 stdout, every figure to --out.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -45,7 +48,8 @@ from medusa_forge.drafts import get_kind
 from medusa_forge.modeling import load_base_model
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import PadCollator
-from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache, cache_key
+from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache
+from medusa_forge.train.target_files import TargetFiles
 from medusa_forge.train.trainer import MedusaTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,31 +144,36 @@ def worker(args: argparse.Namespace) -> None:
     load_seconds = time.perf_counter() - start
     loaded_gib = peak_gib(device)
     items = random_items(world * args.sequences_per_rank, args.length, base.config.vocab_size)
-    share = items[rank::world]
 
-    root = work / "cache" / f"{world}-{rank}"
-    shutil.rmtree(root, ignore_errors=True)  # a reused cache would time nothing
     reset_peak(device)
-    # The build first hashes every weight (its cache key): timed alone here, so that the frozen pass's figure is
-    # the forward passes and the writes (at 8B shape on a CPU the key took longer than 1k tokens' forward).
+    # The cache key is a fingerprint of the target's files (every weight file's bytes hashed): timed alone here, so
+    # that the frozen pass's figure is the forward passes and the writes.
     start = time.perf_counter()
-    cache_key(base, share, kind)
+    target = TargetFiles(args.target, dtype)
+    target.fingerprint  # noqa: B018  (computed and kept: the build below reuses it)
     key_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    cache = build_hidden_cache(base, share, root, kind=kind)
-    build_seconds = time.perf_counter() - start
-    frozen_seconds = max(build_seconds - key_seconds, 1e-9)
+    # As `train` builds it: every rank computes its share (balanced by tokens) into its own shard of one cache.
+    cache = build_hidden_cache(base, target, items, Path(args.work) / "cache" / f"{world}-{kind}", kind=kind)
+    frozen_seconds = time.perf_counter() - start
     frozen_peak = peak_gib(device)
-    frozen_tokens = sum(len(item["input_ids"]) for item in share)
-    print(f"rank {rank}/{world} {kind}: cache build {build_seconds:.1f} s for {frozen_tokens} tokens, of which "
-          f"{key_seconds:.1f} s the cache key", flush=True)  # fmt: skip
+    frozen_tokens = sum(len(item["input_ids"]) for item in items) // world  # equal lengths: equal shares
+    print(f"rank {rank}/{world} {kind}: cache build {frozen_seconds:.1f} s for ~{frozen_tokens} tokens, the cache "
+          f"key {key_seconds:.1f} s before it", flush=True)  # fmt: skip
 
-    model = get_kind(kind).training_module(base, config, args.target, lambda: items)
+    # As `train` goes on from a complete cache: the target freed, only its embedding and lm_head kept.
+    spec = get_kind(kind)
+    stand_in = target.stand_in(spec.records_need_token_ids).to(device)
+    del base
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = spec.training_module(stand_in, config, args.target, lambda: items)
     timer = StepTimer(device)
     trainer = MedusaTrainer(
         model=model,
         args=config,
-        train_dataset=CachedHiddenDataset(share, cache),
+        train_dataset=CachedHiddenDataset(items, cache),
         data_collator=PadCollator(0, args.length),
         callbacks=[timer],
     )
@@ -185,7 +194,6 @@ def worker(args: argparse.Namespace) -> None:
         "loaded_gib": loaded_gib,
         "frozen_tokens": frozen_tokens,
         "cache_key_seconds": round(key_seconds, 3),
-        "cache_build_seconds": round(build_seconds, 3),
         "frozen_seconds": round(frozen_seconds, 3),
         "frozen_tokens_per_s": round(frozen_tokens / frozen_seconds, 1),
         "frozen_peak_gib": frozen_peak,
@@ -219,6 +227,7 @@ def launch(args: argparse.Namespace, target: Path, ranks: int, kind: str) -> lis
     figures, by rank. Their output streams through."""
     results = Path(args.work) / "results" / f"{ranks}-{kind}"
     shutil.rmtree(results, ignore_errors=True)
+    shutil.rmtree(Path(args.work) / "cache" / f"{ranks}-{kind}", ignore_errors=True)  # a reused cache times nothing
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", str(SCRIPT),
         "--worker", "--target", str(target), "--kinds", kind, "--results", str(results),

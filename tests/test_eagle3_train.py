@@ -26,6 +26,7 @@ from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache, cache_key
 from medusa_forge.train.run import train as run_train
+from medusa_forge.train.target_files import TargetFiles
 
 STEPS = 3
 
@@ -202,9 +203,10 @@ def test_user_turn_targets_do_not_reach_the_loss(target, tiny_tokenizer, tmp_pat
         assert not torch.allclose(model(**batch, hidden_states=assistant)["loss"], plain["loss"])
 
 
-def test_cached_and_per_batch_features_give_the_same_loss(target, tiny_tokenizer, tmp_path):
+def test_cached_and_per_batch_features_give_the_same_loss(target, target_dir, tiny_tokenizer, tmp_path):
     items = tokenised(tiny_tokenizer, write_conversations(tmp_path / "data.json", n=5))
-    cache = build_hidden_cache(target, items, tmp_path / "cache", max_tokens_per_batch=128, kind="eagle3")
+    files = TargetFiles(target_dir, torch.float32)
+    cache = build_hidden_cache(target, files, items, tmp_path / "cache", max_tokens_per_batch=128, kind="eagle3")
     model = training_model(target, items)
     collate = PadCollator(tiny_tokenizer.pad_token_id)
     per_batch = model(**collate(items))
@@ -213,9 +215,9 @@ def test_cached_and_per_batch_features_give_the_same_loss(target, tiny_tokenizer
     cached = model(**cached_batch)
     torch.testing.assert_close(cached["loss"], per_batch["loss"], rtol=2e-3, atol=2e-3)  # float16 storage
     torch.testing.assert_close(cached["head_stats"][:, 1:3], per_batch["head_stats"][:, 1:3])  # same positions
-    # Medusa caches keep their key (and stay valid); the kinds never share a folder
-    assert cache_key(target, items, "medusa") == cache_key(target, items) != cache_key(target, items, "eagle3")
-    meta = json.loads((tmp_path / "cache" / cache_key(target, items, "eagle3") / "meta.json").read_text())
+    # The kinds never share a folder (the default kind's key is Medusa's)
+    assert cache_key(files, items, "medusa") == cache_key(files, items) != cache_key(files, items, "eagle3")
+    meta = json.loads((tmp_path / "cache" / cache_key(files, items, "eagle3") / "meta.json").read_text())
     assert (meta["kind"], meta["layers"], meta["hidden"]) == ("eagle3", [0, 1, 2, "final"], 4 * 32)
 
 

@@ -19,8 +19,9 @@ from conftest import write_conversations
 from medusa_forge.errors import UserError
 from medusa_forge.modeling import TargetPlacement, load_base_model, parse_max_memory
 from medusa_forge.train.args import parse_args
-from medusa_forge.train.hidden_cache import build_hidden_cache, cache_key, frozen_pass
+from medusa_forge.train.hidden_cache import build_hidden_cache, frozen_pass
 from medusa_forge.train.run import train
+from medusa_forge.train.target_files import TargetFiles
 
 
 def split_budget(model_dir: Path) -> int:
@@ -57,10 +58,10 @@ def test_dispatched_target_gives_the_records_of_the_whole_one(tiny_model_dir, di
     assert torch.equal(frozen_pass(dispatched, ids, mask, kind), expected)
     width = whole.config.hidden_size * (1 if kind == "medusa" else 4)  # EAGLE-3: three feature layers + final
     assert expected.shape == (3, 40, width)
-    # Weights read from disk key the cache as the whole target's: a cache built either way serves both.
+    # The cache built with the dispatched target holds the whole target's records (its key is the files').
     items = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}]
-    assert cache_key(dispatched, items, kind) == cache_key(whole, items, kind)
-    cache = build_hidden_cache(dispatched, items, tmp_path / "cache", kind=kind)
+    files = TargetFiles(tiny_model_dir, torch.float32)
+    cache = build_hidden_cache(dispatched, files, items, tmp_path / "cache", kind=kind)
     assert torch.equal(cache.get(0), expected[0].to(torch.float16))
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import align_module_device, compute_module_sizes, infer_auto_device_map
+from accelerate.utils import compute_module_sizes, infer_auto_device_map
 from accelerate.utils.modeling import convert_file_size_to_int, get_max_memory
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -179,18 +178,6 @@ def load_base_model(
 def input_device(model: PreTrainedModel) -> torch.device:
     """Where `model`'s inputs go: its embeddings' device (a dispatched model's first device)."""
     return model.get_input_embeddings().weight.device
-
-
-def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """`model.named_parameters()` with their values also where a device map offloaded them (to disk: parameters
-    on the meta device), read one module at a time."""
-    names = {name for name, _ in model.named_parameters()}  # shared (tied) weights once, as named_parameters
-    for module_name, module in model.named_modules():
-        prefix = module_name + "." if module_name else ""
-        with align_module_device(module):
-            for name, param in module.named_parameters(recurse=False):
-                if prefix + name in names:
-                    yield prefix + name, param
 
 
 # transformers renamed the KV cache a model's forward takes and returns from `past_key_values` to `cache` after 5.17

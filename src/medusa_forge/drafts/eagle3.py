@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from medusa_forge.drafts import eagle3_card, eagle3_export, eagle3_training
 from medusa_forge.drafts import eagle3_config as layout
@@ -43,8 +43,8 @@ class Eagle3Kind(DraftKind):
     def recognises(self, folder: Path) -> bool:
         return layout.is_eagle3_folder(folder)
 
-    def record_layers(self, base: PreTrainedModel) -> list[int | str]:
-        return [*layout.target_layers(base.config.get_text_config().num_hidden_layers), "final"]
+    def record_layers(self, config: PretrainedConfig) -> list[int | str]:
+        return [*layout.target_layers(config.get_text_config().num_hidden_layers), "final"]
 
     def records(self, base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return eagle3_training.feature_records(base, input_ids, attention_mask)

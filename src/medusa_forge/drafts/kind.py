@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from medusa_forge.drafts.accuracy import HeadAccuracy
 from medusa_forge.drafts.drafter import Drafter
@@ -122,9 +122,10 @@ class DraftKind(ABC):
     # ----- training -----
 
     @abstractmethod
-    def record_layers(self, base: PreTrainedModel) -> list[int | str]:
-        """What each token's hidden-state record holds, in order: `output_hidden_states` indices or "final"
-        (each as wide as the base's hidden size)."""
+    def record_layers(self, config: PretrainedConfig) -> list[int | str]:
+        """What each token's hidden-state record holds for a base model of `config`, in order:
+        `output_hidden_states` indices or "final" (each as wide as the base's hidden size). Known from the config
+        alone: the cache's key and disk plan are computed before the base is loaded."""
 
     @abstractmethod
     def records(self, base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,10 @@ class DraftKind(ABC):
         """A fresh draft for `base` inside its training module, as train's flags (`config`: a TrainConfig) say.
         The module's forward(labels, input_ids, attention_mask | hidden_states) returns {"loss", "head_stats"}
         ([K, 3 + len(TOPK)] sums, `fused_ce.summarise_head_stats`); `draft_attribute` names the draft submodule,
-        which has `config` and `save(folder)`. `token_items`: the training data's token items, when needed."""
+        which has `config` and `save(folder)`. `token_items`: the training data's token items, when needed.
+        `base` is the target or, when every record is cached, its stand-in (`train.target_files.FrozenTargetParts`:
+        config, input and output embeddings, device, dtype; no forward pass); the module keeps it as its `base`
+        attribute, which training swaps for the stand-in once it has built the cache."""
 
     @abstractmethod
     def checkpoint_state(self, folder: Path) -> dict[str, torch.Tensor]:

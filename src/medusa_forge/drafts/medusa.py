@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from medusa_forge import heads
 from medusa_forge.drafts import medusa_card, medusa_export, medusa_training
@@ -42,7 +42,7 @@ class MedusaKind(DraftKind):
     def recognises(self, folder: Path) -> bool:
         return bool(folder_layouts(folder))
 
-    def record_layers(self, base: PreTrainedModel) -> list[int | str]:
+    def record_layers(self, config: PretrainedConfig) -> list[int | str]:
         return ["final"]
 
     def records(self, base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
@@ -24,6 +24,9 @@ def final_hidden_records(base: PreTrainedModel, input_ids: torch.Tensor, attenti
 
 def new_training_module(base: PreTrainedModel, config: Any, base_path: str) -> MedusaForTraining:
     """Fresh heads for `base` with their loss, as train's flags (`config`, a TrainConfig) say."""
+    # The blocks' random biases are the same whether the target was loaded (which may draw random numbers) or only
+    # its stand-in was read (which draws none): a run from a complete cache trains as the run that built it.
+    set_seed(config.seed)
     heads = MedusaHeads.for_base_model(base, config.medusa_num_heads, config.medusa_num_layers, base_path)
     draft_vocab = config.medusa_draft_vocab_size or None
     if draft_vocab is not None and draft_vocab >= base.get_output_embeddings().weight.shape[0]:

@@ -5,10 +5,16 @@ command's own defaults, read from its config dataclass."""
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
+from transformers import AutoConfig
+
+from medusa_forge.defaults import cache_dir, resolve_model
 from medusa_forge.drafts import get_kind
+from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.pipeline.configuration import PipelineConfig, command_default
+from medusa_forge.train.hidden_cache import cache_plan
 
 ETA_RATES = {
     "distill_tokens_per_s": 75.0,  # batched in-process greedy generation (the quickstart's distill, idle machine)
@@ -31,17 +37,14 @@ def estimate_seconds(config: PipelineConfig, stage: str) -> float | None:
         new_tokens = distill.get("max_new_tokens", command_default("distill", "max_new_tokens"))
         return samples * turns * 0.6 * new_tokens / ETA_RATES["distill_tokens_per_s"]
     if stage == "train":
-        if not samples:
+        tokens = _training_tokens(config)
+        if tokens is None:
             return None
-        # A conversation: ~150 prompt tokens and a reply of up to distill's max_new_tokens (~400 when not set).
-        max_length = train.get("model_max_length", command_default("train", "model_max_length"))
-        per_conversation = min(max_length, 150 + distill.get("max_new_tokens", 400))
         epochs = train.get("num_train_epochs", command_default("train", "num_train_epochs"))
         max_steps = train.get("max_steps", command_default("train", "max_steps"))
         if max_steps and max_steps > 0:
             batch = train.get("per_device_train_batch_size", command_default("train", "per_device_train_batch_size"))
             epochs = min(epochs, max_steps * batch / samples)
-        tokens = samples * per_conversation
         kind = get_kind(config.draft_kind)
         passes = kind.training_passes(lambda flag: train.get(flag, command_default("train", flag)))
         training = tokens * epochs * passes / kind.training_tokens_per_s
@@ -55,6 +58,33 @@ def estimate_seconds(config: PipelineConfig, stage: str) -> float | None:
         calib = evalc.get("calibration_prompts", command_default("evaluate", "calibration_prompts"))
         return 40 + (prompts * 2.2 + calib) * new / ETA_RATES["decode_tokens_per_s"]
     return {"export": 10.0, "push": 20.0, "report": 5.0}.get(stage)
+
+
+def _training_tokens(config: PipelineConfig) -> int | None:
+    """Estimated tokens of the training data (None until the number of conversations is set)."""
+    samples = config.distill.flags.get("max_samples") or config.train.get("max_samples")
+    if not samples:
+        return None
+    # A conversation: ~150 prompt tokens and a reply of up to distill's max_new_tokens (~400 when not set).
+    max_length = config.train.get("model_max_length", command_default("train", "model_max_length"))
+    return samples * min(max_length, 150 + config.distill.flags.get("max_new_tokens", 400))
+
+
+def stage_plan(config: PipelineConfig, stage: str) -> str | None:
+    """What a stage will put on disk, said before it starts: the train stage's hidden-state cache plan (as `train`
+    prints it, from the estimated token count), when the cache is on and the sizes and the model's config are
+    known."""
+    if stage != "train" or not config.train.get("medusa_hidden_cache", True):
+        return None
+    tokens = _training_tokens(config)
+    if tokens is None:
+        return None
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    except (OSError, ValueError, UserError):  # a Hub id offline: the train stage itself will say
+        return None
+    root = Path(config.train.get("medusa_hidden_cache_dir") or cache_dir() / "hidden")
+    return cache_plan(model_config, config.draft_kind, tokens, root)
 
 
 def format_seconds(seconds: float) -> str:

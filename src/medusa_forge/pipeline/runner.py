@@ -21,7 +21,7 @@ import yaml
 from medusa_forge.errors import UserError
 from medusa_forge.pipeline.configuration import PipelineConfig, config_to_dict
 from medusa_forge.pipeline.context import Context
-from medusa_forge.pipeline.eta import estimate_seconds, eta_text, format_seconds
+from medusa_forge.pipeline.eta import estimate_seconds, eta_text, format_seconds, stage_plan
 from medusa_forge.pipeline.fingerprints import outputs_digest, outputs_verify
 from medusa_forge.pipeline.stages import PIPELINE, STAGES, StageFailed
 
@@ -134,6 +134,9 @@ def run_pipeline(
         eta = eta_text(config, [later.name for later in PIPELINE[index - 1 :]], speed)
         elapsed = format_seconds(time.perf_counter() - started)
         print(f"\npipeline {header}: {verb}: {stage.title}; elapsed {elapsed}; {eta}", file=sys.stderr)
+        plan = stage_plan(config, stage.name)
+        if plan:
+            print(f"pipeline {header}: {plan} (estimated from the data's size)", file=sys.stderr)
         stage_start = time.perf_counter()
         try:
             result = stage.run(ctx, not resumable)

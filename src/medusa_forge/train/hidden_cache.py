@@ -1,16 +1,23 @@
 """Hidden-state cache: run the frozen base model once over the tokenised data set, keep what the draft's loss
-reads from it in one float16 file, and train every epoch from them.
+reads from it in float16 files, and train every epoch from them.
 
 What is kept per token is the draft kind's record (`DraftKind.record_layers`, `DraftKind.records`): Medusa heads
 read the final hidden state [H]; an EAGLE-3 draft reads its three feature layers followed by the final hidden state,
 [4H] (nothing vocabulary-sized is stored). meta.json says which (kind, layers, width).
 
 Why: the base model is frozen, so its hidden states are the same in every epoch; recomputing them (what
-the original trainer does) is most of the cost of epochs 2..N. The cache is keyed by a hash of the model's
-weights and config and of every token id (which covers data, chat template and max length), so a stale
-cache is never reused; other kinds' caches also hash the kind and layers (the default kind's keys are
-unchanged, so Medusa caches written before other kinds existed stay valid). Building is resumable: progress is
-recorded batch by batch.
+the original trainer does) is most of the cost of epochs 2..N. The cache is keyed by a hash of the model's files
+(config and every weight file's bytes, `TargetFiles.fingerprint`), of the frozen pass's dtype, of the kind and its
+record, and of every token id (which covers data, chat template and max length), so a stale cache is never reused,
+and whether it is complete is known before the target is loaded (then it never is: `target_files.py`).
+
+Every process builds (under torchrun): the data's length-sorted batches are split between the processes that share
+the cache folder (`CacheGroup`), balanced by padded tokens, and each writes its own shard (records, offsets, the
+items it holds, its progress); the reader reads every shard, in the data's item order. A shard is the same whichever
+process computes it, so a cache built by N processes is the one a single process builds. A rerun reuses finished
+shards, whatever the number of processes that wrote them, and resumes unfinished ones when it has as many processes
+(their batches are then the same); with another number, the items of unfinished shards are computed again and the
+partial shards removed.
 """
 
 from __future__ import annotations
@@ -18,37 +25,69 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from medusa_forge.drafts import default_kind, get_kind
 from medusa_forge.drafts.shapes import padded_length
 from medusa_forge.errors import UserError
-from medusa_forge.modeling import input_device, named_weights
+from medusa_forge.modeling import input_device
+from medusa_forge.train.target_files import TargetFiles
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-DATA_FILE, OFFSETS_FILE, PROGRESS_FILE, META_FILE = "hidden.f16", "offsets.npy", "progress.json", "meta.json"
+FORMAT_VERSION = 2  # 2: keyed by the model's files, not its loaded weights; sharded by process
+META_FILE, SHARD_PREFIX = "meta.json", "shard-"
+DATA_FILE, OFFSETS_FILE, ITEMS_FILE, PROGRESS_FILE, DONE_FILE = (
+    "hidden.f16", "offsets.npy", "items.npy", "progress.json", "shard.json"
+)  # fmt: skip
 RESERVE = 256 * 2**20  # left free on a disk: logs, metrics, the tokenizer files
+RECORD_BYTES = np.dtype(np.float16).itemsize
 
 
 class CacheTooLarge(UserError):
     """The disk cannot hold the cache; callers that can compute the frozen pass per batch catch this."""
 
 
-def record_layout(base: PreTrainedModel, kind: str) -> tuple[list[int | str], int]:
+def record_layout(config: PretrainedConfig, kind: str) -> tuple[list[int | str], int]:
     """(what each token's record holds, in order, as `output_hidden_states` indices or "final"; its width)."""
-    layers = get_kind(kind).record_layers(base)
-    return layers, len(layers) * base.get_output_embeddings().weight.shape[1]
+    layers = get_kind(kind).record_layers(config)
+    return layers, len(layers) * config.get_text_config().hidden_size
+
+
+def describe_record(config: PretrainedConfig, kind: str) -> str:
+    """What a token's record holds and costs, in words: "hidden states 2, 15, 27 + the final state = 4 x 576 x 2
+    bytes = 4608 bytes per token"."""
+    layers, width = record_layout(config, kind)
+    named = [str(layer) for layer in layers if layer != "final"]
+    parts = ([f"hidden state{'s' if len(named) > 1 else ''} {', '.join(named)}"] if named else []) + (
+        ["the final state"] if "final" in layers else []
+    )
+    size = f"{len(layers)} x {config.get_text_config().hidden_size} x {RECORD_BYTES} bytes"
+    return f"{' + '.join(parts)} = {size} = {width * RECORD_BYTES} bytes per token"
+
+
+def cache_plan(config: PretrainedConfig, kind: str, tokens: int, folder: Path) -> str:
+    """The cache's disk plan, said before it is built (by `train`, and by the pipeline from its estimated token
+    count): what a token's record holds and costs, the total for `tokens`, where, and the free space there."""
+    width = record_layout(config, kind)[1]
+    free = _free_bytes(folder)[0]
+    return (
+        f"hidden-state cache plan: a token's record holds {describe_record(config, kind)}; {tokens} tokens = "
+        f"{tokens * width * RECORD_BYTES / 1e9:.2f} GB at {folder} ({free / 1e9:.1f} GB free there)"
+    )
 
 
 def frozen_pass(
@@ -61,18 +100,13 @@ def frozen_pass(
         return get_kind(kind or default_kind().name).records(base, input_ids, attention_mask)
 
 
-def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: str | None = None) -> str:
-    """Hash of the model (config + a checksum of every weight), of what is recorded, and of all token ids."""
+def cache_key(target: TargetFiles, items: list[dict[str, list[int]]], kind: str | None = None) -> str:
+    """Hash of the model's files (`TargetFiles.fingerprint`: config, dtype, every weight file), of what is recorded,
+    and of all token ids; computed without loading the model."""
+    kind = kind or default_kind().name
+    layers, width = record_layout(target.config, kind)
     digest = hashlib.sha256(f"medusa-forge hidden cache v{FORMAT_VERSION}".encode())
-    if kind is not None and kind != default_kind().name:  # the default kind's keys stay as they were
-        layers, width = record_layout(base, kind)
-        digest.update(f"kind={kind} layers={layers} width={width}".encode())
-    digest.update(base.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        # Offloaded weights too: a dispatched target keys as the whole one. Summed in float64 without a float64
-        # copy of the weight (an 8B-shaped vocabulary matrix's copy is 4.2 GB; the sums are bit-identical).
-        for name, param in named_weights(base):
-            digest.update(f"{name}:{tuple(param.shape)}:{float(param.sum(dtype=torch.float64)):.10e}".encode())
+    digest.update(f"kind={kind} layers={layers} width={width} target={target.fingerprint}".encode())
     for item in items:
         digest.update(np.asarray(item["input_ids"], dtype=np.int64).tobytes())
         digest.update(b"|")
@@ -80,7 +114,7 @@ def cache_key(base: PreTrainedModel, items: list[dict[str, list[int]]], kind: st
 
 
 class HiddenStateCache:
-    """Read side: the records of sequence i as a [len_i, width] float16 tensor.
+    """Read side: the records of sequence i as a [len_i, width] float16 tensor, from whichever shard holds them.
 
     Records are read from the file, not memory-mapped: the pages of a mapping count in the process's resident
     memory once touched, so one epoch over a mapped cache added the whole file to the training process's RSS (0.74 GB
@@ -88,19 +122,112 @@ class HiddenStateCache:
 
     def __init__(self, folder: Path) -> None:
         meta = json.loads((folder / META_FILE).read_text())
-        # Caches written before the field existed are the default kind's (Medusa heads').
-        self.kind = get_kind(meta.get("kind", default_kind().name))
-        self.offsets = np.load(folder / OFFSETS_FILE)
-        self.path, self.width = folder / DATA_FILE, meta["hidden"]
+        self.kind = get_kind(meta["kind"])
+        self.width = meta["hidden"]
+        self.shards = [folder / name for name in meta["shards"]]
+        # Per item: (shard, first token, end token) in that shard's file.
+        self.location = np.full((meta["sequences"], 3), -1, dtype=np.int64)
+        for number, shard in enumerate(self.shards):
+            order, offsets = np.load(shard / ITEMS_FILE), np.load(shard / OFFSETS_FILE)
+            self.location[order] = np.stack([np.full(len(order), number), offsets[:-1], offsets[1:]], axis=1)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.location)
 
     def get(self, index: int) -> torch.Tensor:
-        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        record = np.dtype(np.float16).itemsize * self.width
-        rows = np.fromfile(self.path, dtype=np.float16, count=(stop - start) * self.width, offset=start * record)
+        shard, start, stop = (int(x) for x in self.location[index])
+        if shard < 0:
+            raise IndexError(f"item {index} is in no shard of this cache")
+        rows = np.fromfile(
+            self.shards[shard] / DATA_FILE,
+            dtype=np.float16,
+            count=(stop - start) * self.width,
+            offset=start * RECORD_BYTES * self.width,
+        )
         return torch.from_numpy(rows.reshape(stop - start, self.width))
+
+
+@dataclass(frozen=True)
+class CacheGroup:
+    """The processes that share one cache folder and build it together, and how the run's processes fall into such
+    groups: one group when the folder is shared by all nodes, else one per node."""
+
+    groups: tuple[tuple[int, ...], ...]  # each group's global ranks, the groups in order of their first rank
+    rank: int  # this process's global rank
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return next(group for group in self.groups if self.rank in group)
+
+    @property
+    def index(self) -> int:
+        """This process's place in its group."""
+        return self.ranks.index(self.rank)
+
+    @property
+    def number(self) -> int:
+        """Its group's place among the groups."""
+        return self.groups.index(self.ranks)
+
+    @property
+    def shared(self) -> bool:
+        return len(self.groups) == 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gathered(value: object) -> list:
+    """`value` of every process, in rank order (itself alone without torch.distributed)."""
+    if not _distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def everywhere(flags: object) -> list[bool]:
+    """Every process's `all(flags)`: what all processes must decide alike (modules of one shape for DDP)."""
+    return [bool(flag) for flag in _gathered(all(flags))]
+
+
+def cache_group(root: Path) -> CacheGroup:
+    """Which processes see the same `root`: each writes a file named after its rank into a folder new to this run,
+    and after a barrier lists the files it sees there. One process alone: a group of one."""
+    if not _distributed():
+        return CacheGroup(((0,),), 0)
+    rank = dist.get_rank()
+    run = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(run, src=0)
+    marks = root / f".ranks-{run[0]}"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / str(rank)).touch()
+    dist.barrier()
+    seen = tuple(sorted(int(path.name) for path in marks.iterdir()))
+    views = _gathered(seen)
+    dist.barrier()
+    shutil.rmtree(marks, ignore_errors=True)  # every process of the group tries; one succeeds
+    # The views must split the processes into groups that see each other's files and no one else's.
+    if any(rank not in view or any(views[other] != view for other in view) for rank, view in enumerate(views)):
+        raise UserError(
+            f"--medusa_hidden_cache_dir {root}: the processes see different sets of each other's files there "
+            f"({views}); use a folder that every node sees, or one on a disk local to each node"
+        )
+    return CacheGroup(tuple(sorted(set(views))), rank)
+
+
+def balance(costs: list[int], weights: list[int]) -> list[list[int]]:
+    """The indices of `costs` in len(weights) parts whose cost sums are about proportional to `weights`: largest
+    first, each to the part it leaves least loaded for its weight (ties: the first part). Deterministic: every
+    process computes the same split. Each part ascending."""
+    parts: list[list[int]] = [[] for _ in weights]
+    loads = [0] * len(weights)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        part = min(range(len(weights)), key=lambda p: ((loads[p] + costs[i]) / weights[p], p))
+        parts[part].append(i)
+        loads[part] += costs[i]
+    return [sorted(part) for part in parts]
 
 
 def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -168,83 +295,175 @@ def check_output_space(outputs: RunOutputs) -> None:
         )
 
 
+def complete_cache(target: TargetFiles, items: list[dict[str, list[int]]], root: Path, kind: str) -> bool:
+    """Whether the cache for (target, items, kind) under `root` is complete (then training needs no target pass)."""
+    return (root / cache_key(target, items, kind) / META_FILE).is_file()
+
+
+def _finished_shards(folder: Path) -> dict[str, np.ndarray]:
+    """Shard folder name -> the items it holds, for every finished shard in `folder`."""
+    if not folder.is_dir():
+        return {}
+    return {
+        shard.name: np.load(shard / ITEMS_FILE)
+        for shard in sorted(folder.glob(SHARD_PREFIX + "*"))
+        if (shard / DONE_FILE).is_file()
+    }
+
+
 def build_hidden_cache(
-    base: PreTrainedModel,
+    base: PreTrainedModel | None,
+    target: TargetFiles,
     items: list[dict[str, list[int]]],
     root: Path,
     max_tokens_per_batch: int = 8192,
     kind: str | None = None,
     outputs: RunOutputs | None = None,
+    group: CacheGroup | None = None,
 ) -> HiddenStateCache:
-    """Load the cache for (base, items, kind; default: the default kind), building or finishing it first if
-    needed. CacheTooLarge when the disk cannot hold it, with `outputs` (what the run writes next) when that goes
-    to the same disk (nothing is written then)."""
+    """Load the cache for (target, items, kind; default: the default kind), first computing with `base` (the
+    target loaded from `target`'s files; None only when the cache is complete) this process's share of what is
+    missing. Under torchrun every process calls it at once; `group`: who shares `root` (default: found out now,
+    `cache_group`). CacheTooLarge
+    when the disk cannot hold it, with `outputs` (what the run writes next) when that goes to the same disk
+    (nothing is written then; raised by every process when one's disk is short)."""
     kind = kind or default_kind().name
-    folder = root / cache_key(base, items, kind)
-    if (folder / META_FILE).is_file():
-        logger.warning("hidden-state cache: reusing %s", folder)
-        return HiddenStateCache(folder)
+    group = group or cache_group(root)
+    folder = root / cache_key(target, items, kind)
+    layers, width = record_layout(target.config, kind)
     lengths = [len(item["input_ids"]) for item in items]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    layers, hidden_size = record_layout(base, kind)
-    need = int(offsets[-1]) * hidden_size * 2
-    folder.mkdir(parents=True, exist_ok=True)
-    data_path = folder / DATA_FILE
-    already = data_path.stat().st_size if data_path.exists() else 0
+    complete = (folder / META_FILE).is_file()
+    finished = {} if complete else _finished_shards(folder)
+    covered = np.zeros(len(items), dtype=bool)
+    for order in finished.values():
+        covered[order] = True
+    missing = [] if complete else [i for i in range(len(items)) if not covered[i]]
+    # The batches a single process would compute (when nothing is cached yet), split between the group's processes.
+    batches = [[missing[j] for j in batch] for batch in _batches([lengths[i] for i in missing], max_tokens_per_batch)]
+    longest = max(lengths)
+    costs = [len(batch) * padded_length(max(lengths[i] for i in batch), longest) for batch in batches]
+    mine = [batches[b] for b in balance(costs, [1] * len(group.ranks))[group.index]]
+    mine_items = [i for batch in mine for i in batch]
+    name = hashlib.sha256(np.asarray(mine_items, dtype=np.int64).tobytes()).hexdigest()[:12]
+    shard = folder / f"{SHARD_PREFIX}{group.index:05d}-of-{len(group.ranks):05d}-{name}"
+
+    tokens, left = sum(lengths), sum(lengths[i] for i in missing)
+    need = left * width * RECORD_BYTES
+    # Partial shards of this group with the same split are resumed: what they hold counts as written.
+    already = sum(
+        (path / DATA_FILE).stat().st_size
+        for path in folder.glob(f"{SHARD_PREFIX}*-of-{len(group.ranks):05d}-*")
+        if path.name not in finished and (path / DATA_FILE).is_file()
+    )
+    root.mkdir(parents=True, exist_ok=True)  # the disk measured is the one the cache goes to
     free, device = _free_bytes(folder)
     # Checkpoints and the draft count here too when they go to the same disk: the run needs both.
     shared = outputs is not None and _free_bytes(outputs.folder)[1] == device
     also = f" + {outputs.describe()} at {outputs.folder}" if shared else ""
+    done = "complete" if complete else f"{(tokens - left) / max(tokens, 1):.0%} cached"
     logger.warning(
-        "hidden-state cache: %d tokens x %d x float16 = %.2f GB at %s%s (%.1f GB free)",
-        offsets[-1], hidden_size, need / 1e9, folder, also, free / 1e9,
+        "%s%s; %s; this process computes %d of the %d tokens left to %d process(es)",
+        cache_plan(target.config, kind, tokens, folder), also, done, sum(lengths[i] for i in mine_items), left,
+        len(group.ranks),
     )  # fmt: skip
-    total = need - already + (outputs.total if shared else 0)
-    if total > free - RESERVE:
-        if not any(folder.iterdir()):
-            folder.rmdir()  # leave no empty cache folder behind
+    total = max(need - already, 0) + (outputs.total if shared and not complete else 0)
+    short = total > free - RESERVE
+    if not all(everywhere([not short])):
         raise CacheTooLarge(
-            f"this run needs {total / 1e9:.2f} GB (the hidden-state cache {need / 1e9:.2f} GB{also}) but {folder} "
-            f"has {free / 1e9:.2f} GB free: free space, point --medusa_hidden_cache_dir at a larger disk, lower "
-            f"--max_samples/--model_max_length, or train without it (--medusa_hidden_cache False)"
+            (
+                f"this run needs {total / 1e9:.2f} GB (the hidden-state cache {need / 1e9:.2f} GB{also}) but {folder} "
+                f"has {free / 1e9:.2f} GB free"
+                if short
+                else f"another process's disk cannot hold its hidden-state cache (its log says which and how much; "
+                f"{folder} here has {free / 1e9:.1f} GB free)"
+            )
+            + ": free space, point --medusa_hidden_cache_dir at a larger disk, lower --max_samples/--model_max_length, "
+            "or train without it (--medusa_hidden_cache False)"
         )
-    np.save(folder / OFFSETS_FILE, offsets)
-    mode = "r+" if already == need else "w+"
-    data = np.memmap(data_path, dtype=np.float16, mode=mode, shape=(int(offsets[-1]), hidden_size))
-    progress_path = folder / PROGRESS_FILE
-    batches = _batches(lengths, max_tokens_per_batch)
-    done = json.loads(progress_path.read_text())["batches"] if mode == "r+" and progress_path.exists() else 0
+    if mine:
+        _build_shard(base, items, lengths, mine, shard, width, kind, longest)
+    if _distributed():
+        dist.barrier()
+    if not complete and group.index == 0:
+        _finish(folder, len(items), width, layers, kind)
+    if _distributed():
+        dist.barrier()
+    return HiddenStateCache(folder)
+
+
+def _build_shard(
+    base: PreTrainedModel | None,
+    items: list[dict[str, list[int]]],
+    lengths: list[int],
+    batches: list[list[int]],
+    shard: Path,
+    width: int,
+    kind: str,
+    longest: int,
+) -> None:
+    """Compute and write the records of `batches` into `shard` (resuming where its progress says), then mark it
+    finished."""
+    if (shard / DONE_FILE).is_file():
+        return
+    if base is None:
+        raise ValueError("the cache is incomplete: building it needs the target model")
+    order = [i for batch in batches for i in batch]
+    offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in order])]).astype(np.int64)
+    start = {item: int(offset) for item, offset in zip(order, offsets[:-1], strict=True)}
+    shard.mkdir(parents=True, exist_ok=True)
+    data_path, progress_path = shard / DATA_FILE, shard / PROGRESS_FILE
+    resume = data_path.is_file() and data_path.stat().st_size == int(offsets[-1]) * width * RECORD_BYTES
+    if not resume:
+        np.save(shard / ITEMS_FILE, np.asarray(order, dtype=np.int64))
+        np.save(shard / OFFSETS_FILE, offsets)
+    data = np.memmap(data_path, dtype=np.float16, mode="r+" if resume else "w+", shape=(int(offsets[-1]), width))
+    done = json.loads(progress_path.read_text())["batches"] if resume and progress_path.is_file() else 0
     if done:
-        logger.warning("hidden-state cache: resuming at batch %d of %d", done, len(batches))
+        logger.warning("hidden-state cache: %s resumes at batch %d of %d", shard.name, done, len(batches))
     device = input_device(base)
     with torch.inference_mode():
         for batch_index in tqdm(
             range(done, len(batches)), desc="caching hidden states", initial=done, total=len(batches)
         ):
             batch = batches[batch_index]
-            width = padded_length(max(lengths[i] for i in batch), max(lengths))  # few shapes (drafts/shapes.py)
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            padded = padded_length(max(lengths[i] for i in batch), longest)  # few shapes (drafts/shapes.py)
+            input_ids = torch.zeros((len(batch), padded), dtype=torch.long)
+            mask = torch.zeros((len(batch), padded), dtype=torch.long)
             for row, i in enumerate(batch):
                 input_ids[row, : lengths[i]] = torch.tensor(items[i]["input_ids"])
                 mask[row, : lengths[i]] = 1
             hidden = frozen_pass(base, input_ids.to(device), mask.to(device), kind)
             hidden = hidden.to(torch.float16).cpu().numpy()
             for row, i in enumerate(batch):
-                data[offsets[i] : offsets[i + 1]] = hidden[row, : lengths[i]]
+                data[start[i] : start[i] + lengths[i]] = hidden[row, : lengths[i]]
             data.flush()
             progress_path.write_text(json.dumps({"batches": batch_index + 1}))
     del data
+    (shard / DONE_FILE).write_text(json.dumps({"sequences": len(order), "tokens": int(offsets[-1])}))
+
+
+def _finish(folder: Path, sequences: int, width: int, layers: list[int | str], kind: str) -> None:
+    """Mark the cache complete (meta.json, written last) once its finished shards hold every item exactly once;
+    remove the partial shards a run with another number of processes left."""
+    finished = _finished_shards(folder)
+    counts = np.zeros(sequences, dtype=np.int64)
+    for order in finished.values():
+        np.add.at(counts, order, 1)
+    if not (counts == 1).all():
+        raise RuntimeError(f"{folder}: its finished shards do not hold every item once ({np.bincount(counts)})")
+    for path in folder.glob(SHARD_PREFIX + "*"):
+        if path.name not in finished:
+            shutil.rmtree(path)
     meta = {
-        "tokens": int(offsets[-1]),
-        "hidden": hidden_size,  # the record width
-        "sequences": len(items),
+        "tokens": int(sum(json.loads((folder / name / DONE_FILE).read_text())["tokens"] for name in finished)),
+        "hidden": width,  # the record width
+        "sequences": sequences,
         "version": FORMAT_VERSION,
         "kind": kind,
         "layers": layers,
+        "shards": sorted(finished),
     }
-    (folder / META_FILE).write_text(json.dumps(meta))  # written last: marks the cache complete
-    return HiddenStateCache(folder)
+    (folder / META_FILE).write_text(json.dumps(meta))
 
 
 class CachedHiddenDataset(Dataset):
@@ -264,3 +483,36 @@ class CachedHiddenDataset(Dataset):
         if self.cache.kind.records_need_token_ids:
             item["input_ids"] = self.items[index]["input_ids"]
         return item
+
+
+class NodeShareSampler(Sampler[int]):
+    """For a cache folder each node has its own of: every process draws its batches only from its group's share of
+    the training data (what its group cached), a fresh permutation of it each epoch, its group's shares dealt out
+    to the group's processes. The sequence is the same on every process and laid out for accelerate, which gives
+    process p the batches p, p + W, p + 2W, ... (W processes): batch s * W + p is process p's step s. Every process
+    takes as many steps per epoch; a group with less data per process repeats some of it."""
+
+    def __init__(self, share_sizes: list[int], groups: tuple[tuple[int, ...], ...], batch_size: int, seed: int) -> None:
+        self.share_sizes, self.groups, self.batch_size, self.seed = share_sizes, groups, batch_size, seed
+        self.epoch = 0
+        self.steps = max(math.ceil(n / (len(g) * batch_size)) for n, g in zip(share_sizes, groups, strict=True))
+        self.world = sum(len(group) for group in groups)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.world * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        per_process: dict[int, list[int]] = {}
+        for size, group in zip(self.share_sizes, self.groups, strict=True):
+            order = torch.randperm(size, generator=generator).tolist()
+            wanted = self.steps * len(group) * self.batch_size
+            order = (order * math.ceil(wanted / size))[:wanted]
+            for place, rank in enumerate(group):
+                per_process[rank] = order[place :: len(group)]
+        for step in range(self.steps):
+            for rank in range(self.world):
+                yield from per_process[rank][step * self.batch_size : (step + 1) * self.batch_size]

@@ -3,10 +3,12 @@ write the draft folder (Medusa heads, or another kind of draft with --draft_kind
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,13 +27,20 @@ from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.hidden_cache import (
     CachedHiddenDataset,
+    CacheGroup,
     CacheTooLarge,
+    NodeShareSampler,
     RunOutputs,
+    balance,
     build_hidden_cache,
+    cache_group,
     check_output_space,
+    complete_cache,
+    everywhere,
     run_outputs,
 )
 from medusa_forge.train.report import plot_history, training_metrics
+from medusa_forge.train.target_files import TargetFiles
 from medusa_forge.train.trainer import MedusaTrainer
 
 logger = logging.getLogger("medusa_forge")
@@ -80,20 +89,78 @@ def remove_checkpoints(output_dir: Path, why: str) -> None:
         logger.warning("removed %d checkpoint(s) %s", len(folders), why)
 
 
-def _cached(base, train_set, eval_set, config: TrainConfig, outputs: RunOutputs):
-    """Swap token datasets for hidden-state datasets; the main process of each node builds, others wait.
-    A run whose cache does not fit on the disk keeps the token dataset when its kind `trains_without_cache`: the
-    records are then computed per batch (the frozen pass runs every epoch)."""
+def _target_files(base_path: str, dtype: torch.dtype, config: TrainConfig) -> TargetFiles:
+    """The target's files (a Hub id's, fetched as from_pretrained would fetch them), fingerprinted once: by the first
+    process, the others take its fingerprint (every process reading every weight file of a 70B target would cost
+    minutes each)."""
+    folder = base_path
+    if not Path(base_path).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(base_path, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as err:  # offline, gated, no such repository: said as loading the model says it
+            raise UserError(f"could not fetch model {base_path!r}: {str(err).splitlines()[0]}") from err
+    target = TargetFiles(folder, dtype)
+    fingerprint = [target.fingerprint if config.process_index == 0 else None]
+    if config.world_size > 1:
+        torch.distributed.broadcast_object_list(fingerprint, src=0)
+    target.fingerprint = fingerprint[0]
+    return target
+
+
+@dataclass
+class CachePlan:
+    """Where this run's hidden-state caches live and which items each holds here."""
+
+    target: TargetFiles
+    root: Path
+    group: CacheGroup
+    # With a folder per node: the training items of each node's share (what that node caches and trains on).
+    shares: list[list[int]] | None
+
+    def items(self, dataset: ConversationDataset, training: bool) -> list[dict[str, list[int]]]:
+        items = dataset.all_items()
+        if training and self.shares is not None:
+            return [items[i] for i in self.shares[self.group.number]]
+        return items  # the held-out set: whole on every node (each process evaluates its part of it)
+
+
+def _plan_caches(base_path: str, dtype: torch.dtype, train_set: ConversationDataset, config: TrainConfig) -> CachePlan:
     root = Path(config.medusa_hidden_cache_dir or cache_dir() / "hidden")
-    out = []
-    for dataset in (train_set, eval_set):
+    group = cache_group(root)
+    shares = None
+    if not group.shared:
+        lengths = [len(item["input_ids"]) for item in train_set.all_items()]
+        shares = balance(lengths, [len(ranks) for ranks in group.groups])
+        if config.process_index == 0:
+            logger.warning(
+                "hidden-state cache: %s is not one folder shared by all nodes (process groups %s each see their "
+                "own): each node caches and trains on its own share of the training conversations (balanced by "
+                "tokens), so each conversation is trained on by one node only, and the held-out set is cached on "
+                "every node. For every process to sample from all the data, point --medusa_hidden_cache_dir at a "
+                "folder all nodes share",
+                root,
+                list(group.groups),
+            )
+    return CachePlan(_target_files(base_path, dtype, config), root, group, shares)
+
+
+def _cached(base, plan: CachePlan, train_set, eval_set, config: TrainConfig, outputs: RunOutputs):
+    """Swap token datasets for hidden-state datasets, every process computing its share of what is not cached yet.
+    A run whose cache does not fit on the disk keeps the token dataset when its kind `trains_without_cache`: the
+    records are then computed per batch (the frozen pass runs every epoch). Also returns the sampler training from
+    a node's share needs (else None)."""
+    out, sampler = [], None
+    for dataset, training in ((train_set, True), (eval_set, False)):
         if dataset is None:
             out.append(None)
             continue
-        items = dataset.all_items()
+        items = plan.items(dataset, training)
         try:
-            with config.main_process_first(desc="hidden-state cache"):
-                cache = build_hidden_cache(base, items, root, kind=config.draft_kind, outputs=outputs)
+            cache = build_hidden_cache(
+                base, plan.target, items, plan.root, kind=config.draft_kind, outputs=outputs, group=plan.group
+            )
         except CacheTooLarge as err:
             if not get_kind(config.draft_kind).trains_without_cache:
                 raise
@@ -101,7 +168,10 @@ def _cached(base, train_set, eval_set, config: TrainConfig, outputs: RunOutputs)
             out.append(dataset)
             continue
         out.append(CachedHiddenDataset(items, cache))
-    return out
+        if training and plan.shares is not None:
+            sizes = [len(share) for share in plan.shares]
+            sampler = NodeShareSampler(sizes, plan.group.groups, config.per_device_train_batch_size, config.seed)
+    return (*out, sampler)
 
 
 def train(config: TrainConfig) -> Path:
@@ -142,11 +212,25 @@ def _train(config: TrainConfig) -> Path:
             eval_conversations, tokenizer, config.model_max_length, config.lazy_preprocess, eval_path
         )
 
-    placement = config.target_placement()
-    base = load_base_model(base_path, dtype=_base_dtype(config), placement=placement)
-    if placement is None:  # a dispatched target stays where its device map put it
-        base = base.to(config.device)
     kind = get_kind(config.draft_kind)
+    dtype = _base_dtype(config)
+    plan = _plan_caches(base_path, dtype, train_set, config) if config.medusa_hidden_cache else None
+    # Every record cached (on every process: they must hold the same modules): the target's layers are never loaded.
+    complete = plan is not None and all(
+        everywhere(
+            complete_cache(plan.target, plan.items(dataset, dataset is train_set), plan.root, kind.name)
+            for dataset in (train_set, eval_set)
+            if dataset is not None
+        )
+    )
+    if complete:
+        logger.warning("hidden-state cache complete: reading only the target's embedding and lm_head, not its layers")
+        base = plan.target.stand_in(kind.records_need_token_ids).to(config.device)
+    else:
+        placement = config.target_placement()
+        base = load_base_model(base_path, dtype=dtype, placement=placement)
+        if placement is None:  # a dispatched target stays where its device map put it
+            base = base.to(config.device)
     # A draft vocabulary is chosen from the token data before the cache replaces it; the draft is built before
     # the cache so that the disk check counts its checkpoints. In config.json: aliases become the folder a
     # server can load.
@@ -155,10 +239,21 @@ def _train(config: TrainConfig) -> Path:
     outputs = run_outputs(draft, Path(config.output_dir), config.save_strategy, config.save_total_limit)
     check_output_space(outputs)
     cache_seconds = time.perf_counter()
-    if config.medusa_hidden_cache:
-        train_set, eval_set = _cached(base, train_set, eval_set, config, outputs)
+    sampler = None
+    if plan is not None:
+        train_set, eval_set, sampler = _cached(base, plan, train_set, eval_set, config, outputs)
+        cached = [isinstance(dataset, CachedHiddenDataset) for dataset in (train_set, eval_set) if dataset is not None]
+        if not complete and all(cached):
+            # Built: train on with the stand-in, and give the target's memory back.
+            # Held as the training modules hold the target: an attribute, not a submodule (never trained, saved
+            # or wrapped by DDP).
+            object.__setattr__(model, "base", plan.target.stand_in(kind.records_need_token_ids).to(config.device))
+            del base
+            gc.collect()
+            logger.warning("hidden-state cache built: the target is freed; training reads its embedding and lm_head")
     cache_seconds = time.perf_counter() - cache_seconds
     trainer = MedusaTrainer(
+        train_sampler=sampler,
         model=model,
         args=config,
         train_dataset=train_set,
@@ -185,7 +280,7 @@ def _train(config: TrainConfig) -> Path:
         }
         card_metrics = metrics.held_out_head_metrics(kind.metric_name)
         base_id = hub_base_id(config.model_name_or_path) or base_path
-        options = kind.card_options(base)
+        options = kind.card_options(model.base)
         write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, **options)
         logger.warning("%s written to %s", kind.label, output)
     return output

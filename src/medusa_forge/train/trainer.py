@@ -23,12 +23,18 @@ class MedusaTrainer(Trainer):
     loadable draft folder. The model (the draft kind's training module) names its draft submodule
     (`draft_attribute`); the kind (`args.draft_kind`) names its metrics and reads its checkpoints."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, train_sampler: torch.utils.data.Sampler | None = None, **kwargs) -> None:
+        # `train_sampler`: the order of the training items when the Trainer's own would not do (a node's share of a
+        # hidden-state cache, `NodeShareSampler`); None: the Trainer's.
+        self.train_sampler = train_sampler
         super().__init__(*args, **kwargs)
         self._head_stats = {"train": None, "eval": None}
         self.remove_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
         self.add_callback(MedusaPrinterCallback() if self.args.disable_tqdm else MedusaProgressCallback())
         self.add_callback(EpochTimer())
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.train_sampler or super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
