@@ -3,16 +3,27 @@ at every output or input edge. Real processes, signals, files and servers on 127
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
+import transformers
+from conftest import CORPUS, TINY_CONFIGS, write_conversations
+from test_export_eagle3 import draft_folder, target_folder  # noqa: F401 - fixture
 from test_pipeline import tiny_config
-from test_user_errors import error_of, unwritable_folder
+from test_serve import free_port
+from test_train import small_run_flags
+from test_user_errors import error_of, heads_folder, unwritable_folder  # noqa: F401 - fixture
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from medusa_forge.cli import main
 from medusa_forge.pipeline.runner import STATE_FILE
@@ -94,3 +105,131 @@ def test_workdir_that_cannot_be_written_is_refused_first(tmp_path, capsys, comma
     argv = [command, "--workdir", str(workdir), "--set", "model=/nonexistent/model"]
     assert main(argv) == 2
     assert expected in error_of(capsys)
+
+
+# -- 2: a draft records its local base as an absolute path ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_draft_trained_from_a_relative_base_works_from_any_folder(tmp_path, tiny_model_dir, monkeypatch, capsys, kind):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model_dir, work / "models" / "A")
+    elsewhere.mkdir()
+    data = write_conversations(work / "data.json", n=4)
+    monkeypatch.chdir(work)
+    flags = small_run_flags(Path("models/A"), data, work / "draft", "--max_steps", "1", "--draft_kind", kind,
+                            "--medusa_hidden_cache", "False", "--eagle3_ttt_steps", "2")  # fmt: skip
+    flags[flags.index("--model_name_or_path") + 1] = "models/A"  # as typed, without ./
+    assert main(["train", *flags]) == 0
+    recorded = json.loads((work / "draft" / "config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(work / "models" / "A")
+    monkeypatch.chdir(elsewhere)
+    generate = ["generate", "--draft", str(work / "draft"), "--prompt", "Hello", "--max-new-tokens", "4"]
+    assert main(generate) == 0
+    capsys.readouterr()
+    (work / "models" / "A").rename(work / "models" / "moved")  # the base is gone: say so, name --model
+    assert main(generate) == 2
+    err = error_of(capsys)
+    assert f"{work / 'draft' / 'config.json'} records the base model as the local folder {recorded!r}" in err
+    assert "pass the base with --model" in err
+
+
+def test_hub_ids_and_the_alias_are_recorded_as_they_are():
+    from medusa_forge.defaults import absolute_if_folder
+
+    assert absolute_if_folder("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert absolute_if_folder("smollm2") == "smollm2"
+
+
+# -- 3: generate --model OTHER encodes with OTHER's tokenizer, and refuses another vocabulary ----------------------
+
+
+def other_tokenizer() -> PreTrainedTokenizerFast:
+    """As many tokens as the tiny tokenizer, learnt from other text: the same ids mean other tokens."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([line[::-1].upper() for line in CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def test_generate_with_another_base_refuses_a_draft_of_another_tokenizer(
+    tmp_path, tiny_model_dir, heads_folder, tiny_tokenizer, capsys  # noqa: F811
+):
+    tiny_tokenizer.save_pretrained(heads_folder)  # the draft's own tokenizer, as training saves it
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")  # the same sizes and weights...
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).unlink(missing_ok=True)
+    other_tokenizer().save_pretrained(other)  # ...and another tokenizer
+    argv = ["generate", "--draft", str(heads_folder), "--prompt", "Hello", "--max-new-tokens", "4"]
+    assert main([*argv, "--model", str(other)]) == 2
+    err = error_of(capsys)
+    assert f"--model {other}: its tokenizer differs from the one the draft in {heads_folder} was trained with" in err
+    same = shutil.copytree(tiny_model_dir, tmp_path / "same")  # the base's tokenizer, equal to the draft's
+    assert main([*argv, "--model", str(same)]) == 0
+
+
+# -- 4: serve without --model names the draft's base ---------------------------------------------------------------
+
+
+def test_serve_a_draft_names_its_real_base(heads_folder, tiny_model_dir):  # noqa: F811
+    port = free_port()
+    command = [sys.executable, "-m", "medusa_forge.cli", "serve", "--draft", str(heads_folder), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-3000:]
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        models_ = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert health.json()["model"] == str(tiny_model_dir)
+    assert [m["id"] for m in models_["data"]] == [str(tiny_model_dir)]
+    assert reply["model"] == str(tiny_model_dir)
+
+
+# -- 5 and 6: one compatibility check, in export --base-model-id and in eval -----------------------------------------
+
+
+@pytest.fixture
+def wider_base(tmp_path, tiny_tokenizer) -> Path:
+    """A base like the tiny one but of hidden size 48 (8 layers, enough for the engines' EAGLE-3 feature layers)."""
+    config = TINY_CONFIGS["llama"](len(tiny_tokenizer))
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 48, 96, 8
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wider")
+    tiny_tokenizer.save_pretrained(tmp_path / "wider")
+    return tmp_path / "wider"
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_export_checks_the_base_model_id_it_writes(tmp_path, request, wider_base, capsys, kind):
+    draft = request.getfixturevalue("heads_folder" if kind == "medusa" else "draft_folder")
+    argv = ["export", "--draft", str(draft), "--format", "vllm", "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--base-model-id", str(wider_base)]) == 2
+    err = error_of(capsys)
+    assert "trained for hidden size 32 and vocabulary" in err and f"base model {wider_base} has hidden size 48" in err
+    assert "--base-model-id" in err and not (tmp_path / "out").exists()
+    assert main([*argv, "--base-model-id", "acme/not-on-this-machine"]) == 0
+    out = capsys.readouterr().out
+    assert "note: not checked against base model 'acme/not-on-this-machine': its config.json is not on this" in out
+
+
+def test_eval_of_an_eagle3_draft_on_a_base_of_another_hidden_size_is_the_one_clear_error(
+    tmp_path, draft_folder, wider_base, capsys  # noqa: F811
+):
+    data = write_conversations(tmp_path / "held.json", n=4)
+    argv = ["eval", "--draft", str(draft_folder), "--model", str(wider_base), "--data", str(data), "--max-prompts", "1"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = error_of(capsys)
+    assert f"{draft_folder}: EAGLE-3 draft trained for hidden size 32 and vocabulary" in err
+    assert f"base model {wider_base} has hidden size 48" in err and "with --model" in err

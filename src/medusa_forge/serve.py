@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from medusa_forge.defaults import MODEL_ALIAS
 from medusa_forge.errors import UserError
 from medusa_forge.generation.batching import BATCHING_MODES, check_batching, make_engine
 from medusa_forge.generation.device import device_field, dtype_field
@@ -357,11 +358,13 @@ def run_serve(config: ServeConfig) -> int:
         from medusa_forge.decode.serving import DraftServeGenerator
 
         generator = DraftServeGenerator.load(config.heads, config.model, dtype=config.dtype, device=config.device)
+        base_name = generator.base_name  # the draft's own base unless --model: what clients record as the model
     else:
-        generator = HFGenerator.load(config.model or "smollm2", dtype=config.dtype, device=config.device)
+        base_name = config.model or MODEL_ALIAS
+        generator = HFGenerator.load(base_name, dtype=config.dtype, device=config.device)
     app = create_app(
         generator,
-        config.served_model_name or config.model or "smollm2",
+        config.served_model_name or base_name,
         max_batch_size=config.max_batch_size,
         batch_wait_ms=config.batch_wait_ms,
         default_max_tokens=config.default_max_tokens,
