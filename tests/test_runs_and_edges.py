@@ -3,6 +3,7 @@ at every output or input edge. Real processes, signals, files and servers on 127
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -233,3 +234,58 @@ def test_eval_of_an_eagle3_draft_on_a_base_of_another_hidden_size_is_the_one_cle
     err = error_of(capsys)
     assert f"{draft_folder}: EAGLE-3 draft trained for hidden size 32 and vocabulary" in err
     assert f"base model {wider_base} has hidden size 48" in err and "with --model" in err
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only for this process: by mode, or as root (which ignores modes) immutable."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    else:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a folder read-only for root here (no chattr)")
+        undo = ["chattr", "-i", str(folder)]
+    try:
+        yield folder
+    finally:
+        subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_export_and_import_output_that_cannot_be_written(tmp_path, heads_folder, capsys, command, kind):  # noqa: F811
+    if kind == "file":
+        out = tmp_path / "out.txt"
+        out.write_text("a file")
+        expected = f"--output-dir {out}: {out} is a file, not a folder"
+    else:
+        out = unwritable_folder(tmp_path) / "out"
+        expected = f"--output-dir {out}: cannot write in {out}"
+    argv = {
+        "export": ["export", "--draft", str(heads_folder), "--format", "tgi", "--output-dir", str(out)],
+        "import": ["import", "--from", str(heads_folder), "--output-dir", str(out)],
+    }[command]
+    assert main(argv) == 2
+    assert expected in error_of(capsys)
+
+
+def test_eval_output_dir_that_cannot_be_written_is_refused_before_measuring(tmp_path, heads_folder, capsys):  # noqa: F811
+    data = write_conversations(tmp_path / "held.json", n=4)
+    out = unwritable_folder(tmp_path) / "report"
+    argv = ["eval", "--draft", str(heads_folder), "--data", str(data), "--output-dir", str(out), "--max-prompts", "1"]
+    assert main([*argv, "--model", "/nonexistent/base-that-must-not-be-loaded"]) == 2
+    assert f"--output-dir {out}: cannot write in {out}" in error_of(capsys)
+
+
+def test_eval_into_a_read_only_draft_folder_is_refused_before_measuring(tmp_path, heads_folder, capsys):  # noqa: F811
+    data = write_conversations(tmp_path / "held.json", n=4)
+    report = tmp_path / "report"
+    argv = ["eval", "--draft", str(heads_folder), "--data", str(data), "--output-dir", str(report),
+            "--max-prompts", "1", "--max-new-tokens", "4", "--tree-sizes", "2", "--calibration-prompts", "1",
+            "--latency-prefix", "8", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    with read_only(heads_folder):
+        assert main(argv) == 2
+    err = error_of(capsys)
+    assert f"--heads {heads_folder} (eval stores the chosen tree there; --no-save-tree does not): cannot write" in err
+    assert not report.exists()  # refused before anything: no empty report folder left behind
