@@ -289,3 +289,58 @@ def test_eval_into_a_read_only_draft_folder_is_refused_before_measuring(tmp_path
     err = error_of(capsys)
     assert f"--heads {heads_folder} (eval stores the chosen tree there; --no-save-tree does not): cannot write" in err
     assert not report.exists()  # refused before anything: no empty report folder left behind
+
+
+# -- 8: a cut base model.safetensors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "train", "distill"])
+def test_cut_base_weights_are_one_error_naming_the_file(tmp_path, tiny_model_dir, heads_folder, capsys, command):  # noqa: F811
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    data = write_conversations(tmp_path / "data.json", n=2)
+    argv = {
+        "generate": ["generate", "--draft", str(heads_folder), "--model", str(base), "--prompt", "hi"],
+        "serve": ["serve", "--model", str(base), "--port", "0"],
+        "train": ["train", *small_run_flags(base, data, tmp_path / "out")],
+        "distill": ["distill", "--input-filename", str(data), "--output-filename", str(tmp_path / "o.jsonl"),
+                    "--model", str(base), "--no-progress"],
+    }[command]  # fmt: skip
+    assert main(argv) == 2
+    err = error_of(capsys)
+    assert f"{weights}: not a readable safetensors file" in err and "download or copy it again" in err
+
+
+# -- 9: damaged draft files, found when the draft loads ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value", [("rms_norm_eps", "tiny"), ("rope_theta", None), ("rope_theta", True)])
+def test_eagle3_config_values_of_the_wrong_type(tmp_path, draft_folder, capsys, key, value):  # noqa: F811
+    config = draft_folder / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    assert main(["generate", "--draft", str(draft_folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert f"{config}: {key} must be a positive number, found {value!r}" in error_of(capsys)
+
+
+def test_corrupt_tokenizer_json_in_a_draft_folder(tmp_path, draft_folder, capsys):  # noqa: F811
+    tokenizer = draft_folder / "tokenizer.json"
+    tokenizer.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))  # JSON, but no tokenizer
+    assert main(["generate", "--draft", str(draft_folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert f"{tokenizer}: not a readable tokenizer file" in error_of(capsys)
+    tokenizer.write_text('{"version": "1.0", "mod')  # cut short
+    assert main(["generate", "--draft", str(draft_folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert f"{tokenizer}: not a readable tokenizer file" in error_of(capsys)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_medusa_tree_beyond_the_heads_vocabulary_is_refused_at_load(heads_folder, command):  # noqa: F811
+    (heads_folder / "medusa_choices.json").write_text(json.dumps({"medusa_choices": [[0], [0, 0], [1000]]}))
+    argv = {
+        "generate": ["generate", "--draft", str(heads_folder), "--prompt", "hi", "--max-new-tokens", "2"],
+        "serve": ["serve", "--draft", str(heads_folder), "--port", "0"],  # before: started, then 500 to every request
+    }[command]
+    done = subprocess.run([sys.executable, "-m", "medusa_forge.cli", *argv], capture_output=True, text=True,
+                          timeout=120, env=child_env())  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "asks for a head token of rank 1000; the heads propose from 400 tokens" in done.stderr

@@ -161,6 +161,13 @@ class Eagle3Config:
         for key in (*sizes, "max_position_embeddings", "vocab_size", "draft_vocab_size"):
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
                 raise UserError(f"{where}: {key} must be a positive integer, found {raw[key]!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = raw[key]
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise UserError(f"{where}: {key} must be a positive number, found {value!r}")
+        if not isinstance(raw["base_model_name_or_path"], str) or not raw["base_model_name_or_path"]:
+            raise UserError(f"{where}: base_model_name_or_path must name the target model, found "
+                            f"{raw['base_model_name_or_path']!r}")  # fmt: skip
         if raw["draft_vocab_size"] > raw["vocab_size"]:
             raise UserError(f"{where}: draft_vocab_size {raw['draft_vocab_size']} > vocab_size {raw['vocab_size']}")
         if raw["num_attention_heads"] % raw["num_key_value_heads"]:
