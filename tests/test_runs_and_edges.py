@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -344,3 +345,67 @@ def test_medusa_tree_beyond_the_heads_vocabulary_is_refused_at_load(heads_folder
                           timeout=120, env=child_env())  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "asks for a head token of rank 1000; the heads propose from 400 tokens" in done.stderr
+
+
+# -- 11: distill against servers that misbehave ----------------------------------------------------------------------
+
+
+def test_a_reply_that_is_no_utf8_fails_its_conversation_not_the_run(tmp_path, capsys):
+    from test_distill import ScriptedServer, read_jsonl
+
+    data = write_conversations(tmp_path / "in.json", n=3)
+    out = tmp_path / "out.jsonl"
+    lone = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok \ud800 then"},
+                         "finish_reason": "stop"}]}  # fmt: skip
+    flags = ["--input-filename", str(data), "--output-filename", str(out), "--concurrency", "1", "--no-progress",
+             "--max-turns", "1", "--max-retries", "0"]  # fmt: skip
+    with ScriptedServer(bodies=[lone]) as server:
+        assert main(["distill", *flags, "--url", server.url]) == 1
+    err = error_of(capsys)
+    assert "failed: 1" in err and "cannot be written as UTF-8" in err
+    assert len(read_jsonl(out)) == 2  # the other conversations are kept
+
+
+class TricklingServer:
+    """Answers every request with headers and then one byte a second, forever (until closed)."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        stop = self.stop = threading.Event()
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.recv(65536)
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                self.request.sendall(b"Content-Length: 1000\r\n\r\n")
+                while not stop.wait(1.0):
+                    try:
+                        self.request.sendall(b" ")
+                    except OSError:
+                        return
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> TricklingServer:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_distill_timeout_bounds_the_whole_request(tmp_path, capsys):
+    data = write_conversations(tmp_path / "in.json", n=1)
+    flags = ["--input-filename", str(data), "--output-filename", str(tmp_path / "out.jsonl"), "--no-progress",
+             "--max-retries", "0", "--timeout", "2", "--model", "m"]  # fmt: skip
+    with TricklingServer() as server:
+        start = time.monotonic()
+        assert main(["distill", *flags, "--url", server.url]) == 1
+        seconds = time.monotonic() - start
+    assert seconds < 15, f"--timeout 2 waited {seconds:.0f} s"
+    assert "no complete reply within --timeout 2 s" in error_of(capsys)
