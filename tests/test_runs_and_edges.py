@@ -119,8 +119,9 @@ def test_draft_trained_from_a_relative_base_works_from_any_folder(tmp_path, tiny
     elsewhere.mkdir()
     data = write_conversations(work / "data.json", n=4)
     monkeypatch.chdir(work)
+    steps = ["--eagle3_ttt_steps", "2"] if kind == "eagle3" else []
     flags = small_run_flags(Path("models/A"), data, work / "draft", "--max_steps", "1", "--draft_kind", kind,
-                            "--medusa_hidden_cache", "False", "--eagle3_ttt_steps", "2")  # fmt: skip
+                            "--medusa_hidden_cache", "False", *steps)  # fmt: skip
     flags[flags.index("--model_name_or_path") + 1] = "models/A"  # as typed, without ./
     assert main(["train", *flags]) == 0
     recorded = json.loads((work / "draft" / "config.json").read_text())["base_model_name_or_path"]
@@ -409,3 +410,57 @@ def test_distill_timeout_bounds_the_whole_request(tmp_path, capsys):
         seconds = time.monotonic() - start
     assert seconds < 15, f"--timeout 2 waited {seconds:.0f} s"
     assert "no complete reply within --timeout 2 s" in error_of(capsys)
+
+
+# -- 12: the smaller ones ---------------------------------------------------------------------------------------------
+
+
+def test_generate_seed_beyond_64_bits_is_refused(heads_folder, capsys):  # noqa: F811
+    argv = ["generate", "--draft", str(heads_folder), "--prompt", "hi", "--temperature", "1", "--seed", str(2**64)]
+    assert main(argv) == 2
+    assert f"--seed {2**64}: expected {-(2**63)}..{2**64 - 1}" in error_of(capsys)
+
+
+def test_pipeline_model_max_length_zero_is_refused_before_distill(tmp_path, tiny_model_dir, capsys):
+    config = tiny_config(tmp_path, tiny_model_dir)
+    workdir = tmp_path / "work"
+    argv = ["pipeline", "--config", str(config), "--workdir", str(workdir), "--set", "train.model_max_length=0"]
+    assert main(argv) == 2
+    assert "--model_max_length 0: must be at least 2" in error_of(capsys)
+    assert not workdir.exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "kind,flag,value,other",
+    [("medusa", "--eagle3_ttt_steps", "3", "EAGLE-3 draft"), ("eagle3", "--medusa_num_heads", "5", "Medusa heads"),
+     ("eagle3", "--medusa_soft_labels", "True", "Medusa heads")],
+)  # fmt: skip
+def test_flags_of_the_other_kind_are_refused_naming_it(tmp_path, capsys, kind, flag, value, other):
+    data = write_conversations(tmp_path / "data.json", n=2)
+    flags = small_run_flags("/nonexistent/model", data, tmp_path / "out", "--draft_kind", kind, flag, value)
+    assert main(["train", *flags]) == 2
+    assert f"{flag} {value}: applies to {other}" in error_of(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shared_and_default_valued_flags_stay_accepted():
+    from medusa_forge.train.args import parse_args
+
+    shared = ["--medusa_hidden_cache", "False", "--medusa_loss_chunk_size", "256", "--medusa_num_heads", "3"]
+    assert parse_args(["--draft_kind", "eagle3", *shared]).medusa_loss_chunk_size == 256
+    assert parse_args(["--medusa_num_heads", "4", "--medusa_soft_labels", "True"]).medusa_num_heads == 4
+
+
+def test_data_nested_100000_deep_is_one_clear_error(tmp_path, capsys):
+    data = tmp_path / "deep.json"
+    data.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["train", *small_run_flags("/nonexistent/model", data, tmp_path / "out")]) == 2
+    assert f"{data}: lists or objects nested thousands of levels deep" in error_of(capsys)
+
+
+def test_a_failed_train_leaves_no_empty_default_output_folder(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """What left an empty medusa-heads/ in the repository: a train test without --output_dir whose data was missing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--data_path", "no-such.json"]) == 2
+    assert "data file 'no-such.json' not found" in error_of(capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -36,6 +36,7 @@ from medusa_forge.generation.batching import BATCHING_MODES, check_batching, mak
 from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator, SteppedGenerator
 from medusa_forge.generation.hf import HFGenerator
+from medusa_forge.generation.sampling import SEED_MAX, SEED_MIN
 
 logger = logging.getLogger("medusa_forge.serve")
 
@@ -64,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what torch's generators take
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
