@@ -77,7 +77,8 @@ def train_one(kind: str, out: Path, args: argparse.Namespace, *extra: str) -> di
         sys.executable, "-m", "medusa_forge.cli", "train", "--draft_kind", kind, "--model_name_or_path", args.model,
         "--data_path", args.data, "--max_samples", str(args.samples), "--model_max_length", str(args.max_length),
         "--per_device_train_batch_size", str(args.batch_size), "--bf16", str(args.bf16),
-        "--eagle3_ttt_steps", "3", "--num_train_epochs", str(args.epochs), "--learning_rate", "1e-3",
+        *(["--eagle3_ttt_steps", "3"] if kind == "eagle3" else []),  # a Medusa run refuses EAGLE-3's flags
+        "--num_train_epochs", str(args.epochs), "--learning_rate", "1e-3",
         "--logging_steps", "1", "--disable_tqdm", "True", "--save_strategy", "no", "--eval_strategy", "no",
         "--auto_resume", "False", "--overwrite_output_dir", "True", "--output_dir", str(out / kind),
     ]  # fmt: skip

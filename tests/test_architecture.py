@@ -12,10 +12,10 @@ PACKAGE = Path(medusa_forge.__file__).parent
 # Module (or package) -> its place in the flow. The longest matching prefix decides.
 ORDER = {
     # foundations: user errors, the embedded defaults, loading models, what a draft is and how it is stored,
-    # the result files, the engine facts
+    # the result files, the engine facts, which base a draft pairs with
     "errors": 0, "defaults": 0, "modeling": 0, "engine_versions": 0, "engine_commands": 0,
     "tokenizer_files": 0, "heads": 0, "grouped_attention": 0,
-    "formats": 0, "results": 0, "flags": 0, "outputs": 0,
+    "formats": 0, "results": 0, "flags": 0, "outputs": 0, "pairing": 0,
     "data": 1,
     "generation": 2,  # the in-process generation engines (distill, serve and decode use them)
     "distill": 3,

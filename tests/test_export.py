@@ -299,7 +299,7 @@ def test_heads_for_another_model_are_refused(tmp_path, tiny_model_dir, capsys):
     wrong.save(tmp_path / "wrong")
     argv = ["export", "--heads", str(tmp_path / "wrong"), "--format", "vllm", "--output-dir", str(tmp_path / "o")]
     assert main(argv) == 2
-    assert "heads have hidden size 16, but base model" in capsys.readouterr().err
+    assert "Medusa heads trained for hidden size 16 and vocabulary 400, but base model" in capsys.readouterr().err
 
 
 def test_output_folder_with_other_weights_is_refused(tmp_path, heads_dir, capsys):

@@ -272,7 +272,7 @@ def test_heads_for_a_different_base_are_refused(tmp_path, tiny_model_dir, tiny_t
     torch.save(original_medusa_head(2, 1).state_dict(), src / "medusa_lm_head.pt")
     args = ["--from", str(src), "--output-dir", str(tmp_path / "out"), "--base-model", str(tmp_path / "other-base")]
     assert main(["import", *args]) == 2
-    assert "heads have hidden size 32, but base model" in capsys.readouterr().err
+    assert "Medusa heads trained for hidden size 32 and vocabulary" in capsys.readouterr().err
 
 
 def test_folder_without_heads_lists_what_it_expected(tmp_path, capsys):

@@ -171,10 +171,16 @@ def test_eagle3_rerun_skips_and_the_quickstart_report_says_why(eagle3_run, tmp_p
         assert expected in (copy / "report.md").read_text()
 
 
-def test_changing_the_kind_trains_again_and_redoes_every_later_stage(eagle3_run):
+def test_changing_the_kind_trains_again_and_redoes_every_later_stage(eagle3_run, capsys):
     config, workdir = eagle3_run
     start = log_length(workdir)
     argv = ["pipeline", "--config", str(config), "--workdir", str(workdir), "--set", "draft_kind=medusa"]
+    assert main(argv) == 2  # the EAGLE-3 settings would be ignored by Medusa heads: refused, naming them
+    assert "train: --eagle3_ttt_steps 2: applies to EAGLE-3 draft" in capsys.readouterr().err
+    medusa = yaml.safe_load(config.read_text())
+    medusa["train"] = {k: v for k, v in medusa["train"].items() if not k.startswith("eagle3_")}
+    config.with_name("medusa.yaml").write_text(yaml.safe_dump(medusa))
+    argv[2] = str(config.with_name("medusa.yaml"))
     assert main(argv) == 0
     got = events(workdir, start)
     assert {stage: got[stage] for stage in FINISHED} == {stage: ["start", "done"] for stage in FINISHED}

@@ -119,16 +119,25 @@ def looks_like_path(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map the `smollm2` alias to its cached folder, and a path to its folder (checked: a missing folder is "no such
-    folder", not a Hub id syntax error); anything else (a Hub id) is passed to transformers as-is."""
+    """Map the `smollm2` alias to its cached folder, and a path to its folder, absolute (checked: a missing folder is
+    "no such folder", not a Hub id syntax error); anything else (a Hub id) is passed to transformers as-is.
+
+    Absolute because drafts record the base they were trained on as this: `models/A` typed in one folder must mean
+    the same folder when the draft is used from another. A name that is a folder here (`models/A`) is that folder,
+    as transformers itself would take it."""
     if name_or_path == MODEL_ALIAS:
         return str(smollm2_dir())
-    if looks_like_path(name_or_path):
-        folder = Path(name_or_path).expanduser()
-        if not folder.is_dir():
-            raise UserError(
-                f"model {name_or_path!r}: no such folder ({folder}); pass a folder holding a saved Hugging Face "
-                f"model, a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or the offline alias {MODEL_ALIAS!r}"
-            )
-        return str(folder)
-    return name_or_path
+    folder = Path(name_or_path).expanduser()
+    if looks_like_path(name_or_path) and not folder.is_dir():
+        raise UserError(
+            f"model {name_or_path!r}: no such folder ({folder}); pass a folder holding a saved Hugging Face "
+            f"model, a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or the offline alias {MODEL_ALIAS!r}"
+        )
+    return absolute_if_folder(name_or_path)
+
+
+def absolute_if_folder(name_or_path: str) -> str:
+    """`name_or_path` as an absolute path when it is a folder here (symlinks kept: the user's own path), else as it
+    is (a Hub id, an alias): what a draft records as its base, so it means the same from any working folder."""
+    folder = Path(name_or_path).expanduser()
+    return os.path.abspath(folder) if folder.is_dir() else name_or_path

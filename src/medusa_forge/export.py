@@ -14,6 +14,7 @@ from medusa_forge.drafts.kind import ExportResult
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import copy_sidecars
 from medusa_forge.formats.layouts import LAYOUTS
+from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.results import TRAINING_METRICS_FILE
 
 
@@ -32,9 +33,11 @@ def export_heads(
     source, output_dir = Path(heads), Path(output_dir)
     if output_dir.exists() and source.exists() and output_dir.resolve() == source.resolve():
         raise UserError("--output-dir must differ from --heads (export writes a new folder)")
-    result = kind_of(source).export(source, fmt, output_dir, base_model_id, tokenizer, layout)
-    # What a later `push` of this folder needs for its model card.
-    result.files += copy_sidecars(source, output_dir, (CARD_INPUTS_NAME, TRAINING_METRICS_FILE))
+    with removed_if_failed_empty(output_dir):
+        check_writable_folder(output_dir, f"--output-dir {output_dir}")  # before the draft is read and checked
+        result = kind_of(source).export(source, fmt, output_dir, base_model_id, tokenizer, layout)
+        # What a later `push` of this folder needs for its model card.
+        result.files += copy_sidecars(source, output_dir, (CARD_INPUTS_NAME, TRAINING_METRICS_FILE))
     return result
 
 

@@ -144,16 +144,16 @@ class MedusaModel(nn.Module):
     ) -> MedusaModel:
         """Load heads and put them on their base model (the one in config.json unless given)."""
         from medusa_forge.modeling import load_base_model
+        from medusa_forge.pairing import check_fits, draft_base, model_shape
 
         heads = MedusaHeads.load(heads_dir)
-        if not isinstance(base_model, PreTrainedModel):
-            base_model = load_base_model(base_model or heads.config.base_model_name_or_path, dtype=dtype)
-        vocab, hidden = base_model.get_output_embeddings().weight.shape
-        if (hidden, vocab) != (heads.config.hidden_size, heads.config.vocab_size):
-            raise UserError(
-                f"{heads_dir}: heads were trained for hidden size {heads.config.hidden_size} and vocabulary "
-                f"{heads.config.vocab_size}, but the base model has {hidden} and {vocab}"
-            )
+        if isinstance(base_model, PreTrainedModel):
+            name = base_model.config.name_or_path
+        else:
+            name = draft_base(heads.config.base_model_name_or_path, base_model, Path(heads_dir, CONFIG_NAME))
+            base_model = load_base_model(name, dtype=dtype)
+        config = heads.config
+        check_fits("Medusa heads", config.hidden_size, config.vocab_size, model_shape(base_model), name, str(heads_dir))
         device = next(base_model.parameters()).device
         return cls(base_model, heads.to(device=device, dtype=dtype))
 

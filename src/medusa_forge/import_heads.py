@@ -14,6 +14,7 @@ from medusa_forge.formats.medusa import write_medusa
 from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE
 from medusa_forge.heads import WEIGHTS_NAME
+from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.tokenizer_files import copy_tokenizer
 
 
@@ -28,14 +29,16 @@ def import_heads(
     source, output_dir = Path(source), Path(output_dir)
     if output_dir.exists() and source.exists() and output_dir.resolve() == source.resolve():
         raise UserError("--output-dir must differ from --from (import writes a new folder)")
-    loaded = read_heads(source, base_model=base_model, layout=layout, num_heads=num_heads)
-    if (output_dir / WEIGHTS_NAME).exists():
-        loaded.notes.append(f"replaced the heads already in {output_dir}")
-    files = write_medusa(loaded, output_dir)
-    files += copy_tokenizer(source, output_dir) + copy_sidecars(source, output_dir, (TREE_FILE,))
-    written = read_heads(output_dir, layout="medusa", check_base=False)
-    if not same_tensors(written.state, loaded.state):
-        raise UserError(f"{output_dir}: the written heads differ from the source; please report this")
+    with removed_if_failed_empty(output_dir):
+        check_writable_folder(output_dir, f"--output-dir {output_dir}")  # before the heads are read and checked
+        loaded = read_heads(source, base_model=base_model, layout=layout, num_heads=num_heads)
+        if (output_dir / WEIGHTS_NAME).exists():
+            loaded.notes.append(f"replaced the heads already in {output_dir}")
+        files = write_medusa(loaded, output_dir)
+        files += copy_tokenizer(source, output_dir) + copy_sidecars(source, output_dir, (TREE_FILE,))
+        written = read_heads(output_dir, layout="medusa", check_base=False)
+        if not same_tensors(written.state, loaded.state):
+            raise UserError(f"{output_dir}: the written heads differ from the source; please report this")
     return loaded, files
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes, infer_auto_device_map
 from accelerate.utils.modeling import convert_file_size_to_int, get_max_memory
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_forge.defaults import MODEL_ALIAS, resolve_model
@@ -28,12 +30,52 @@ def _load_error(name: str, err: Exception) -> UserError:
     )
 
 
+def _damaged(path: Path, what: str, err: Exception) -> UserError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"{path}: not a readable {what} ({first_line}); the file is damaged or cut short (an interrupted download "
+        "or copy): download or copy it again"
+    )
+
+
+def _damaged_weights(path: str, err: Exception) -> UserError:
+    """A weights file of the base that does not read: named when the model is a folder here (its first unreadable
+    *.safetensors), else the model."""
+    from medusa_forge.formats.files import safetensors_keys
+
+    for file in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
+        try:
+            safetensors_keys(file)
+        except UserError:
+            return _damaged(file, "safetensors file", err)
+    return _damaged(Path(path), "model (its weights)", err)
+
+
+def _unreadable_tokenizer_file(path: str) -> Path | None:
+    """The folder's tokenizer.json when the tokenizers library cannot read it (None: absent, or it reads)."""
+    from tokenizers import Tokenizer
+
+    file = Path(path, "tokenizer.json")
+    if not file.is_file():
+        return None
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception:  # noqa: BLE001 - the Rust library raises plain Exception
+        return file
+    return None
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise _load_error(name_or_path, err) from err
+    except Exception as err:  # a damaged tokenizer.json fails deep inside (KeyError, ...): name the file
+        damaged = _unreadable_tokenizer_file(path)
+        if damaged is not None:
+            raise _damaged(damaged, "tokenizer file", err) from None
+        if isinstance(err, OSError | ValueError):
+            raise _load_error(name_or_path, err) from err
+        raise
 
 
 # A target larger than one device: accelerate's dispatch (a device map over the devices of one process, then CPU
@@ -169,6 +211,8 @@ def load_base_model(
             )
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
+    except SafetensorError as err:  # a cut weights file: one error naming it, in every command that loads a base
+        raise _damaged_weights(path, err) from None
     model.eval()
     model.requires_grad_(False)
     use_grouped_attention(model)

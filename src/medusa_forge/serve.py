@@ -30,11 +30,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from medusa_forge.defaults import MODEL_ALIAS
 from medusa_forge.errors import UserError
 from medusa_forge.generation.batching import BATCHING_MODES, check_batching, make_engine
 from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator, SteppedGenerator
 from medusa_forge.generation.hf import HFGenerator
+from medusa_forge.generation.sampling import SEED_MAX, SEED_MIN
 
 logger = logging.getLogger("medusa_forge.serve")
 
@@ -63,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)  # what torch's generators take
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
@@ -357,11 +359,13 @@ def run_serve(config: ServeConfig) -> int:
         from medusa_forge.decode.serving import DraftServeGenerator
 
         generator = DraftServeGenerator.load(config.heads, config.model, dtype=config.dtype, device=config.device)
+        base_name = generator.base_name  # the draft's own base unless --model: what clients record as the model
     else:
-        generator = HFGenerator.load(config.model or "smollm2", dtype=config.dtype, device=config.device)
+        base_name = config.model or MODEL_ALIAS
+        generator = HFGenerator.load(base_name, dtype=config.dtype, device=config.device)
     app = create_app(
         generator,
-        config.served_model_name or config.model or "smollm2",
+        config.served_model_name or base_name,
         max_batch_size=config.max_batch_size,
         batch_wait_ms=config.batch_wait_ms,
         default_max_tokens=config.default_max_tokens,

@@ -247,7 +247,12 @@ def load_conversations(
                 f"data file {source!r} not found; pass a JSON/JSONL conversation file or one of {DATA_ALIASES}"
             )
     embedded = split is not None
-    records = _read_json_records(path, recover_truncated or embedded, None if embedded else recover_flag)
+    try:
+        records = _read_json_records(path, recover_truncated or embedded, None if embedded else recover_flag)
+    except RecursionError:  # the JSON parser recurses once per level
+        raise UserError(
+            f"{path}: lists or objects nested thousands of levels deep, which no conversation has; check the file"
+        ) from None
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of conversations or JSONL, got a {type(records).__name__}")
     stats = LoadStats()

@@ -10,6 +10,7 @@ from typing import ClassVar, TextIO
 from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import device_field, dtype_field
+from medusa_forge.generation.sampling import SEED_MAX, SEED_MIN
 from medusa_forge.generation.text import StreamedText
 
 
@@ -51,6 +52,8 @@ class GenerateConfig:
             raise UserError("--temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p {self.top_p}: expected a number in (0, 1]")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise UserError(f"--seed {self.seed}: expected {SEED_MIN}..{SEED_MAX} (what torch's generators take)")
 
 
 class TextStream:

@@ -23,9 +23,25 @@ from medusa_forge.modeling import load_tokenizer
 logger = logging.getLogger("medusa_forge.decode")
 
 
-def _tokenizer(folder: str | Path, base_name: str) -> PreTrainedTokenizerBase:
+def _tokenizer(folder: str | Path, base_name: str, base_given: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer prompts are encoded with: the draft folder's (saved by training, with the chat template it
+    used) unless the user named another base (`base_given`, --model): then that base's, and the folder's must have
+    the same vocabulary, or the draft's token ids would mean other tokens there."""
     has_tokenizer = any(Path(folder, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    return ensure_chat_template(load_tokenizer(str(folder) if has_tokenizer else base_name))
+    if not base_given:
+        return ensure_chat_template(load_tokenizer(str(folder) if has_tokenizer else base_name))
+    tokenizer = ensure_chat_template(load_tokenizer(base_name))
+    if has_tokenizer:
+        draft_vocab, base_vocab = load_tokenizer(str(folder)).get_vocab(), tokenizer.get_vocab()
+        if draft_vocab != base_vocab:
+            differ = sum(base_vocab.get(token) != token_id for token, token_id in draft_vocab.items())
+            raise UserError(
+                f"--model {base_name}: its tokenizer differs from the one the draft in {folder} was trained with "
+                f"({differ} of {len(draft_vocab)} tokens have another id or are missing, base vocabulary "
+                f"{len(base_vocab)}): the draft would propose other tokens than it means; pass the base model it "
+                "was trained for (or one with the same tokenizer)"
+            )
+    return tokenizer
 
 
 def draft_folder_field() -> Any:
@@ -111,7 +127,7 @@ def load_draft(
                 Path(folder, TREE_FILE),
             )
     draft = kind.load(Path(folder), base_model, resolve_dtype(dtype), device, draft_vocab)
-    return LoadedDraft(draft, _tokenizer(folder, draft.base_name), dtype)
+    return LoadedDraft(draft, _tokenizer(folder, draft.base_name, base_model is not None), dtype)
 
 
 def encode_prompt(

@@ -29,8 +29,9 @@ class DraftServeGenerator:
     """Chat generation with a draft (Medusa heads or EAGLE-3); greedy requests give exactly the base model's
     greedy text."""
 
-    def __init__(self, decoder: SpeculativeDecoder, tokenizer, eos_ids: set[int]) -> None:
+    def __init__(self, decoder: SpeculativeDecoder, tokenizer, eos_ids: set[int], base_name: str) -> None:
         self.decoder = decoder
+        self.base_name = base_name  # the base it decodes for (the draft's own unless --model): the served name
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         # The tree's candidate tokens sit after the prefix: the last `depth` positions are kept free for them.
@@ -43,7 +44,7 @@ class DraftServeGenerator:
         loaded = load_draft(draft_dir, base_model, dtype, device)
         decoder = loaded.decoder(resolve_tree(tree, draft_dir, loaded.max_depth))
         logger.info("%s decoding with a tree of %d nodes", loaded.kind.label, decoder.tree.size - 1)
-        return cls(decoder, loaded.tokenizer, eos_token_ids(loaded.base, loaded.tokenizer))
+        return cls(decoder, loaded.tokenizer, eos_token_ids(loaded.base, loaded.tokenizer), loaded.draft.base_name)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_chat(self.tokenizer, messages)

@@ -57,6 +57,12 @@ def checked_reply(text: str, completion_tokens: int, finish_reason: str) -> Repl
     """A reply worth keeping as training data: an empty one is a failure (training refuses empty turns)."""
     if not text.strip():
         raise BadReply(f"empty reply (finish_reason {finish_reason!r})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in the JSON): this conversation fails, not the run
+        raise BackendUnavailable(
+            f"the reply holds {text[err.start:err.end]!r} at character {err.start}, which cannot be written as UTF-8"
+        ) from None
     return Reply(text, completion_tokens, finish_reason)
 
 
@@ -112,6 +118,7 @@ class HttpBackend:
         self.max_retries = max_retries
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
@@ -175,7 +182,11 @@ class HttpBackend:
             self._next_url += 1
             response = None
             try:
-                response = await self.client.post(url, json=payload)
+                # --timeout bounds the whole request: httpx's own timeout is per read, so a server that trickles a
+                # byte at a time would otherwise hold the conversation forever.
+                response = await asyncio.wait_for(self.client.post(url, json=payload), self.timeout_s)
+            except TimeoutError:
+                last_problem = f"{url}: no complete reply within --timeout {self.timeout_s:g} s"
             except httpx.TransportError as err:  # connection refused/reset, timeouts, protocol errors
                 last_problem = f"{url}: {type(err).__name__}: {err}".rstrip(": ")
             else:

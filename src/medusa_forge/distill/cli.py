@@ -70,7 +70,9 @@ class DistillConfig:
     )
     max_retries: int = field(default=6, metadata={"help": "Retries per request on errors worth retrying."})
     retry_base: float = field(default=1.0, metadata={"help": "First back-off delay in seconds (doubles each try)."})
-    timeout: float = field(default=600.0, metadata={"help": "Seconds to wait for one reply."})
+    timeout: float = field(
+        default=600.0, metadata={"help": "Seconds one request may take in all (a trickling server is cut off too)."}
+    )
     recover_truncated_data: bool = field(
         default=False,
         metadata={

@@ -31,6 +31,8 @@ class Eagle3Kind(DraftKind):
     metric_label = "step"
     predictor = "draft step"
     first_predictor = 1  # step 1 drafts the token after the base model's
+    train_flags = ("eagle3_ttt_steps", "eagle3_step_decay", "eagle3_draft_vocab_size", "eagle3_intermediate_size",
+                   "eagle3_fc_norm", "eagle3_norm_output")
     formats = EAGLE3_ENGINES  # the same folder loads in both (docs/eagle3-reference.md §0)
     default_formats = EAGLE3_ENGINES
     expected_files = f"{layout.CONFIG_NAME} naming {layout.ARCHITECTURE} + {layout.WEIGHTS_NAME}"

@@ -157,6 +157,13 @@ class Eagle3Config:
         for key in (*sizes, "max_position_embeddings", "vocab_size", "draft_vocab_size"):
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
                 raise UserError(f"{where}: {key} must be a positive integer, found {raw[key]!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = raw[key]
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise UserError(f"{where}: {key} must be a positive number, found {value!r}")
+        if not isinstance(raw["base_model_name_or_path"], str) or not raw["base_model_name_or_path"]:
+            raise UserError(f"{where}: base_model_name_or_path must name the target model, found "
+                            f"{raw['base_model_name_or_path']!r}")  # fmt: skip
         if raw["draft_vocab_size"] > raw["vocab_size"]:
             raise UserError(f"{where}: draft_vocab_size {raw['draft_vocab_size']} > vocab_size {raw['vocab_size']}")
         if raw["num_attention_heads"] % raw["num_key_value_heads"]:
@@ -223,39 +230,24 @@ def is_eagle3_folder(folder: str | Path) -> bool:
     return isinstance(raw, dict) and raw.get("architectures") == [ARCHITECTURE]
 
 
-def target_shape(name: str) -> tuple[int, int] | None:
-    """(layers, vocab_size) of the target `name` (a folder, a Hub id already in the local cache, or an alias) from
-    its config, None when that is not available on this machine (nothing is downloaded)."""
-    from transformers import AutoConfig
+def check_servable(config: Eagle3Config, where: str, target: str | None = None, flag: str = "--model") -> int | None:
+    """Refuse a draft the engines cannot serve with its target (`target`: the base the engines will load, default the
+    draft's own): one of another hidden size or vocabulary (`pairing.check_fits`), or a target with fewer than
+    ENGINE_MIN_TARGET_LAYERS layers (the engines' feature layers collide). Returns the target's layer count; None
+    when its config is not on this machine (not checked; nothing is downloaded)."""
+    from medusa_forge.pairing import check_fits, local_shape
 
-    from medusa_forge.defaults import resolve_model
-
-    try:
-        target = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True).get_text_config()
-    except (OSError, ValueError, UserError):  # UserError: a path that is no folder here
+    name = target or config.base_model_name_or_path
+    shape = local_shape(name)
+    if shape is None or shape.num_layers is None:
         return None
-    return target.num_hidden_layers, target.vocab_size
-
-
-def check_servable(config: Eagle3Config, where: str) -> int | None:
-    """Refuse a draft the engines cannot serve with its target: one with fewer than ENGINE_MIN_TARGET_LAYERS layers
-    (the engines' feature layers collide) or another vocabulary size (the engines map draft ids into the target's
-    vocabulary). Returns the target's layer count; None when its config is not available here (not checked)."""
-    shape = target_shape(config.base_model_name_or_path)
-    if shape is None:
-        return None
-    layers, vocab = shape
-    if layers < ENGINE_MIN_TARGET_LAYERS:
+    check_fits("EAGLE-3 draft", config.hidden_size, config.vocab_size, shape, name, where, flag)
+    if shape.num_layers < ENGINE_MIN_TARGET_LAYERS:
         raise UserError(
-            f"{where}: the target {config.base_model_name_or_path} has {layers} layers; vLLM and SGLang read "
-            f"the target's hidden states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS} layers"
+            f"{where}: the target {name} has {shape.num_layers} layers; vLLM and SGLang read the target's hidden "
+            f"states 2, L//2 and L-3, which need at least {ENGINE_MIN_TARGET_LAYERS} layers"
         )
-    if vocab != config.vocab_size:
-        raise UserError(
-            f"{where}: vocab_size {config.vocab_size} differs from the target's {vocab} (the engines map "
-            "draft ids into the target's vocabulary): retrain the draft for this target"
-        )
-    return layers
+    return shape.num_layers
 
 
 def vocabulary_maps(draft_vocab_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

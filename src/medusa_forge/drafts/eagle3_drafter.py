@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy, count_ranks
 from medusa_forge.drafts.drafter import TreeBuffers
-from medusa_forge.drafts.eagle3_config import draft_vocab_ids, target_features, target_layers
+from medusa_forge.drafts.eagle3_config import CONFIG_NAME, draft_vocab_ids, target_features, target_layers
 from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, UnrolledAttention, causal_bias
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind
 from medusa_forge.engine_commands import vllm_speculative_config
@@ -34,6 +34,7 @@ from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import PRIOR_ACCURACIES
 from medusa_forge.generation.device import pack_linear_weights, resolve_device
 from medusa_forge.modeling import load_base_model
+from medusa_forge.pairing import check_fits, draft_base, model_shape
 
 # An EAGLE-3 draft can fill a tree of any depth; without a stored tree, trees are built this deep at most.
 EAGLE3_TREE_DEPTH = len(PRIOR_ACCURACIES)
@@ -116,12 +117,8 @@ class Eagle3Drafter:
 
     def __init__(self, target: PreTrainedModel, draft: Eagle3Draft) -> None:
         text = target.config.get_text_config(decoder=True)
-        config = draft.config
-        if config.hidden_size != text.hidden_size or config.vocab_size != text.vocab_size:
-            raise UserError(
-                f"the EAGLE-3 draft was made for hidden size {config.hidden_size} and vocabulary "
-                f"{config.vocab_size}; this model has {text.hidden_size} and {text.vocab_size}"
-            )
+        shape, name = model_shape(target), target.config.name_or_path
+        check_fits("EAGLE-3 draft", draft.config.hidden_size, draft.config.vocab_size, shape, name, "the drafter")
         # In HF hidden_states indexing (0 = embeddings), the verifier's too: the same ints select the same states.
         self.feature_layers = target_layers(text.num_hidden_layers)
         self.draft = draft.eval()
@@ -287,8 +284,11 @@ class Eagle3ForDecoding(DecodingDraft):
         if draft_vocab is not None:
             raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
         draft = Eagle3Draft.load(folder)
-        base_name = base_model or draft.config.base_model_name_or_path
+        config = draft.config
+        base_name = draft_base(config.base_model_name_or_path, base_model, folder / CONFIG_NAME)
         base = load_base_model(base_name, dtype=dtype).to(resolve_device(device))
+        # Before any use (eval scores accuracy before it drafts): another shape is one clear error, not a traceback.
+        check_fits(kind.label, config.hidden_size, config.vocab_size, model_shape(base), base_name, str(folder))
         draft = draft.to(device=next(base.parameters()).device, dtype=dtype)
         pack_linear_weights(base)  # bfloat16 on a CPU: a step reads each weight once (see there)
         pack_linear_weights(draft)

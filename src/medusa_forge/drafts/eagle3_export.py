@@ -20,6 +20,7 @@ from medusa_forge.engine_commands import (
 from medusa_forge.engine_versions import SGLANG_EAGLE3_RELEASE, VLLM_EAGLE3_RELEASE
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import same_tensors
+from medusa_forge.pairing import not_checked
 from medusa_forge.tokenizer_files import copy_tokenizer
 
 
@@ -34,8 +35,9 @@ def export_draft(source: Path, fmt: str, output_dir: Path, base_model_id: str | 
     draft = Eagle3Draft.load(source)
     config = draft.config
     notes = []
-    if check_servable(config, str(source)) is None:
-        notes.append(f"not checked against the target {config.base_model_name_or_path!r} (no local config.json)")
+    # The target the engines will load is checked: --base-model-id when given, else the one the draft records.
+    if check_servable(config, str(source), base_model_id, "--base-model-id") is None:
+        notes.append(not_checked(base_model_id or config.base_model_name_or_path))
     if base_model_id:
         config.base_model_name_or_path = base_model_id
     if output_dir.is_dir() and any(p.suffix in (".safetensors", ".pt", ".bin") for p in output_dir.iterdir()):
@@ -68,7 +70,7 @@ def check_for_push(folder: Path) -> PushCheck:
     notes = []
     layers = check_servable(config, str(folder))
     if layers is None:
-        notes.append(f"not checked against the target {config.base_model_name_or_path!r} (no local config.json)")
+        notes.append(not_checked(config.base_model_name_or_path))
     readers = "`medusa-forge generate/serve` and the model card's vLLM and SGLang commands"
     uploads = (CONFIG_NAME, WEIGHTS_NAME)  # the engines' two files; not whatever else the folder holds
     message = "Upload EAGLE-3 draft with medusa-forge"

@@ -103,6 +103,8 @@ class DraftKind(ABC):
     first_predictor: int  # the number eval, the tree and the reports give metric 0 (heads from 0, steps from 1)
     # What the stored tree is to engines, after "`medusa-forge generate` and `serve` use it" (or "").
     tree_note: str = ""
+    # Train flags only this kind reads: set to another value on a run of another kind, they are refused (not ignored).
+    train_flags: tuple[str, ...] = ()
     formats: tuple[str, ...]  # the engines `export` writes the kind for
     default_formats: tuple[str, ...]  # the pipeline's export formats when its configuration names none
     expected_files: str  # what its folder holds, for the error that finds no kind in a folder

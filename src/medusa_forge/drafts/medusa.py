@@ -32,6 +32,9 @@ class MedusaKind(DraftKind):
     predictor = "head"
     first_predictor = 0
     tree_note = "; TensorRT-LLM takes it as `--medusa_choices`"
+    # medusa_hidden_cache, medusa_hidden_cache_dir and medusa_loss_chunk_size (the tutorial's names) serve both kinds.
+    train_flags = ("medusa_num_heads", "medusa_num_layers", "medusa_decay_coefficient", "medusa_soft_labels",
+                   "medusa_freeze_projection", "medusa_draft_vocab_size")  # fmt: skip
     formats = FORMATS
     default_formats = ("tgi", "vllm")
     expected_files = "; ".join(LAYOUTS.values())

@@ -41,11 +41,13 @@ class MedusaDrafter:
         self.draft_projections = None
         if draft_vocab is None:  # heads trained on a draft vocabulary propose from it unless told otherwise
             draft_vocab = trained_draft_vocab(model)
+        vocab = model.base.get_output_embeddings().weight.shape[0]
+        self.proposable = vocab  # the ids a head proposes from: a tree asking for a rank beyond them is refused
         if draft_vocab is not None:
-            vocab = model.base.get_output_embeddings().weight.shape[0]
             if not 0 < draft_vocab <= vocab:
                 raise UserError(f"--draft-vocab {draft_vocab}: expected 1..{vocab} (the vocabulary size)")
             self.draft_projections = [head[-1].weight[:draft_vocab] for head in model.heads]
+            self.proposable = draft_vocab
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[K, V'] every head's logits at one hidden state [H], over the draft vocabulary if one is set."""
@@ -57,7 +59,15 @@ class MedusaDrafter:
         )
 
     def check_tree(self, tree: TreeBuffers) -> None:
-        pass  # a tree deeper than the heads is refused by TreeBuffers.from_choices (max_depth)
+        """A tree deeper than the heads is refused by TreeBuffers.from_choices (max_depth); one wider than the
+        tokens the heads propose from is refused here, at load, not by every request's top-k."""
+        vocab = self.proposable
+        if tree.topk > vocab:
+            raise UserError(
+                f"the tree (--tree, else the draft folder's medusa_choices.json) asks for a head token of rank "
+                f"{tree.topk - 1}; the heads propose from {vocab} tokens: pass another --tree, or run "
+                "`medusa-forge eval` to choose one"
+            )
 
     def start(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.head_logits(hidden[-1])

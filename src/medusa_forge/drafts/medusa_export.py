@@ -15,6 +15,7 @@ from medusa_forge.drafts.kind import ExportResult, PushCheck
 from medusa_forge.engine_commands import vllm_cpu_command, vllm_medusa_command
 from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
 from medusa_forge.errors import UserError
+from medusa_forge.formats.checks import check_against_base
 from medusa_forge.formats.files import copy_sidecars, same_tensors
 from medusa_forge.formats.layouts import FORMATS, LAYOUTS, LoadedHeads
 from medusa_forge.formats.medusa import write_medusa
@@ -89,10 +90,13 @@ def export_heads(
     if fmt not in FORMATS:
         why = "SGLang never served Medusa heads" if fmt == "sglang" else f"{fmt} does not load Medusa heads"
         raise UserError(f"--format {fmt}: {why}; choose one of {', '.join(FORMATS)}")
-    loaded = read_heads(source, layout=layout)
+    # The base the engine will load is checked: --base-model-id when given, else the one the heads record.
+    loaded = read_heads(source, layout=layout, check_base=not base_model_id)
     notes = list(loaded.notes)
     trained_base = loaded.config.base_model_name_or_path  # the base the heads were trained on (often local)
     if base_model_id:
+        hidden, vocab = loaded.config.hidden_size, loaded.config.vocab_size
+        notes.append(check_against_base(hidden, vocab, base_model_id, str(source), False, "--base-model-id"))
         loaded.config.base_model_name_or_path = base_model_id
     base = loaded.config.base_model_name_or_path
     if fmt != "vllm" and _is_local_path(base):

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from medusa_forge.data.conversations import has_reply, load_conversations
 from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
+from medusa_forge.drafts import kind_of
 from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS
 from medusa_forge.errors import UserError
 from medusa_forge.evaluate.accuracy import conversation_samples, own_answer_samples
@@ -35,6 +36,7 @@ from medusa_forge.evaluate.speed import (
     speed_comparison,
 )
 from medusa_forge.generation.device import device_field, dtype_field
+from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.results import ChainAcceptance, EvalReport, SpeedComparison
 
 logger = logging.getLogger("medusa_forge.eval")
@@ -232,15 +234,32 @@ def _save_tree(config: EvalConfig, chosen: _TreeChoice, expected_accept_length: 
 
 
 def evaluate(config: EvalConfig) -> EvalReport:
-    from medusa_forge.decode.loading import load_draft
-    from medusa_forge.decode.tree import expected_accept_length
-    from medusa_forge.generation.text import eos_token_ids
-
     # Prompt-only records are fine: the draft is then scored on the model's own answers to held-out prompts.
     conversations = load_conversations(config.data, None, need_reply=False)
     references = [c for c in conversations if has_reply(c)][: config.max_conversations]
     if not references and (config.calibration_prompts < 1 or len(conversations) <= config.max_prompts):
         raise _no_calibration(config, len(conversations))
+    # Where eval writes, checked before the measurements (minutes) rather than after them.
+    kind_of(config.heads)  # a draft folder that is not one is said first, and DRAFT/eval is never created in it
+    folder = report_folder(config)
+    with removed_if_failed_empty(folder):
+        check_writable_folder(folder, f"--output-dir {folder}" if config.output_dir else f"--heads {config.heads}")
+        if config.tree == "auto" and not config.no_save_tree:  # the chosen tree is stored in the draft folder
+            label = f"--heads {config.heads} (eval stores the chosen tree there; --no-save-tree does not)"
+            check_writable_folder(config.heads, label, create=False)
+        return _evaluate(config, conversations, references, folder)
+
+
+def report_folder(config: EvalConfig) -> Path:
+    """Where eval.json, eval.md and the plots go: --output-dir, else DRAFT/eval."""
+    return Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
+
+
+def _evaluate(config: EvalConfig, conversations: list, references: list, folder: Path) -> EvalReport:
+    from medusa_forge.decode.loading import load_draft
+    from medusa_forge.decode.tree import expected_accept_length
+    from medusa_forge.generation.text import eos_token_ids
+
     # Plain greedy is timed in float32 and bfloat16 whatever the draft decodes in: speed-ups are over the faster.
     candidates = ["float32", "bfloat16"] if config.dtype == "auto" else [config.dtype]
     loaded = {
@@ -282,7 +301,6 @@ def evaluate(config: EvalConfig) -> EvalReport:
         other_dtype_searches={d: search for d, search in tree.searches.items() if d != dtype},
         chains=_engine_chains(config, loaded["float32"], prompts, eos),
     )
-    folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
     for path in write_eval_report(report, folder):
         logger.warning("wrote %s", path)
     _warn_mismatches(speed, dtype)
@@ -312,8 +330,7 @@ def _engine_chains(config: EvalConfig, loaded, prompts: list[list[int]], eos: se
     logger.warning("the engines' chain of %d (medusa-forge): %.2f accepted per step", k, ours.mean_accept_length)
     if config.engine == "none":
         return [ours]
-    folder = Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = report_folder(config)
     engine, engine_outputs = vllm_chain(
         loaded, prompts, k, n, config.engine_url, config.engine_python, folder / "vllm-server.log"
     )

@@ -122,42 +122,21 @@ def check_has_projections(shape: HeadsShape, where: str) -> None:
         )
 
 
-def base_dims(base: str) -> tuple[int, int] | None:
-    """(hidden_size, vocab_size) of a base model from its config, local files only; None if unavailable."""
-    from transformers import AutoConfig
+def check_against_base(
+    hidden_size: int, vocab_size: int | None, base: str, where: str, required: bool, flag: str = "--base-model"
+) -> str:
+    """Refuse heads whose sizes differ from the base model's (`pairing.check_fits`); returns a note for the user.
+    `vocab_size` None: heads without projections (checked on hidden size only)."""
+    from medusa_forge.pairing import check_fits, local_shape, not_checked
 
-    from medusa_forge.defaults import resolve_model
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(base), local_files_only=True)
-    except (OSError, ValueError, UserError):  # UserError: a path that is no folder here
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
-    return (hidden, vocab) if isinstance(hidden, int) and isinstance(vocab, int) else None
-
-
-def check_against_base(shape: HeadsShape, base: str, where: str, required: bool) -> str:
-    """Refuse heads whose sizes differ from the base model's; returns a note for the user."""
-    dims = base_dims(base)
-    if dims is None:
+    base_shape = local_shape(base)
+    if base_shape is None:
         if required:
-            raise UserError(
-                f"--base-model {base}: no config.json found locally; pass a local folder or a cached Hub id"
-            )
-        return f"not checked against base model {base!r} (its config is not available locally)"
-    hidden, vocab = dims
-    if hidden != shape.hidden_size:
-        raise UserError(
-            f"{where}: heads have hidden size {shape.hidden_size}, but base model {base} has hidden_size {hidden}; "
-            "these heads were trained for another model (pass the right one with --base-model)"
-        )
-    if shape.vocab_size is not None and vocab != shape.vocab_size:
-        raise UserError(
-            f"{where}: heads project to {shape.vocab_size} tokens, but base model {base} has vocab_size {vocab}; "
-            "these heads were trained for another model or tokenizer (pass the right one with --base-model)"
-        )
-    return f"sizes match base model {base} (hidden {hidden}, vocabulary {vocab})"
+            raise UserError(f"{flag} {base}: no config.json found locally; pass a local folder or a cached Hub id")
+        return not_checked(base)
+    vocab = base_shape.vocab_size if vocab_size is None else vocab_size
+    check_fits("Medusa heads", hidden_size, vocab, base_shape, base, where, flag)
+    return f"sizes match base model {base} (hidden {base_shape.hidden_size}, vocabulary {base_shape.vocab_size})"
 
 
 def check_no_other_weights(output_dir: Path, writing: str) -> None:

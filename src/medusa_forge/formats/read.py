@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from medusa_forge.defaults import absolute_if_folder
 from medusa_forge.errors import UserError
 from medusa_forge.formats.checks import CANONICAL_NAME, check_against_base, check_canonical, check_config_counts
 from medusa_forge.formats.files import load_pickle, load_safetensors, read_json, tensor_names
@@ -30,7 +31,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _base_reference(raw: dict | None, base_model: str | None, where: Path) -> str:
     if base_model:
-        return base_model
+        return absolute_if_folder(base_model)  # recorded in the written config: the same folder from anywhere
     if raw and raw.get("base_model_name_or_path"):
         return str(raw["base_model_name_or_path"])
     raise UserError(
@@ -162,7 +163,7 @@ def read_heads(
         notes.append(f"version 2 (no per-head projections): each head's projection copied from {base}'s lm_head")
         shape = check_canonical(state, where)
     elif check_base:
-        notes.append(check_against_base(shape, base, where, required=base_model is not None))
+        notes.append(check_against_base(shape.hidden_size, shape.vocab_size, base, where, base_model is not None))
     if draft_vocab is not None and not (isinstance(draft_vocab, int) and 0 < draft_vocab <= shape.vocab_size):
         raise UserError(f"{folder / CONFIG_NAME}: draft_vocab_size {draft_vocab!r} must be 1..{shape.vocab_size}")
     config = MedusaConfig(

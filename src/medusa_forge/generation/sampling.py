@@ -8,6 +8,9 @@ import torch
 
 from medusa_forge.generation.generator import GREEDY_BELOW
 
+# The seeds torch's generators take (manual_seed): serve's request field and generate's --seed check against these.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 def pick_token(
     logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None

@@ -231,7 +231,9 @@ def load_config(path: str | None, overrides: list[str], base: dict | None = None
         if not file.is_file():
             raise UserError(f"--config {path}: no such file (start from pipeline.example.yaml)")
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(loaded, dict):

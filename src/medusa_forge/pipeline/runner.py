@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from medusa_forge.errors import UserError
+from medusa_forge.outputs import OutputLock, check_writable_folder, removed_if_failed_empty
 from medusa_forge.pipeline.configuration import PipelineConfig, config_to_dict
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.eta import estimate_seconds, eta_text, format_seconds, stage_plan
@@ -42,6 +43,8 @@ def _log(workdir: Path, stage: str, event: str, /, **details: object) -> None:
 
 
 def _save_state(workdir: Path, state: dict) -> None:
+    """Written whole or not at all (a temporary file renamed over it): a run killed while saving leaves the last
+    state."""
     path = workdir / STATE_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -72,11 +75,40 @@ def run_pipeline(
     kind_note: str | None = None,
 ) -> Context:
     """Run every stage in order (skipping finished ones); returns the context with the final state.
-    kind_note: why the draft is of its kind (the quickstart's choice), for the report."""
+    kind_note: why the draft is of its kind (the quickstart's choice), for the report.
+
+    The work folder is checked and locked before any stage looks at it: a second run on the same folder (another
+    setting would make it clear the first one's draft and checkpoints) is refused, naming the run that holds it."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    state_path = workdir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    with removed_if_failed_empty(workdir):
+        check_writable_folder(workdir, f"--workdir {workdir}")
+        with OutputLock(workdir, "pipeline", "--workdir", inside=True, holder=resume_command):
+            return _run_stages(config, workdir, resume_command, force_from, kind_note)
+
+
+def _load_state(workdir: Path) -> dict:
+    """pipeline-state.json as the last run left it ({} for a new work folder); a damaged one (a hand edit: the file
+    itself is replaced whole) is an error that says how to start over."""
+    path = workdir / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        state = err
+    if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
+        why = f" ({state})" if isinstance(state, Exception) else ""
+        raise UserError(
+            f"{path} is damaged{why}, so which stages finished is unknown: delete it to start over (every stage "
+            "then runs again from the start), or pass another --workdir"
+        )
+    return state
+
+
+def _run_stages(
+    config: PipelineConfig, workdir: Path, resume_command: str, force_from: str | None, kind_note: str | None
+) -> Context:
+    state = _load_state(workdir)
     state.setdefault("stages", {})
     ctx = Context(config, workdir, resume_command, state, kind_note)
     (workdir / CONFIG_COPY).write_text(

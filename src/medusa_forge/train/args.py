@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from medusa_forge.drafts import default_kind, get_kind, kind_choices
+from medusa_forge.drafts import default_kind, get_kind, kind_choices, kinds
 from medusa_forge.drafts.fused_ce import TOPK
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
@@ -171,9 +171,20 @@ class TrainConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         try:
-            get_kind(self.draft_kind)
+            kind = get_kind(self.draft_kind)
         except UserError as err:
             raise UserError(f"--draft_kind: {err}") from None
+        # Another kind's own flag, set to other than its default, would be silently ignored: refused instead.
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        for other in (k for k in kinds() if k is not kind):
+            for flag in other.train_flags:
+                if getattr(self, flag) != defaults[flag]:
+                    raise UserError(
+                        f"--{flag} {getattr(self, flag)}: applies to {other.label} (--draft_kind {other.name}); this "
+                        f"run trains {kind.label} (--draft_kind {kind.name}), which would ignore it"
+                    )
+        if self.model_max_length < 2:
+            raise UserError(f"--model_max_length {self.model_max_length}: must be at least 2 (a token and the next)")
         if self.eagle3_ttt_steps < 1:
             raise UserError("--eagle3_ttt_steps must be >= 1 (1 = no training-time test)")
         if not self.eagle3_step_decay > 0:

@@ -22,7 +22,7 @@ from medusa_forge.drafts.card import hub_base_id
 from medusa_forge.errors import UserError
 from medusa_forge.model_card import write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
-from medusa_forge.outputs import OutputLock, check_writable_folder
+from medusa_forge.outputs import OutputLock, check_writable_folder, removed_if_failed_empty
 from medusa_forge.train.args import TrainConfig
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.hidden_cache import (
@@ -179,11 +179,13 @@ def train(config: TrainConfig) -> Path:
     and locked first (one run per folder), before anything slow happens."""
     if config.process_index != 0:
         return _train(config)
-    check_writable_folder(config.output_dir, f"--output_dir {config.output_dir}")
-    with OutputLock(config.output_dir, "train", "--output_dir"):
-        if config.overwrite_output_dir:
-            remove_checkpoints(Path(config.output_dir), "(--overwrite_output_dir: starting over)")
-        return _train(config)
+    # A run that fails or is refused before writing anything leaves no empty folder (the default one is in the cwd).
+    with removed_if_failed_empty(config.output_dir):
+        check_writable_folder(config.output_dir, f"--output_dir {config.output_dir}")
+        with OutputLock(config.output_dir, "train", "--output_dir"):
+            if config.overwrite_output_dir:
+                remove_checkpoints(Path(config.output_dir), "(--overwrite_output_dir: starting over)")
+            return _train(config)
 
 
 def _train(config: TrainConfig) -> Path:
