@@ -156,10 +156,11 @@ def test_training_from_the_cache_with_the_stand_in_matches_the_full_target_step_
     dataset = CachedHiddenDataset(items, cache)
     collate = PadCollator(pad_token_id=0)
     batches = [collate([dataset[i] for i in range(start, start + 4)]) for start in (0, 4, 8)]
-    config = parse_args(
-        ["--draft_kind", kind, "--medusa_soft_labels", "True", "--medusa_draft_vocab_size", "64",
-         "--eagle3_draft_vocab_size", "64", "--eagle3_ttt_steps", "2", "--output_dir", str(tmp_path / "out")]
-    )  # fmt: skip
+    own = {  # each kind's own flags (train refuses another kind's)
+        "medusa": ["--medusa_soft_labels", "True", "--medusa_draft_vocab_size", "64"],
+        "eagle3": ["--eagle3_draft_vocab_size", "64", "--eagle3_ttt_steps", "2"],
+    }
+    config = parse_args(["--draft_kind", kind, *own[kind], "--output_dir", str(tmp_path / "out")])
     losses = {}
     stand_in = files.stand_in(get_kind(kind).records_need_token_ids)
     for name, target in (("target", base), ("stand-in", stand_in)):
