@@ -20,14 +20,9 @@ from torch.utils.data import BatchSampler
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.modeling import load_base_model, load_tokenizer
+from medusa_forge.train.cache_group import NodeShareSampler, balance
 from medusa_forge.train.dataset import ConversationDataset
-from medusa_forge.train.hidden_cache import (
-    HiddenStateCache,
-    NodeShareSampler,
-    balance,
-    build_hidden_cache,
-    cache_key,
-)
+from medusa_forge.train.hidden_cache import HiddenStateCache, build_hidden_cache, cache_key
 from medusa_forge.train.target_files import TargetFiles
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

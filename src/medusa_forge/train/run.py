@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -17,26 +18,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import ensure_chat_template
 from medusa_forge.defaults import cache_dir, resolve_model
-from medusa_forge.drafts import get_kind
+from medusa_forge.drafts import DraftKind, get_kind
 from medusa_forge.drafts.card import hub_base_id
 from medusa_forge.errors import UserError
 from medusa_forge.model_card import write_model_card
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.outputs import OutputLock, check_writable_folder, removed_if_failed_empty
 from medusa_forge.train.args import TrainConfig
+from medusa_forge.train.cache_group import CacheGroup, NodeShareSampler, balance, cache_group, everywhere
 from medusa_forge.train.dataset import ConversationDataset, PadCollator
 from medusa_forge.train.hidden_cache import (
     CachedHiddenDataset,
-    CacheGroup,
     CacheTooLarge,
-    NodeShareSampler,
     RunOutputs,
-    balance,
     build_hidden_cache,
-    cache_group,
     check_output_space,
     complete_cache,
-    everywhere,
     run_outputs,
 )
 from medusa_forge.train.report import plot_history, training_metrics
@@ -192,47 +189,10 @@ def _train(config: TrainConfig) -> Path:
     is_main = config.process_index == 0
     if is_main and config.world_size > 1:
         logger.warning("training on %d processes (%s)", config.world_size, config.parallel_mode.value)
-    # The data is read (and checked) before the model: a bad file is found in seconds.
-    conversations = load_conversations(config.data_path, config.max_samples, config.recover_truncated_data)
-    eval_path = config.eval_data_path or ("sharegpt-heldout" if config.data_path == "sharegpt" else None)
-    eval_conversations = None
-    if config.eval_strategy != "no":
-        if eval_path is None:
-            raise UserError("--eval_strategy is not 'no': pass --eval_data_path with held-out conversations")
-        eval_conversations = load_conversations(eval_path, config.max_eval_samples, config.recover_truncated_data)
-
-    base_path = resolve_model(config.model_name_or_path)  # rank-safe: converts the alias once, with a lock
-    tokenizer = ensure_chat_template(load_tokenizer(base_path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
-    train_set = ConversationDataset(
-        conversations, tokenizer, config.model_max_length, config.lazy_preprocess, config.data_path
-    )
-    eval_set = None
-    if eval_conversations is not None:
-        eval_set = ConversationDataset(
-            eval_conversations, tokenizer, config.model_max_length, config.lazy_preprocess, eval_path
-        )
-
+    base_path, tokenizer, train_set, eval_set = _data(config)
     kind = get_kind(config.draft_kind)
-    dtype = _base_dtype(config)
-    plan = _plan_caches(base_path, dtype, train_set, config) if config.medusa_hidden_cache else None
-    # Every record cached (on every process: they must hold the same modules): the target's layers are never loaded.
-    complete = plan is not None and all(
-        everywhere(
-            complete_cache(plan.target, plan.items(dataset, dataset is train_set), plan.root, kind.name)
-            for dataset in (train_set, eval_set)
-            if dataset is not None
-        )
-    )
-    if complete:
-        logger.warning("hidden-state cache complete: reading only the target's embedding and lm_head, not its layers")
-        base = plan.target.stand_in(kind.records_need_token_ids).to(config.device)
-    else:
-        placement = config.target_placement()
-        base = load_base_model(base_path, dtype=dtype, placement=placement)
-        if placement is None:  # a dispatched target stays where its device map put it
-            base = base.to(config.device)
+    plan = _plan_caches(base_path, _base_dtype(config), train_set, config) if config.medusa_hidden_cache else None
+    base, complete = _target(config, base_path, kind, plan, train_set, eval_set)
     # A draft vocabulary is chosen from the token data before the cache replaces it; the draft is built before
     # the cache so that the disk check counts its checkpoints. In config.json: aliases become the folder a
     # server can load.
@@ -270,22 +230,89 @@ def _train(config: TrainConfig) -> Path:
     trainer.save_model(config.output_dir)
     output = Path(config.output_dir)
     if is_main:
-        if not config.keep_checkpoints:
-            remove_checkpoints(output, "of the completed run (--keep_checkpoints True keeps them)")
-        metrics = training_metrics(trainer.state.log_history, final, name=kind.metric_name)
-        metrics.save(output)
-        plot_history(output, metrics, label=kind.metric_label)
-        facts = {
-            "Training data": f"`{config.data_path}` ({len(train_set)} conversations)",
-            "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
-            **kind.training_facts(config),
-        }
-        card_metrics = metrics.held_out_head_metrics(kind.metric_name)
-        base_id = hub_base_id(config.model_name_or_path) or base_path
-        options = kind.card_options(model.base)
-        write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, **options)
-        logger.warning("%s written to %s", kind.label, output)
+        _write_folder(output, config, kind, trainer, final, len(train_set), base_path, model.base)
     return output
+
+
+def _data(config: TrainConfig) -> tuple[str, Any, ConversationDataset, ConversationDataset | None]:
+    """(the base's path, its tokenizer, the training set, the held-out set or None), the data read and checked
+    before any model: a bad file is found in seconds."""
+    conversations = load_conversations(config.data_path, config.max_samples, config.recover_truncated_data)
+    eval_path = config.eval_data_path or ("sharegpt-heldout" if config.data_path == "sharegpt" else None)
+    eval_conversations = None
+    if config.eval_strategy != "no":
+        if eval_path is None:
+            raise UserError("--eval_strategy is not 'no': pass --eval_data_path with held-out conversations")
+        eval_conversations = load_conversations(eval_path, config.max_eval_samples, config.recover_truncated_data)
+
+    base_path = resolve_model(config.model_name_or_path)  # rank-safe: converts the alias once, with a lock
+    tokenizer = ensure_chat_template(load_tokenizer(base_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    train_set = ConversationDataset(
+        conversations, tokenizer, config.model_max_length, config.lazy_preprocess, config.data_path
+    )
+    eval_set = None
+    if eval_conversations is not None:
+        eval_set = ConversationDataset(
+            eval_conversations, tokenizer, config.model_max_length, config.lazy_preprocess, eval_path
+        )
+    return base_path, tokenizer, train_set, eval_set
+
+
+def _target(
+    config: TrainConfig,
+    base_path: str,
+    kind: DraftKind,
+    plan: CachePlan | None,
+    train_set: ConversationDataset,
+    eval_set: ConversationDataset | None,
+) -> tuple[Any, bool]:
+    """(the frozen target, or its stand-in when every record is cached; whether every record is). On every process
+    alike (they must hold modules of one shape): a complete cache means the target's layers are never loaded."""
+    complete = plan is not None and all(
+        everywhere(
+            complete_cache(plan.target, plan.items(dataset, dataset is train_set), plan.root, kind.name)
+            for dataset in (train_set, eval_set)
+            if dataset is not None
+        )
+    )
+    if complete:
+        logger.warning("hidden-state cache complete: reading only the target's embedding and lm_head, not its layers")
+        return plan.target.stand_in(kind.records_need_token_ids).to(config.device), True
+    placement = config.target_placement()
+    base = load_base_model(base_path, dtype=_base_dtype(config), placement=placement)
+    if placement is None:  # a dispatched target stays where its device map put it
+        base = base.to(config.device)
+    return base, False
+
+
+def _write_folder(
+    output: Path,
+    config: TrainConfig,
+    kind: DraftKind,
+    trainer: MedusaTrainer,
+    final: dict,
+    conversations: int,
+    base_path: str,
+    base: Any,
+) -> None:
+    """What the main process writes next to the saved draft: metrics, curves and the model card (and the completed
+    run's checkpoints removed unless kept)."""
+    if not config.keep_checkpoints:
+        remove_checkpoints(output, "of the completed run (--keep_checkpoints True keeps them)")
+    metrics = training_metrics(trainer.state.log_history, final, name=kind.metric_name)
+    metrics.save(output)
+    plot_history(output, metrics, label=kind.metric_label)
+    facts = {
+        "Training data": f"`{config.data_path}` ({conversations} conversations)",
+        "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
+        **kind.training_facts(config),
+    }
+    card_metrics = metrics.held_out_head_metrics(kind.metric_name)
+    base_id = hub_base_id(config.model_name_or_path) or base_path
+    write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, **kind.card_options(base))
+    logger.warning("%s written to %s", kind.label, output)
 
 
 def run_train(config: TrainConfig) -> int:
