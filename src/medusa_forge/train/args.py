@@ -213,6 +213,18 @@ class TrainConfig(TrainingArguments):
             super().__post_init__()
         except (ValueError, ImportError) as err:
             raise UserError(f"invalid training arguments: {err}") from None
+        self._plain_cpu()
+
+    def _plain_cpu(self) -> None:
+        """Under torchrun on a CPU, accelerate names this process's device `cpu:0`, and `Tensor.to(cpu:0)` copies a
+        tensor that is on `cpu`. A target loaded from safetensors is the files' pages mapped into memory, shared by
+        every rank and the page cache; moved to `cpu:0` (by train, and by the Trainer's accelerator) each rank copied
+        it whole: an 8B-shaped target of 5.5 GiB peaked at 11.4 GiB of RSS per rank while loading and kept 5.5 GiB
+        of its own (BENCHMARKS.md, "Scale"). The device is named plain `cpu` for both: the same device, no copies."""
+        state = self.distributed_state
+        if state is not None and state.device.type == "cpu" and state.device.index is not None:
+            state.device = torch.device("cpu")  # accelerate's shared state: the Trainer's Accelerator copies it
+            self.__dict__["_setup_devices"] = state.device  # TrainingArguments.device's cached value
 
     def target_placement(self) -> TargetPlacement | None:
         """Where the frozen target is dispatched (--target_* flags); None: whole, on the training device."""
