@@ -57,6 +57,7 @@ from gpu_check import LLAMA3_8B, TINY_SHAPE, print_scale_rows, random_llama  # n
 
 SCRIPT = Path(__file__).resolve()
 COMPLETE = "complete.json"  # written last into a target folder: the weights there are whole
+CACHE_BATCH_TOKENS = 8192  # build_hidden_cache's batches (max_tokens_per_batch), as `train` builds them
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
@@ -298,6 +299,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         get_kind(kind)  # a UserError naming the kinds
     if args.sequences_per_rank < args.batch:
         parser.error("--sequences-per-rank must be at least --batch")
+    if args.ranks[-1] > 1 and args.sequences_per_rank * args.length < CACHE_BATCH_TOKENS:
+        # The cache is built in batches of up to 8192 tokens dealt out between the ranks: fewer batches than ranks
+        # leave ranks idle, and the frozen pass's tokens/s per rank would be the busy rank's alone.
+        print(f"warning: --sequences-per-rank x --length = {args.sequences_per_rank * args.length} tokens < "
+              f"{CACHE_BATCH_TOKENS}: some ranks get no batch of the cache to build", flush=True)  # fmt: skip
     return args
 
 
