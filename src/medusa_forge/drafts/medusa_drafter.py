@@ -104,7 +104,7 @@ def score_samples(
         labels = torch.tensor(label_ids, device=device)
         if len(ids) < 2 or (labels != IGNORE_INDEX).sum() == 0:
             continue
-        hidden = model.hidden_states(ids[None])[0]
+        hidden = model.hidden_states(ids[None])[0].to(device)  # a dispatched base's last layer may be elsewhere
         for which in range(len(names)):
             shift = which + 1  # base: t+1, head i: t+2+i
             if len(ids) <= shift:
