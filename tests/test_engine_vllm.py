@@ -181,7 +181,7 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_our_decoder_counts(k
     prompts = work / "eval-prompts.json"
     prompts.write_text(json.dumps(USER_PROMPTS))
     report = evaluate(EvalConfig(
-        heads=str(work / kind), model=str(target), data=str(prompts), max_prompts=3, max_new_tokens=24,
+        draft=str(work / kind), model=str(target), data=str(prompts), max_prompts=3, max_new_tokens=24,
         calibration_prompts=1, tree="default-4", dtype="float32", device="cpu", prompt_lookup_tokens=0,
         no_save_tree=True, output_dir=str(work / f"{kind}-eval"), engine="vllm", engine_url=urls[kind],
     ))  # fmt: skip

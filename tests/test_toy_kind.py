@@ -239,7 +239,7 @@ def test_a_kind_registered_in_one_module_trains_decodes_exports_and_reports(toy_
     config = config_from_dict({"model": str(tiny_model_dir), "data": "sharegpt", "draft_kind": "toy"}, "test")
     (workdir / "export" / "serve_commands.json").write_text(json.dumps({ENGINE: [f"{ENGINE} export"]}))
     (draft / "eval").mkdir()
-    EvalReport(heads=str(draft), tree=[[0], [1]], draft_kind="toy").save(draft / "eval")
+    EvalReport(draft=str(draft), tree=[[0], [1]], draft_kind="toy").save(draft / "eval")
     write_pipeline_report(Context(config, workdir, "cmd"))
     report = (workdir / "report.md").read_text()
     assert report.startswith(f"# toy draft for `{tiny_model_dir}`")

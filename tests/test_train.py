@@ -207,18 +207,18 @@ KILLED_AT_STEP_5 = """
 import os, signal, sys
 from transformers import TrainerCallback
 from medusa_forge.cli import main
-from medusa_forge.train.trainer import MedusaTrainer
+from medusa_forge.train.trainer import DraftTrainer
 
 class KillAfterStep5(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-init = MedusaTrainer.__init__
+init = DraftTrainer.__init__
 def init_with_kill(self, *args, **kwargs):
     init(self, *args, **kwargs)
     self.add_callback(KillAfterStep5())
-MedusaTrainer.__init__ = init_with_kill
+DraftTrainer.__init__ = init_with_kill
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 

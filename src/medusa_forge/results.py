@@ -283,7 +283,7 @@ class SpeedComparison:
 class EvalReport:
     """What `medusa-forge eval` measured: eval.json."""
 
-    heads: str | None = None
+    draft: str | None = None  # the draft folder (eval.json before drafts of other kinds: `heads`)
     base_model: str | None = None
     data: str | None = None
     machine: str | None = None
@@ -296,7 +296,7 @@ class EvalReport:
     tree_search: TreeSearch | None = None  # None when the tree was given (--tree FILE or default-N)
     acceptance: Acceptance | None = None
     speed: SpeedComparison | None = None
-    draft_kind: str = "medusa"  # or "eagle3"; `heads` is then the draft folder
+    draft_kind: str = "medusa"  # the registry name of the draft's kind
     dtype: str = "float32"  # the decoding dtype of the tree search and the draft's speed run
     # With --dtype auto: the tree search in each other dtype measured (the chosen one is `tree_search`).
     other_dtype_searches: dict[str, TreeSearch] = field(default_factory=dict)
@@ -345,7 +345,7 @@ class EvalReport:
         if speed is None and data.get("speedup") is not None:
             speed = SpeedComparison(speedup={DRAFT_RUN: _get(data, "speedup", "number", "")})
         return cls(
-            _get(data, "heads", "text", ""),
+            _get(data, "draft", "text", "", _get(data, "heads", "text", "")),  # `heads`: reports before drafts
             _get(data, "base_model", "text", ""),
             _get(data, "data", "text", ""),
             _get(data, "machine", "text", ""),

@@ -312,12 +312,12 @@ class ServeConfig:
     model: str | None = field(
         default=None, metadata={"help": "Local folder, Hub id or the offline alias 'smollm2' (default: smollm2)."}
     )
-    heads: str | None = field(
+    draft: str | None = field(
         default=None,
         metadata={
             "help": "Draft folder (Medusa heads or EAGLE-3, detected): decode with it; concurrent requests take "
             "turns step by step, up to --max-batch-size at once (default base: the draft's own).",
-            "aliases": ["--draft"],
+            "aliases": ["--heads"],
         },
     )
     served_model_name: str | None = field(
@@ -351,14 +351,14 @@ class ServeConfig:
             raise UserError("--default-max-tokens must be at least 1")
         if self.max_request_bytes < 1:
             raise UserError(f"--max-request-bytes {self.max_request_bytes}: must be at least 1")
-        check_batching(self.batching, draft=bool(self.heads))
+        check_batching(self.batching, draft=bool(self.draft))
 
 
 def run_serve(config: ServeConfig) -> int:
-    if config.heads:
+    if config.draft:
         from medusa_forge.decode.serving import DraftServeGenerator
 
-        generator = DraftServeGenerator.load(config.heads, config.model, dtype=config.dtype, device=config.device)
+        generator = DraftServeGenerator.load(config.draft, config.model, dtype=config.dtype, device=config.device)
         base_name = generator.base_name  # the draft's own base unless --model: what clients record as the model
     else:
         base_name = config.model or MODEL_ALIAS

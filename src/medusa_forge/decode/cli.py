@@ -20,7 +20,7 @@ class GenerateConfig:
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = draft_folder_field()
+    draft: str = draft_folder_field()
     prompt: str = field(metadata={"help": "The user message (or plain text with --raw)."})
     model: str | None = base_model_field()
     system: str | None = field(default=None, metadata={"help": "Optional system message."})
@@ -78,9 +78,9 @@ def run_generate(config: GenerateConfig) -> int:
     from medusa_forge.decode.tree import resolve_tree
     from medusa_forge.generation.text import eos_token_ids
 
-    loaded = load_draft(config.heads, config.model, config.dtype, config.device, config.draft_vocab)
+    loaded = load_draft(config.draft, config.model, config.dtype, config.device, config.draft_vocab)
     base, tokenizer = loaded.base, loaded.tokenizer
-    choices = resolve_tree(config.tree, config.heads, loaded.max_depth)
+    choices = resolve_tree(config.tree, config.draft, loaded.max_depth)
     decoder = loaded.decoder(choices)
     prompt = encode_prompt(tokenizer, config.prompt, raw=config.raw, system=config.system)
     result = DecodeResult([])

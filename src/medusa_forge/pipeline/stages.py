@@ -165,7 +165,7 @@ def fingerprint_export(ctx: Context) -> StageFingerprint:
 
 def run_export_stage(ctx: Context, fresh: bool) -> StageResult:
     """Runs whole every time: there is nothing to resume, so `fresh` changes nothing."""
-    from medusa_forge.export import export_heads
+    from medusa_forge.export import export_draft
 
     outputs: list[Path] = []
     commands: dict[str, list[str]] = {}
@@ -173,7 +173,7 @@ def run_export_stage(ctx: Context, fresh: bool) -> StageResult:
         folder = ctx.export_dir(fmt)
         if folder.exists():
             shutil.rmtree(folder)  # ours: an export refuses a folder holding other weights
-        result = export_heads(ctx.draft, fmt, folder, base_model_id=ctx.config.export.base_model_id)
+        result = export_draft(ctx.draft, fmt, folder, base_model_id=ctx.config.export.base_model_id)
         for note in result.notes:
             print(f"pipeline: export {fmt}: {note}", file=sys.stderr)
         commands[fmt] = result.serve_commands
