@@ -22,7 +22,7 @@ ORDER = {
     "drafts": 4,  # the registry of draft kinds: everything after it asks a kind instead of branching on its name
     "train": 5, "model_card": 5,
     "decode": 6, "evaluate": 6,
-    "export": 7, "import_heads": 7, "hub": 7, "serve": 7,
+    "export": 7, "hub": 7, "serve": 7,
     "pipeline": 8,
     "cli": 9,
 }  # fmt: skip

@@ -40,7 +40,7 @@ COMMANDS = {
                     "head accuracy, accepted tokens per step and real speed-up vs greedy"),
     "export": Command("medusa_forge.export", "ExportConfig", "run_export",
                       "write heads for TGI, vLLM or TensorRT-LLM; prints the serve command"),
-    "import": Command("medusa_forge.import_heads", "ImportConfig", "run_import",
+    "import": Command("medusa_forge.drafts.medusa_import", "ImportConfig", "run_import",
                       "convert heads from any known layout (.pt, version 2, vLLM, ...) to ours"),
     "push": Command("medusa_forge.hub", "PushConfig", "run_push",
                     "validate a heads folder, refresh its model card and upload it to the Hub"),

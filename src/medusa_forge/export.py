@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medusa_forge.drafts import format_choices, kind_of, kinds
+from medusa_forge.drafts import format_choices, kind_of, kinds, layout_choices
 from medusa_forge.drafts.card import CARD_INPUTS_NAME
 from medusa_forge.drafts.kind import ExportResult
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import copy_sidecars
-from medusa_forge.formats.layouts import LAYOUTS
 from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.results import TRAINING_METRICS_FILE
 
@@ -70,14 +69,14 @@ class ExportConfig:
         default=None, metadata={"help": "TGI only: the tokenizer's folder (default: the draft folder, then the base)."}
     )
     layout: str | None = field(
-        default=None, metadata={"help": "Layout of --draft when detection is ambiguous.", "choices": list(LAYOUTS)}
+        default=None, metadata={"help": "Layout of --draft when detection is ambiguous.", "choices": layout_choices()}
     )
 
     def __post_init__(self) -> None:
         if self.format not in format_choices():
             raise UserError(f"--format {self.format}: choose from {', '.join(format_choices())}")
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise UserError(f"--layout {self.layout}: choose from {', '.join(LAYOUTS)}")
+        if self.layout is not None and self.layout not in layout_choices():
+            raise UserError(f"--layout {self.layout}: choose from {', '.join(layout_choices())}")
 
 
 def run_export(config: ExportConfig) -> int:

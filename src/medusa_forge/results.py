@@ -220,7 +220,8 @@ class ChainAcceptance:
 
 
 DRAFT_RUN = "draft"  # the speculative decoder's run in SpeedComparison's tables, whatever the draft's kind
-# Names in reports written before the decoding dtype was chosen by measurement (all float32).
+# Names in reports written before the decoding dtype was chosen by measurement (all float32); "medusa" here is the
+# old run name in those files (data being read), not a switch on the draft's kind.
 _OLD_RUN_NAMES = {"medusa": DRAFT_RUN, "greedy": "greedy_float32"}
 
 
@@ -358,7 +359,8 @@ class EvalReport:
             section("tree_search", TreeSearch),
             acceptance,
             speed,
-            _get(data, "draft_kind", "text", "", "medusa"),  # reports from before EAGLE-3 drafts: Medusa
+            # Reports from before EAGLE-3 drafts hold Medusa heads: what the field would have said (read, no switch).
+            _get(data, "draft_kind", "text", "", "medusa"),
             _get(data, "dtype", "text", "", "float32"),
             {
                 dtype: TreeSearch._from_json(_check(search, "object", f"other_dtype_searches.{dtype}"), f"{dtype}.")
