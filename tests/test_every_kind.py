@@ -24,6 +24,10 @@ from medusa_forge.export import export_draft
 from medusa_forge.formats.tree_file import load_tree, load_tree_dtype
 from medusa_forge.generation.text import decode_text, eos_token_ids
 from medusa_forge.modeling import load_base_model, load_tokenizer
+from medusa_forge.pipeline import load_config
+from medusa_forge.pipeline.configuration import config_from_dict, train_config
+from medusa_forge.pipeline.context import Context
+from medusa_forge.pipeline.stages import launcher_argv
 from medusa_forge.results import EvalReport
 
 hub = test_push.hub  # the stand-in Hub fixture
@@ -137,3 +141,28 @@ def test_push_dry_run_checks_the_folder_and_sends_nothing(hub, trained, capsys):
     assert "dry run: would upload" in out and "alice/tiny-draft" in out
     assert f"  {kind.config_name}  (" in out and f"  {kind.weights_name}  (" in out and "  README.md  (" in out
     assert hub.requests == []
+
+
+# --- the pipeline's configuration ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", kind_names())
+def test_each_kind_is_a_pipeline_key_that_reaches_the_train_stage_in_process_and_under_a_launcher(name, tmp_path):
+    kind = get_kind(name)
+    assert config_from_dict({"draft_kind": name}, "p.yaml").export.formats == list(kind.default_formats)
+    config = load_config(None, [f"draft_kind={name}"])
+    assert train_config(config, "data.json", tmp_path / "heads").draft_kind == name
+    argv = launcher_argv(Context(config, tmp_path, "cmd"))
+    assert argv[argv.index("--draft_kind") + 1] == name
+
+
+@pytest.mark.parametrize("name", kind_names())
+def test_a_format_the_kind_cannot_take_stops_the_pipeline_before_any_stage(name, tmp_path, capsys):
+    kind = get_kind(name)
+    for fmt in [fmt for fmt in format_choices() if fmt not in kind.formats]:
+        workdir = tmp_path / f"work-{fmt}"
+        settings = ["--set", f"draft_kind={name}", "--set", f"export.formats=[{fmt}]"]
+        assert main(["pipeline", "--workdir", str(workdir), *settings]) == 2
+        err = capsys.readouterr().err
+        assert f"export.formats ['{fmt}']: with draft_kind {name} ({kind.label}) choose from" in err
+        assert not workdir.exists()
