@@ -143,6 +143,24 @@ def test_push_dry_run_checks_the_folder_and_sends_nothing(hub, trained, capsys):
     assert hub.requests == []
 
 
+def test_push_names_a_local_bases_hub_id_in_what_it_uploads_only(hub, trained, tmp_path, capsys):
+    """A draft trained from a local base: push refuses until it has the base's Hub id, then uploads a config.json
+    and card naming it, and the local folder keeps its local base (local commands keep working offline)."""
+    kind, folder, _ = trained
+    folder = shutil.copytree(folder, tmp_path / "draft")  # push refreshes the folder's card
+    local_base = json.loads((folder / kind.config_name).read_text())["base_model_name_or_path"]
+    argv = ["push", "--draft", str(folder), "--repo", "alice/x"]
+    assert main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "base_model_name_or_path is the local path" in err and "--base-model-id" in err
+    assert hub.requests == []
+    assert main([*argv, "--base-model-id", "acme/tiny-llama"]) == 0
+    stored = hub.repos["alice/x"]["branches"]["main"]
+    assert json.loads(stored[kind.config_name])["base_model_name_or_path"] == "acme/tiny-llama"
+    assert json.loads((folder / kind.config_name).read_text())["base_model_name_or_path"] == local_base
+    assert "base_model: acme/tiny-llama" in stored["README.md"].decode()
+
+
 # --- the pipeline's configuration ---------------------------------------------------------------------------------
 
 

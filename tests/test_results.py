@@ -61,7 +61,7 @@ def test_training_metrics_round_trip(tmp_path):
     path = metrics.save(tmp_path)
     assert json.loads(path.read_text())["train"] == {"0": [{"step": 1, "loss": 2.0}]}
     assert TrainingMetrics.load(path) == metrics
-    assert metrics.held_out_head_metrics("medusa") == {"medusa0_top1": 0.4}
+    assert metrics.held_out_draft_metrics("medusa") == {"medusa0_top1": 0.4}
 
 
 @pytest.mark.parametrize(

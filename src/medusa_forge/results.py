@@ -385,7 +385,7 @@ class TrainingMetrics:
     train: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # head -> [{step, loss, top1, ...}]
     eval: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # the same on held-out data
 
-    def held_out_head_metrics(self, name: str) -> dict[str, float]:
+    def held_out_draft_metrics(self, name: str) -> dict[str, float]:
         """The final held-out metrics of the draft (`name`: its kind's metric name) without their prefix:
         {"medusa0_top1": ..., ...}."""
         return {k.removeprefix("eval_"): v for k, v in self.final.items() if k.startswith(f"eval_{name}")}

@@ -1,4 +1,4 @@
-"""`medusa-forge generate`: stream an answer decoded with Medusa heads, then report speed and acceptance."""
+"""`medusa-forge generate`: stream an answer decoded with a draft of any kind, then report speed and acceptance."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class GenerateConfig:
         default=None,
         metadata={
             "help": "Tree: a JSON file of choices, default-N (N nodes), or omitted: the tree `eval` stored in the "
-            "heads folder, else default-16."
+            "draft folder, else default-16."
         },
     )
     draft_vocab: int | None = draft_vocab_field()

@@ -54,7 +54,7 @@ class EvalConfig:
         default="sharegpt-heldout",
         metadata={
             "help": "Held-out conversations (file or sharegpt-heldout). A self-distilled held-out file measures the "
-            "heads on the model's own answers, which is what decoding accepts. Prompts alone (a JSON list of "
+            "draft on the model's own answers, which is what decoding accepts. Prompts alone (a JSON list of "
             "strings, {\"prompt\": ...} JSONL, conversations without replies) work too: the draft is then scored "
             "on the model's own answers to the calibration prompts only."
         },
@@ -67,14 +67,14 @@ class EvalConfig:
     calibration_prompts: int = field(
         default=4,
         metadata={
-            "help": "Further held-out prompts (not timed) whose greedy answers measure the heads on the model's own "
+            "help": "Further held-out prompts (not timed) whose greedy answers measure the draft on the model's own "
             "text; the tree is built from that. 0 = build it from the reference answers' accuracy."
         },
     )
     tree: str = field(
         default="auto",
         metadata={
-            "help": "auto: build from the measured accuracies and latency and store it in the heads folder; "
+            "help": "auto: build from the measured accuracies and latency and store it in the draft folder; "
             "or a JSON file of choices, or default-N."
         },
     )

@@ -156,11 +156,12 @@ def run_evaluate_stage(ctx: Context, fresh: bool) -> StageResult:
 def fingerprint_export(ctx: Context) -> StageFingerprint:
     from medusa_forge.formats.tree_file import TREE_FILE
 
-    heads = _draft_inputs(ctx)
+    draft = _draft_inputs(ctx)
     if (ctx.draft / TREE_FILE).is_file():
-        heads[TREE_FILE] = file_digest(ctx.draft / TREE_FILE)
+        draft[TREE_FILE] = file_digest(ctx.draft / TREE_FILE)
     settings = {"formats": ctx.config.export.formats, "base_model_id": ctx.config.export.base_model_id}
-    return StageFingerprint(settings, {"heads": heads})
+    # "heads": the draft's key in the digests since before other kinds; renamed, every finished run would rerun.
+    return StageFingerprint(settings, {"heads": draft})
 
 
 def run_export_stage(ctx: Context, fresh: bool) -> StageResult:

@@ -309,7 +309,7 @@ def _write_folder(
         "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
         **kind.training_facts(config),
     }
-    card_metrics = metrics.held_out_head_metrics(kind.metric_name)
+    card_metrics = metrics.held_out_draft_metrics(kind.metric_name)
     base_id = hub_base_id(config.model_name_or_path) or base_path
     write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, **kind.card_options(base))
     logger.warning("%s written to %s", kind.label, output)
