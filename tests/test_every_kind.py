@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import test_push
-from conftest import write_conversations
+import torch
+from conftest import kind_train_flags, write_conversations
+from safetensors.torch import load_file
 from test_export_eagle3 import target_folder
 
 from medusa_forge.cli import main
@@ -29,11 +32,10 @@ from medusa_forge.pipeline.configuration import config_from_dict, train_config
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.stages import launcher_argv
 from medusa_forge.results import EvalReport
+from medusa_forge.train.args import parse_args
+from medusa_forge.train.run import train
 
 hub = test_push.hub  # the stand-in Hub fixture
-# Train flags a kind needs to train in seconds on the tiny test models; a kind without a line trains with its own
-# defaults (and adds one here if they do not fit a 400-token vocabulary).
-TRAIN_FLAGS = {"eagle3": ["--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"]}
 DEPTH = 3  # eval's --depth (a kind with a predictor per depth keeps its own)
 
 
@@ -47,9 +49,9 @@ def trained(request, tmp_path_factory, tiny_tokenizer):
     data = write_conversations(root / "data.json", 12)
     argv = [
         "train", "--model_name_or_path", str(target), "--data_path", str(data), "--output_dir", str(root / "draft"),
-        "--draft_kind", kind.name, "--max_steps", "12", "--per_device_train_batch_size", "4", "--learning_rate",
+        "--max_steps", "12", "--per_device_train_batch_size", "4", "--learning_rate",
         "1e-2", "--model_max_length", "96", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "True", "--medusa_hidden_cache_dir", str(root / "cache"), *TRAIN_FLAGS.get(kind.name, []),
+        "--disable_tqdm", "True", "--medusa_hidden_cache_dir", str(root / "cache"), *kind_train_flags(kind.name),
     ]  # fmt: skip
     assert main(argv) == 0
     return kind, root / "draft", data
@@ -159,6 +161,39 @@ def test_push_names_a_local_bases_hub_id_in_what_it_uploads_only(hub, trained, t
     assert json.loads(stored[kind.config_name])["base_model_name_or_path"] == "acme/tiny-llama"
     assert json.loads((folder / kind.config_name).read_text())["base_model_name_or_path"] == local_base
     assert "base_model: acme/tiny-llama" in stored["README.md"].decode()
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", kind_names())
+def test_resume_from_checkpoint_matches_uninterrupted_run(name, tmp_path, tiny_model_dir):
+    kind = get_kind(name)
+    data = write_conversations(tmp_path / "data.json", n=8)
+
+    def run(out: str, *extra: str) -> Path:
+        flags = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
+                 str(tmp_path / out), "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2",
+                 "--learning_rate", "1e-2", "--model_max_length", "96", "--seed", "0", "--disable_tqdm", "True",
+                 "--medusa_hidden_cache_dir", str(tmp_path / "cache"), *kind_train_flags(name), *extra]  # fmt: skip
+        return train(parse_args(flags))
+
+    full = run("full", "--save_total_limit", "2", "--keep_checkpoints", "True")  # checkpoint-2 is copied below
+    assert kind_of(full / "checkpoint-2") is kind  # a checkpoint is a draft folder
+    assert {p.name for p in (full / "checkpoint-2").iterdir()} >= {"optimizer.pt", "trainer_state.json"}
+    # "crash" after step 2: a fresh output dir holding only checkpoint-2, then the same command again
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(full / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    # ... and a checkpoint-3 whose save was cut off before trainer_state.json (written last): skipped
+    shutil.copytree(full / "checkpoint-2", tmp_path / "resumed" / "checkpoint-3")
+    (tmp_path / "resumed" / "checkpoint-3" / "trainer_state.json").unlink()
+    resumed = run("resumed")
+    a, b = load_file(str(full / kind.weights_name)), load_file(str(resumed / kind.weights_name))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    halfway = load_file(str(full / "checkpoint-2" / kind.weights_name))
+    assert any(not torch.equal(halfway[key], a[key]) for key in a)  # steps 3-4 did change the draft
 
 
 # --- the pipeline's configuration ---------------------------------------------------------------------------------

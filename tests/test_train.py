@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,24 +111,7 @@ def test_output_folder(tmp_path, tiny_model_dir):
     assert "--speculate 3" in card and "medusa" in card
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_model_dir):
-    data = write_conversations(tmp_path / "data.json", n=16)
-    flags = ["--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2"]
-    keep = ["--save_total_limit", "2", "--keep_checkpoints", "True"]  # checkpoint-3 is copied below
-    full = train(small_run_flags(tiny_model_dir, data, tmp_path / "full", *flags, *keep))
-    # "crash" after step 3: a fresh output dir holding only checkpoint-3, then the same command again
-    (tmp_path / "resumed").mkdir()
-    shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    # ... and a checkpoint-5 whose save was cut off before trainer_state.json (written last): skipped
-    shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-5")
-    (tmp_path / "resumed" / "checkpoint-5" / "trainer_state.json").unlink()
-    resumed = train(small_run_flags(tiny_model_dir, data, tmp_path / "resumed", *flags))
-    a, b = load_file(str(full / "medusa_lm_head.safetensors")), load_file(str(resumed / "medusa_lm_head.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    fresh = load_file(str(full / "checkpoint-3" / "medusa_lm_head.safetensors"))
-    assert not torch.equal(fresh["0.1.weight"], a["0.1.weight"])  # steps 4-6 did change the heads
+# Resume from a checkpoint, for every kind: test_every_kind.py.
 
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle3"])
