@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, write_conversations
+from conftest import kind_train_flags, make_tiny_model, write_conversations
 from safetensors.torch import load_file
 
 from medusa_forge.cli import main
+from medusa_forge.drafts import get_kind, kind_names
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.results import TrainingMetrics
@@ -114,19 +115,18 @@ def test_output_folder(tmp_path, tiny_model_dir):
 # Resume from a checkpoint, for every kind: test_every_kind.py.
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(tmp_path, tiny_model_dir, kind):
     """Not bit-identical drafts: two ranks see other batches (2 per device, gradients averaged), so the weights
     differ; what must hold is that both ranks train together and rank 0 alone writes a complete folder."""
     data = write_conversations(tmp_path / "data.json", n=12)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    eagle3 = ["--draft_kind", "eagle3", "--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"]
-    weights = "medusa_lm_head.safetensors" if kind == "medusa" else "model.safetensors"
+    weights = get_kind(kind).weights_name
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
         flags = small_run_flags(tiny_model_dir, data, out, "--num_train_epochs", "1", "--save_strategy", "no",
-                                *(eagle3 if kind == "eagle3" else []))  # fmt: skip
+                                *kind_train_flags(kind))  # fmt: skip
         flags[flags.index("--per_device_train_batch_size") + 1] = "2"
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                    "-m", "medusa_forge.train", *flags]  # fmt: skip
@@ -139,10 +139,10 @@ def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the same folder, written once
         assert (outputs[1] / name).read_bytes() == (outputs[2] / name).read_bytes(), name
-    if kind == "medusa":
-        assert all(two[k].abs().sum() > 0 for k in two if k.endswith("linear.weight"))  # trained (zero at the start)
-    else:  # the same seeded start, other batches: both moved, apart
-        assert any(not torch.equal(one[k], two[k]) for k in one if k.endswith("weight"))
+    # the same seeded start, other batches: both moved, apart
+    assert any(not torch.equal(one[k], two[k]) for k in one if k.endswith("weight"))
+    if kind == "medusa":  # Medusa's blocks start at zero: the two-process run trained them
+        assert all(two[k].abs().sum() > 0 for k in two if k.endswith("linear.weight"))
     steps = {
         n: json.loads((outputs[n] / "training_metrics.json").read_text())["train"]["0"][-1]["step"] for n in (1, 2)
     }
@@ -205,16 +205,15 @@ sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_interrupted_run_keeps_only_the_last_checkpoint_and_a_completed_run_none(
     tmp_path, tiny_model_dir, kind, caplog
 ):
     data = write_conversations(tmp_path / "data.json", n=8)
     out = tmp_path / "out"
-    eagle3 = ["--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"] if kind == "eagle3" else []
     flags = small_run_flags(
         tiny_model_dir, data, out, "--max_steps", "8", "--save_steps", "2", "--per_device_train_batch_size", "2",
-        "--draft_kind", kind, *eagle3, "--medusa_hidden_cache_dir", str(tmp_path / "cache"),
+        *kind_train_flags(kind), "--medusa_hidden_cache_dir", str(tmp_path / "cache"),
     )  # fmt: skip
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AT_STEP_5)
@@ -232,7 +231,7 @@ def test_interrupted_run_keeps_only_the_last_checkpoint_and_a_completed_run_none
     assert sorted(p.name for p in kept.glob("checkpoint-*")) == ["checkpoint-8"]
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_refuses_before_training_when_output_dir_cannot_hold_the_checkpoints(
     tmp_path, tiny_model_dir, kind, monkeypatch
 ):
@@ -243,9 +242,8 @@ def test_refuses_before_training_when_output_dir_cannot_hold_the_checkpoints(
     data = write_conversations(tmp_path / "data.json", n=4)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**12, 0, hidden_cache.RESERVE + 1000))
-    eagle3 = ["--eagle3_draft_vocab_size", "64"] if kind == "eagle3" else []
     flags = small_run_flags(
-        tiny_model_dir, data, tmp_path / "out", "--max_steps", "2", "--draft_kind", kind, *eagle3,
+        tiny_model_dir, data, tmp_path / "out", "--max_steps", "2", *kind_train_flags(kind),
         "--medusa_hidden_cache", "False",
     )  # fmt: skip
     with pytest.raises(UserError) as err:
