@@ -58,7 +58,7 @@ def main() -> None:
     summary: dict = {"threads": torch.get_num_threads()}
     if not args.skip_eval:
         eval_config = EvalConfig(
-            heads=args.heads,
+            draft=args.heads,
             max_prompts=args.max_prompts,
             max_new_tokens=args.max_new_tokens,
             max_conversations=args.max_conversations,

@@ -73,7 +73,7 @@ from medusa_forge.train.args import TrainConfig, parse_args
 from medusa_forge.train.hidden_cache import build_hidden_cache, frozen_pass
 from medusa_forge.train.run import train
 from medusa_forge.train.target_files import TargetFiles
-from medusa_forge.train.trainer import MedusaTrainer
+from medusa_forge.train.trainer import DraftTrainer
 
 try:  # transformers 5; 4.x keeps it in modeling_utils
     from transformers.initialization import no_init_weights
@@ -329,7 +329,7 @@ def small_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def training_check(base: LlamaForCausalLM, device: torch.device, work: Path, steps: int) -> dict:
-    """A few steps of `train` (the command's own path: TrainConfig, hidden-state cache, MedusaTrainer) with
+    """A few steps of `train` (the command's own path: TrainConfig, hidden-state cache, DraftTrainer) with
     --bf16 True on the small model, and what was applied: on a GPU bfloat16 (the base loaded in it, autocast);
     on a CPU only with native bfloat16 (TrainConfig drops it otherwise)."""
     model_dir = work / "model"
@@ -558,7 +558,7 @@ def part_training_throughput(args: argparse.Namespace, device: torch.device) -> 
     on real data a frequency-chosen draft vocabulary covers nearly all tokens."""
     shape = TINY_SHAPE if args.tiny else LLAMA3_8B
     config = parse_args(["--bf16", "True", "--report_to", "none"])  # the Trainer's optimizer and precision
-    optimizer_cls, optimizer_kwargs = MedusaTrainer.get_optimizer_cls_and_kwargs(config)
+    optimizer_cls, optimizer_kwargs = DraftTrainer.get_optimizer_cls_and_kwargs(config)
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bool(config.bf16))
     batch, length, hidden, vocab = args.train_batch, args.train_length, shape["hidden_size"], shape["vocab_size"]
     draft_vocab = min(args.draft_vocab, vocab)

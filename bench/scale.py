@@ -2,7 +2,7 @@
 intermediate 14336, vocabulary 128256) with random weights written to disk as safetensors, then per draft kind and
 per rank count: the frozen pass (the hidden-state cache build, `build_hidden_cache`: the code path `train` takes;
 its cache key, a fingerprint of the target's files, timed apart) of each rank's share of the data, and a few
-training steps from that cache (the kind's training module in `MedusaTrainer`, DDP over the ranks) with the target
+training steps from that cache (the kind's training module in `DraftTrainer`, DDP over the ranks) with the target
 freed, as `train` goes on from a complete cache. Reported per process: tokens/s
 of the frozen pass and of training, and peak memory (GPU: torch's peak allocated; CPU: the process's peak RSS,
 VmHWM, reset between phases).
@@ -50,7 +50,7 @@ from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import PadCollator
 from medusa_forge.train.hidden_cache import CachedHiddenDataset, build_hidden_cache
 from medusa_forge.train.target_files import TargetFiles
-from medusa_forge.train.trainer import MedusaTrainer
+from medusa_forge.train.trainer import DraftTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import LLAMA3_8B, TINY_SHAPE, print_scale_rows, random_llama  # noqa: E402  (shared with the GPU check)
@@ -171,7 +171,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.empty_cache()
     model = spec.training_module(stand_in, config, args.target, lambda: items)
     timer = StepTimer(device)
-    trainer = MedusaTrainer(
+    trainer = DraftTrainer(
         model=model,
         args=config,
         train_dataset=CachedHiddenDataset(items, cache),

@@ -143,6 +143,16 @@ def write_prompt_files(folder: Path) -> list[Path]:
     return [strings, jsonl, sharegpt]
 
 
+# Train flags a kind needs to train in seconds on the tiny test models (400-token vocabulary), for the tests that run
+# over every registered kind; a kind without a line trains with its own defaults (and adds one if they do not fit).
+KIND_TRAIN_FLAGS = {"eagle3": ["--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"]}
+
+
+def kind_train_flags(name: str) -> list[str]:
+    """`--draft_kind NAME` and the flags the kind needs on the tiny test models."""
+    return ["--draft_kind", name, *KIND_TRAIN_FLAGS.get(name, [])]
+
+
 def write_conversations(path: Path, n: int = 12, sharegpt: bool = True) -> Path:
     """n small multi-turn conversations from the tokenizer's corpus, ShareGPT or role/content JSON."""
     records = []

@@ -22,7 +22,7 @@ ORDER = {
     "drafts": 4,  # the registry of draft kinds: everything after it asks a kind instead of branching on its name
     "train": 5, "model_card": 5,
     "decode": 6, "evaluate": 6,
-    "export": 7, "import_heads": 7, "hub": 7, "serve": 7,
+    "export": 7, "hub": 7, "serve": 7,
     "pipeline": 8,
     "cli": 9,
 }  # fmt: skip
@@ -60,4 +60,25 @@ def test_no_module_imports_one_later_in_the_flow():
             other, other_rank = place(imported)
             if other_rank > rank:
                 problems.append(f"{module} ({name}, {rank}) imports {imported} ({other}, {other_rank})")
+    assert not problems, "\n".join(problems)
+
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_module_or_function_outgrows_its_limit():
+    """Every module of the package under 450 lines and every function under ~80 (issue 23): a kind's code that
+    grows splits along its seams instead of swelling a shared module."""
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(PACKAGE)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            problems.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    problems.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
     assert not problems, "\n".join(problems)

@@ -104,3 +104,22 @@ def test_quickstart_draft_kind_selects_that_kinds_quickstart_settings(capsys):
     assert "--draft-kind: invalid choice: 'eagle'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the pipeline's kind is its config key draft_kind, not a flag
         parse_command("pipeline", ["--draft-kind", "eagle3"])
+
+
+@pytest.mark.parametrize(
+    "name, old_spelling",
+    [("generate", "--heads"), ("eval", "--heads"), ("serve", "--heads"), ("export", "--heads"), ("push", "--folder")],
+)
+def test_draft_is_the_draft_folder_flag_and_the_old_spelling_still_reads(name, old_spelling):
+    """--draft names the draft folder in every command that reads one (help shows it as the flag, the old spelling
+    after it); scripts written with the old spelling parse to the same config."""
+    kind = config_type(name)
+    field = next(f for f in dataclasses.fields(kind) if f.name == "draft")
+    assert flag_names(kind, field)[:2] == ["--draft", old_spelling]
+    help_text = build_parser(kind, f"medusa-forge {name}").format_help()
+    assert f"--draft DRAFT, {old_spelling} DRAFT" in help_text
+    argv, _ = required_argv(kind)
+    i = argv.index("--draft") if "--draft" in argv else len(argv)
+    argv = argv[:i] + argv[i + 2 :]  # required flags but the draft folder, given both ways below
+    assert parse_command(name, [*argv, "--draft", "runs/d"]) == parse_command(name, [*argv, old_spelling, "runs/d"])
+    assert parse_command(name, [*argv, old_spelling, "runs/d"]).draft == "runs/d"

@@ -76,9 +76,9 @@ def test_generate_and_serve_take_the_target_flags(drafts, tiny_model_dir, tmp_pa
     whole = capsys.readouterr().out
     assert main([*argv, *split_flags(tiny_model_dir, tmp_path / "offload")]) == 0
     assert capsys.readouterr().out == whole
-    config = ServeConfig(heads=str(drafts["eagle3"]), target_device_map="auto", target_offload_folder="x")
+    config = ServeConfig(draft=str(drafts["eagle3"]), target_device_map="auto", target_offload_folder="x")
     placement = TargetPlacement(torch.device("cpu"), {"cpu": split_budget(tiny_model_dir)}, str(tmp_path / "serve"))
-    served = DraftServeGenerator.load(config.heads, device="cpu", tree="default-8", placement=placement)
+    served = DraftServeGenerator.load(config.draft, device="cpu", tree="default-8", placement=placement)
     assert served.decoder.base.hf_device_map["model.layers.1"] == "disk"
     ids = served.encode_chat([{"role": "user", "content": "Hello there!"}])
     plain = greedy_generate(load_base_model(str(tiny_model_dir)), ids, 16, served.eos_ids)
@@ -105,10 +105,10 @@ def test_eval_with_a_disk_split_target(drafts, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: EvalConfig(heads="d", data="x", target_device_map="auto"), "pass --dtype bfloat16 or"),
-        (lambda: EvalConfig(heads="d", data="x", target_max_memory="cpu=1GiB"), "applies only with --target_device"),
+        (lambda: EvalConfig(draft="d", data="x", target_device_map="auto"), "pass --dtype bfloat16 or"),
+        (lambda: EvalConfig(draft="d", data="x", target_max_memory="cpu=1GiB"), "applies only with --target_device"),
         (lambda: ServeConfig(target_device_map="auto"), "applies to serving with a draft"),
-        (lambda: ServeConfig(heads="d", target_device_map="balanced"), "the only value is 'auto'"),
+        (lambda: ServeConfig(draft="d", target_device_map="balanced"), "the only value is 'auto'"),
     ],
 )
 def test_bad_target_flags_of_the_decoding_commands(make, message):

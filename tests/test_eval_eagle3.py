@@ -1,10 +1,8 @@
 """`medusa-forge eval --draft DIR` for an EAGLE-3 draft trained by `train --draft_kind eagle3`: the per-step rank
-accuracy against the engines' step-by-step chain, and the report, tree and speed run end to end."""
+accuracy against the engines' step-by-step chain, and what eval refuses for it. The report, tree and speed run end to
+end, for every kind: test_every_kind.py."""
 
 from __future__ import annotations
-
-import json
-import shutil
 
 import pytest
 import torch
@@ -19,8 +17,6 @@ from medusa_forge.drafts.eagle3_config import target_features
 from medusa_forge.drafts.eagle3_drafter import Eagle3Drafter, score_eagle3_samples
 from medusa_forge.drafts.eagle3_model import CachedAttention
 from medusa_forge.evaluate.accuracy import conversation_samples
-from medusa_forge.formats.tree_file import load_tree, load_tree_dtype
-from medusa_forge.results import EvalReport
 
 
 @pytest.fixture(scope="module")
@@ -90,39 +86,13 @@ def test_step_accuracy_matches_the_engines_chain(draft_dir):
     assert sum(rows[1].rank_counts) + sum(rows[2].rank_counts) > 0  # not a vacuous comparison
 
 
-def test_eval_an_eagle3_draft_end_to_end(draft_dir, tmp_path, capsys):
+def test_draft_vocab_is_refused_for_an_eagle3_draft(draft_dir, tmp_path, capsys):
+    """--draft-vocab cuts Medusa heads' projections; an EAGLE-3 draft has its own draft vocabulary: eval and generate
+    refuse the flag. (Eval end to end for every kind, EAGLE-3 included: test_every_kind.py.)"""
     folder, data = draft_dir
-    folder = shutil.copytree(folder, tmp_path / "draft")  # eval stores its tree there: not in the shared fixture
-    out = tmp_path / "report"
     argv = ["eval", "--draft", str(folder), "--data", str(data), "--max-prompts", "2", "--max-new-tokens", "16"]
-    argv += ["--calibration-prompts", "1", "--max-conversations", "3", "--tree-sizes", "2,4,8", "--depth", "3"]
-    argv += ["--latency-prefix", "32", "--output-dir", str(out), "--device", "cpu", "--dtype", "float32"]
-    assert main(argv) == 0
-    report = json.loads((out / "eval.json").read_text())
-    assert EvalReport.load(out / "eval.json").to_json() == report
-    assert report["draft_kind"] == "eagle3" and report["draft_vocab"] is None
-    assert [row["name"] for row in report["accuracy"]] == ["base", "step 1", "step 2", "step 3"]
-    assert [row["name"] for row in report["accuracy_own_answers"]] == ["base", "step 1", "step 2", "step 3"]
-    assert report["tree_accuracy_source"] == "own greedy answers"
-    speed = report["speed"]
-    assert speed["outputs_equal"] is True and speed["tokens"]["draft"] == speed["tokens"]["greedy_float32"]
-    assert speed["agreement"] == 1.0 and speed["first_divergence"] == [] and speed["agreement_float32"] is None
-    # greedy is timed in both dtypes whatever the draft decodes in: the speed-up is over the faster
-    assert set(speed["tokens_per_second"]) == {"greedy_float32", "greedy_bfloat16", "draft", "prompt_lookup"}
-    greedy = {name: speed["tokens_per_second"][name] for name in ("greedy_float32", "greedy_bfloat16")}
-    assert speed["reference"] == max(greedy, key=greedy.get)
-    assert report["dtype"] == speed["dtype"] == "float32" and report["other_dtype_searches"] == {}
-    acceptance = report["acceptance"]
-    assert acceptance["steps"] == sum(acceptance["histogram"].values()) > 0
-    assert 1.0 <= acceptance["mean_accept_length"] <= 4.0  # at most depth 3 + the base token
-    assert report["tree_search"]["sizes"] == [2, 4, 8]
-    stored = load_tree(folder)
-    assert stored == report["tree"] and len(stored) == report["tree_search"]["chosen_size"]
-    assert load_tree_dtype(folder) == "float32"
-    assert max(len(path) for path in stored) <= 3
-    assert "# EAGLE-3 evaluation" in (out / "eval.md").read_text()
-    capsys.readouterr()
-    # the generate command decodes with the stored tree; --draft-vocab is Medusa's only
-    assert main(["generate", "--draft", str(folder), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
+    argv += ["--output-dir", str(tmp_path / "report"), "--device", "cpu", "--dtype", "float32"]
     assert main([*argv, "--draft-vocab", "8"]) == 2
+    assert "--draft-vocab applies to Medusa heads" in capsys.readouterr().err
+    assert main(["generate", "--draft", str(folder), "--prompt", "Hello", "--draft-vocab", "8"]) == 2
     assert "--draft-vocab applies to Medusa heads" in capsys.readouterr().err

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_forge.cli import main
-from medusa_forge.export import export_heads
+from medusa_forge.drafts.medusa_import import import_heads
+from medusa_forge.export import export_draft
 from medusa_forge.formats.files import same_tensors
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import MedusaConfig, MedusaHeads, MedusaModel
-from medusa_forge.import_heads import import_heads
 from medusa_forge.modeling import load_base_model
 
 K, L = 3, 2
@@ -167,7 +167,7 @@ def heads_dir(tmp_path_factory, base, tiny_model_dir):
 
 
 def test_tgi_folder_has_exactly_what_tgi_reads(tmp_path, heads_dir, tiny_model_dir):
-    result = export_heads(heads_dir, "tgi", tmp_path / "tgi")
+    result = export_draft(heads_dir, "tgi", tmp_path / "tgi")
     config = json.loads((tmp_path / "tgi" / "config.json").read_text())
     assert TGI_CONFIG_KEYS <= config.keys() and not TGI_FORBIDDEN_KEYS & config.keys()
     assert config["medusa_num_heads"] == K and config["medusa_num_layers"] == L
@@ -186,7 +186,7 @@ def test_tgi_folder_has_exactly_what_tgi_reads(tmp_path, heads_dir, tiny_model_d
 
 
 def test_tensorrt_llm_folder_has_what_its_converter_reads(tmp_path, heads_dir):
-    result = export_heads(heads_dir, "tensorrt-llm", tmp_path / "trt")
+    result = export_draft(heads_dir, "tensorrt-llm", tmp_path / "trt")
     config = json.loads((tmp_path / "trt" / "config.json").read_text())
     assert TRT_CONFIG_KEYS <= config.keys()
     files = [name for name in TRT_WEIGHTS_FILES if (tmp_path / "trt" / name).is_file()]
@@ -204,7 +204,7 @@ def test_tensorrt_llm_folder_has_what_its_converter_reads(tmp_path, heads_dir):
 
 @pytest.mark.parametrize("release", VLLM_RELEASES)
 def test_vllm_folder_loads_in_vllm_and_computes_the_same_logits(tmp_path, heads_dir, release):
-    result = export_heads(heads_dir, "vllm", tmp_path / "vllm")
+    result = export_draft(heads_dir, "vllm", tmp_path / "vllm")
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
     assert VLLM_CONFIG.items() <= config.items() and VLLM_CONFIG_KEYS <= config.keys()
     assert (config["num_heads"], config["num_hidden_layers"]) == (K, L)
@@ -226,7 +226,7 @@ def test_vllm_folder_loads_in_vllm_and_computes_the_same_logits(tmp_path, heads_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_export_then_import_is_bit_exact(tmp_path, base, tiny_model_dir, fmt, dtype):
     source = trained_like_heads(base, tiny_model_dir, tmp_path / "ours", dtype=dtype, seed=1)
-    export_heads(source, fmt, tmp_path / fmt)
+    export_draft(source, fmt, tmp_path / fmt)
     loaded, _ = import_heads(tmp_path / fmt, tmp_path / "back")
     assert loaded.layout == ("vllm" if fmt == "vllm" else "medusa")
     before, after = (
@@ -238,7 +238,7 @@ def test_export_then_import_is_bit_exact(tmp_path, base, tiny_model_dir, fmt, dt
 
 
 def test_exported_then_imported_heads_decode_identically(tmp_path, base, heads_dir):
-    export_heads(heads_dir, "vllm", tmp_path / "vllm")
+    export_draft(heads_dir, "vllm", tmp_path / "vllm")
     import_heads(tmp_path / "vllm", tmp_path / "back")
     original = MedusaModel.from_pretrained(heads_dir, base)
     back = MedusaModel.from_pretrained(tmp_path / "back", base)
@@ -309,8 +309,8 @@ def test_output_folder_with_other_weights_is_refused(tmp_path, heads_dir, capsys
     argv = ["export", "--heads", str(heads_dir), "--format", "tensorrt-llm", "--output-dir", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "already holds other weights (medusa_lm_head.pt)" in capsys.readouterr().err
-    export_heads(heads_dir, "tgi", tmp_path / "again")
-    export_heads(heads_dir, "tgi", tmp_path / "again")  # rewriting the same export is fine
+    export_draft(heads_dir, "tgi", tmp_path / "again")
+    export_draft(heads_dir, "tgi", tmp_path / "again")  # rewriting the same export is fine
 
 
 def _with_draft_vocabulary(heads_dir: Path, folder: Path, draft: int) -> Path:
@@ -329,7 +329,7 @@ def test_default_trained_heads_load_in_vllm_with_every_row_and_come_back_with_th
     """vLLM 0.11-0.32 cannot take a truncated vocabulary (see VllmMedusa), so heads trained on a draft
     vocabulary go out with all rows and no token_map; our own key brings the draft vocabulary back on import."""
     source = _with_draft_vocabulary(heads_dir, tmp_path / "draft", 100)
-    result = export_heads(source, "vllm", tmp_path / "vllm")
+    result = export_draft(source, "vllm", tmp_path / "vllm")
     vconfig = json.loads((tmp_path / "vllm" / "config.json").read_text())
     assert (vconfig["truncated_vocab_size"], vconfig["vocab_size"], vconfig["draft_vocab_size"]) == (400, 400, 100)
     assert set(load_file(str(tmp_path / "vllm" / "model.safetensors"))) == vllm_names(K, L)  # no token_map
@@ -341,7 +341,7 @@ def test_default_trained_heads_load_in_vllm_with_every_row_and_come_back_with_th
     assert MedusaConfig.load(tmp_path / "back").draft_vocab_size == 100
     assert same_tensors(load_file(str(tmp_path / "back" / "medusa_lm_head.safetensors")),
                         load_file(str(source / "medusa_lm_head.safetensors")))  # fmt: skip
-    tgi = export_heads(source, "tgi", tmp_path / "tgi")
+    tgi = export_draft(source, "tgi", tmp_path / "tgi")
     assert any("tgi has no usable draft vocabulary" in note for note in tgi.notes)
 
 
@@ -351,7 +351,7 @@ def test_a_token_map_export_loads_in_vllm_0_10_only(tmp_path, heads_dir):
     Such folders (ours or other tools') still import with their draft vocabulary."""
     source = _with_draft_vocabulary(heads_dir, tmp_path / "draft", 100)
     folder = tmp_path / "token-map"
-    export_heads(source, "vllm", folder)
+    export_draft(source, "vllm", folder)
     config = json.loads((folder / "config.json").read_text())
     del config["draft_vocab_size"]
     (folder / "config.json").write_text(json.dumps(config | {"truncated_vocab_size": 100}))

@@ -12,7 +12,7 @@ from test_eagle3_draft import DRAFT_IDS, SglangEagle3, VllmEagle3, trained_like
 
 from medusa_forge.cli import main
 from medusa_forge.drafts.eagle3_model import Eagle3Draft
-from medusa_forge.export import export_heads
+from medusa_forge.export import export_draft
 from medusa_forge.formats.files import same_tensors
 from medusa_forge.modeling import load_base_model
 
@@ -38,7 +38,7 @@ def draft_folder(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize("fmt", ["vllm", "sglang"])
 def test_export_writes_what_the_engines_load_and_prints_pinned_commands(tmp_path, draft_folder, fmt):
-    result = export_heads(draft_folder, fmt, tmp_path / fmt, base_model_id="acme/tiny-llama")
+    result = export_draft(draft_folder, fmt, tmp_path / fmt, base_model_id="acme/tiny-llama")
     out = tmp_path / fmt
     vocab = json.loads((out / "config.json").read_text())["vocab_size"]
     vllm, sglang = VllmEagle3(out, vocab), SglangEagle3(out, vocab)

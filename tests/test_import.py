@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_forge.cli import main
-from medusa_forge.import_heads import import_heads
+from medusa_forge.drafts.medusa_import import import_heads
 from medusa_forge.modeling import load_base_model
 
 H, V = 32, 400  # the tiny Llama's sizes

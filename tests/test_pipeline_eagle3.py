@@ -25,7 +25,6 @@ from medusa_forge.pipeline.eta import estimate_seconds
 from medusa_forge.pipeline.quickstart import kind_reason
 from medusa_forge.pipeline.report import write_pipeline_report
 from medusa_forge.pipeline.runner import STATE_FILE
-from medusa_forge.pipeline.stages import launcher_argv
 
 FINISHED = ("train", "evaluate", "export", "report")
 
@@ -51,21 +50,7 @@ def test_draft_kind_is_one_top_level_key_with_its_own_export_formats():
         config_from_dict({"export": {"formats": ["sglang"]}}, "p.yaml")
 
 
-def test_a_format_the_kind_cannot_take_stops_the_pipeline_before_any_stage(tmp_path, capsys):
-    workdir = tmp_path / "work"
-    argv = ["pipeline", "--workdir", str(workdir), "--set", "draft_kind=eagle3", "--set", "export.formats=[tgi]"]
-    assert main(argv) == 2
-    assert "export.formats ['tgi']: with draft_kind eagle3" in capsys.readouterr().err
-    assert not workdir.exists()
-
-
-def test_the_train_stage_gets_the_kind_in_process_and_under_a_launcher(tmp_path):
-    from medusa_forge.pipeline.configuration import train_config
-
-    config = load_config(None, ["draft_kind=eagle3"])
-    assert train_config(config, "data.json", tmp_path / "heads").draft_kind == "eagle3"
-    argv = launcher_argv(Context(config, tmp_path, "cmd"))
-    assert argv[argv.index("--draft_kind") + 1] == "eagle3"
+# A format the kind cannot take, and the kind reaching the train stage: test_every_kind.py, for every kind.
 
 
 def test_eagle3_training_estimate_counts_its_training_time_test_steps():

@@ -295,17 +295,7 @@ def test_invalid_folder_is_refused_before_any_request(hub, trained_folder, tmp_p
     assert hub.requests == []
 
 
-def test_local_base_path_needs_a_hub_id(hub, tiny_model_dir, tmp_path, capsys):
-    folder = tmp_path / "heads"
-    MedusaHeads.for_base_model(load_base_model(str(tiny_model_dir)), 2, 1, str(tiny_model_dir)).save(folder)
-    assert main(["push", "--folder", str(folder), "--repo", "alice/x", "--dry-run"]) == 2
-    assert "--base-model-id" in capsys.readouterr().err
-    assert main(["push", "--folder", str(folder), "--repo", "alice/x", "--base-model-id", "acme/tiny-llama"]) == 0
-    stored = hub.repos["alice/x"]["branches"]["main"]
-    assert json.loads(stored["config.json"])["base_model_name_or_path"] == "acme/tiny-llama"
-    # The local folder keeps its local base, so local commands keep working offline.
-    assert json.loads((folder / "config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
-    assert "base_model: acme/tiny-llama" in stored["README.md"].decode()
+# A local base needs its Hub id: test_every_kind.py, for every kind.
 
 
 def test_hand_edited_card_is_kept(hub, trained_folder, tmp_path):
@@ -339,9 +329,9 @@ def test_env_endpoint_in_a_fresh_process(hub, trained_folder, tmp_path):
 
 
 def test_vllm_export_is_pushed_with_a_vllm_card(hub, trained_folder, tmp_path):
-    from medusa_forge.export import export_heads
+    from medusa_forge.export import export_draft
 
-    export_heads(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
+    export_draft(trained_folder, "vllm", tmp_path / "vllm", base_model_id="acme/tiny-llama")
     assert main(["push", "--folder", str(tmp_path / "vllm"), "--repo", "alice/v"]) == 0
     stored = hub.repos["alice/v"]["branches"]["main"]
     assert set(stored) == {"README.md", "config.json", "model.safetensors", "model_card.json"}

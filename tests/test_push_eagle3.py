@@ -37,7 +37,7 @@ EXPECTED_FILES = [
 def eval_report() -> EvalReport:
     """What `medusa-forge eval` writes for an EAGLE-3 draft (numbers made up, fields as eval fills them)."""
     return EvalReport(
-        heads="draft",
+        draft="draft",
         data="sharegpt-heldout",
         machine="2-core CPU",
         accuracy=[PredictorAccuracy("base", 100, 0.7, 0.9), PredictorAccuracy("step 1", 100, 0.52, 0.81),

@@ -12,7 +12,7 @@ from medusa_forge.results import Acceptance, EvalReport, PredictorAccuracy, Spee
 
 def test_eval_report_round_trip(tmp_path):
     report = EvalReport(
-        heads="h", base_model="b", data="d", machine="m",
+        draft="h", base_model="b", data="d", machine="m",
         accuracy=[PredictorAccuracy("base", 10, 0.5, 0.9, [0.5, 0.2])], tree=[[0], [0, 0]], draft_vocab=None,
         tree_search=TreeSearch([2, 4], [1.5, 1.8], [0.1, 0.2], 0.05, 2, [[0], [0, 0]]),
         acceptance=Acceptance(1.6, 1.5, 5, {1: 2, 2: 3}),
@@ -45,12 +45,23 @@ def test_reports_from_before_the_dtype_choice_still_read(tmp_path):
     assert report.speed.draft_speedup == 1.2 and report.speed.tokens_per_second["greedy_float32"] == 10.0
 
 
+def test_reports_from_before_drafts_of_other_kinds_read_their_heads_folder(tmp_path):
+    """eval.json written when the draft folder was `heads` (Medusa only): its folder is the report's draft, the kind
+    Medusa; a new report writes `draft` and reads back the same."""
+    (tmp_path / "eval.json").write_text(json.dumps({"heads": "runs/heads", "base_model": "b", "tree": [[0]]}))
+    report = EvalReport.load(tmp_path / "eval.json")
+    assert report.draft == "runs/heads" and report.draft_kind == "medusa" and report.tree == [[0]]
+    data = json.loads(report.save(tmp_path).read_text())
+    assert data["draft"] == "runs/heads" and "heads" not in data
+    assert EvalReport.load(tmp_path / "eval.json") == report
+
+
 def test_training_metrics_round_trip(tmp_path):
     metrics = TrainingMetrics({"train_runtime": 3.0, "eval_medusa0_top1": 0.4}, [1.5], {0: [{"step": 1, "loss": 2.0}]})
     path = metrics.save(tmp_path)
     assert json.loads(path.read_text())["train"] == {"0": [{"step": 1, "loss": 2.0}]}
     assert TrainingMetrics.load(path) == metrics
-    assert metrics.held_out_head_metrics("medusa") == {"medusa0_top1": 0.4}
+    assert metrics.held_out_draft_metrics("medusa") == {"medusa0_top1": 0.4}
 
 
 @pytest.mark.parametrize(

@@ -289,7 +289,7 @@ def test_eval_into_a_read_only_draft_folder_is_refused_before_measuring(tmp_path
     with read_only(heads_folder):
         assert main(argv) == 2
     err = error_of(capsys)
-    assert f"--heads {heads_folder} (eval stores the chosen tree there; --no-save-tree does not): cannot write" in err
+    assert f"--draft {heads_folder} (eval stores the chosen tree there; --no-save-tree does not): cannot write" in err
     assert not report.exists()  # refused before anything: no empty report folder left behind
 
 

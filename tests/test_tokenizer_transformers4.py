@@ -20,9 +20,9 @@ import transformers
 from conftest import CHATML, build_tokenizer, install_once, write_conversations
 from tokenizer_probe import probe
 
-from medusa_forge.export import export_heads
+from medusa_forge.drafts.medusa_import import import_heads
+from medusa_forge.export import export_draft
 from medusa_forge.heads import MedusaHeads
-from medusa_forge.import_heads import import_heads
 from medusa_forge.modeling import load_base_model
 from medusa_forge.tokenizer_files import save_tokenizer
 from medusa_forge.train.args import parse_args
@@ -84,10 +84,10 @@ def test_every_tokenizer_we_write_reads_the_same_under_tgis_transformers(
          str(tmp_path / "trained"), "--max_steps", "1", "--per_device_train_batch_size", "2",
          "--model_max_length", "64", "--save_strategy", "no", "--disable_tqdm", "True", "--report_to", "none"]
     ))  # fmt: skip
-    export_heads(trained, "tgi", tmp_path / "export-tgi")
+    export_draft(trained, "tgi", tmp_path / "export-tgi")
     bare = tmp_path / "bare-heads"
     MedusaHeads.for_base_model(load_base_model(str(tiny_model_dir)), 2, 1, str(tiny_model_dir)).save(bare)
-    export_heads(bare, "tgi", tmp_path / "export-tgi-from-base")
+    export_draft(bare, "tgi", tmp_path / "export-tgi-from-base")
     # An import of heads whose folder holds a tokenizer written by transformers 5 alone.
     shutil.copytree(trained, tmp_path / "older", ignore=shutil.ignore_patterns("checkpoint-*"))
     build_tokenizer().save_pretrained(tmp_path / "older")

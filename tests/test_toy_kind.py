@@ -25,7 +25,7 @@ from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.drafts.fused_ce import linear_cross_entropy
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind, ExportResult, PushCheck
 from medusa_forge.errors import UserError
-from medusa_forge.export import export_heads
+from medusa_forge.export import export_draft
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.heads import backbone
 from medusa_forge.modeling import load_base_model
@@ -233,13 +233,13 @@ def test_a_kind_registered_in_one_module_trains_decodes_exports_and_reports(toy_
     assert main(["export", "--draft", str(draft), "--format", ENGINE, "--output-dir", str(workdir / "export")]) == 0
     assert ToyDraft.load(workdir / "export").config == ToyDraft.load(draft).config
     with pytest.raises(UserError, match="toy-engine only"):
-        export_heads(draft, "vllm", tmp_path / "wrong")
+        export_draft(draft, "vllm", tmp_path / "wrong")
 
     # Reported: the pipeline report describes it with the kind's own words.
     config = config_from_dict({"model": str(tiny_model_dir), "data": "sharegpt", "draft_kind": "toy"}, "test")
     (workdir / "export" / "serve_commands.json").write_text(json.dumps({ENGINE: [f"{ENGINE} export"]}))
     (draft / "eval").mkdir()
-    EvalReport(heads=str(draft), tree=[[0], [1]], draft_kind="toy").save(draft / "eval")
+    EvalReport(draft=str(draft), tree=[[0], [1]], draft_kind="toy").save(draft / "eval")
     write_pipeline_report(Context(config, workdir, "cmd"))
     report = (workdir / "report.md").read_text()
     assert report.startswith(f"# toy draft for `{tiny_model_dir}`")

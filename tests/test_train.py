@@ -2,17 +2,17 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, write_conversations
+from conftest import kind_train_flags, make_tiny_model, write_conversations
 from safetensors.torch import load_file
 
 from medusa_forge.cli import main
+from medusa_forge.drafts import get_kind, kind_names
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.results import TrainingMetrics
@@ -112,39 +112,21 @@ def test_output_folder(tmp_path, tiny_model_dir):
     assert "--speculate 3" in card and "medusa" in card
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tiny_model_dir):
-    data = write_conversations(tmp_path / "data.json", n=16)
-    flags = ["--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "2"]
-    keep = ["--save_total_limit", "2", "--keep_checkpoints", "True"]  # checkpoint-3 is copied below
-    full = train(small_run_flags(tiny_model_dir, data, tmp_path / "full", *flags, *keep))
-    # "crash" after step 3: a fresh output dir holding only checkpoint-3, then the same command again
-    (tmp_path / "resumed").mkdir()
-    shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
-    # ... and a checkpoint-5 whose save was cut off before trainer_state.json (written last): skipped
-    shutil.copytree(full / "checkpoint-3", tmp_path / "resumed" / "checkpoint-5")
-    (tmp_path / "resumed" / "checkpoint-5" / "trainer_state.json").unlink()
-    resumed = train(small_run_flags(tiny_model_dir, data, tmp_path / "resumed", *flags))
-    a, b = load_file(str(full / "medusa_lm_head.safetensors")), load_file(str(resumed / "medusa_lm_head.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    fresh = load_file(str(full / "checkpoint-3" / "medusa_lm_head.safetensors"))
-    assert not torch.equal(fresh["0.1.weight"], a["0.1.weight"])  # steps 4-6 did change the heads
+# Resume from a checkpoint, for every kind: test_every_kind.py.
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(tmp_path, tiny_model_dir, kind):
     """Not bit-identical drafts: two ranks see other batches (2 per device, gradients averaged), so the weights
     differ; what must hold is that both ranks train together and rank 0 alone writes a complete folder."""
     data = write_conversations(tmp_path / "data.json", n=12)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    eagle3 = ["--draft_kind", "eagle3", "--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"]
-    weights = "medusa_lm_head.safetensors" if kind == "medusa" else "model.safetensors"
+    weights = get_kind(kind).weights_name
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
         flags = small_run_flags(tiny_model_dir, data, out, "--num_train_epochs", "1", "--save_strategy", "no",
-                                *(eagle3 if kind == "eagle3" else []))  # fmt: skip
+                                *kind_train_flags(kind))  # fmt: skip
         flags[flags.index("--per_device_train_batch_size") + 1] = "2"
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                    "-m", "medusa_forge.train", *flags]  # fmt: skip
@@ -157,10 +139,10 @@ def test_ddp_two_processes_split_the_data_and_write_one_folder_like_one_process(
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the same folder, written once
         assert (outputs[1] / name).read_bytes() == (outputs[2] / name).read_bytes(), name
-    if kind == "medusa":
-        assert all(two[k].abs().sum() > 0 for k in two if k.endswith("linear.weight"))  # trained (zero at the start)
-    else:  # the same seeded start, other batches: both moved, apart
-        assert any(not torch.equal(one[k], two[k]) for k in one if k.endswith("weight"))
+    # the same seeded start, other batches: both moved, apart
+    assert any(not torch.equal(one[k], two[k]) for k in one if k.endswith("weight"))
+    if kind == "medusa":  # Medusa's blocks start at zero: the two-process run trained them
+        assert all(two[k].abs().sum() > 0 for k in two if k.endswith("linear.weight"))
     steps = {
         n: json.loads((outputs[n] / "training_metrics.json").read_text())["train"]["0"][-1]["step"] for n in (1, 2)
     }
@@ -207,32 +189,31 @@ KILLED_AT_STEP_5 = """
 import os, signal, sys
 from transformers import TrainerCallback
 from medusa_forge.cli import main
-from medusa_forge.train.trainer import MedusaTrainer
+from medusa_forge.train.trainer import DraftTrainer
 
 class KillAfterStep5(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-init = MedusaTrainer.__init__
+init = DraftTrainer.__init__
 def init_with_kill(self, *args, **kwargs):
     init(self, *args, **kwargs)
     self.add_callback(KillAfterStep5())
-MedusaTrainer.__init__ = init_with_kill
+DraftTrainer.__init__ = init_with_kill
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_interrupted_run_keeps_only_the_last_checkpoint_and_a_completed_run_none(
     tmp_path, tiny_model_dir, kind, caplog
 ):
     data = write_conversations(tmp_path / "data.json", n=8)
     out = tmp_path / "out"
-    eagle3 = ["--eagle3_ttt_steps", "2", "--eagle3_draft_vocab_size", "64"] if kind == "eagle3" else []
     flags = small_run_flags(
         tiny_model_dir, data, out, "--max_steps", "8", "--save_steps", "2", "--per_device_train_batch_size", "2",
-        "--draft_kind", kind, *eagle3, "--medusa_hidden_cache_dir", str(tmp_path / "cache"),
+        *kind_train_flags(kind), "--medusa_hidden_cache_dir", str(tmp_path / "cache"),
     )  # fmt: skip
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AT_STEP_5)
@@ -250,7 +231,7 @@ def test_interrupted_run_keeps_only_the_last_checkpoint_and_a_completed_run_none
     assert sorted(p.name for p in kept.glob("checkpoint-*")) == ["checkpoint-8"]
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_refuses_before_training_when_output_dir_cannot_hold_the_checkpoints(
     tmp_path, tiny_model_dir, kind, monkeypatch
 ):
@@ -261,9 +242,8 @@ def test_refuses_before_training_when_output_dir_cannot_hold_the_checkpoints(
     data = write_conversations(tmp_path / "data.json", n=4)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(hidden_cache.shutil, "disk_usage", lambda _: usage(10**12, 0, hidden_cache.RESERVE + 1000))
-    eagle3 = ["--eagle3_draft_vocab_size", "64"] if kind == "eagle3" else []
     flags = small_run_flags(
-        tiny_model_dir, data, tmp_path / "out", "--max_steps", "2", "--draft_kind", kind, *eagle3,
+        tiny_model_dir, data, tmp_path / "out", "--max_steps", "2", *kind_train_flags(kind),
         "--medusa_hidden_cache", "False",
     )  # fmt: skip
     with pytest.raises(UserError) as err:

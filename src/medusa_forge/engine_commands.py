@@ -1,6 +1,10 @@
 """The commands that serve a draft in an inference engine, pinned to the releases of engine_versions: built here
 only, for `export` (which prints them for the folder it wrote) and the model card (which shows them for the Hub
 repository). Launch flags: docs/eagle3-reference.md §5 (EAGLE-3), README "Export" (Medusa).
+
+The "medusa" and "eagle3" strings below are the engines' own method names (vLLM's --speculative-config), engine
+facts like engine_versions'; only the kinds' modules in drafts/ call these builders, nothing here branches on a
+draft's kind.
 """
 
 from __future__ import annotations

@@ -8,31 +8,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medusa_forge.drafts import format_choices, kind_of, kinds
+from medusa_forge.drafts import format_choices, kind_of, kinds, layout_choices
 from medusa_forge.drafts.card import CARD_INPUTS_NAME
 from medusa_forge.drafts.kind import ExportResult
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import copy_sidecars
-from medusa_forge.formats.layouts import LAYOUTS
 from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.results import TRAINING_METRICS_FILE
 
 
-def export_heads(
-    heads: str | Path,
+def export_draft(
+    draft: str | Path,
     fmt: str,
     output_dir: str | Path,
     base_model_id: str | None = None,
     tokenizer: str | None = None,
     layout: str | None = None,
 ) -> ExportResult:
-    """Write the draft in `heads` (its kind detected) for engine `fmt` into `output_dir`, then read it back and
+    """Write the draft in `draft` (its kind detected) for engine `fmt` into `output_dir`, then read it back and
     compare."""
     if fmt not in format_choices():
         raise UserError(f"--format {fmt}: choose one of {', '.join(format_choices())}")
-    source, output_dir = Path(heads), Path(output_dir)
+    source, output_dir = Path(draft), Path(output_dir)
     if output_dir.exists() and source.exists() and output_dir.resolve() == source.resolve():
-        raise UserError("--output-dir must differ from --heads (export writes a new folder)")
+        raise UserError("--output-dir must differ from --draft (export writes a new folder)")
     with removed_if_failed_empty(output_dir):
         check_writable_folder(output_dir, f"--output-dir {output_dir}")  # before the draft is read and checked
         result = kind_of(source).export(source, fmt, output_dir, base_model_id, tokenizer, layout)
@@ -45,10 +44,10 @@ def export_heads(
 class ExportConfig:
     """Write a draft in the layout an inference engine loads."""
 
-    heads: str = field(
+    draft: str = field(
         metadata={
             "help": "Draft folder: Medusa heads (written by `medusa-forge train`, or any layout) or an EAGLE-3 draft.",
-            "aliases": ["--draft"],
+            "aliases": ["--heads"],
         }
     )
     format: str = field(
@@ -63,26 +62,26 @@ class ExportConfig:
     base_model_id: str | None = field(
         default=None,
         metadata={
-            "help": "Write this base model name (e.g. a Hub id) into the exported config instead of the heads' own."
+            "help": "Write this base model name (e.g. a Hub id) into the exported config instead of the draft's own."
         },
     )
     tokenizer: str | None = field(
-        default=None, metadata={"help": "TGI only: take the tokenizer from here (default: heads folder, then base)."}
+        default=None, metadata={"help": "TGI only: the tokenizer's folder (default: the draft folder, then the base)."}
     )
     layout: str | None = field(
-        default=None, metadata={"help": "Layout of --heads when detection is ambiguous.", "choices": list(LAYOUTS)}
+        default=None, metadata={"help": "Layout of --draft when detection is ambiguous.", "choices": layout_choices()}
     )
 
     def __post_init__(self) -> None:
         if self.format not in format_choices():
             raise UserError(f"--format {self.format}: choose from {', '.join(format_choices())}")
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise UserError(f"--layout {self.layout}: choose from {', '.join(LAYOUTS)}")
+        if self.layout is not None and self.layout not in layout_choices():
+            raise UserError(f"--layout {self.layout}: choose from {', '.join(layout_choices())}")
 
 
 def run_export(config: ExportConfig) -> int:
-    result = export_heads(
-        config.heads, config.format, config.output_dir, config.base_model_id, config.tokenizer, config.layout
+    result = export_draft(
+        config.draft, config.format, config.output_dir, config.base_model_id, config.tokenizer, config.layout
     )
     print(f"wrote {config.format} layout to {result.output_dir}:")
     for path in result.files:

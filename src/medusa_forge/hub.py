@@ -167,11 +167,11 @@ def push(
     dry_run: bool = False,
     base_model_id: str | None = None,
 ) -> PushResult:
-    """Validate `folder` (Medusa heads or an EAGLE-3 draft), refresh its card, then create `repo` (if needed) and
+    """Validate the draft in `folder` (its kind checks it), refresh its card, then create `repo` (if needed) and
     upload the folder to it."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"--folder {folder}: no such folder")
+        raise UserError(f"--draft {folder}: no such folder (expected a draft folder written by `medusa-forge train`)")
     if not REPO_ID.match(repo):
         raise UserError(f"--repo {repo!r}: expected USER/NAME (or ORG/NAME), e.g. alice/zephyr-7b-medusa")
     # Validation first, before anything is written or sent.
@@ -247,12 +247,12 @@ def _stage(folder: Path, files: list[str], staging: Path, overrides: dict[str, b
 
 @dataclass
 class PushConfig:
-    """Check a draft folder (Medusa heads or an EAGLE-3 draft), refresh its model card and upload it to the Hub."""
+    """Check a draft folder (of any kind), refresh its model card and upload it to the Hub."""
 
-    folder: str = field(
+    draft: str = field(
         metadata={
-            "help": "Draft folder: Medusa heads (written by `medusa-forge train` or import) or an EAGLE-3 draft "
-            "(`train --draft_kind eagle3`, detected)."
+            "help": "Draft folder written by `medusa-forge train` (or `import`), of any kind (detected).",
+            "aliases": ["--folder"],  # push's first spelling, still accepted
         }
     )
     repo: str = field(metadata={"help": "Hub repository USER/NAME (created if missing)."})
@@ -271,7 +271,7 @@ class PushConfig:
 
 
 def run_push(config: PushConfig) -> int:
-    result = push(config.folder, config.repo, config.private, config.revision, config.dry_run, config.base_model_id)
+    result = push(config.draft, config.repo, config.private, config.revision, config.dry_run, config.base_model_id)
     for note in result.notes:
         print(f"note: {note}")
     target = f"{config.repo}" + (f"@{config.revision}" if config.revision else "")
@@ -280,7 +280,7 @@ def run_push(config: PushConfig) -> int:
     else:
         print(f"uploaded {len(result.files)} files to {target} (model card: {result.card}):")
     for name in result.files:
-        size = (Path(config.folder) / name).stat().st_size if (Path(config.folder) / name).exists() else 0
+        size = (Path(config.draft) / name).stat().st_size if (Path(config.draft) / name).exists() else 0
         print(f"  {name}  ({size:,} bytes)")
     if result.url:
         print(f"commit: {result.url}")

@@ -65,7 +65,7 @@ def _training_metrics(folder: Path, name: str) -> dict[str, float]:
     if not path.is_file():
         return {}
     try:
-        return TrainingMetrics.load(path).held_out_head_metrics(name)
+        return TrainingMetrics.load(path).held_out_draft_metrics(name)
     except UserError as err:
         logger.warning("model card without training metrics: %s", err)
         return {}

@@ -220,7 +220,8 @@ class ChainAcceptance:
 
 
 DRAFT_RUN = "draft"  # the speculative decoder's run in SpeedComparison's tables, whatever the draft's kind
-# Names in reports written before the decoding dtype was chosen by measurement (all float32).
+# Names in reports written before the decoding dtype was chosen by measurement (all float32); "medusa" here is the
+# old run name in those files (data being read), not a switch on the draft's kind.
 _OLD_RUN_NAMES = {"medusa": DRAFT_RUN, "greedy": "greedy_float32"}
 
 
@@ -283,7 +284,7 @@ class SpeedComparison:
 class EvalReport:
     """What `medusa-forge eval` measured: eval.json."""
 
-    heads: str | None = None
+    draft: str | None = None  # the draft folder (eval.json before drafts of other kinds: `heads`)
     base_model: str | None = None
     data: str | None = None
     machine: str | None = None
@@ -296,7 +297,7 @@ class EvalReport:
     tree_search: TreeSearch | None = None  # None when the tree was given (--tree FILE or default-N)
     acceptance: Acceptance | None = None
     speed: SpeedComparison | None = None
-    draft_kind: str = "medusa"  # or "eagle3"; `heads` is then the draft folder
+    draft_kind: str = "medusa"  # the registry name of the draft's kind
     dtype: str = "float32"  # the decoding dtype of the tree search and the draft's speed run
     # With --dtype auto: the tree search in each other dtype measured (the chosen one is `tree_search`).
     other_dtype_searches: dict[str, TreeSearch] = field(default_factory=dict)
@@ -345,7 +346,7 @@ class EvalReport:
         if speed is None and data.get("speedup") is not None:
             speed = SpeedComparison(speedup={DRAFT_RUN: _get(data, "speedup", "number", "")})
         return cls(
-            _get(data, "heads", "text", ""),
+            _get(data, "draft", "text", "", _get(data, "heads", "text", "")),  # `heads`: reports before drafts
             _get(data, "base_model", "text", ""),
             _get(data, "data", "text", ""),
             _get(data, "machine", "text", ""),
@@ -358,7 +359,8 @@ class EvalReport:
             section("tree_search", TreeSearch),
             acceptance,
             speed,
-            _get(data, "draft_kind", "text", "", "medusa"),  # reports from before EAGLE-3 drafts: Medusa
+            # Reports from before EAGLE-3 drafts hold Medusa heads: what the field would have said (read, no switch).
+            _get(data, "draft_kind", "text", "", "medusa"),
             _get(data, "dtype", "text", "", "float32"),
             {
                 dtype: TreeSearch._from_json(_check(search, "object", f"other_dtype_searches.{dtype}"), f"{dtype}.")
@@ -383,7 +385,7 @@ class TrainingMetrics:
     train: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # head -> [{step, loss, top1, ...}]
     eval: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # the same on held-out data
 
-    def held_out_head_metrics(self, name: str) -> dict[str, float]:
+    def held_out_draft_metrics(self, name: str) -> dict[str, float]:
         """The final held-out metrics of the draft (`name`: its kind's metric name) without their prefix:
         {"medusa0_top1": ..., ...}."""
         return {k.removeprefix("eval_"): v for k, v in self.final.items() if k.startswith(f"eval_{name}")}

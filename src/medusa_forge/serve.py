@@ -138,6 +138,82 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A malformed body: every problem in one message, the first field as `param` (as OpenAI answers)."""
+    problems = []
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            problems.append(f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})")
+            continue
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    locations = [e.get("loc", ()) for e in exc.errors() if e.get("type") != "json_invalid"]
+    first_param = ".".join(str(part) for part in locations[0][1:]) if locations else None
+    return JSONResponse(_error_body("; ".join(problems), "invalid_request_error", "invalid_request", first_param), 400)
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return JSONResponse(_error_body(exc.message, kind, exc.code, exc.param), exc.status)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(_error_body(str(exc.detail), "invalid_request_error", str(exc.status_code)), exc.status_code)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request failed")
+    return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers in OpenAI's error shape (clients parse `error.message`), none as a bare 500 page."""
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+def _generation_request(
+    generator: Generator | SteppedGenerator, body: ChatCompletionRequest, default_max_tokens: int
+) -> GenerationRequest:
+    """A chat request as the engine takes it; an ApiError (400) for what the server cannot answer."""
+    if body.stop:
+        raise ApiError(400, "'stop' sequences are not supported by this server", "unsupported_parameter", "stop")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt_ids = generator.encode_chat(messages)
+    except Exception as err:  # e.g. a template that insists on alternating roles
+        raise ApiError(
+            400, f"the chat template rejected these messages: {err}", "invalid_messages", "messages"
+        ) from None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max_tokens, generator.max_context - len(prompt_ids)))
+    try:
+        generator.check_fits(len(prompt_ids), max_tokens)
+    except ContextLengthError as err:
+        raise ApiError(400, str(err), "context_length_exceeded", "messages") from None
+    return GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stream)
+
+
+def _completion(completion_id: str, created: int, model_name: str, result) -> dict:  # noqa: ANN001 - a result
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": _usage(result),
+    }
+
+
 def create_app(
     generator: Generator | SteppedGenerator,
     model_name: str,
@@ -153,38 +229,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)
     app.state.engine = engine
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for error in exc.errors():
-            if error.get("type") == "json_invalid":
-                problems.append(
-                    f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
-                )
-                continue
-            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-            problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-        locations = [e.get("loc", ()) for e in exc.errors() if e.get("type") != "json_invalid"]
-        first_param = ".".join(str(part) for part in locations[0][1:]) if locations else None
-        return JSONResponse(
-            _error_body("; ".join(problems), "invalid_request_error", "invalid_request", first_param), 400
-        )
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        return JSONResponse(_error_body(exc.message, kind, exc.code, exc.param), exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            _error_body(str(exc.detail), "invalid_request_error", str(exc.status_code)), exc.status_code
-        )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict:
@@ -194,29 +239,10 @@ def create_app(
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "local"}]}
 
-    def to_generation_request(body: ChatCompletionRequest) -> GenerationRequest:
-        if body.stop:
-            raise ApiError(400, "'stop' sequences are not supported by this server", "unsupported_parameter", "stop")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt_ids = generator.encode_chat(messages)
-        except Exception as err:  # e.g. a template that insists on alternating roles
-            raise ApiError(
-                400, f"the chat template rejected these messages: {err}", "invalid_messages", "messages"
-            ) from None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(default_max_tokens, generator.max_context - len(prompt_ids)))
-        try:
-            generator.check_fits(len(prompt_ids), max_tokens)
-        except ContextLengthError as err:
-            raise ApiError(400, str(err), "context_length_exceeded", "messages") from None
-        return GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stream)
-
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         # Tokenising a long prompt takes seconds: in a worker thread, the event loop keeps serving.
-        request = await asyncio.to_thread(to_generation_request, body)
+        request = await asyncio.to_thread(_generation_request, generator, body, default_max_tokens)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:  # StreamingResponse cancels `_stream` when the client disconnects
@@ -226,20 +252,7 @@ def create_app(
         result = await _unless_disconnected(http, engine.submit(request))
         if result is None:  # nobody is left to read an answer; 499 as nginx logs it
             return JSONResponse(_error_body("the client disconnected", "invalid_request_error"), 499)
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
-                }
-            ],
-            "usage": _usage(result),
-        }
+        return _completion(completion_id, created, model_name, result)
 
     return app
 
@@ -321,12 +334,12 @@ class ServeConfig:
     model: str | None = field(
         default=None, metadata={"help": "Local folder, Hub id or the offline alias 'smollm2' (default: smollm2)."}
     )
-    heads: str | None = field(
+    draft: str | None = field(
         default=None,
         metadata={
             "help": "Draft folder (Medusa heads or EAGLE-3, detected): decode with it; concurrent requests take "
             "turns step by step, up to --max-batch-size at once (default base: the draft's own).",
-            "aliases": ["--draft"],
+            "aliases": ["--heads"],
         },
     )
     served_model_name: str | None = field(
@@ -358,7 +371,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         check_target_flags(self)
-        if self.target_device_map is not None and not self.heads:
+        if self.target_device_map is not None and not self.draft:
             raise UserError("--target_device_map applies to serving with a draft (--draft); add one")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port}: expected 0-65535")
@@ -366,16 +379,16 @@ class ServeConfig:
             raise UserError("--default-max-tokens must be at least 1")
         if self.max_request_bytes < 1:
             raise UserError(f"--max-request-bytes {self.max_request_bytes}: must be at least 1")
-        check_batching(self.batching, draft=bool(self.heads))
+        check_batching(self.batching, draft=bool(self.draft))
 
 
 def run_serve(config: ServeConfig) -> int:
-    if config.heads:
+    if config.draft:
         from medusa_forge.decode.serving import DraftServeGenerator
 
         placement = target_placement(config, resolve_device(config.device))
         generator = DraftServeGenerator.load(
-            config.heads, config.model, dtype=config.dtype, device=config.device, placement=placement
+            config.draft, config.model, dtype=config.dtype, device=config.device, placement=placement
         )
         base_name = generator.base_name  # the draft's own base unless --model: what clients record as the model
     else:

@@ -1,4 +1,4 @@
-"""`medusa-forge generate`: stream an answer decoded with Medusa heads, then report speed and acceptance."""
+"""`medusa-forge generate`: stream an answer decoded with a draft of any kind, then report speed and acceptance."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class GenerateConfig:
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = draft_folder_field()
+    draft: str = draft_folder_field()
     prompt: str = field(metadata={"help": "The user message (or plain text with --raw)."})
     model: str | None = base_model_field()
     system: str | None = field(default=None, metadata={"help": "Optional system message."})
@@ -45,7 +45,7 @@ class GenerateConfig:
         default=None,
         metadata={
             "help": "Tree: a JSON file of choices, default-N (N nodes), or omitted: the tree `eval` stored in the "
-            "heads folder, else default-16."
+            "draft folder, else default-16."
         },
     )
     draft_vocab: int | None = draft_vocab_field()
@@ -91,9 +91,9 @@ def run_generate(config: GenerateConfig) -> int:
     from medusa_forge.generation.text import eos_token_ids
 
     placement = target_placement(config, resolve_device(config.device))
-    loaded = load_draft(config.heads, config.model, config.dtype, config.device, config.draft_vocab, placement)
+    loaded = load_draft(config.draft, config.model, config.dtype, config.device, config.draft_vocab, placement)
     base, tokenizer = loaded.base, loaded.tokenizer
-    choices = resolve_tree(config.tree, config.heads, loaded.max_depth)
+    choices = resolve_tree(config.tree, config.draft, loaded.max_depth)
     decoder = loaded.decoder(choices)
     prompt = encode_prompt(tokenizer, config.prompt, raw=config.raw, system=config.system)
     result = DecodeResult([])

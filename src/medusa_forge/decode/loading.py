@@ -45,11 +45,11 @@ def _tokenizer(folder: str | Path, base_name: str, base_given: bool) -> PreTrain
 
 
 def draft_folder_field() -> Any:
-    """The draft-folder flag of generate and eval (`--heads`, or `--draft`)."""
+    """The draft-folder flag of generate and eval (`--draft`; `--heads`, its first spelling, still accepted)."""
     return field(
         metadata={
             "help": "Draft folder written by `medusa-forge train`: Medusa heads or an EAGLE-3 draft (detected).",
-            "aliases": ["--draft"],
+            "aliases": ["--heads"],
         }
     )
 

@@ -32,17 +32,17 @@ def expected_accept_length(choices: Choices, accuracies: list[list[float]]) -> f
     return total
 
 
-def resolve_tree(spec: str | None, heads_folder: str | Path | None, num_heads: int) -> Choices:
+def resolve_tree(spec: str | None, draft_folder: str | Path | None, max_depth: int) -> Choices:
     """Tree from a command-line value: a JSON file, `default-N`, or (None) the folder's stored tree, else default."""
     if spec is None:
-        stored = load_tree(heads_folder) if heads_folder is not None else None
-        return stored if stored is not None else default_choices(16, num_heads)
+        stored = load_tree(draft_folder) if draft_folder is not None else None
+        return stored if stored is not None else default_choices(16, max_depth)
     if spec.startswith("default-"):
         try:
             size = int(spec.removeprefix("default-"))
         except ValueError:
             raise UserError(f"--tree {spec}: expected default-N with N a number of nodes, e.g. default-16") from None
-        return default_choices(size, num_heads)
+        return default_choices(size, max_depth)
     path = Path(spec)
     if path.is_dir():
         stored = load_tree(path)
@@ -55,4 +55,4 @@ def resolve_tree(spec: str | None, heads_folder: str | Path | None, num_heads: i
         raw = json.loads(path.read_text())
     except ValueError as err:
         raise UserError(f"--tree {spec}: not valid JSON ({err})") from None
-    return validate_choices(raw["medusa_choices"] if isinstance(raw, dict) else raw, num_heads)
+    return validate_choices(raw["medusa_choices"] if isinstance(raw, dict) else raw, max_depth)

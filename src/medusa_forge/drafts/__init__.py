@@ -24,6 +24,7 @@ __all__ = [
     "kind_for_config",
     "kind_names",
     "kind_of",
+    "layout_choices",
     "kinds",
     "register",
     "unregister",
@@ -77,6 +78,11 @@ def kind_choices() -> Sequence[str]:
 def format_choices() -> Sequence[str]:
     """Every engine some registered kind is exported for, in the kinds' order (export's --format; live)."""
     return _Live(lambda: tuple(dict.fromkeys(fmt for kind in _KINDS.values() for fmt in kind.formats)))
+
+
+def layout_choices() -> Sequence[str]:
+    """Every on-disk layout some registered kind reads (export's --layout; live)."""
+    return _Live(lambda: tuple(dict.fromkeys(layout for kind in _KINDS.values() for layout in kind.layouts)))
 
 
 def default_kind() -> DraftKind:

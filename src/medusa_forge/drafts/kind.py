@@ -108,6 +108,9 @@ class DraftKind(ABC):
     train_flags: tuple[str, ...] = ()
     formats: tuple[str, ...]  # the engines `export` writes the kind for
     default_formats: tuple[str, ...]  # the pipeline's export formats when its configuration names none
+    # The on-disk layouts export's --layout may name for this kind's folders (read when detection is ambiguous);
+    # () for a kind with one layout.
+    layouts: tuple[str, ...] = ()
     expected_files: str  # what its folder holds, for the error that finds no kind in a folder
     # Training: its hidden-state cache records go with the token ids (a draft that embeds the next tokens).
     records_need_token_ids: bool

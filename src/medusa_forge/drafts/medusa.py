@@ -1,5 +1,5 @@
 """Medusa heads as a kind of draft: K heads over the base model's final hidden state (`heads.py`), stored in
-TGI's layout or any other Medusa layout (`formats/`)."""
+TGI's layout or any other Medusa layout (`medusa_layouts.py`, read by `medusa_read.py`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from medusa_forge import heads
 from medusa_forge.drafts import medusa_card, medusa_export, medusa_training
 from medusa_forge.drafts.kind import DraftKind, ExportResult, PushCheck
 from medusa_forge.drafts.medusa_drafter import MedusaForDecoding
+from medusa_forge.drafts.medusa_layouts import FORMATS, LAYOUTS
+from medusa_forge.drafts.medusa_read import folder_layouts
 from medusa_forge.formats.files import load_safetensors
-from medusa_forge.formats.layouts import FORMATS, LAYOUTS
-from medusa_forge.formats.read import folder_layouts
 from medusa_forge.modeling import TargetPlacement
 from medusa_forge.results import EvalReport
 
@@ -38,6 +38,7 @@ class MedusaKind(DraftKind):
                    "medusa_freeze_projection", "medusa_draft_vocab_size")  # fmt: skip
     formats = FORMATS
     default_formats = ("tgi", "vllm")
+    layouts = tuple(LAYOUTS)
     expected_files = "; ".join(LAYOUTS.values())
     records_need_token_ids = False
     trains_without_cache = False  # the user turned the cache on (the tutorial's flag): say what to change

@@ -91,7 +91,7 @@ def _vllm_layout(base_model_id: str, k: int, where: str, serve_base: str) -> tup
 {vllm_medusa_command(serve_base, where, k)}
 ```
 
-For TGI or TensorRT-LLM: `hf download {where} --local-dir heads && medusa-forge export --heads heads --format tgi
+For TGI or TensorRT-LLM: `hf download {where} --local-dir heads && medusa-forge export --draft heads --format tgi
 --output-dir heads-tgi` (or `--format tensorrt-llm`).
 """
     return title_intro, serve
@@ -121,11 +121,11 @@ docker run --gpus all --shm-size 1g -p 8080:80 {TGI_IMAGE} \\
 
 ```bash
 hf download {where} --local-dir heads
-medusa-forge export --heads heads --format vllm --output-dir heads-vllm
+medusa-forge export --draft heads --format vllm --output-dir heads-vllm
 {vllm_medusa_command(serve_base, "heads-vllm", k)}
 ```
 
-**TensorRT-LLM {TENSORRT_LLM_MEDUSA_RELEASE}**: `medusa-forge export --heads heads --format tensorrt-llm
+**TensorRT-LLM {TENSORRT_LLM_MEDUSA_RELEASE}**: `medusa-forge export --draft heads --format tensorrt-llm
 --output-dir heads-trt` prints the `convert_checkpoint.py --medusa_model_dir` and `trtllm-build` commands
 (`examples/medusa` of the v{TENSORRT_LLM_MEDUSA_RELEASE} source tree; main no longer has it).
 """

@@ -12,16 +12,16 @@ import shlex
 from pathlib import Path
 
 from medusa_forge.drafts.kind import ExportResult, PushCheck
+from medusa_forge.drafts.medusa_format import write_medusa
+from medusa_forge.drafts.medusa_layouts import FORMATS, LAYOUTS, LoadedHeads
+from medusa_forge.drafts.medusa_read import read_heads
+from medusa_forge.drafts.medusa_vllm import write_vllm
 from medusa_forge.engine_commands import vllm_cpu_command, vllm_medusa_command
 from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
 from medusa_forge.errors import UserError
 from medusa_forge.formats.checks import check_against_base
 from medusa_forge.formats.files import copy_sidecars, same_tensors
-from medusa_forge.formats.layouts import FORMATS, LAYOUTS, LoadedHeads
-from medusa_forge.formats.medusa import write_medusa
-from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE, Choices, default_choices, load_tree
-from medusa_forge.formats.vllm import write_vllm
 from medusa_forge.tokenizer_files import copy_tokenizer, save_tokenizer
 
 
@@ -85,7 +85,7 @@ def export_heads(
     source: Path, fmt: str, output_dir: Path, base_model_id: str | None, tokenizer: str | None, layout: str | None
 ) -> ExportResult:
     """Heads in any known layout (`layout`: when detection is ambiguous) written for engine `fmt` (one of
-    `formats.layouts.FORMATS`) into `output_dir`, then read back and compared. `tokenizer`: TGI's, when not the
+    `medusa_layouts.FORMATS`) into `output_dir`, then read back and compared. `tokenizer`: TGI's, when not the
     heads folder's or the base's."""
     if fmt not in FORMATS:
         why = "SGLang never served Medusa heads" if fmt == "sglang" else f"{fmt} does not load Medusa heads"

@@ -55,13 +55,13 @@ class EvalConfig:
 
     UNDERSCORE_ALIASES: ClassVar[bool] = True
 
-    heads: str = draft_folder_field()
+    draft: str = draft_folder_field()
     model: str | None = base_model_field()
     data: str = field(
         default="sharegpt-heldout",
         metadata={
             "help": "Held-out conversations (file or sharegpt-heldout). A self-distilled held-out file measures the "
-            "heads on the model's own answers, which is what decoding accepts. Prompts alone (a JSON list of "
+            "draft on the model's own answers, which is what decoding accepts. Prompts alone (a JSON list of "
             "strings, {\"prompt\": ...} JSONL, conversations without replies) work too: the draft is then scored "
             "on the model's own answers to the calibration prompts only."
         },
@@ -74,14 +74,14 @@ class EvalConfig:
     calibration_prompts: int = field(
         default=4,
         metadata={
-            "help": "Further held-out prompts (not timed) whose greedy answers measure the heads on the model's own "
+            "help": "Further held-out prompts (not timed) whose greedy answers measure the draft on the model's own "
             "text; the tree is built from that. 0 = build it from the reference answers' accuracy."
         },
     )
     tree: str = field(
         default="auto",
         metadata={
-            "help": "auto: build from the measured accuracies and latency and store it in the heads folder; "
+            "help": "auto: build from the measured accuracies and latency and store it in the draft folder; "
             "or a JSON file of choices, or default-N."
         },
     )
@@ -207,7 +207,7 @@ def _choose_tree(config: EvalConfig, loaded: dict, candidates: list[str], rank_a
             best.choices, dtype, best.chosen_step_seconds, best.chosen_tokens_per_second, plain, searches
         )
     else:
-        choices = resolve_tree(config.tree, config.heads, loaded[candidates[0]].draft.scored_depth(config.depth))
+        choices = resolve_tree(config.tree, config.draft, loaded[candidates[0]].draft.scored_depth(config.depth))
         timings = measure_plain_and_trees(factories, [choices], config.latency_prefix)
         dtype = min(candidates, key=lambda d: timings[d][1][0])
         step_seconds = timings[dtype][1][0]
@@ -238,7 +238,7 @@ def _save_tree(config: EvalConfig, chosen: _TreeChoice, expected_accept_length: 
     from medusa_forge.formats.tree_file import save_tree
 
     path = save_tree(
-        config.heads,
+        config.draft,
         chosen.choices,
         chosen_by="medusa-forge eval",
         expected_accept_length=expected_accept_length,
@@ -256,19 +256,19 @@ def evaluate(config: EvalConfig) -> EvalReport:
     if not references and (config.calibration_prompts < 1 or len(conversations) <= config.max_prompts):
         raise _no_calibration(config, len(conversations))
     # Where eval writes, checked before the measurements (minutes) rather than after them.
-    kind_of(config.heads)  # a draft folder that is not one is said first, and DRAFT/eval is never created in it
+    kind_of(config.draft)  # a draft folder that is not one is said first, and DRAFT/eval is never created in it
     folder = report_folder(config)
     with removed_if_failed_empty(folder):
-        check_writable_folder(folder, f"--output-dir {folder}" if config.output_dir else f"--heads {config.heads}")
+        check_writable_folder(folder, f"--output-dir {folder}" if config.output_dir else f"--draft {config.draft}")
         if config.tree == "auto" and not config.no_save_tree:  # the chosen tree is stored in the draft folder
-            label = f"--heads {config.heads} (eval stores the chosen tree there; --no-save-tree does not)"
-            check_writable_folder(config.heads, label, create=False)
+            label = f"--draft {config.draft} (eval stores the chosen tree there; --no-save-tree does not)"
+            check_writable_folder(config.draft, label, create=False)
         return _evaluate(config, conversations, references, folder)
 
 
 def report_folder(config: EvalConfig) -> Path:
     """Where eval.json, eval.md and the plots go: --output-dir, else DRAFT/eval."""
-    return Path(config.output_dir) if config.output_dir else Path(config.heads) / "eval"
+    return Path(config.output_dir) if config.output_dir else Path(config.draft) / "eval"
 
 
 def _evaluate(config: EvalConfig, conversations: list, references: list, folder: Path) -> EvalReport:
@@ -281,7 +281,7 @@ def _evaluate(config: EvalConfig, conversations: list, references: list, folder:
     candidates = ["float32", "bfloat16"] if config.dtype == "auto" else [config.dtype]
     placement = target_placement(config, resolve_device(config.device))
     loaded = {
-        dtype: load_draft(config.heads, config.model, dtype, config.device, config.draft_vocab, placement)
+        dtype: load_draft(config.draft, config.model, dtype, config.device, config.draft_vocab, placement)
         for dtype in dict.fromkeys([*candidates, *([] if placement else ["float32", "bfloat16"])])
     }
     first = loaded[candidates[0]]  # accuracy is scored in float32 (or the dtype given)
@@ -301,7 +301,7 @@ def _evaluate(config: EvalConfig, conversations: list, references: list, folder:
     )
     speed = speed_comparison(runs, outputs, dtype, config.max_new_tokens)
     report = EvalReport(
-        heads=str(config.heads),
+        draft=str(config.draft),
         base_model=base.config.name_or_path,
         data=config.data,
         machine=machine_description(),

@@ -112,7 +112,7 @@ def _chain_section(report: EvalReport) -> list[str]:
 def render_markdown(report: EvalReport) -> str:
     """eval.md, also printed by `medusa-forge eval`. For a report eval wrote (every section present)."""
     lines = [
-        f"# {_label(report)} evaluation: {report.heads}",
+        f"# {_label(report)} evaluation: {report.draft}",
         "",
         f"Base model: `{report.base_model}`; {report.machine}.",
         "",

@@ -73,8 +73,10 @@ class QuickstartConfig(_RunOptions):
         default=None,
         metadata={
             "choices": list(QUICKSTART["kinds"]),
-            "help": f"Train Medusa heads (medusa) or an EAGLE-3 draft (eagle3), each with the settings measured for "
-            f"the quickstart's budget; default {QUICKSTART['default_kind']}: {QUICKSTART['why']}.",
+            "help": "Train "
+            + " or ".join(f"{get_kind(name).label} ({name})" for name in QUICKSTART["kinds"])
+            + f", each with the settings measured for the quickstart's budget; default {QUICKSTART['default_kind']}: "
+            f"{QUICKSTART['why']}.",
         },
     )
 
@@ -92,7 +94,8 @@ class QuickstartConfig(_RunOptions):
 @dataclass
 class PipelineRunConfig(_RunOptions):
     """Distil -> train -> evaluate (choose the tree) -> export -> push (if asked) -> report, re-runs skip finished
-    stages and resume an interrupted one. The draft's kind is the config key draft_kind (medusa or eagle3)."""
+    stages and resume an interrupted one. The draft's kind is the config key draft_kind (a kind of the drafts
+    registry; `train --help` lists them)."""
 
     COMMAND: ClassVar[str] = "pipeline"
 

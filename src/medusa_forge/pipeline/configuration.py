@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 OWNED = {
     "distill": ("input_filename", "output_filename", "model", "url", "resume", "overwrite"),
     "train": ("model_name_or_path", "data_path", "output_dir", "resume_from_checkpoint", "auto_resume", "draft_kind"),
-    "evaluate": ("heads", "model", "data", "output_dir", "no_save_tree"),
+    "evaluate": ("draft", "model", "data", "output_dir", "no_save_tree"),
 }
 # Where an owned key comes from instead, for the error that refuses it in a section.
 OWNED_BY = {"draft_kind": f"the top-level key `draft_kind` ({' or '.join(kind_names())})"}
@@ -312,9 +312,9 @@ def train_config(config: PipelineConfig, data: str, draft: Path, where: str = "t
     return _stage_config("train", config.train, where, **train_owned(config, data, draft))
 
 
-def eval_config(config: PipelineConfig, heads: Path, output_dir: Path, where: str = "eval") -> EvalConfig:
+def eval_config(config: PipelineConfig, draft: Path, output_dir: Path, where: str = "eval") -> EvalConfig:
     return _stage_config(
-        "evaluate", config.eval, where, heads=str(heads), data=config.held_out, output_dir=str(output_dir)
+        "evaluate", config.eval, where, draft=str(draft), data=config.held_out, output_dir=str(output_dir)
     )
 
 

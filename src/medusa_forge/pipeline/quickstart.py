@@ -13,6 +13,8 @@ import copy
 
 from medusa_forge.errors import UserError
 
+# Keyed by the registry's kind names on purpose: these are measured settings (data, like BENCHMARKS.md), not a
+# switch on the kind; the quickstart offers exactly the kinds measured here, and a new kind joins with its numbers.
 QUICKSTART: dict = {
     # The kind trained without --draft-kind, and the measurement behind that choice (the report prints it).
     "default_kind": "eagle3",

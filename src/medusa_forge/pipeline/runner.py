@@ -23,8 +23,8 @@ from medusa_forge.outputs import OutputLock, check_writable_folder, removed_if_f
 from medusa_forge.pipeline.configuration import PipelineConfig, config_to_dict
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.eta import estimate_seconds, eta_text, format_seconds, stage_plan
-from medusa_forge.pipeline.fingerprints import outputs_digest, outputs_verify
-from medusa_forge.pipeline.stages import PIPELINE, STAGES, StageFailed
+from medusa_forge.pipeline.fingerprints import StageFingerprint, outputs_digest, outputs_verify
+from medusa_forge.pipeline.stages import PIPELINE, STAGES, Stage, StageFailed
 
 STATE_FILE = "pipeline-state.json"
 LOG_FILE = "pipeline-log.jsonl"
@@ -105,6 +105,63 @@ def _load_state(workdir: Path) -> dict:
     return state
 
 
+def _rerun(stage: Stage, record: dict | None, fingerprint: StageFingerprint, forced: set[str], workdir: Path,
+           header: str) -> tuple[bool, str | None] | None:  # fmt: skip
+    """Whether `stage` runs again: None when its last run is up to date (said and logged here), else (whether it
+    resumes its last run, the reason it reruns when not just its inputs changed)."""
+    problem = None
+    if record and record.get("status") == "done" and record.get("fingerprint") == fingerprint.digest:
+        problem = outputs_verify(record.get("outputs", {}), workdir)
+        if problem is None and stage.name not in forced:
+            _log(workdir, stage.name, "skip", fingerprint=fingerprint.digest)
+            print(f"pipeline {header}: up to date, skipped ({format_seconds(record['seconds'])} "
+                  "when it ran)", file=sys.stderr)  # fmt: skip
+            return None
+    resumable = (
+        record is not None
+        and record.get("resume_key") == fingerprint.resume_key
+        and _grows(record.get("extend", {}), fingerprint.extend)
+        and problem is None
+        and stage.name not in forced
+    )
+    return resumable, problem or ("forced by --from" if stage.name in forced else None)
+
+
+def _run_one(stage: Stage, ctx: Context, state: dict, workdir: Path, resumable: bool, previous_seconds: float) -> float:
+    """Run `stage` and record its outcome in the state file (time so far on an interrupt, failed, or done with
+    its outputs' digests); the seconds it ran now. Any failure becomes a StageFailed naming the stage."""
+    stage_start = time.perf_counter()
+    try:
+        result = stage.run(ctx, not resumable)
+    except KeyboardInterrupt:
+        state["stages"][stage.name]["seconds"] = previous_seconds + time.perf_counter() - stage_start
+        _save_state(workdir, state)
+        _log(workdir, stage.name, "interrupted")
+        raise
+    except (StageFailed, UserError, Exception) as err:
+        state["stages"][stage.name].update(
+            status="failed", seconds=previous_seconds + time.perf_counter() - stage_start
+        )
+        _save_state(workdir, state)
+        reason = err.reason if isinstance(err, StageFailed) else str(err) or type(err).__name__
+        _log(workdir, stage.name, "fail", reason=reason)
+        if not isinstance(err, StageFailed | UserError):
+            traceback.print_exc()
+        raise StageFailed(stage.name, reason) from err
+    seconds = time.perf_counter() - stage_start
+    state["stages"][stage.name].update(
+        status="done",
+        seconds=previous_seconds + seconds,
+        finished=_now(),
+        outputs=outputs_digest(result.outputs, workdir),
+        details=result.details,
+    )
+    # The report's fingerprint holds the other stages' times: recorded here, they are final by its turn.
+    _save_state(workdir, state)
+    _log(workdir, stage.name, "done", seconds=round(seconds, 2))
+    return seconds
+
+
 def _run_stages(
     config: PipelineConfig, workdir: Path, resume_command: str, force_from: str | None, kind_note: str | None
 ) -> Context:
@@ -134,24 +191,12 @@ def _run_stages(
             _log(workdir, stage.name, "not-configured")
             print(f"pipeline {header}: not configured, nothing to do", file=sys.stderr)
             continue
-        problem = None
-        if record and record.get("status") == "done" and record.get("fingerprint") == fingerprint.digest:
-            problem = outputs_verify(record.get("outputs", {}), workdir)
-            if problem is None and stage.name not in forced:
-                _log(workdir, stage.name, "skip", fingerprint=fingerprint.digest)
-                print(f"pipeline {header}: up to date, skipped ({format_seconds(record['seconds'])} "
-                      "when it ran)", file=sys.stderr)  # fmt: skip
-                continue
-        resumable = (
-            record is not None
-            and record.get("resume_key") == fingerprint.resume_key
-            and _grows(record.get("extend", {}), fingerprint.extend)
-            and problem is None
-            and stage.name not in forced
-        )
+        rerun = _rerun(stage, record, fingerprint, forced, workdir, header)
+        if rerun is None:
+            continue
+        resumable, reason = rerun
         previous_seconds = record.get("seconds", 0.0) if resumable and record else 0.0
         event = "resume" if resumable else "start"
-        reason = problem or ("forced by --from" if stage.name in forced else None)
         _log(workdir, stage.name, event, fingerprint=fingerprint.digest, **({"reason": reason} if reason else {}))
         state["stages"][stage.name] = {
             "status": "running",
@@ -169,38 +214,10 @@ def _run_stages(
         plan = stage_plan(config, stage.name)
         if plan:
             print(f"pipeline {header}: {plan} (estimated from the data's size)", file=sys.stderr)
-        stage_start = time.perf_counter()
-        try:
-            result = stage.run(ctx, not resumable)
-        except KeyboardInterrupt:
-            state["stages"][stage.name]["seconds"] = previous_seconds + time.perf_counter() - stage_start
-            _save_state(workdir, state)
-            _log(workdir, stage.name, "interrupted")
-            raise
-        except (StageFailed, UserError, Exception) as err:
-            state["stages"][stage.name].update(
-                status="failed", seconds=previous_seconds + time.perf_counter() - stage_start
-            )
-            _save_state(workdir, state)
-            reason = err.reason if isinstance(err, StageFailed) else str(err) or type(err).__name__
-            _log(workdir, stage.name, "fail", reason=reason)
-            if not isinstance(err, StageFailed | UserError):
-                traceback.print_exc()
-            raise StageFailed(stage.name, reason) from err
-        seconds = time.perf_counter() - stage_start
+        seconds = _run_one(stage, ctx, state, workdir, resumable, previous_seconds)
         estimate = estimate_seconds(config, stage.name)
         if estimate:
             speed.append((estimate, seconds))
-        state["stages"][stage.name].update(
-            status="done",
-            seconds=previous_seconds + seconds,
-            finished=_now(),
-            outputs=outputs_digest(result.outputs, workdir),
-            details=result.details,
-        )
-        # The report's fingerprint holds the other stages' times: recorded here, they are final by its turn.
-        _save_state(workdir, state)
-        _log(workdir, stage.name, "done", seconds=round(seconds, 2))
         print(f"pipeline {header}: done in {format_seconds(seconds)}", file=sys.stderr)
     _log(workdir, "pipeline", "done", seconds=round(time.perf_counter() - started, 2))
     return ctx

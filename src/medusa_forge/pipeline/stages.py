@@ -156,16 +156,17 @@ def run_evaluate_stage(ctx: Context, fresh: bool) -> StageResult:
 def fingerprint_export(ctx: Context) -> StageFingerprint:
     from medusa_forge.formats.tree_file import TREE_FILE
 
-    heads = _draft_inputs(ctx)
+    draft = _draft_inputs(ctx)
     if (ctx.draft / TREE_FILE).is_file():
-        heads[TREE_FILE] = file_digest(ctx.draft / TREE_FILE)
+        draft[TREE_FILE] = file_digest(ctx.draft / TREE_FILE)
     settings = {"formats": ctx.config.export.formats, "base_model_id": ctx.config.export.base_model_id}
-    return StageFingerprint(settings, {"heads": heads})
+    # "heads": the draft's key in the digests since before other kinds; renamed, every finished run would rerun.
+    return StageFingerprint(settings, {"heads": draft})
 
 
 def run_export_stage(ctx: Context, fresh: bool) -> StageResult:
     """Runs whole every time: there is nothing to resume, so `fresh` changes nothing."""
-    from medusa_forge.export import export_heads
+    from medusa_forge.export import export_draft
 
     outputs: list[Path] = []
     commands: dict[str, list[str]] = {}
@@ -173,7 +174,7 @@ def run_export_stage(ctx: Context, fresh: bool) -> StageResult:
         folder = ctx.export_dir(fmt)
         if folder.exists():
             shutil.rmtree(folder)  # ours: an export refuses a folder holding other weights
-        result = export_heads(ctx.draft, fmt, folder, base_model_id=ctx.config.export.base_model_id)
+        result = export_draft(ctx.draft, fmt, folder, base_model_id=ctx.config.export.base_model_id)
         for note in result.notes:
             print(f"pipeline: export {fmt}: {note}", file=sys.stderr)
         commands[fmt] = result.serve_commands

@@ -1,1 +1,2 @@
-"""Train Medusa heads on a frozen base model with the Hugging Face Trainer (torchrun/DeepSpeed/FSDP ready)."""
+"""Train a draft of any kind (Medusa heads by default) on a frozen base model with the Hugging Face Trainer
+(torchrun/DeepSpeed/FSDP ready)."""

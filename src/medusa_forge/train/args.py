@@ -56,9 +56,10 @@ class TrainConfig(TrainingArguments):
     draft_kind: str = field(
         default=default_kind().name,
         metadata={
-            "help": "What to train: 'medusa' heads (TGI, vLLM <= 0.32, TensorRT-LLM 1.2) or an 'eagle3' draft "
-            "(vLLM, SGLang, TensorRT-LLM). medusa_* flags apply to heads, eagle3_* flags to EAGLE-3 drafts; the "
-            "data, cache and Trainer flags to both.",
+            "help": "What to train: "
+            + "; ".join(f"'{kind.name}' {kind.label} (for {', '.join(kind.formats)})" for kind in kinds())
+            + ". A kind's own flags carry its name (medusa_*: heads, eagle3_*); the data, cache "
+            "(--medusa_hidden_cache*, named before other kinds) and Trainer flags apply to every kind.",
             "choices": kind_choices(),
         },
     )
@@ -69,10 +70,16 @@ class TrainConfig(TrainingArguments):
     )
     medusa_hidden_cache: bool = field(
         default=True,
-        metadata={"help": "Run the frozen base once, cache its hidden states on disk, train every epoch from them."},
+        # Named for the tutorial's Medusa flags (its spelling stays), but every kind trains from the cache: it holds
+        # the records the kind asks for (`DraftKind.record_layers`).
+        metadata={
+            "help": "Run the frozen base once, cache its hidden states on disk, train every epoch from them (every "
+            "draft kind, despite the medusa_ prefix: each caches the states it reads)."
+        },
     )
     medusa_hidden_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where the hidden-state cache lives (default: ~/.cache/medusa-forge/hidden)."}
+        default=None,
+        metadata={"help": "Where the hidden-state cache lives, any kind (default: ~/.cache/medusa-forge/hidden)."},
     )
     medusa_soft_labels: bool = field(
         default=False, metadata={"help": "Teach head i the base model's own distribution for token t+2+i."}

@@ -1,4 +1,4 @@
-"""The training command: from a TrainConfig, build data + the draft kind's training module, train with MedusaTrainer,
+"""The training command: from a TrainConfig, build data + the draft kind's training module, train with DraftTrainer,
 write the draft folder (Medusa heads, or another kind of draft with --draft_kind)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from medusa_forge.train.hidden_cache import (
 )
 from medusa_forge.train.report import plot_history, training_metrics
 from medusa_forge.train.target_files import TargetFiles
-from medusa_forge.train.trainer import MedusaTrainer
+from medusa_forge.train.trainer import DraftTrainer
 
 logger = logging.getLogger("medusa_forge")
 
@@ -214,7 +214,7 @@ def _train(config: TrainConfig) -> Path:
             gc.collect()
             logger.warning("hidden-state cache built: the target is freed; training reads its embedding and lm_head")
     cache_seconds = time.perf_counter() - cache_seconds
-    trainer = MedusaTrainer(
+    trainer = DraftTrainer(
         train_sampler=sampler,
         model=model,
         args=config,
@@ -291,7 +291,7 @@ def _write_folder(
     output: Path,
     config: TrainConfig,
     kind: DraftKind,
-    trainer: MedusaTrainer,
+    trainer: DraftTrainer,
     final: dict,
     conversations: int,
     base_path: str,
@@ -309,7 +309,7 @@ def _write_folder(
         "Epochs / max length": f"{config.num_train_epochs:g} / {config.model_max_length}",
         **kind.training_facts(config),
     }
-    card_metrics = metrics.held_out_head_metrics(kind.metric_name)
+    card_metrics = metrics.held_out_draft_metrics(kind.metric_name)
     base_id = hub_base_id(config.model_name_or_path) or base_path
     write_model_card(output, kind.read_config(output), base_id, facts, card_metrics, **kind.card_options(base))
     logger.warning("%s written to %s", kind.label, output)

@@ -1,4 +1,4 @@
-"""MedusaTrainer: the HF Trainer with a draft's loss (Medusa heads or an EAGLE-3 draft), per-head (per-step)
+"""DraftTrainer: the HF Trainer with a draft's loss (Medusa heads or an EAGLE-3 draft), per-head (per-step)
 metrics, and checkpoints in the draft's own layout."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from medusa_forge.errors import UserError
 from medusa_forge.tokenizer_files import save_tokenizer
 
 
-class MedusaTrainer(Trainer):
-    """Checkpoints hold only the draft (heads: config.json + medusa_lm_head.safetensors; EAGLE-3: config.json +
-    model.safetensors) plus the Trainer's optimizer/scheduler/RNG state, so a checkpoint folder is itself a
+class DraftTrainer(Trainer):
+    """The trainer of every kind of draft. Checkpoints hold only the draft (its kind's config file and weights file)
+    plus the Trainer's optimizer/scheduler/RNG state, so a checkpoint folder is itself a
     loadable draft folder. The model (the draft kind's training module) names its draft submodule
     (`draft_attribute`); the kind (`args.draft_kind`) names its metrics and reads its checkpoints."""
 
@@ -64,7 +64,7 @@ class MedusaTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model or self.model)
         return getattr(unwrapped, unwrapped.draft_attribute)
 
-    def _heads_state_dict(self, state_dict: dict | None) -> dict[str, torch.Tensor]:
+    def _draft_state_dict(self, state_dict: dict | None) -> dict[str, torch.Tensor]:
         if state_dict is None:
             return self._draft().state_dict()
         # DeepSpeed/FSDP hand us the gathered full state dict: keep the draft's part.
@@ -73,14 +73,14 @@ class MedusaTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
-        heads_state = self._heads_state_dict(state_dict)
+        draft_state = self._draft_state_dict(state_dict)
         if not self.args.should_save:
             return
-        heads = self._draft()
+        draft = self._draft()
         os.makedirs(output_dir, exist_ok=True)
-        original = heads.state_dict()
-        saved = type(heads)(heads.config)
-        saved.load_state_dict({k: heads_state.get(k, v) for k, v in original.items()})
+        original = draft.state_dict()
+        saved = type(draft)(draft.config)
+        saved.load_state_dict({k: draft_state.get(k, v) for k, v in original.items()})
         saved.save(output_dir)
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)  # readable by TGI's transformers 4.x too

@@ -10,8 +10,9 @@ import torch
 
 from medusa_forge.heads import MedusaConfig
 
+OUR_LAYOUT = "medusa"  # what training, import and `MedusaHeads.save` write
 LAYOUTS = {
-    "medusa": "Medusa / TGI / TensorRT-LLM layout (config.json + medusa_lm_head.safetensors)",
+    OUR_LAYOUT: "Medusa / TGI / TensorRT-LLM layout (config.json + medusa_lm_head.safetensors)",
     "medusa-pt": "original Medusa torch pickle (config.json + medusa_lm_head.pt)",
     "vllm": "vLLM Medusa layout (model_type medusa; blocks.{i}.layers.{j}.*, lm_heads.{i}.weight)",
     "full-checkpoint": "full model checkpoint whose weights carry a `medusa_head.` prefix",

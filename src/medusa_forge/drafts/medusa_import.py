@@ -1,17 +1,18 @@
-"""`medusa-forge import`: read Medusa heads in any known layout (original `.pt`, "version 2", vLLM, full
-checkpoints with `medusa_head.` weights, ours) and write them in our layout, which every command here and
-TGI / TensorRT-LLM load. Says which layout it found; refuses ambiguous or inconsistent input."""
+"""`medusa-forge import` (Medusa heads only, so it lives with the kind): read Medusa heads in any known layout
+(original `.pt`, "version 2", vLLM, full checkpoints with `medusa_head.` weights, ours) and write them in our
+layout, which every command here and TGI / TensorRT-LLM load. Says which layout it found; refuses ambiguous or
+inconsistent input."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medusa_forge.drafts.medusa_format import write_medusa
+from medusa_forge.drafts.medusa_layouts import LAYOUTS, OUR_LAYOUT, LoadedHeads, describe
+from medusa_forge.drafts.medusa_read import read_heads
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import copy_sidecars, same_tensors
-from medusa_forge.formats.layouts import LAYOUTS, LoadedHeads, describe
-from medusa_forge.formats.medusa import write_medusa
-from medusa_forge.formats.read import read_heads
 from medusa_forge.formats.tree_file import TREE_FILE
 from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
@@ -36,7 +37,7 @@ def import_heads(
             loaded.notes.append(f"replaced the heads already in {output_dir}")
         files = write_medusa(loaded, output_dir)
         files += copy_tokenizer(source, output_dir) + copy_sidecars(source, output_dir, (TREE_FILE,))
-        written = read_heads(output_dir, layout="medusa", check_base=False)
+        written = read_heads(output_dir, layout=OUR_LAYOUT, check_base=False)
         if not same_tensors(written.state, loaded.state):
             raise UserError(f"{output_dir}: the written heads differ from the source; please report this")
     return loaded, files
