@@ -44,7 +44,7 @@ import transformers
 from transformers import TrainerCallback
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
-from medusa_forge.drafts import get_kind
+from medusa_forge.drafts import get_kind, kinds
 from medusa_forge.modeling import load_base_model
 from medusa_forge.train.args import parse_args
 from medusa_forge.train.dataset import PadCollator
@@ -57,6 +57,7 @@ from gpu_check import LLAMA3_8B, TINY_SHAPE, print_scale_rows, random_llama  # n
 
 SCRIPT = Path(__file__).resolve()
 COMPLETE = "complete.json"  # written last into a target folder: the weights there are whole
+CACHE_BATCH_TOKENS = 8192  # build_hidden_cache's batches (max_tokens_per_batch), as `train` builds them
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
@@ -208,6 +209,20 @@ def worker(args: argparse.Namespace) -> None:
     (results / f"rank{rank}.json").write_text(json.dumps(row, indent=1) + "\n")
 
 
+def own_flags(text: str, kind: str) -> list[str]:
+    """--train-flags without the flags of other kinds (`train` refuses them; one --train-flags serves every kind);
+    each flag is `--name=value` or `--name value`."""
+    tokens, kept = shlex.split(text), []
+    others = {flag for other in kinds() if other.name != kind for flag in other.train_flags}
+    while tokens:
+        flag = [tokens.pop(0)]
+        if "=" not in flag[0] and tokens and not tokens[0].startswith("--"):
+            flag.append(tokens.pop(0))
+        if flag[0].removeprefix("--").partition("=")[0] not in others:
+            kept += flag
+    return kept
+
+
 def train_flags(args: argparse.Namespace, kind: str, output_dir: Path) -> list[str]:
     """The `train` flags of one kind's run (its TrainConfig: batch, steps, precision, the kind's own flags)."""
     return [
@@ -215,7 +230,7 @@ def train_flags(args: argparse.Namespace, kind: str, output_dir: Path) -> list[s
         "--per_device_train_batch_size", str(args.batch), "--max_steps", str(args.steps), "--save_strategy", "no",
         "--report_to", "none", "--logging_steps", str(args.steps), "--disable_tqdm", "True",
         "--model_max_length", str(args.length), "--seed", "0", "--bf16", str(args.bf16),
-        *shlex.split(args.train_flags),
+        *own_flags(args.train_flags, kind),
     ]  # fmt: skip
 
 
@@ -284,6 +299,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         get_kind(kind)  # a UserError naming the kinds
     if args.sequences_per_rank < args.batch:
         parser.error("--sequences-per-rank must be at least --batch")
+    if args.ranks[-1] > 1 and args.sequences_per_rank * args.length < CACHE_BATCH_TOKENS:
+        # The cache is built in batches of up to 8192 tokens dealt out between the ranks: fewer batches than ranks
+        # leave ranks idle, and the frozen pass's tokens/s per rank would be the busy rank's alone.
+        print(f"warning: --sequences-per-rank x --length = {args.sequences_per_rank * args.length} tokens < "
+              f"{CACHE_BATCH_TOKENS}: some ranks get no batch of the cache to build", flush=True)  # fmt: skip
     return args
 
 

@@ -120,11 +120,11 @@ class ToyDrafter:
 class ToyForDecoding(DecodingDraft):
     max_depth = 1
 
-    def __init__(self, kind: DraftKind, folder: Path, base_model: str | None, dtype: torch.dtype) -> None:
+    def __init__(self, kind: DraftKind, folder: Path, base_model: str | None, dtype: torch.dtype, placement) -> None:
         self.kind, self.folder = kind, folder
         draft = ToyDraft.load(folder)
         self.base_name = base_model or draft.config.base_model_name_or_path
-        self.base = load_base_model(self.base_name, dtype=dtype)
+        self.base = load_base_model(self.base_name, dtype=dtype, placement=placement)
         self.draft = draft.to(dtype)
 
     def accuracy(self, samples, depth: int, progress: bool = True, desc: str = "") -> list[HeadAccuracy]:
@@ -180,8 +180,8 @@ class ToyKind(DraftKind):
     def read_config(self, folder: Path) -> ToyConfig:
         return ToyDraft.load(folder).config
 
-    def load(self, folder, base_model, dtype, device, draft_vocab) -> ToyForDecoding:
-        return ToyForDecoding(self, folder, base_model, dtype)
+    def load(self, folder, base_model, dtype, device, draft_vocab, placement=None) -> ToyForDecoding:
+        return ToyForDecoding(self, folder, base_model, dtype, placement)
 
     def render_card(self, config, base_model_id, facts, metrics, evaluation, repo_id, options: dict[str, Any]) -> str:
         rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())

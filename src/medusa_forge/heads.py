@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from transformers import PreTrainedModel
 from medusa_forge.errors import UserError
 from medusa_forge.formats.checks import check_canonical, check_config_counts, check_has_projections
 from medusa_forge.formats.files import load_safetensors, read_json, save_safetensors
+
+if TYPE_CHECKING:
+    from medusa_forge.modeling import TargetPlacement
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.safetensors"
@@ -140,10 +144,15 @@ class MedusaModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, heads_dir: str | Path, base_model: str | PreTrainedModel | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        heads_dir: str | Path,
+        base_model: str | PreTrainedModel | None = None,
+        dtype: torch.dtype = torch.float32,
+        placement: TargetPlacement | None = None,
     ) -> MedusaModel:
-        """Load heads and put them on their base model (the one in config.json unless given)."""
-        from medusa_forge.modeling import load_base_model
+        """Load heads and put them on their base model (the one in config.json unless given; dispatched by
+        `placement` when given) where its inputs go."""
+        from medusa_forge.modeling import input_device, load_base_model
         from medusa_forge.pairing import check_fits, draft_base, model_shape
 
         heads = MedusaHeads.load(heads_dir)
@@ -151,11 +160,10 @@ class MedusaModel(nn.Module):
             name = base_model.config.name_or_path
         else:
             name = draft_base(heads.config.base_model_name_or_path, base_model, Path(heads_dir, CONFIG_NAME))
-            base_model = load_base_model(name, dtype=dtype)
+            base_model = load_base_model(name, dtype=dtype, placement=placement)
         config = heads.config
         check_fits("Medusa heads", config.hidden_size, config.vocab_size, model_shape(base_model), name, str(heads_dir))
-        device = next(base_model.parameters()).device
-        return cls(base_model, heads.to(device=device, dtype=dtype))
+        return cls(base_model, heads.to(device=input_device(base_model), dtype=dtype))
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,62 @@ def parse_max_memory(text: str, flag: str) -> dict[int | str, int]:
     if not budget:
         raise UserError(f"{flag}: empty; e.g. 0=70GiB,cpu=200GiB")
     return budget
+
+
+# The --target_* flags of every command that loads a target (train, generate, eval, serve): one definition each.
+def target_device_map_field() -> Any:
+    return field(
+        default=None,
+        metadata={
+            "help": "'auto': spread the target over this process's devices (its own GPU first, then under torchrun "
+            "every LOCAL_WORLD_SIZE-th GPU after it), then CPU memory, then disk (--target_offload_folder), for a "
+            "target larger than one device (accelerate's dispatch). Default: the whole target on the device."
+        },
+    )
+
+
+def target_max_memory_field() -> Any:
+    return field(
+        default=None,
+        metadata={
+            "help": "With --target_device_map auto: the most each device may hold of the target, per process, e.g. "
+            "0=70GiB,1=70GiB,cpu=200GiB (default: what is free)."
+        },
+    )
+
+
+def target_offload_folder_field() -> Any:
+    return field(
+        default=None,
+        metadata={
+            "help": "With --target_device_map auto: where the target's layers that fit in no memory are kept and "
+            "read from at every forward pass (slow; without it such a target is refused)."
+        },
+    )
+
+
+def check_target_flags(config: Any) -> None:
+    """A UserError for --target_* flags (fields of `config`, see above) that disagree or do not parse: before any
+    loading."""
+    if config.target_device_map not in (None, "auto"):
+        raise UserError(
+            f"--target_device_map {config.target_device_map}: the only value is 'auto' (leave it out to load the "
+            "whole target on the device)"
+        )
+    for name in ("target_max_memory", "target_offload_folder"):
+        if getattr(config, name) is not None and config.target_device_map is None:
+            raise UserError(f"--{name} applies only with --target_device_map auto; add that flag")
+    if config.target_max_memory is not None:
+        parse_max_memory(config.target_max_memory, "--target_max_memory")
+
+
+def target_placement(config: Any, device: torch.device) -> TargetPlacement | None:
+    """Where `config`'s --target_* flags dispatch the target, `device` being the process's own; None: whole."""
+    if config.target_device_map is None:
+        return None
+    text = config.target_max_memory
+    return TargetPlacement(device, parse_max_memory(text, "--target_max_memory") if text else None,
+                           config.target_offload_folder)  # fmt: skip
 
 
 def rank_devices(device: torch.device) -> list[int]:

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +33,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medusa_forge.defaults import MODEL_ALIAS
 from medusa_forge.errors import UserError
 from medusa_forge.generation.batching import BATCHING_MODES, check_batching, make_engine
-from medusa_forge.generation.device import device_field, dtype_field
+from medusa_forge.generation.device import device_field, dtype_field, resolve_device
 from medusa_forge.generation.generator import ContextLengthError, GenerationRequest, Generator, SteppedGenerator
 from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.generation.sampling import SEED_MAX, SEED_MIN
+from medusa_forge.modeling import (
+    check_target_flags,
+    target_device_map_field,
+    target_max_memory_field,
+    target_offload_folder_field,
+    target_placement,
+)
 
 logger = logging.getLogger("medusa_forge.serve")
 
@@ -322,6 +329,8 @@ async def _stream(engine, request: GenerationRequest, completion_id: str, create
 class ServeConfig:
     """OpenAI-compatible server (local model)."""
 
+    UNDERSCORE_ALIASES: ClassVar[bool] = True  # --target_device_map as train spells it (and every flag so)
+
     model: str | None = field(
         default=None, metadata={"help": "Local folder, Hub id or the offline alias 'smollm2' (default: smollm2)."}
     )
@@ -356,8 +365,14 @@ class ServeConfig:
     )
     dtype: str = dtype_field()
     device: str = device_field()
+    target_device_map: str | None = target_device_map_field()
+    target_max_memory: str | None = target_max_memory_field()
+    target_offload_folder: str | None = target_offload_folder_field()
 
     def __post_init__(self) -> None:
+        check_target_flags(self)
+        if self.target_device_map is not None and not self.draft:
+            raise UserError("--target_device_map applies to serving with a draft (--draft); add one")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port}: expected 0-65535")
         if self.default_max_tokens < 1:
@@ -371,7 +386,10 @@ def run_serve(config: ServeConfig) -> int:
     if config.draft:
         from medusa_forge.decode.serving import DraftServeGenerator
 
-        generator = DraftServeGenerator.load(config.draft, config.model, dtype=config.dtype, device=config.device)
+        placement = target_placement(config, resolve_device(config.device))
+        generator = DraftServeGenerator.load(
+            config.draft, config.model, dtype=config.dtype, device=config.device, placement=placement
+        )
         base_name = generator.base_name  # the draft's own base unless --model: what clients record as the model
     else:
         base_name = config.model or MODEL_ALIAS

@@ -12,6 +12,13 @@ from medusa_forge.errors import UserError
 from medusa_forge.generation.device import device_field, dtype_field
 from medusa_forge.generation.sampling import SEED_MAX, SEED_MIN
 from medusa_forge.generation.text import StreamedText
+from medusa_forge.modeling import (
+    check_target_flags,
+    target_device_map_field,
+    target_max_memory_field,
+    target_offload_folder_field,
+    target_placement,
+)
 
 
 @dataclass
@@ -44,8 +51,12 @@ class GenerateConfig:
     draft_vocab: int | None = draft_vocab_field()
     dtype: str = dtype_field()
     device: str = device_field()
+    target_device_map: str | None = target_device_map_field()
+    target_max_memory: str | None = target_max_memory_field()
+    target_offload_folder: str | None = target_offload_folder_field()
 
     def __post_init__(self) -> None:
+        check_target_flags(self)
         if self.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
         if self.temperature < 0:
@@ -76,9 +87,11 @@ def run_generate(config: GenerateConfig) -> int:
     from medusa_forge.decode.generation import DecodeResult
     from medusa_forge.decode.loading import encode_prompt, load_draft
     from medusa_forge.decode.tree import resolve_tree
+    from medusa_forge.generation.device import resolve_device
     from medusa_forge.generation.text import eos_token_ids
 
-    loaded = load_draft(config.draft, config.model, config.dtype, config.device, config.draft_vocab)
+    placement = target_placement(config, resolve_device(config.device))
+    loaded = load_draft(config.draft, config.model, config.dtype, config.device, config.draft_vocab, placement)
     base, tokenizer = loaded.base, loaded.tokenizer
     choices = resolve_tree(config.tree, config.draft, loaded.max_depth)
     decoder = loaded.decoder(choices)

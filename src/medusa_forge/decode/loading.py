@@ -18,7 +18,7 @@ from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree_dtype
 from medusa_forge.generation.device import resolve_dtype
 from medusa_forge.generation.text import encode_chat
-from medusa_forge.modeling import load_tokenizer
+from medusa_forge.modeling import TargetPlacement, load_tokenizer
 
 logger = logging.getLogger("medusa_forge.decode")
 
@@ -113,9 +113,11 @@ def load_draft(
     dtype: str = "float32",
     device: str = "auto",
     draft_vocab: int | None = None,
+    placement: TargetPlacement | None = None,
 ) -> LoadedDraft:
     """The draft in `folder` (its kind detected), its base model and tokenizer (the folder's when it ships one,
-    else the base's). dtype "auto": the one `eval` measured fastest and stored with the tree, else float32."""
+    else the base's). dtype "auto": the one `eval` measured fastest and stored with the tree, else float32.
+    `placement`: the base is dispatched so (the --target_* flags)."""
     kind = kind_of(folder)
     if dtype == "auto":
         dtype = load_tree_dtype(folder) or "float32"
@@ -126,7 +128,7 @@ def load_draft(
                 dtype,
                 Path(folder, TREE_FILE),
             )
-    draft = kind.load(Path(folder), base_model, resolve_dtype(dtype), device, draft_vocab)
+    draft = kind.load(Path(folder), base_model, resolve_dtype(dtype), device, draft_vocab, placement)
     return LoadedDraft(draft, _tokenizer(folder, draft.base_name, base_model is not None), dtype)
 
 

@@ -14,6 +14,7 @@ from medusa_forge.decode.loading import load_draft
 from medusa_forge.decode.tree import resolve_tree
 from medusa_forge.generation.generator import Completion, GenerationRequest, check_context, context_length
 from medusa_forge.generation.text import StreamedText, decode_text, encode_chat, eos_token_ids
+from medusa_forge.modeling import TargetPlacement
 
 logger = logging.getLogger("medusa_forge.serve")
 
@@ -39,9 +40,15 @@ class DraftServeGenerator:
 
     @classmethod
     def load(
-        cls, draft_dir: str, base_model: str | None = None, dtype: str = "float32", device: str = "auto", tree=None
+        cls,
+        draft_dir: str,
+        base_model: str | None = None,
+        dtype: str = "float32",
+        device: str = "auto",
+        tree=None,
+        placement: TargetPlacement | None = None,
     ) -> DraftServeGenerator:
-        loaded = load_draft(draft_dir, base_model, dtype, device)
+        loaded = load_draft(draft_dir, base_model, dtype, device, placement=placement)
         decoder = loaded.decoder(resolve_tree(tree, draft_dir, loaded.max_depth))
         logger.info("%s decoding with a tree of %d nodes", loaded.kind.label, decoder.tree.size - 1)
         return cls(decoder, loaded.tokenizer, eos_token_ids(loaded.base, loaded.tokenizer), loaded.draft.base_name)

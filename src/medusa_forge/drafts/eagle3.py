@@ -17,6 +17,7 @@ from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.kind import DraftKind, ExportResult, PushCheck
 from medusa_forge.engine_commands import EAGLE3_ENGINES
 from medusa_forge.formats.files import read_json
+from medusa_forge.modeling import TargetPlacement
 from medusa_forge.results import EvalReport
 
 
@@ -83,9 +84,15 @@ class Eagle3Kind(DraftKind):
         return eagle3_export.check_for_push(folder)
 
     def load(
-        self, folder: Path, base_model: str | None, dtype: torch.dtype, device: str, draft_vocab: int | None
+        self,
+        folder: Path,
+        base_model: str | None,
+        dtype: torch.dtype,
+        device: str,
+        draft_vocab: int | None,
+        placement: TargetPlacement | None = None,
     ) -> Eagle3ForDecoding:
-        return Eagle3ForDecoding.load(self, folder, base_model, dtype, device, draft_vocab)
+        return Eagle3ForDecoding.load(self, folder, base_model, dtype, device, draft_vocab, placement)
 
     def training_passes(self, setting: Callable[[str], Any]) -> int:
         return setting("eagle3_ttt_steps")  # every training-time-test step is one more pass of the draft layer

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from medusa_forge.drafts.accuracy import HeadAccuracy
 from medusa_forge.drafts.drafter import Drafter
+from medusa_forge.modeling import TargetPlacement
 from medusa_forge.results import EvalReport
 
 
@@ -164,10 +165,17 @@ class DraftKind(ABC):
 
     @abstractmethod
     def load(
-        self, folder: Path, base_model: str | None, dtype: torch.dtype, device: str, draft_vocab: int | None
+        self,
+        folder: Path,
+        base_model: str | None,
+        dtype: torch.dtype,
+        device: str,
+        draft_vocab: int | None,
+        placement: TargetPlacement | None = None,
     ) -> DecodingDraft:
         """The draft in `folder` and its base model (`base_model`, else the one its config names), in `dtype` on
-        `device` ("auto" allowed). `draft_vocab`: propose only ids below it (a UserError for a kind without)."""
+        `device` ("auto" allowed). `draft_vocab`: propose only ids below it (a UserError for a kind without).
+        `placement`: the base is dispatched so (the --target_* flags), the draft put on its input device."""
 
     # ----- model card -----
 

@@ -17,6 +17,7 @@ from medusa_forge.drafts.medusa_drafter import MedusaForDecoding
 from medusa_forge.drafts.medusa_layouts import FORMATS, LAYOUTS
 from medusa_forge.drafts.medusa_read import folder_layouts
 from medusa_forge.formats.files import load_safetensors
+from medusa_forge.modeling import TargetPlacement
 from medusa_forge.results import EvalReport
 
 
@@ -100,9 +101,15 @@ class MedusaKind(DraftKind):
         return medusa_export.check_for_push(folder)
 
     def load(
-        self, folder: Path, base_model: str | None, dtype: torch.dtype, device: str, draft_vocab: int | None
+        self,
+        folder: Path,
+        base_model: str | None,
+        dtype: torch.dtype,
+        device: str,
+        draft_vocab: int | None,
+        placement: TargetPlacement | None = None,
     ) -> MedusaForDecoding:
-        return MedusaForDecoding.load(self, folder, base_model, dtype, device, draft_vocab)
+        return MedusaForDecoding.load(self, folder, base_model, dtype, device, draft_vocab, placement)
 
 
 MEDUSA = MedusaKind()

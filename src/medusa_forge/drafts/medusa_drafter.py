@@ -16,8 +16,9 @@ from medusa_forge.drafts.medusa_read import read_heads
 from medusa_forge.drafts.medusa_vllm import write_vllm
 from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.errors import UserError
-from medusa_forge.generation.device import pack_linear_weights, resolve_device
+from medusa_forge.generation.device import pack_linear_weights, place_for_decoding, resolve_device
 from medusa_forge.heads import MedusaModel
+from medusa_forge.modeling import TargetPlacement, input_device
 
 
 def trained_draft_vocab(model: MedusaModel) -> int | None:
@@ -38,6 +39,7 @@ class MedusaDrafter:
         self.heads = model.heads
         self.max_depth = len(model.heads)
         self.dtype = next(model.heads.parameters()).dtype
+        self.device = next(model.heads.parameters()).device
         self.draft_projections = None
         if draft_vocab is None:  # heads trained on a draft vocabulary propose from it unless told otherwise
             draft_vocab = trained_draft_vocab(model)
@@ -51,7 +53,7 @@ class MedusaDrafter:
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[K, V'] every head's logits at one hidden state [H], over the draft vocabulary if one is set."""
-        hidden = hidden.to(self.dtype)
+        hidden = hidden.to(device=self.device, dtype=self.dtype)  # a dispatched base's last layer may be elsewhere
         if self.draft_projections is None:
             return self.heads(hidden)
         return torch.stack(
@@ -102,7 +104,7 @@ def score_samples(
         labels = torch.tensor(label_ids, device=device)
         if len(ids) < 2 or (labels != IGNORE_INDEX).sum() == 0:
             continue
-        hidden = model.hidden_states(ids[None])[0]
+        hidden = model.hidden_states(ids[None])[0].to(device)  # a dispatched base's last layer may be elsewhere
         for which in range(len(names)):
             shift = which + 1  # base: t+1, head i: t+2+i
             if len(ids) <= shift:
@@ -145,11 +147,13 @@ class MedusaForDecoding(DecodingDraft):
         dtype: torch.dtype,
         device: str,
         draft_vocab: int | None,
+        placement: TargetPlacement | None = None,
     ) -> MedusaForDecoding:
         # The heads are read (and checked) before the base model, which takes far longer to load.
-        model = MedusaModel.from_pretrained(folder, base_model=base_model, dtype=dtype)
-        model = model.to(resolve_device(device))
-        pack_linear_weights(model)  # bfloat16 on a CPU: a step reads each weight once (see there)
+        model = MedusaModel.from_pretrained(folder, base_model=base_model, dtype=dtype, placement=placement)
+        model.base = place_for_decoding(model.base, resolve_device(device), dispatched=placement is not None)
+        model.heads = model.heads.to(input_device(model.base))
+        pack_linear_weights(model.heads)  # bfloat16 on a CPU: a step reads each weight once (see there)
         return cls(kind, model, folder, base_model or model.heads.config.base_model_name_or_path, draft_vocab)
 
     @property

@@ -35,7 +35,14 @@ from medusa_forge.evaluate.speed import (
     run_speed,
     speed_comparison,
 )
-from medusa_forge.generation.device import device_field, dtype_field
+from medusa_forge.generation.device import device_field, dtype_field, resolve_device
+from medusa_forge.modeling import (
+    check_target_flags,
+    target_device_map_field,
+    target_max_memory_field,
+    target_offload_folder_field,
+    target_placement,
+)
 from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.results import ChainAcceptance, EvalReport, SpeedComparison
 
@@ -93,6 +100,9 @@ class EvalConfig:
     )
     dtype: str = dtype_field()
     device: str = device_field()
+    target_device_map: str | None = target_device_map_field()
+    target_max_memory: str | None = target_max_memory_field()
+    target_offload_folder: str | None = target_offload_folder_field()
     speculative_tokens: int = field(
         default=EAGLE3_SPECULATIVE_TOKENS,
         metadata={
@@ -115,6 +125,12 @@ class EvalConfig:
     engine_python: str | None = field(default=None, metadata={"help": "A Python that has vLLM, to start it with."})
 
     def __post_init__(self) -> None:
+        check_target_flags(self)
+        if self.target_device_map is not None and self.dtype == "auto":
+            raise UserError(
+                "--target_device_map auto loads the target once, so eval cannot time it in both float32 and "
+                "bfloat16 (--dtype auto): pass --dtype bfloat16 or --dtype float32"
+            )
         if self.max_prompts < 1 or self.max_new_tokens < 1:
             raise UserError("--max-prompts and --max-new-tokens must be at least 1")
         if self.speculative_tokens < 1:
@@ -261,10 +277,12 @@ def _evaluate(config: EvalConfig, conversations: list, references: list, folder:
     from medusa_forge.generation.text import eos_token_ids
 
     # Plain greedy is timed in float32 and bfloat16 whatever the draft decodes in: speed-ups are over the faster.
+    # A dispatched target (larger than one device) is loaded once, in --dtype, and timed in that alone.
     candidates = ["float32", "bfloat16"] if config.dtype == "auto" else [config.dtype]
+    placement = target_placement(config, resolve_device(config.device))
     loaded = {
-        dtype: load_draft(config.draft, config.model, dtype, config.device, config.draft_vocab)
-        for dtype in dict.fromkeys([*candidates, "float32", "bfloat16"])
+        dtype: load_draft(config.draft, config.model, dtype, config.device, config.draft_vocab, placement)
+        for dtype in dict.fromkeys([*candidates, *([] if placement else ["float32", "bfloat16"])])
     }
     first = loaded[candidates[0]]  # accuracy is scored in float32 (or the dtype given)
     accuracy, self_accuracy, prompts, calibration = _accuracy(config, first, conversations, references)
@@ -299,7 +317,7 @@ def _evaluate(config: EvalConfig, conversations: list, references: list, folder:
         draft_kind=first.kind.name,
         dtype=dtype,
         other_dtype_searches={d: search for d, search in tree.searches.items() if d != dtype},
-        chains=_engine_chains(config, loaded["float32"], prompts, eos),
+        chains=_engine_chains(config, loaded.get("float32", first), prompts, eos),
     )
     for path in write_eval_report(report, folder):
         logger.warning("wrote %s", path)

@@ -98,6 +98,18 @@ def pack_linear_weights(module: nn.Module) -> int:
     return len(layers)
 
 
+def place_for_decoding(base: nn.Module, device: torch.device, dispatched: bool) -> nn.Module:
+    """`base` (a loaded target) ready to decode on `device`: moved there and its bfloat16 CPU weights packed; a
+    dispatched one (modeling.TargetPlacement) is left where its device map put each layer and nothing is packed:
+    accelerate's hooks swap an offloaded layer's weights in at every forward (a packed copy would be of the
+    placeholder) and a packed copy would take the memory the map was sized to leave free."""
+    if dispatched:
+        return base
+    base = base.to(device)
+    pack_linear_weights(base)  # bfloat16 on a CPU: a step reads each weight once (see there)
+    return base
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """The torch dtype of a `--dtype` name; "auto" with no measured choice to go by is float32 (exact)."""
     if name == "auto":

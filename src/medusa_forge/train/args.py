@@ -18,7 +18,14 @@ from medusa_forge.drafts import default_kind, get_kind, kind_choices, kinds
 from medusa_forge.drafts.fused_ce import TOPK
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
-from medusa_forge.modeling import TargetPlacement, parse_max_memory
+from medusa_forge.modeling import (
+    TargetPlacement,
+    check_target_flags,
+    target_device_map_field,
+    target_max_memory_field,
+    target_offload_folder_field,
+    target_placement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,28 +130,9 @@ class TrainConfig(TrainingArguments):
     eagle3_intermediate_size: int | None = field(
         default=None, metadata={"help": "The draft layer's MLP width (default: the target's)."}
     )
-    target_device_map: str | None = field(
-        default=None,
-        metadata={
-            "help": "'auto': spread the frozen target over this process's devices (its own GPU first, then under "
-            "torchrun every LOCAL_WORLD_SIZE-th GPU after it), then CPU memory, then disk (--target_offload_folder), "
-            "for a target larger than one device (accelerate's dispatch). Default: the whole target on the device."
-        },
-    )
-    target_max_memory: str | None = field(
-        default=None,
-        metadata={
-            "help": "With --target_device_map auto: the most each device may hold of the target, per process, e.g. "
-            "0=70GiB,1=70GiB,cpu=200GiB (default: what is free)."
-        },
-    )
-    target_offload_folder: str | None = field(
-        default=None,
-        metadata={
-            "help": "With --target_device_map auto: where the target's layers that fit in no memory are kept and "
-            "read from at every forward pass (slow; without it such a target is refused)."
-        },
-    )
+    target_device_map: str | None = target_device_map_field()
+    target_max_memory: str | None = target_max_memory_field()
+    target_offload_folder: str | None = target_offload_folder_field()
     model_max_length: int = field(default=2048, metadata={"help": "Truncate conversations to this many tokens."})
     output_dir: str = field(default="medusa-heads", metadata={"help": "Where the heads folder is written."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (heads only)."})
@@ -207,16 +195,7 @@ class TrainConfig(TrainingArguments):
                 raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.medusa_draft_vocab_size < 0:
             raise UserError("--medusa_draft_vocab_size must be >= 0 (0 = the whole vocabulary)")
-        if self.target_device_map not in (None, "auto"):
-            raise UserError(
-                f"--target_device_map {self.target_device_map}: the only value is 'auto' (leave it out to load the "
-                "whole target on the training device)"
-            )
-        for name in ("target_max_memory", "target_offload_folder"):
-            if getattr(self, name) is not None and self.target_device_map is None:
-                raise UserError(f"--{name} applies only with --target_device_map auto; add that flag")
-        if self.target_max_memory is not None:
-            parse_max_memory(self.target_max_memory, "--target_max_memory")  # a bad value fails before any loading
+        check_target_flags(self)  # a bad value fails before any loading
         if self.deepspeed:
             if importlib.util.find_spec("deepspeed") is None:
                 raise UserError("--deepspeed needs the deepspeed package: `pip install deepspeed` (on a CUDA machine)")
@@ -241,13 +220,22 @@ class TrainConfig(TrainingArguments):
             super().__post_init__()
         except (ValueError, ImportError) as err:
             raise UserError(f"invalid training arguments: {err}") from None
+        self._plain_cpu()
+
+    def _plain_cpu(self) -> None:
+        """Under torchrun on a CPU, accelerate names this process's device `cpu:0`, and `Tensor.to(cpu:0)` copies a
+        tensor that is on `cpu`. A target loaded from safetensors is the files' pages mapped into memory, shared by
+        every rank and the page cache; moved to `cpu:0` (by train, and by the Trainer's accelerator) each rank copied
+        it whole: an 8B-shaped target of 5.5 GiB peaked at 11.4 GiB of RSS per rank while loading and kept 5.5 GiB
+        of its own (BENCHMARKS.md, "Scale"). The device is named plain `cpu` for both: the same device, no copies."""
+        state = self.distributed_state
+        if state is not None and state.device.type == "cpu" and state.device.index is not None:
+            state.device = torch.device("cpu")  # accelerate's shared state: the Trainer's Accelerator copies it
+            self.__dict__["_setup_devices"] = state.device  # TrainingArguments.device's cached value
 
     def target_placement(self) -> TargetPlacement | None:
         """Where the frozen target is dispatched (--target_* flags); None: whole, on the training device."""
-        if self.target_device_map is None:
-            return None
-        budget = parse_max_memory(self.target_max_memory, "--target_max_memory") if self.target_max_memory else None
-        return TargetPlacement(self.device, budget, self.target_offload_folder)
+        return target_placement(self, self.device)
 
 
 # transformers 4.x names (the original trainer's era) -> 5.x names (warmup_steps < 1 is a ratio of total steps in 5.x)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
@@ -23,20 +22,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from medusa_forge.errors import UserError
+from medusa_forge.file_digests import file_digests
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what from_pretrained reads weights from
-CHUNK = 16 * 2**20
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of the whole file: a single changed weight changes it (hashlib releases the GIL, so files hash in
-    parallel threads at disk speed)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class TargetFiles:
@@ -59,12 +48,12 @@ class TargetFiles:
     @cached_property
     def fingerprint(self) -> str:
         """Hash of config.json, the compute dtype and every weight file's bytes (safetensors headers included); not
-        of the folder's path (the same model elsewhere keeps its key)."""
+        of the folder's path (the same model elsewhere keeps its key). A weight file unchanged since a run hashed it
+        is not read again (`file_digests`: its recorded sha256)."""
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
         digest.update(f"dtype={self.dtype}".encode())
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            for path, file_digest in zip(self.weight_files, pool.map(_file_digest, self.weight_files), strict=True):
-                digest.update(f"{path.name}:{file_digest}".encode())
+        for path, file_digest in zip(self.weight_files, file_digests(self.weight_files), strict=True):
+            digest.update(f"{path.name}:{file_digest}".encode())
         return digest.hexdigest()
 
     def _tensor_files(self) -> dict[str, Path]:
