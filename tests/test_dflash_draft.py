@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from medusa_forge.drafts.dflash_config import (
     build_target_layer_ids,
+    feature_layer_ids,
     hidden_state_indices,
     is_dflash_folder,
     resolve_mask_token_id,
@@ -115,7 +116,7 @@ def test_saved_folder_is_what_vllm_0_32_qwen3_dflash_loads(draft, tmp_path):
     raw = json.loads((tmp_path / "d" / "config.json").read_text())
     # §0: the keys both engines read, and none of those that silently change what they compute (§6)
     assert raw["architectures"] == ["DFlashDraftModel"] and raw["model_type"] == "qwen3"
-    assert raw["dflash_config"] == {"mask_token_id": 5, "target_layer_ids": [1, 3]}  # build_target_layer_ids(6, 2)
+    assert raw["dflash_config"] == {"mask_token_id": 5, "target_layer_ids": [1, 2, 3]}  # build_target_layer_ids(6, 3)
     assert raw["block_size"] == 4 and raw["num_target_layers"] == 6 and raw["num_hidden_layers"] == 2
     assert raw["rope_theta"] == 50_000.0 and raw["layer_types"] == ["full_attention"] * 2
     assert raw["tie_word_embeddings"] is False and raw["use_sliding_window"] is False
@@ -172,7 +173,7 @@ def reference_block(draft: DFlashDraft, features, embeds, ctx_pos, block_pos) ->
 def test_block_forward_matches_the_reference_and_masks_give_one_block_at_a_time(draft):
     torch.manual_seed(3)
     length, size, hidden = 10, draft.config.block_size, draft.config.hidden_size
-    features = torch.randn(length, 2 * hidden)
+    features = torch.randn(length, 3 * hidden)
     embeds = torch.randn(3, size, hidden)  # three blocks, anchors 2, 5, 9
     anchors = [2, 5, 9]
     positions = torch.tensor([[a + k for k in range(size)] for a in anchors])
@@ -193,6 +194,7 @@ def test_block_forward_matches_the_reference_and_masks_give_one_block_at_a_time(
 def test_feature_layers_and_mask_token_follow_the_reference(tiny_tokenizer):
     assert build_target_layer_ids(30, 1) == [15] and build_target_layer_ids(30, 3) == [1, 14, 27]
     assert build_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # SpecForge configs/qwen3-8b-dflash.json
+    assert feature_layer_ids(30) == [1, 14, 27] and feature_layer_ids(2) == [1]  # SmolLM2; the tests' tiny models
     assert hidden_state_indices([1, 27]) == (2, 28)  # decoder layer t is HF hidden_states[t + 1] (§6.1)
     with pytest.raises(UserError, match="--dflash_num_layers 1"):
         build_target_layer_ids(2, 2)
@@ -212,7 +214,7 @@ def test_bad_folders_are_refused_by_name(draft, tmp_path):
     for change, message in [
         ({"eagle_config": {}}, "unexpected \\['eagle_config'\\]"),
         ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-        ({"dflash_config": {"mask_token_id": 5, "target_layer_ids": [1, 3], "causal": True}}, "dflash_config"),
+        ({"dflash_config": {"mask_token_id": 5, "target_layer_ids": [1, 2, 3], "causal": True}}, "dflash_config"),
         ({"dflash_config": {"mask_token_id": 5, "target_layer_ids": [3, 1]}}, "ascending"),
         ({"model_type": "llama"}, "model_type"),
     ]:

@@ -23,6 +23,7 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # also SGLang's and z-lab's default) and one draft layer (providers.py TargetDerivedDraftDefaults).
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_NUM_LAYERS = 1
+FEATURE_LAYERS = 3  # target layers read (`feature_layer_ids`)
 # Values the engines need and we always write; a folder with anything else is refused (§0, §6).
 FIXED_CONFIG = {
     "architectures": [ARCHITECTURE],
@@ -49,6 +50,20 @@ def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> lis
             "which needs a target of >= 4 layers (SGLang refuses fewer); use --dflash_num_layers 1"
         )
     return [round(1 + i * (layers - 4) / (n - 1)) for i in range(n)]
+
+
+def feature_layer_ids(num_target_layers: int) -> list[int]:
+    """The target layers a draft for a target of `num_target_layers` layers reads: the reference's spread for
+    FEATURE_LAYERS layers (low, middle, high), or [L // 2] for a target under 4 layers (tests' tiny models).
+
+    The reference ties the count to the number of draft layers (k = n_d, §2.1) and SpecForge's one-layer default
+    reads [L // 2] alone. We fix it from the target instead: the hidden-state cache is keyed and planned from the
+    target's config before train's flags reach the kind (`DraftKind.record_layers`), and three layers give the one
+    draft layer the low/middle/high view an EAGLE-3 draft has. The engines read the ids from config.json, so any
+    ascending list serves."""
+    if num_target_layers < 4:
+        return [num_target_layers // 2]
+    return build_target_layer_ids(num_target_layers, FEATURE_LAYERS)
 
 
 def hidden_state_indices(target_layer_ids: list[int]) -> tuple[int, ...]:
@@ -134,8 +149,8 @@ class DFlashConfig:
         block_size: int = DEFAULT_BLOCK_SIZE,
         num_layers: int = DEFAULT_NUM_LAYERS,
     ) -> DFlashConfig:
-        """Layers of the target's shape (heads, head_dim, MLP width, eps, rope theta), the reference's feature
-        layers for `num_layers` draft layers."""
+        """`num_layers` layers of the target's shape (heads, head_dim, MLP width, eps, rope theta) reading the
+        target layers `feature_layer_ids`."""
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         heads, layers = text.num_attention_heads, text.num_hidden_layers
         if block_size < 2:
@@ -157,7 +172,7 @@ class DFlashConfig:
             num_target_layers=layers,
             dflash_config={
                 "mask_token_id": mask_token_id,
-                "target_layer_ids": build_target_layer_ids(layers, num_layers),
+                "target_layer_ids": feature_layer_ids(layers),
             },
             base_model_name_or_path=base_model_name_or_path,
         )

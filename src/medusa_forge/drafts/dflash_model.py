@@ -48,6 +48,19 @@ def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+def target_final_norm(target: nn.Module) -> torch.Tensor | None:
+    """The weight of the target's final RMSNorm (x * w, not Gemma's x * (1 + w)), from the target or from the
+    stand-in training keeps of it (`final_norm`); None where there is none."""
+    found = getattr(target, "final_norm", None)
+    if found is None:
+        norm = getattr(getattr(target, "base_model", None), "norm", None)
+        weight = getattr(norm, "weight", None)
+        found = (type(norm).__name__, weight) if isinstance(weight, torch.Tensor) else None
+    if found is None or not found[0].endswith("RMSNorm") or found[0].startswith("Gemma"):
+        return None
+    return found[1]
+
+
 class DFlashAttention(nn.Module):
     """Qwen3 attention projections (names as the engines'); what a block sees comes from `block`'s arguments."""
 
@@ -161,8 +174,10 @@ class DFlashDraft(nn.Module):
         block_size: int = DEFAULT_BLOCK_SIZE,
         num_layers: int = DEFAULT_NUM_LAYERS,
     ) -> DFlashDraft:
-        """Fresh float32 draft for `target`: norms at 1, linear weights normal(0, initializer_range) as HF
-        initialises Qwen3."""
+        """Fresh float32 draft for `target`: linear weights normal(0, initializer_range) as HF initialises Qwen3,
+        norms at 1 but the final one, which starts as the target's final norm (our choice, the reference's init is
+        not published: the draft's output plays the target's last residual state before the shared lm_head, whose
+        logits are only as sharp as that norm's scale makes them)."""
         config = DFlashConfig.for_target(target.config, base_model_name_or_path, mask_token_id, block_size, num_layers)
         draft = cls(config)
         std = getattr(target.config.get_text_config(), "initializer_range", None) or 0.02
@@ -170,6 +185,9 @@ class DFlashDraft(nn.Module):
             for module in draft.modules():
                 if isinstance(module, nn.Linear):
                     module.weight.normal_(0.0, std)
+            final = target_final_norm(target)
+            if final is not None and final.shape == draft.norm.weight.shape:
+                draft.norm.weight.copy_(final.detach().float().cpu())
         return draft
 
     def save(self, folder: str | Path) -> Path:
