@@ -92,7 +92,7 @@ class QuickstartConfig(_RunOptions):
 @dataclass
 class PipelineRunConfig(_RunOptions):
     """Distil -> train -> evaluate (choose the tree) -> export -> push (if asked) -> report, re-runs skip finished
-    stages and resume an interrupted one. The draft's kind is the config key draft_kind (medusa or eagle3)."""
+    stages and resume an interrupted one. The draft's kind is the config key draft_kind (medusa, eagle3 or dflash)."""
 
     COMMAND: ClassVar[str] = "pipeline"
 
