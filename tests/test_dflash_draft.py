@@ -194,6 +194,7 @@ def test_block_forward_matches_the_reference_and_masks_give_one_block_at_a_time(
 def test_feature_layers_and_mask_token_follow_the_reference(tiny_tokenizer):
     assert build_target_layer_ids(30, 1) == [15] and build_target_layer_ids(30, 3) == [1, 14, 27]
     assert build_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # SpecForge configs/qwen3-8b-dflash.json
+    assert feature_layer_ids(4) == [1] and feature_layer_ids(5) == [1, 2]  # no repeats
     assert feature_layer_ids(30) == [1, 14, 27] and feature_layer_ids(2) == [1]  # SmolLM2; the tests' tiny models
     assert hidden_state_indices([1, 27]) == (2, 28)  # decoder layer t is HF hidden_states[t + 1] (§6.1)
     with pytest.raises(UserError, match="--dflash_num_layers 1"):

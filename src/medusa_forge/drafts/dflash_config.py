@@ -54,7 +54,8 @@ def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> lis
 
 def feature_layer_ids(num_target_layers: int) -> list[int]:
     """The target layers a draft for a target of `num_target_layers` layers reads: the reference's spread for
-    FEATURE_LAYERS layers (low, middle, high), or [L // 2] for a target under 4 layers (tests' tiny models).
+    FEATURE_LAYERS layers (low, middle, high) without repeats (a target under 6 layers spreads them over fewer), or
+    [L // 2] for a target under 4 layers (tests' tiny models).
 
     The reference ties the count to the number of draft layers (k = n_d, §2.1) and SpecForge's one-layer default
     reads [L // 2] alone. We fix it from the target instead: the hidden-state cache is keyed and planned from the
@@ -63,7 +64,7 @@ def feature_layer_ids(num_target_layers: int) -> list[int]:
     ascending list serves."""
     if num_target_layers < 4:
         return [num_target_layers // 2]
-    return build_target_layer_ids(num_target_layers, FEATURE_LAYERS)
+    return sorted(set(build_target_layer_ids(num_target_layers, FEATURE_LAYERS)))
 
 
 def hidden_state_indices(target_layer_ids: list[int]) -> tuple[int, ...]:
