@@ -92,9 +92,16 @@ def target(work, smollm2_dir) -> Path:
     return folder
 
 
+def selected_kinds(request: pytest.FixtureRequest) -> set[str]:
+    """The kinds this session's selected tests serve (`-k dflash` trains and starts only what it needs)."""
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items]
+    return {p["kind"] for p in params if p.get("kind") in METHODS}
+
+
 @pytest.fixture(scope="module")
-def drafts(work, target) -> dict[str, Path]:
-    """Each kind trained by `train` on the target's own replies to ShareGPT prompts, exported by `export`."""
+def drafts(request, work, target) -> dict[str, Path]:
+    """Each selected kind trained by `train` on the target's own replies to ShareGPT prompts, exported by
+    `export`."""
     data = work / "distilled.jsonl"
     assert main([
         "distill", "--input-filename", "sharegpt", "--output-filename", str(data), "--model", str(target),
@@ -114,7 +121,8 @@ def drafts(work, target) -> dict[str, Path]:
         "dflash": ["--draft_kind", "dflash", "--dflash_block_size", str(K + 1), "--num_train_epochs", "6"],
     }
     exports = {}
-    for kind, flags in kinds.items():
+    selected = selected_kinds(request)
+    for kind, flags in ((k, f) for k, f in kinds.items() if k in selected):
         draft, export = work / kind, work / f"{kind}-vllm"
         assert main(["train", *common, "--output_dir", str(draft), *flags]) == 0
         printed = export_heads(draft, "vllm", export).serve_commands
