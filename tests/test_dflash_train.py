@@ -144,3 +144,14 @@ def test_train_cli_writes_a_draft_whose_loss_falls(tmp_path, target_dir):
         assert losses[-1] < losses[0] * 0.9, (i, losses)
     card = (out / "README.md").read_text()
     assert card.startswith("---") and "# DFlash draft for" in card and "num_speculative_tokens" in card
+
+
+def test_the_draft_starts_from_the_target_final_norm_with_or_without_the_target(target, target_dir):
+    """A run from a complete cache (the stand-in, no layers loaded) starts from the same weights as one with the
+    target: the stand-in carries the final norm the draft's own starts from."""
+    stand_in = TargetFiles(target_dir, torch.float32).stand_in(True)
+    norm = target.model.norm.weight
+    assert stand_in.final_norm[0] == "LlamaRMSNorm" and torch.equal(stand_in.final_norm[1], norm)
+    assert not torch.equal(norm, torch.ones_like(norm))  # the sharp target's x20: a copy shows
+    drafts = [DFlashDraft.for_target(model, "x", 0, block_size=BLOCK) for model in (target, stand_in)]
+    assert torch.equal(drafts[0].norm.weight, norm) and torch.equal(drafts[1].norm.weight, norm)
