@@ -31,7 +31,7 @@ class DFlashKind(DraftKind):
     metric_label = "position"
     predictor = "block position"
     first_predictor = 1  # slot 1 drafts the token after the base model's
-    tree_note = "vLLM and SGLang draft the chain of each position's top-1"
+    tree_note = "; vLLM and SGLang draft the chain of each position's top-1 instead"
     train_flags = ("dflash_block_size", "dflash_num_layers", "dflash_num_anchors", "dflash_loss_gamma",
                    "dflash_mask_token_id")  # fmt: skip
     formats = DFLASH_ENGINES  # the same folder loads in both (docs/dflash-reference.md §0)
