@@ -2,11 +2,13 @@
 the reference draws them, cached and per-batch features, and a real CLI run whose loss falls."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_conversations
+from safetensors.torch import load_file
 from test_eagle3_train import sharp_target, tokenised
 
 from medusa_forge.cli import main
@@ -124,17 +126,20 @@ def test_cache_records_are_the_feature_layers_and_give_the_per_batch_loss(target
     torch.testing.assert_close(cached["head_stats"][:, 1], per_batch["head_stats"][:, 1])
 
 
-def test_train_cli_writes_a_draft_whose_loss_falls(tmp_path, target_dir):
-    data = write_conversations(tmp_path / "data.json", n=8)
-    out = tmp_path / "out"
-    argv = [
+def dflash_flags(target_dir, data, out, *extra: str) -> list[str]:
+    return [
         "train", "--model_name_or_path", str(target_dir), "--data_path", str(data), "--output_dir", str(out),
         "--draft_kind", "dflash", "--dflash_block_size", str(BLOCK), "--dflash_num_anchors", "16",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--model_max_length", "96",
-        "--num_train_epochs", "10", "--save_strategy", "no", "--logging_steps", "1", "--seed", "0",
-        "--disable_tqdm", "True", "--medusa_hidden_cache_dir", str(tmp_path / "cache"),
+        "--logging_steps", "1", "--seed", "0", "--disable_tqdm", "True",
+        "--medusa_hidden_cache_dir", str(out.parent / "cache"), *extra,
     ]  # fmt: skip
-    assert main(argv) == 0
+
+
+def test_train_cli_writes_a_draft_whose_loss_falls(tmp_path, target_dir):
+    data = write_conversations(tmp_path / "data.json", n=8)
+    out = tmp_path / "out"
+    assert main(dflash_flags(target_dir, data, out, "--num_train_epochs", "10", "--save_strategy", "no")) == 0
     draft = DFlashDraft.load(out)
     assert draft.config.block_size == BLOCK and draft.config.base_model_name_or_path == str(target_dir)
     metrics = json.loads((out / "training_metrics.json").read_text())
@@ -155,3 +160,23 @@ def test_the_draft_starts_from_the_target_final_norm_with_or_without_the_target(
     assert not torch.equal(norm, torch.ones_like(norm))  # the sharp target's x20: a copy shows
     drafts = [DFlashDraft.for_target(model, "x", 0, block_size=BLOCK) for model in (target, stand_in)]
     assert torch.equal(drafts[0].norm.weight, norm) and torch.equal(drafts[1].norm.weight, norm)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, target_dir):
+    """The anchors are drawn from torch's generator, which the checkpoint restores: a resumed run draws the same
+    ones and ends with the same draft."""
+    data = write_conversations(tmp_path / "data.json", n=8)
+    flags = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2"]
+    keep = ["--save_total_limit", "2", "--keep_checkpoints", "True"]  # checkpoint-2 is copied below
+    assert main(dflash_flags(target_dir, data, tmp_path / "full", *flags, *keep)) == 0
+    full = tmp_path / "full"
+    DFlashDraft.load(full / "checkpoint-2")  # a checkpoint is a draft folder
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(full / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert main(dflash_flags(target_dir, data, tmp_path / "resumed", *flags)) == 0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    halfway = load_file(str(full / "checkpoint-2" / "model.safetensors"))
+    assert not torch.equal(halfway["fc.weight"], a["fc.weight"])  # steps 3-4 did change the draft
