@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIGS, make_tiny_model, write_conversations
+from conftest import TINY_CONFIGS, make_tiny_model, plain_sample, write_conversations
 
 from medusa_forge.cli import main
 from medusa_forge.data.conversations import load_conversations
@@ -55,6 +55,16 @@ def test_greedy_equals_plain_greedy(choices):
     result = SpeculativeDecoder(target, DFlashDrafter(target, random_draft(target)), choices).generate(PROMPT, NEW)
     assert result.tokens == greedy_generate(target, PROMPT, NEW)
     assert max(result.accept_lengths) <= BLOCK
+
+
+def test_sampling_draws_the_tokens_of_plain_sampling_and_cold_sampling_is_greedy():
+    """Verification is the target's alone: with the draft, sampling draws what plain sampling draws."""
+    target = chaotic_target()
+    decoder = SpeculativeDecoder(target, DFlashDrafter(target, random_draft(target)), default_choices(12, BLOCK - 1))
+    assert decoder.generate(PROMPT, NEW, temperature=1e-4, seed=1).tokens == greedy_generate(target, PROMPT, NEW)
+    hot = [decoder.generate(PROMPT, 16, temperature=1.0, top_p=0.9, seed=seed) for seed in (7, 8)]
+    assert [r.tokens for r in hot] == [plain_sample(target, PROMPT, 16, 1.0, seed, 0.9) for seed in (7, 8)]
+    assert hot[0].tokens != hot[1].tokens
 
 
 def test_context_after_advance_equals_a_fresh_start():
