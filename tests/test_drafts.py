@@ -12,11 +12,11 @@ from medusa_forge.errors import UserError
 
 
 def test_one_list_of_kinds_medusa_first():
-    assert kind_names() == ("medusa", "eagle3")  # the tutorial's heads stay the default
+    assert kind_names() == ("medusa", "eagle3", "dflash")  # the tutorial's heads stay the default
     assert default_kind() is get_kind("medusa")
     assert [kind.name for kind in kinds()] == list(kind_names())
     assert len({kind.metric_name for kind in kinds()}) == len(kinds())  # log lines tell the kinds apart
-    with pytest.raises(UserError, match=r"draft kind 'hydra': expected one of medusa, eagle3"):
+    with pytest.raises(UserError, match=r"draft kind 'hydra': expected one of medusa, eagle3, dflash"):
         get_kind("hydra")
 
 

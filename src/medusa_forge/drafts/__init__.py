@@ -1,8 +1,8 @@
 """The registry of draft kinds: the one list of kinds, looked up by name or recognised from a folder.
 
-A kind lives in one module of this package (`medusa.py`, `eagle3.py`); registering it here is all the rest of the
-code needs: training, the hidden-state cache, decoding, eval, export, push, the model card and the pipeline ask
-the kind they are given (`get_kind`) or find (`kind_of`) instead of branching on its name.
+A kind lives in one module of this package (`medusa.py`, `eagle3.py`, `dflash.py`); registering it here is all the
+rest of the code needs: training, the hidden-state cache, decoding, eval, export, push, the model card and the
+pipeline ask the kind they are given (`get_kind`) or find (`kind_of`) instead of branching on its name.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from medusa_forge.drafts.dflash import DFLASH
 from medusa_forge.drafts.eagle3 import EAGLE3
 from medusa_forge.drafts.kind import DraftKind
 from medusa_forge.drafts.medusa import MEDUSA
@@ -135,3 +136,4 @@ def kind_of(folder: str | Path) -> DraftKind:
 
 register(MEDUSA)
 register(EAGLE3)
+register(DFLASH)

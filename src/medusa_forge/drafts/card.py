@@ -54,9 +54,10 @@ def evaluation_summary(report: EvalReport | None) -> dict:
     if report is None:
         return {}
     acceptance, speed = report.acceptance or Acceptance(), report.speed or SpeedComparison()
-    # Medusa heads, EAGLE-3 steps; prompt-only eval data: their accuracy on the model's own answers
+    # Medusa heads, EAGLE-3 steps, DFlash block positions; prompt-only eval data: their accuracy on the model's own
+    # answers
     rows = report.accuracy or report.accuracy_own_answers
-    heads = [r for r in rows if r.name.startswith(("head", "step"))]
+    heads = [r for r in rows if r.name.startswith(("head", "step", "position"))]
     return {
         k: v
         for k, v in {

@@ -60,7 +60,8 @@ class PipelineConfig:
     """The whole pipeline; pipeline.example.yaml documents every key."""
 
     model: str = "smollm2"  # base model: local folder, Hub id, or the offline alias smollm2
-    # What the train stage trains: a name of the drafts registry (medusa: heads, eagle3: an EAGLE-3 draft).
+    # What the train stage trains: a name of the drafts registry (medusa: heads, eagle3: an EAGLE-3 draft, dflash: a
+    # DFlash block draft).
     draft_kind: str = field(default_factory=lambda: default_kind().name)
     data: str = "sharegpt"  # conversations to replay (ShareGPT or role/content JSON/JSONL) or the alias sharegpt
     eval_data: str | None = None  # held-out conversations; default sharegpt-heldout when data is sharegpt

@@ -58,7 +58,7 @@ class TrainConfig(TrainingArguments):
         metadata={
             "help": "What to train: "
             + "; ".join(f"'{kind.name}' {kind.label} (for {', '.join(kind.formats)})" for kind in kinds())
-            + ". A kind's own flags carry its name (medusa_*: heads, eagle3_*); the data, cache "
+            + ". A kind's own flags carry its name (medusa_*: heads, eagle3_*, dflash_*); the data, cache "
             "(--medusa_hidden_cache*, named before other kinds) and Trainer flags apply to every kind.",
             "choices": kind_choices(),
         },
@@ -130,6 +130,36 @@ class TrainConfig(TrainingArguments):
     eagle3_intermediate_size: int | None = field(
         default=None, metadata={"help": "The draft layer's MLP width (default: the target's)."}
     )
+    dflash_block_size: int = field(
+        default=16,
+        metadata={
+            "help": "DFlash block B: the last token + B-1 masks drafted in one pass, so B-1 draft tokens per step "
+            "(SpecForge's and SGLang's default 16)."
+        },
+    )
+    dflash_num_layers: int = field(
+        default=1, metadata={"help": "DFlash draft layers (SpecForge's generated default 1; its Qwen3-8B draft has 5)."}
+    )
+    dflash_num_anchors: int = field(
+        default=64,
+        metadata={
+            "help": "DFlash blocks trained per sequence, at random supervised positions. SpecForge uses 512 at "
+            "3072 tokens (one per 6); 64 keeps that ratio at 384 tokens and bounds memory (N x B queries)."
+        },
+    )
+    dflash_loss_gamma: float = field(
+        default=7.0,
+        metadata={
+            "help": "DFlash slot k's loss weight is exp(-(k-1)/gamma); 0 = no decay (SpecForge's B=16 example: 7)."
+        },
+    )
+    dflash_mask_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "The token whose frozen embedding fills the DFlash block's masked slots. Default: the tokenizer's "
+            "mask token, else a spare embedding row, else pad, else eos (SpecForge's order)."
+        },
+    )
     target_device_map: str | None = target_device_map_field()
     target_max_memory: str | None = target_max_memory_field()
     target_offload_folder: str | None = target_offload_folder_field()
@@ -188,6 +218,10 @@ class TrainConfig(TrainingArguments):
             raise UserError(f"--eagle3_draft_vocab_size must be 0 (whole vocabulary) or >= {max(TOPK)} (top-k metrics)")
         if self.eagle3_intermediate_size is not None and self.eagle3_intermediate_size < 1:
             raise UserError("--eagle3_intermediate_size must be >= 1")
+        if self.dflash_block_size < 2 or self.dflash_num_layers < 1 or self.dflash_num_anchors < 1:
+            raise UserError("--dflash_block_size must be >= 2, --dflash_num_layers and --dflash_num_anchors >= 1")
+        if self.dflash_loss_gamma < 0:
+            raise UserError("--dflash_loss_gamma must be >= 0 (0 = no decay)")
         if self.medusa_num_heads < 1 or self.medusa_num_layers < 0:
             raise UserError("--medusa_num_heads must be >= 1 and --medusa_num_layers >= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

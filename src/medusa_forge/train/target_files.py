@@ -100,7 +100,11 @@ class TargetFiles:
 
         embedding_weight = read(embedding) if embeddings or tied else None
         lm_head_weight = embedding_weight if tied else read(lm_head)
-        return FrozenTargetParts(self.config, lm_head_weight, embedding_weight if embeddings else None)
+        parts = FrozenTargetParts(self.config, lm_head_weight, embedding_weight if embeddings else None)
+        norm = getattr(skeleton.base_model, "norm", None)
+        if isinstance(getattr(norm, "weight", None), torch.Tensor) and id(norm) in names:
+            parts.final_norm = type(norm).__name__, read(norm)
+        return parts
 
 
 NO_FORWARD = (
@@ -117,6 +121,9 @@ class FrozenTargetParts(nn.Module):
     def __init__(self, config: PretrainedConfig, lm_head: torch.Tensor, embedding: torch.Tensor | None) -> None:
         super().__init__()
         self.config = config
+        # (class name, weight) of the backbone's final norm where it has one: a DFlash draft starts its own from it
+        # (`dflash_model.target_final_norm`), so a run from a complete cache starts where one with the target does.
+        self.final_norm: tuple[str, torch.Tensor] | None = None
         vocab, hidden = lm_head.shape
         self.lm_head = nn.Linear(hidden, vocab, bias=False, device="meta")  # no [V, H] initialised for nothing
         self.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
