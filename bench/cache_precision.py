@@ -20,23 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medusa_forge.cli import main as cli_main
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.evaluate.accuracy import measure_accuracy
-
-E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
-
-
-def float8_round_trip(records: np.ndarray, part: int) -> np.ndarray:
-    """[T, W] float16 records as a float8 cache with a float16 scale per token and per `part`-wide slice would
-    return them."""
-    x = torch.from_numpy(np.asarray(records, dtype=np.float32)).view(records.shape[0], -1, part)
-    scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=2**-24).half().float()
-    back = (x / scale).to(torch.float8_e4m3fn).float() * scale
-    return back.view(records.shape).half().numpy()
+from medusa_forge.train.cache_records import float8_round_trip
 
 
 def round_cache(cache: Path, part: int) -> int:
