@@ -258,13 +258,7 @@ def build_hidden_cache(
 
     tokens, left = sum(lengths), sum(lengths[i] for i in missing)
     need = left * per_token
-    # Partial shards of this group with the same split are resumed: what they hold counts as written.
-    already = sum(
-        (path / name).stat().st_size
-        for path in folder.glob(f"{SHARD_PREFIX}*-of-{len(group.ranks):05d}-*")
-        for name in (DATA_FILES[precision], SCALES_FILE)
-        if path.name not in finished and (path / name).is_file()
-    )
+    already = _resumed_bytes(folder, finished, len(group.ranks))
     root.mkdir(parents=True, exist_ok=True)  # the disk measured is the one the cache goes to
     free, device = free_bytes(folder)
     # Checkpoints and the draft count here too when they go to the same disk: the run needs both.
@@ -300,6 +294,17 @@ def build_hidden_cache(
     if distributed():
         dist.barrier()
     return HiddenStateCache(folder)
+
+
+def _resumed_bytes(folder: Path, finished: dict[str, np.ndarray], processes: int) -> int:
+    """Bytes already written by the partial shards a run with as many processes resumes (the same split)."""
+    return sum(
+        path.stat().st_size
+        for shard in folder.glob(f"{SHARD_PREFIX}*-of-{processes:05d}-*")
+        if shard.name not in finished
+        for path in (shard / name for name in (*DATA_FILES.values(), SCALES_FILE))
+        if path.is_file()
+    )
 
 
 def _build_shard(
