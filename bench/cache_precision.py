@@ -1,11 +1,11 @@
 """Keep less in the hidden-state cache? (issue 24, part 4: measured before offered.) The cache stores each token's
 record in float16; float8 (e4m3, one scale per token and per record part: the final state and each EAGLE-3 feature
-layer apart) would halve the disk. This bench measures what that costs the draft: per kind, `train` builds the
-float16 cache once; a copy of it is rounded in place to what a float8 cache would give back (quantise, dequantise,
-stored again as float16: the numbers training would read, without a new file format), and the draft is trained
-again from the copy with the same seed and recipe (a complete cache is reused as it is). Both drafts are then scored
-on held-out conversations with the target's true (float32) features, as `eval` scores them: teacher-forced top-1
-and top-5 per head or draft step; the training loss of the last step next to them.
+layer apart; now `--medusa_hidden_cache_precision float8`) halves the disk. This bench measures what that costs the
+draft: per kind, `train` builds the float16 cache once; a copy of it is rounded in place to what a float8 cache
+gives back (`float8_round_trip`, the cache's own quantisation, stored again as float16: the numbers training
+reads), and the draft is trained again from the copy with the same seed and recipe (a complete cache is reused as
+it is). Both drafts are then scored on held-out conversations with the target's true (float32) features, as `eval`
+scores them: teacher-forced top-1 and top-5 per head or draft step; the training loss of the last step next to them.
 
     python bench/cache_precision.py --samples 100 --max-length 256 --epochs 1 --kinds medusa,eagle3 \
         --heldout 30 --work precision-work --out precision.json
