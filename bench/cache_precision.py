@@ -1,11 +1,11 @@
 """Keep less in the hidden-state cache? (issue 24, part 4: measured before offered.) The cache stores each token's
 record in float16; float8 (e4m3, one scale per token and per record part: the final state and each EAGLE-3 feature
-layer apart) would halve the disk. This bench measures what that costs the draft: per kind, `train` builds the
-float16 cache once; a copy of it is rounded in place to what a float8 cache would give back (quantise, dequantise,
-stored again as float16: the numbers training would read, without a new file format), and the draft is trained
-again from the copy with the same seed and recipe (a complete cache is reused as it is). Both drafts are then scored
-on held-out conversations with the target's true (float32) features, as `eval` scores them: teacher-forced top-1
-and top-5 per head or draft step; the training loss of the last step next to them.
+layer apart; now `--medusa_hidden_cache_precision float8`) halves the disk. This bench measures what that costs the
+draft: per kind, `train` builds the float16 cache once; a copy of it is rounded in place to what a float8 cache
+gives back (`float8_round_trip`, the cache's own quantisation, stored again as float16: the numbers training
+reads), and the draft is trained again from the copy with the same seed and recipe (a complete cache is reused as
+it is). Both drafts are then scored on held-out conversations with the target's true (float32) features, as `eval`
+scores them: teacher-forced top-1 and top-5 per head or draft step; the training loss of the last step next to them.
 
     python bench/cache_precision.py --samples 100 --max-length 256 --epochs 1 --kinds medusa,eagle3 \
         --heldout 30 --work precision-work --out precision.json
@@ -20,23 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medusa_forge.cli import main as cli_main
 from medusa_forge.data.conversations import load_conversations
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.evaluate.accuracy import measure_accuracy
-
-E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
-
-
-def float8_round_trip(records: np.ndarray, part: int) -> np.ndarray:
-    """[T, W] float16 records as a float8 cache with a float16 scale per token and per `part`-wide slice would
-    return them."""
-    x = torch.from_numpy(np.asarray(records, dtype=np.float32)).view(records.shape[0], -1, part)
-    scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=2**-24).half().float()
-    back = (x / scale).to(torch.float8_e4m3fn).float() * scale
-    return back.view(records.shape).half().numpy()
+from medusa_forge.train.cache_records import float8_round_trip
 
 
 def round_cache(cache: Path, part: int) -> int:

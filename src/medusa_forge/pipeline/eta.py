@@ -14,7 +14,7 @@ from medusa_forge.drafts import get_kind
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import cpu_has_native_bfloat16
 from medusa_forge.pipeline.configuration import PipelineConfig, command_default
-from medusa_forge.train.hidden_cache import cache_plan
+from medusa_forge.train.cache_records import cache_plan
 
 ETA_RATES = {
     "distill_tokens_per_s": 75.0,  # batched in-process greedy generation (the quickstart's distill, idle machine)
@@ -84,7 +84,8 @@ def stage_plan(config: PipelineConfig, stage: str) -> str | None:
     except (OSError, ValueError, UserError):  # a Hub id offline: the train stage itself will say
         return None
     root = Path(config.train.get("medusa_hidden_cache_dir") or cache_dir() / "hidden")
-    return cache_plan(model_config, config.draft_kind, tokens, root)
+    precision = config.train.get("medusa_hidden_cache_precision", "float16")
+    return cache_plan(model_config, config.draft_kind, tokens, root, precision)
 
 
 def format_seconds(seconds: float) -> str:

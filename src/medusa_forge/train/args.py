@@ -26,6 +26,7 @@ from medusa_forge.modeling import (
     target_offload_folder_field,
     target_placement,
 )
+from medusa_forge.train.cache_records import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,15 @@ class TrainConfig(TrainingArguments):
     medusa_hidden_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where the hidden-state cache lives, any kind (default: ~/.cache/medusa-forge/hidden)."},
+    )
+    medusa_hidden_cache_precision: str = field(
+        default="float16",
+        metadata={
+            "help": "How the cache keeps a token's record: float16, or float8 (e4m3 with a float16 scale per token "
+            "and record part: half the disk; held-out top-1/top-5 unchanged within 0.002, BENCHMARKS.md). Part of "
+            "the cache's key: a cache of the other precision is not reused.",
+            "choices": list(PRECISIONS),
+        },
     )
     medusa_soft_labels: bool = field(
         default=False, metadata={"help": "Teach head i the base model's own distribution for token t+2+i."}

@@ -1,15 +1,17 @@
 """Hidden-state cache: run the frozen base model once over the tokenised data set, keep what the draft's loss
-reads from it in float16 files, and train every epoch from them.
+reads from it in files (float16, or float8 with per-token scales: `cache_records.py`), and train every epoch from
+them.
 
 What is kept per token is the draft kind's record (`DraftKind.record_layers`, `DraftKind.records`): Medusa heads
 read the final hidden state [H]; an EAGLE-3 draft reads its three feature layers followed by the final hidden state,
-[4H] (nothing vocabulary-sized is stored). meta.json says which (kind, layers, width).
+[4H] (nothing vocabulary-sized is stored). meta.json says which (kind, layers, width, precision).
 
 Why: the base model is frozen, so its hidden states are the same in every epoch; recomputing them (what
 the original trainer does) is most of the cost of epochs 2..N. The cache is keyed by a hash of the model's files
 (config and every weight file's bytes, `TargetFiles.fingerprint`), of the frozen pass's dtype, of the kind and its
-record, and of every token id (which covers data, chat template and max length), so a stale cache is never reused,
-and whether it is complete is known before the target is loaded (then it never is: `target_files.py`).
+record and its precision, and of every token id (which covers data, chat template and max length), so a stale
+cache is never reused, and whether it is complete is known before the target is loaded (then it never is:
+`target_files.py`).
 
 Every process builds (under torchrun): the data's length-sorted batches are split between the processes that share
 the cache folder (`cache_group.py`), balanced by padded tokens, and each writes its own shard (records, offsets, the
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,57 +36,36 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from medusa_forge.drafts import default_kind, get_kind
 from medusa_forge.drafts.shapes import padded_length
 from medusa_forge.errors import UserError
 from medusa_forge.modeling import input_device
 from medusa_forge.train.cache_group import CacheGroup, balance, cache_group, distributed, everywhere
+from medusa_forge.train.cache_records import (
+    DATA_FILES,
+    SCALES_FILE,
+    STORED,
+    cache_plan,
+    float8_decode,
+    float8_encode,
+    free_bytes,
+    record_bytes,
+    record_layout,
+)
 from medusa_forge.train.target_files import TargetFiles
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: keyed by the model's files, not its loaded weights; sharded by process
 META_FILE, SHARD_PREFIX = "meta.json", "shard-"
-DATA_FILE, OFFSETS_FILE, ITEMS_FILE, PROGRESS_FILE, DONE_FILE = (
-    "hidden.f16", "offsets.npy", "items.npy", "progress.json", "shard.json"
-)  # fmt: skip
+OFFSETS_FILE, ITEMS_FILE, PROGRESS_FILE, DONE_FILE = "offsets.npy", "items.npy", "progress.json", "shard.json"
 RESERVE = 256 * 2**20  # left free on a disk: logs, metrics, the tokenizer files
-RECORD_BYTES = np.dtype(np.float16).itemsize
 
 
 class CacheTooLarge(UserError):
     """The disk cannot hold the cache; callers that can compute the frozen pass per batch catch this."""
-
-
-def record_layout(config: PretrainedConfig, kind: str) -> tuple[list[int | str], int]:
-    """(what each token's record holds, in order, as `output_hidden_states` indices or "final"; its width)."""
-    layers = get_kind(kind).record_layers(config)
-    return layers, len(layers) * config.get_text_config().hidden_size
-
-
-def describe_record(config: PretrainedConfig, kind: str) -> str:
-    """What a token's record holds and costs, in words: "hidden states 2, 15, 27 + the final state = 4 x 576 x 2
-    bytes = 4608 bytes per token"."""
-    layers, width = record_layout(config, kind)
-    named = [str(layer) for layer in layers if layer != "final"]
-    parts = ([f"hidden state{'s' if len(named) > 1 else ''} {', '.join(named)}"] if named else []) + (
-        ["the final state"] if "final" in layers else []
-    )
-    size = f"{len(layers)} x {config.get_text_config().hidden_size} x {RECORD_BYTES} bytes"
-    return f"{' + '.join(parts)} = {size} = {width * RECORD_BYTES} bytes per token"
-
-
-def cache_plan(config: PretrainedConfig, kind: str, tokens: int, folder: Path) -> str:
-    """The cache's disk plan, said before it is built (by `train`, and by the pipeline from its estimated token
-    count): what a token's record holds and costs, the total for `tokens`, where, and the free space there."""
-    width = record_layout(config, kind)[1]
-    free = _free_bytes(folder)[0]
-    return (
-        f"hidden-state cache plan: a token's record holds {describe_record(config, kind)}; {tokens} tokens = "
-        f"{tokens * width * RECORD_BYTES / 1e9:.2f} GB at {folder} ({free / 1e9:.1f} GB free there)"
-    )
 
 
 def frozen_pass(
@@ -98,13 +78,17 @@ def frozen_pass(
         return get_kind(kind or default_kind().name).records(base, input_ids, attention_mask)
 
 
-def cache_key(target: TargetFiles, items: list[dict[str, list[int]]], kind: str | None = None) -> str:
-    """Hash of the model's files (`TargetFiles.fingerprint`: config, dtype, every weight file), of what is recorded,
-    and of all token ids; computed without loading the model."""
+def cache_key(
+    target: TargetFiles, items: list[dict[str, list[int]]], kind: str | None = None, precision: str = "float16"
+) -> str:
+    """Hash of the model's files (`TargetFiles.fingerprint`: config, dtype, every weight file), of what is recorded
+    and at which precision, and of all token ids; computed without loading the model."""
     kind = kind or default_kind().name
     layers, width = record_layout(target.config, kind)
     digest = hashlib.sha256(f"medusa-forge hidden cache v{FORMAT_VERSION}".encode())
     digest.update(f"kind={kind} layers={layers} width={width} target={target.fingerprint}".encode())
+    if precision != "float16":  # float16 caches keep the keys they had before precisions existed (still reused)
+        digest.update(f" precision={precision}".encode())
     for item in items:
         digest.update(np.asarray(item["input_ids"], dtype=np.int64).tobytes())
         digest.update(b"|")
@@ -112,7 +96,8 @@ def cache_key(target: TargetFiles, items: list[dict[str, list[int]]], kind: str 
 
 
 class HiddenStateCache:
-    """Read side: the records of sequence i as a [len_i, width] float16 tensor, from whichever shard holds them.
+    """Read side: the records of sequence i as a [len_i, width] float16 tensor (float8 records dequantised), from
+    whichever shard holds them.
 
     Records are read from the file, not memory-mapped: the pages of a mapping count in the process's resident
     memory once touched, so one epoch over a mapped cache added the whole file to the training process's RSS (0.74 GB
@@ -122,6 +107,8 @@ class HiddenStateCache:
         meta = json.loads((folder / META_FILE).read_text())
         self.kind = get_kind(meta["kind"])
         self.width = meta["hidden"]
+        self.precision = meta.get("precision", "float16")  # caches written before precisions were float16
+        self.parts = len(meta["layers"])
         self.shards = [folder / name for name in meta["shards"]]
         # Per item: (shard, first token, end token) in that shard's file.
         self.location = np.full((meta["sequences"], 3), -1, dtype=np.int64)
@@ -136,13 +123,22 @@ class HiddenStateCache:
         shard, start, stop = (int(x) for x in self.location[index])
         if shard < 0:
             raise IndexError(f"item {index} is in no shard of this cache")
+        stored = np.dtype(STORED[self.precision])
         rows = np.fromfile(
-            self.shards[shard] / DATA_FILE,
-            dtype=np.float16,
+            self.shards[shard] / DATA_FILES[self.precision],
+            dtype=stored,
             count=(stop - start) * self.width,
-            offset=start * RECORD_BYTES * self.width,
+            offset=start * stored.itemsize * self.width,
+        ).reshape(stop - start, self.width)
+        if self.precision == "float16":
+            return torch.from_numpy(rows)
+        scales = np.fromfile(
+            self.shards[shard] / SCALES_FILE,
+            dtype=np.float16,
+            count=(stop - start) * self.parts,
+            offset=start * self.parts * 2,
         )
-        return torch.from_numpy(rows.reshape(stop - start, self.width))
+        return float8_decode(rows, scales.reshape(stop - start, self.parts))
 
 
 def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -190,17 +186,9 @@ def run_outputs(draft: torch.nn.Module, folder: Path, save_strategy: str, save_t
     return RunOutputs(folder, weights + moments, copies, weights)
 
 
-def _free_bytes(path: Path) -> tuple[int, int]:
-    """(free bytes, device) of the file system `path` is or will be on (its nearest existing parent)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free, os.stat(path).st_dev
-
-
 def check_output_space(outputs: RunOutputs) -> None:
     """Refuse before training when --output_dir's disk cannot hold the checkpoints and the draft."""
-    free, _ = _free_bytes(outputs.folder)
+    free, _ = free_bytes(outputs.folder)
     logger.warning("--output_dir %s will need %s (%.2f GB free)", outputs.folder, outputs.describe(), free / 1e9)
     if outputs.total > free - RESERVE:
         raise UserError(
@@ -210,9 +198,12 @@ def check_output_space(outputs: RunOutputs) -> None:
         )
 
 
-def complete_cache(target: TargetFiles, items: list[dict[str, list[int]]], root: Path, kind: str) -> bool:
-    """Whether the cache for (target, items, kind) under `root` is complete (then training needs no target pass)."""
-    return (root / cache_key(target, items, kind) / META_FILE).is_file()
+def complete_cache(
+    target: TargetFiles, items: list[dict[str, list[int]]], root: Path, kind: str, precision: str = "float16"
+) -> bool:
+    """Whether the cache for (target, items, kind, precision) under `root` is complete (then training needs no
+    target pass)."""
+    return (root / cache_key(target, items, kind, precision) / META_FILE).is_file()
 
 
 def _finished_shards(folder: Path) -> dict[str, np.ndarray]:
@@ -235,8 +226,10 @@ def build_hidden_cache(
     kind: str | None = None,
     outputs: RunOutputs | None = None,
     group: CacheGroup | None = None,
+    precision: str = "float16",
 ) -> HiddenStateCache:
-    """Load the cache for (target, items, kind; default: the default kind), first computing with `base` (the
+    """Load the cache for (target, items, kind; default: the default kind; records kept at `precision`: float16 or
+    float8, `cache_records.py`), first computing with `base` (the
     target loaded from `target`'s files; None only when the cache is complete) this process's share of what is
     missing. Under torchrun every process calls it at once; `group`: who shares `root` (default: found out now,
     `cache_group`). CacheTooLarge
@@ -244,8 +237,9 @@ def build_hidden_cache(
     (nothing is written then; raised by every process when one's disk is short)."""
     kind = kind or default_kind().name
     group = group or cache_group(root)
-    folder = root / cache_key(target, items, kind)
+    folder = root / cache_key(target, items, kind, precision)
     layers, width = record_layout(target.config, kind)
+    per_token = record_bytes(target.config, kind, precision)
     lengths = [len(item["input_ids"]) for item in items]
     complete = (folder / META_FILE).is_file()
     finished = {} if complete else _finished_shards(folder)
@@ -263,23 +257,18 @@ def build_hidden_cache(
     shard = folder / f"{SHARD_PREFIX}{group.index:05d}-of-{len(group.ranks):05d}-{name}"
 
     tokens, left = sum(lengths), sum(lengths[i] for i in missing)
-    need = left * width * RECORD_BYTES
-    # Partial shards of this group with the same split are resumed: what they hold counts as written.
-    already = sum(
-        (path / DATA_FILE).stat().st_size
-        for path in folder.glob(f"{SHARD_PREFIX}*-of-{len(group.ranks):05d}-*")
-        if path.name not in finished and (path / DATA_FILE).is_file()
-    )
+    need = left * per_token
+    already = _resumed_bytes(folder, finished, len(group.ranks))
     root.mkdir(parents=True, exist_ok=True)  # the disk measured is the one the cache goes to
-    free, device = _free_bytes(folder)
+    free, device = free_bytes(folder)
     # Checkpoints and the draft count here too when they go to the same disk: the run needs both.
-    shared = outputs is not None and _free_bytes(outputs.folder)[1] == device
+    shared = outputs is not None and free_bytes(outputs.folder)[1] == device
     also = f" + {outputs.describe()} at {outputs.folder}" if shared else ""
     done = "complete" if complete else f"{(tokens - left) / max(tokens, 1):.0%} cached"
     logger.warning(
         "%s%s; %s; this process computes %d of the %d tokens left to %d process(es)",
-        cache_plan(target.config, kind, tokens, folder), also, done, sum(lengths[i] for i in mine_items), left,
-        len(group.ranks),
+        cache_plan(target.config, kind, tokens, folder, precision), also, done, sum(lengths[i] for i in mine_items),
+        left, len(group.ranks),
     )  # fmt: skip
     total = max(need - already, 0) + (outputs.total if shared and not complete else 0)
     short = total > free - RESERVE
@@ -293,17 +282,29 @@ def build_hidden_cache(
                 f"{folder} here has {free / 1e9:.1f} GB free)"
             )
             + ": free space, point --medusa_hidden_cache_dir at a larger disk, lower --max_samples/--model_max_length, "
-            "or train without it (--medusa_hidden_cache False)"
+            + ("keep float8 records (--medusa_hidden_cache_precision float8), " if precision == "float16" else "")
+            + "or train without it (--medusa_hidden_cache False)"
         )
     if mine:
-        _build_shard(base, items, lengths, mine, shard, width, kind, longest)
+        _build_shard(base, items, lengths, mine, shard, (len(layers), width, precision), kind, longest)
     if distributed():
         dist.barrier()
     if not complete and group.index == 0:
-        _finish(folder, len(items), width, layers, kind)
+        _finish(folder, len(items), width, layers, kind, precision)
     if distributed():
         dist.barrier()
     return HiddenStateCache(folder)
+
+
+def _resumed_bytes(folder: Path, finished: dict[str, np.ndarray], processes: int) -> int:
+    """Bytes already written by the partial shards a run with as many processes resumes (the same split)."""
+    return sum(
+        path.stat().st_size
+        for shard in folder.glob(f"{SHARD_PREFIX}*-of-{processes:05d}-*")
+        if shard.name not in finished
+        for path in (shard / name for name in (*DATA_FILES.values(), SCALES_FILE))
+        if path.is_file()
+    )
 
 
 def _build_shard(
@@ -312,12 +313,12 @@ def _build_shard(
     lengths: list[int],
     batches: list[list[int]],
     shard: Path,
-    width: int,
+    record: tuple[int, int, str],
     kind: str,
     longest: int,
 ) -> None:
     """Compute and write the records of `batches` into `shard` (resuming where its progress says), then mark it
-    finished."""
+    finished. record: (parts, width, precision) of a token's record."""
     if (shard / DONE_FILE).is_file():
         return
     if base is None:
@@ -326,12 +327,20 @@ def _build_shard(
     offsets = np.concatenate([[0], np.cumsum([lengths[i] for i in order])]).astype(np.int64)
     start = {item: int(offset) for item, offset in zip(order, offsets[:-1], strict=True)}
     shard.mkdir(parents=True, exist_ok=True)
-    data_path, progress_path = shard / DATA_FILE, shard / PROGRESS_FILE
-    resume = data_path.is_file() and data_path.stat().st_size == int(offsets[-1]) * width * RECORD_BYTES
+    parts, width, precision = record
+    progress_path, tokens = shard / PROGRESS_FILE, int(offsets[-1])
+    # The data file, and at float8 the scales beside it: (path, numpy dtype, shape).
+    files = [(shard / DATA_FILES[precision], STORED[precision], (tokens, width))]
+    if precision == "float8":
+        files.append((shard / SCALES_FILE, np.float16, (tokens, parts)))
+    resume = all(
+        path.is_file() and path.stat().st_size == np.dtype(dtype).itemsize * shape[0] * shape[1]
+        for path, dtype, shape in files
+    )
     if not resume:
         np.save(shard / ITEMS_FILE, np.asarray(order, dtype=np.int64))
         np.save(shard / OFFSETS_FILE, offsets)
-    data = np.memmap(data_path, dtype=np.float16, mode="r+" if resume else "w+", shape=(int(offsets[-1]), width))
+    maps = [np.memmap(path, dtype=dtype, mode="r+" if resume else "w+", shape=shape) for path, dtype, shape in files]
     done = json.loads(progress_path.read_text())["batches"] if resume and progress_path.is_file() else 0
     if done:
         logger.warning("hidden-state cache: %s resumes at batch %d of %d", shard.name, done, len(batches))
@@ -347,17 +356,22 @@ def _build_shard(
             for row, i in enumerate(batch):
                 input_ids[row, : lengths[i]] = torch.tensor(items[i]["input_ids"])
                 mask[row, : lengths[i]] = 1
-            hidden = frozen_pass(base, input_ids.to(device), mask.to(device), kind)
-            hidden = hidden.to(torch.float16).cpu().numpy()
+            hidden = frozen_pass(base, input_ids.to(device), mask.to(device), kind).to(torch.float16).cpu()
             for row, i in enumerate(batch):
-                data[start[i] : start[i] + lengths[i]] = hidden[row, : lengths[i]]
-            data.flush()
+                # float8 quantises the float16 records, as bench/cache_precision.py measured it.
+                stored = float8_encode(hidden[row, : lengths[i]], parts) if precision == "float8" else None
+                for number, target in enumerate(maps):
+                    target[start[i] : start[i] + lengths[i]] = (
+                        stored[number] if stored else hidden[row, : lengths[i]].numpy()
+                    )
+            for target in maps:
+                target.flush()
             progress_path.write_text(json.dumps({"batches": batch_index + 1}))
-    del data
+    del maps
     (shard / DONE_FILE).write_text(json.dumps({"sequences": len(order), "tokens": int(offsets[-1])}))
 
 
-def _finish(folder: Path, sequences: int, width: int, layers: list[int | str], kind: str) -> None:
+def _finish(folder: Path, sequences: int, width: int, layers: list[int | str], kind: str, precision: str) -> None:
     """Mark the cache complete (meta.json, written last) once its finished shards hold every item exactly once;
     remove the partial shards a run with another number of processes left."""
     finished = _finished_shards(folder)
@@ -376,6 +390,7 @@ def _finish(folder: Path, sequences: int, width: int, layers: list[int | str], k
         "version": FORMAT_VERSION,
         "kind": kind,
         "layers": layers,
+        "precision": precision,
         "shards": sorted(finished),
     }
     (folder / META_FILE).write_text(json.dumps(meta))

@@ -113,6 +113,7 @@ class CachePlan:
     target: TargetFiles
     root: Path
     group: CacheGroup
+    precision: str  # how records are kept (--medusa_hidden_cache_precision)
     # With a folder per node: the training items of each node's share (what that node caches and trains on).
     shares: list[list[int]] | None
 
@@ -140,7 +141,8 @@ def _plan_caches(base_path: str, dtype: torch.dtype, train_set: ConversationData
                 root,
                 list(group.groups),
             )
-    return CachePlan(_target_files(base_path, dtype, config), root, group, shares)
+    target = _target_files(base_path, dtype, config)
+    return CachePlan(target, root, group, config.medusa_hidden_cache_precision, shares)
 
 
 def _cached(base, plan: CachePlan, train_set, eval_set, config: TrainConfig, outputs: RunOutputs):
@@ -156,7 +158,14 @@ def _cached(base, plan: CachePlan, train_set, eval_set, config: TrainConfig, out
         items = plan.items(dataset, training)
         try:
             cache = build_hidden_cache(
-                base, plan.target, items, plan.root, kind=config.draft_kind, outputs=outputs, group=plan.group
+                base,
+                plan.target,
+                items,
+                plan.root,
+                kind=config.draft_kind,
+                outputs=outputs,
+                group=plan.group,
+                precision=plan.precision,
             )
         except CacheTooLarge as err:
             if not get_kind(config.draft_kind).trains_without_cache:
@@ -272,7 +281,9 @@ def _target(
     alike (they must hold modules of one shape): a complete cache means the target's layers are never loaded."""
     complete = plan is not None and all(
         everywhere(
-            complete_cache(plan.target, plan.items(dataset, dataset is train_set), plan.root, kind.name)
+            complete_cache(
+                plan.target, plan.items(dataset, dataset is train_set), plan.root, kind.name, plan.precision
+            )
             for dataset in (train_set, eval_set)
             if dataset is not None
         )
