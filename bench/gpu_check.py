@@ -65,10 +65,10 @@ from medusa_forge.drafts.eagle3_drafter import EAGLE3_TREE_DEPTH, Eagle3Drafter
 from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, step_weights
 from medusa_forge.drafts.medusa_drafter import MedusaDrafter
+from medusa_forge.drafts.medusa_heads import WEIGHTS_NAME, MedusaConfig, MedusaHeads, MedusaModel
 from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
 from medusa_forge.formats.tree_file import default_choices
 from medusa_forge.generation.device import resolve_device
-from medusa_forge.heads import WEIGHTS_NAME, MedusaConfig, MedusaHeads, MedusaModel
 from medusa_forge.train.args import TrainConfig, parse_args
 from medusa_forge.train.hidden_cache import build_hidden_cache, frozen_pass
 from medusa_forge.train.run import train

@@ -14,7 +14,7 @@ ORDER = {
     # foundations: user errors, the embedded defaults, loading models, what a draft is and how it is stored,
     # the result files, the engine facts, which base a draft pairs with
     "errors": 0, "defaults": 0, "modeling": 0, "engine_versions": 0, "engine_commands": 0,
-    "tokenizer_files": 0, "heads": 0, "grouped_attention": 0, "file_digests": 0,
+    "tokenizer_files": 0, "grouped_attention": 0, "file_digests": 0,
     "formats": 0, "results": 0, "flags": 0, "outputs": 0, "pairing": 0,
     "data": 1,
     "generation": 2,  # the in-process generation engines (distill, serve and decode use them)

@@ -22,10 +22,10 @@ from medusa_forge.decode.generation import SpeculativeDecoder, greedy_generate
 from medusa_forge.decode.tree_support import check_tree_support
 from medusa_forge.decode.verification import causal_bias, keep_cache_entries
 from medusa_forge.drafts.drafter import TreeBuffers
+from medusa_forge.drafts.medusa_heads import MedusaHeads, MedusaModel
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import default_choices
-from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
-from medusa_forge.modeling import cache_kwarg
+from medusa_forge.modeling import backbone, cache_kwarg
 
 INIT_SCALE = {"llama": 0.3, "qwen2": 0.3, "mistral": 0.3, "gemma": 1.0, "gpt2": 0.5}
 ARCHS = ["llama", "qwen2", "mistral", "gemma"]

@@ -13,9 +13,9 @@ from conftest import plain_sample
 from test_serve import HELLO, ServerThread, chat, read_chunks_then_disconnect, solo, wait_for_cancelled
 
 from medusa_forge.decode.serving import DraftServeGenerator
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.generation.hf import HFGenerator
 from medusa_forge.generation.text import decode_text
-from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model, load_tokenizer
 from medusa_forge.serve import create_app
 

@@ -17,10 +17,10 @@ from medusa_forge.decode.generation import greedy_generate
 from medusa_forge.decode.loading import encode_prompt, load_draft
 from medusa_forge.decode.serving import DraftServeGenerator
 from medusa_forge.decode.tree import resolve_tree
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.errors import UserError
 from medusa_forge.evaluate.cli import EvalConfig
 from medusa_forge.generation.text import eos_token_ids
-from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import TargetPlacement, load_base_model
 from medusa_forge.serve import ServeConfig
 

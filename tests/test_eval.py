@@ -11,9 +11,9 @@ from conftest import make_tiny_model, write_conversations
 
 from medusa_forge.cli import main
 from medusa_forge.decode.loading import load_draft
+from medusa_forge.drafts.medusa_heads import MedusaModel
 from medusa_forge.evaluate.accuracy import measure_accuracy
 from medusa_forge.formats.tree_file import TREE_FILE, load_tree, load_tree_dtype
-from medusa_forge.heads import MedusaModel
 from medusa_forge.results import EvalReport
 
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_forge.cli import main
+from medusa_forge.drafts.medusa_heads import MedusaConfig, MedusaHeads, MedusaModel
 from medusa_forge.drafts.medusa_import import import_heads
 from medusa_forge.export import export_draft
 from medusa_forge.formats.files import same_tensors
 from medusa_forge.formats.tree_file import default_choices
-from medusa_forge.heads import MedusaConfig, MedusaHeads, MedusaModel
 from medusa_forge.modeling import load_base_model
 
 K, L = 3, 2

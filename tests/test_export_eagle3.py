@@ -68,7 +68,7 @@ def test_drafts_no_engine_serves_and_wrong_formats_are_refused(tmp_path, tiny_to
 
 
 def test_medusa_heads_are_not_exported_for_sglang(tmp_path, tiny_model_dir, capsys):
-    from medusa_forge.heads import MedusaHeads
+    from medusa_forge.drafts.medusa_heads import MedusaHeads
 
     MedusaHeads.for_base_model(load_base_model(str(tiny_model_dir)), 2, 1, str(tiny_model_dir)).save(tmp_path / "h")
     assert main(["export", "--heads", str(tmp_path / "h"), "--format", "sglang", "--output-dir", "x"]) == 2

@@ -10,7 +10,7 @@ from conftest import make_tiny_model, write_conversations
 
 from medusa_forge.cli import main
 from medusa_forge.drafts.card import CARD_MARKER, evaluation_summary, load_eval
-from medusa_forge.heads import MedusaConfig
+from medusa_forge.drafts.medusa_heads import MedusaConfig
 from medusa_forge.model_card import refreshed_model_card, render_model_card
 
 

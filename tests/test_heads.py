@@ -8,9 +8,9 @@ import torch
 from conftest import TINY_CONFIGS, make_tiny_model
 from safetensors.torch import load_file, save_file
 
+from medusa_forge.drafts.medusa_heads import MedusaHeads, MedusaModel
 from medusa_forge.errors import UserError
-from medusa_forge.heads import MedusaHeads, MedusaModel, backbone
-from medusa_forge.modeling import load_base_model
+from medusa_forge.modeling import backbone, load_base_model
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from conftest import make_tiny_model
 from safetensors.torch import load_file, save_file
 
 from medusa_forge.drafts import get_kind
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.drafts.medusa_training import MedusaForTraining
 from medusa_forge.errors import UserError
-from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model
 from medusa_forge.pipeline import load_config
 from medusa_forge.pipeline.eta import stage_plan

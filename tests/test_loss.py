@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from medusa_forge.drafts.fused_ce import summarise_head_stats
+from medusa_forge.drafts.medusa_heads import MedusaConfig, MedusaHeads
 from medusa_forge.drafts.medusa_training import head_weights, medusa_loss
-from medusa_forge.heads import MedusaConfig, MedusaHeads
 
 
 def make_heads(num_heads=3, hidden=8, vocab=11):

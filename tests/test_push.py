@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from medusa_forge.cli import main
 from medusa_forge.drafts.card import CARD_MARKER
-from medusa_forge.heads import MedusaHeads
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.model_card import write_model_card
 from medusa_forge.modeling import load_base_model
 

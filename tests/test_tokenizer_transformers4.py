@@ -20,9 +20,9 @@ import transformers
 from conftest import CHATML, build_tokenizer, install_once, write_conversations
 from tokenizer_probe import probe
 
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.drafts.medusa_import import import_heads
 from medusa_forge.export import export_draft
-from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model
 from medusa_forge.tokenizer_files import save_tokenizer
 from medusa_forge.train.args import parse_args

@@ -27,8 +27,7 @@ from medusa_forge.drafts.kind import DecodingDraft, DraftKind, ExportResult, Pus
 from medusa_forge.errors import UserError
 from medusa_forge.export import export_draft
 from medusa_forge.formats.tree_file import default_choices
-from medusa_forge.heads import backbone
-from medusa_forge.modeling import load_base_model
+from medusa_forge.modeling import backbone, load_base_model
 from medusa_forge.pipeline.configuration import config_from_dict
 from medusa_forge.pipeline.context import Context
 from medusa_forge.pipeline.report import write_pipeline_report

@@ -18,9 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.eagle3_training import Eagle3ForTraining, step_weights
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.drafts.medusa_training import MedusaForTraining, head_weights
 from medusa_forge.generation.device import cpu_has_native_bfloat16
-from medusa_forge.heads import MedusaHeads
 from medusa_forge.modeling import load_base_model
 from medusa_forge.train.dataset import PadCollator
 

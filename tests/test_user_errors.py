@@ -22,7 +22,7 @@ from test_export_eagle3 import draft_folder  # noqa: F401 - fixture
 from test_train import small_run_flags
 
 from medusa_forge.cli import main
-from medusa_forge.heads import WEIGHTS_NAME, MedusaHeads
+from medusa_forge.drafts.medusa_heads import WEIGHTS_NAME, MedusaHeads
 from medusa_forge.modeling import load_base_model
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -300,3 +300,11 @@ def cache_kwarg(module: torch.nn.Module) -> str:
 def returned_cache(output: Any) -> Any:
     """The KV cache a forward pass returned (None when it returned none)."""
     return next((cache for cache in (getattr(output, name, None) for name in CACHE_NAMES) if cache is not None), None)
+
+
+def backbone(base: PreTrainedModel) -> torch.nn.Module:
+    """The part of a causal LM that outputs the final (normed) hidden state that feeds the lm_head."""
+    inner = base.base_model
+    if inner is base:
+        raise UserError(f"{type(base).__name__}: cannot find the backbone under its lm_head")
+    return inner

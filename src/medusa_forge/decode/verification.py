@@ -17,8 +17,7 @@ from medusa_forge.decode.acceptance import greedy_accept
 from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.generation.device import is_packed
 from medusa_forge.generation.sampling import pick_token
-from medusa_forge.heads import backbone
-from medusa_forge.modeling import cache_kwarg
+from medusa_forge.modeling import backbone, cache_kwarg
 
 
 @dataclass

@@ -26,8 +26,7 @@ from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.dflash_config import hidden_state_indices, resolve_mask_token_id
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
-from medusa_forge.heads import backbone
-from medusa_forge.modeling import input_device, load_tokenizer
+from medusa_forge.modeling import backbone, input_device, load_tokenizer
 
 
 def feature_records(

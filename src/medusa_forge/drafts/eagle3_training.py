@@ -37,8 +37,7 @@ from medusa_forge.drafts.eagle3_model import Eagle3Draft, UnrolledAttention, cau
 from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
 from medusa_forge.drafts.shapes import pad_rows
 from medusa_forge.errors import UserError
-from medusa_forge.heads import backbone
-from medusa_forge.modeling import input_device
+from medusa_forge.modeling import backbone, input_device
 
 logger = logging.getLogger("medusa_forge")
 

@@ -1,4 +1,4 @@
-"""Medusa heads as a kind of draft: K heads over the base model's final hidden state (`heads.py`), stored in
+"""Medusa heads as a kind of draft: K heads over the base model's final hidden state (`medusa_heads.py`), stored in
 TGI's layout or any other Medusa layout (`medusa_layouts.py`, read by `medusa_read.py`)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from medusa_forge import heads
 from medusa_forge.drafts import medusa_card, medusa_export, medusa_training
+from medusa_forge.drafts import medusa_heads as heads
 from medusa_forge.drafts.kind import DraftKind, ExportResult, PushCheck
 from medusa_forge.drafts.medusa_drafter import MedusaForDecoding
 from medusa_forge.drafts.medusa_layouts import FORMATS, LAYOUTS

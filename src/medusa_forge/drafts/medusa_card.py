@@ -11,9 +11,9 @@ from medusa_forge.drafts.card import (
     headline_rows,
     hub_base_id,
 )
+from medusa_forge.drafts.medusa_heads import MedusaConfig
 from medusa_forge.engine_commands import vllm_medusa_command
 from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
-from medusa_forge.heads import MedusaConfig
 from medusa_forge.results import EvalReport
 
 

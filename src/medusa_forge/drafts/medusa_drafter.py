@@ -12,12 +12,12 @@ from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy
 from medusa_forge.drafts.drafter import Drafter, TreeBuffers
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind
+from medusa_forge.drafts.medusa_heads import MedusaModel
 from medusa_forge.drafts.medusa_read import read_heads
 from medusa_forge.drafts.medusa_vllm import write_vllm
 from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.errors import UserError
 from medusa_forge.generation.device import pack_linear_weights, place_for_decoding, resolve_device
-from medusa_forge.heads import MedusaModel
 from medusa_forge.modeling import TargetPlacement, input_device
 
 

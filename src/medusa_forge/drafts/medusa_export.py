@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 
 from medusa_forge.drafts.kind import ExportResult, PushCheck
+from medusa_forge.drafts.medusa_checks import check_against_base
 from medusa_forge.drafts.medusa_format import write_medusa
 from medusa_forge.drafts.medusa_layouts import FORMATS, LAYOUTS, LoadedHeads
 from medusa_forge.drafts.medusa_read import read_heads
@@ -19,7 +20,6 @@ from medusa_forge.drafts.medusa_vllm import write_vllm
 from medusa_forge.engine_commands import vllm_cpu_command, vllm_medusa_command
 from medusa_forge.engine_versions import EAGLE3_ONLY, TENSORRT_LLM_MEDUSA_RELEASE, TGI_IMAGE, VLLM_MEDUSA_RELEASE
 from medusa_forge.errors import UserError
-from medusa_forge.formats.checks import check_against_base
 from medusa_forge.formats.files import copy_sidecars, same_tensors
 from medusa_forge.formats.tree_file import TREE_FILE, Choices, default_choices, load_tree
 from medusa_forge.tokenizer_files import copy_tokenizer, save_tokenizer

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from medusa_forge.drafts.medusa_checks import HeadsShape, check_no_other_weights
 from medusa_forge.drafts.medusa_full_checkpoint import FULL_PREFIX
+from medusa_forge.drafts.medusa_heads import CONFIG_NAME, WEIGHTS_NAME
 from medusa_forge.drafts.medusa_layouts import LoadedHeads
 from medusa_forge.errors import UserError
-from medusa_forge.formats.checks import HeadsShape, check_no_other_weights
 from medusa_forge.formats.files import load_pickle, load_safetensors, save_safetensors
-from medusa_forge.heads import CONFIG_NAME, WEIGHTS_NAME
 
 ORIGINAL_PT_NAME = "medusa_lm_head.pt"  # FasterDecoding/Medusa medusa/model/medusa_model.py
 

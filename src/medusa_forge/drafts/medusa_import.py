@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medusa_forge.drafts.medusa_format import write_medusa
+from medusa_forge.drafts.medusa_heads import WEIGHTS_NAME
 from medusa_forge.drafts.medusa_layouts import LAYOUTS, OUR_LAYOUT, LoadedHeads, describe
 from medusa_forge.drafts.medusa_read import read_heads
 from medusa_forge.errors import UserError
 from medusa_forge.formats.files import copy_sidecars, same_tensors
 from medusa_forge.formats.tree_file import TREE_FILE
-from medusa_forge.heads import WEIGHTS_NAME
 from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
 from medusa_forge.tokenizer_files import copy_tokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_forge.heads import MedusaConfig
+from medusa_forge.drafts.medusa_heads import MedusaConfig
 
 OUR_LAYOUT = "medusa"  # what training, import and `MedusaHeads.save` write
 LAYOUTS = {

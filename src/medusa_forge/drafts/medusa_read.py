@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from medusa_forge.defaults import absolute_if_folder
+from medusa_forge.drafts.medusa_checks import CANONICAL_NAME, check_against_base, check_canonical, check_config_counts
 from medusa_forge.drafts.medusa_format import ORIGINAL_PT_NAME, materialise_projections, read_medusa
 from medusa_forge.drafts.medusa_full_checkpoint import has_head_names, read_full
+from medusa_forge.drafts.medusa_heads import CONFIG_NAME, WEIGHTS_NAME, MedusaConfig
 from medusa_forge.drafts.medusa_layouts import LAYOUTS, LoadedHeads
 from medusa_forge.drafts.medusa_vllm import is_vllm_name, read_vllm
 from medusa_forge.errors import UserError
-from medusa_forge.formats.checks import CANONICAL_NAME, check_against_base, check_canonical, check_config_counts
 from medusa_forge.formats.files import load_pickle, load_safetensors, read_json, tensor_names
-from medusa_forge.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaConfig
 
 
 def _folder_config(folder: Path) -> dict | None:

@@ -11,8 +11,9 @@ from transformers import PreTrainedModel, set_seed
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.fused_ce import TOPK, linear_cross_entropy
+from medusa_forge.drafts.medusa_heads import MedusaHeads
 from medusa_forge.drafts.shapes import pad_rows
-from medusa_forge.heads import MedusaHeads, backbone
+from medusa_forge.modeling import backbone
 
 
 def final_hidden_records(base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

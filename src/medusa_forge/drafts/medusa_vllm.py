@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from medusa_forge.drafts.medusa_checks import check_no_other_weights
+from medusa_forge.drafts.medusa_heads import CONFIG_NAME, MedusaConfig
 from medusa_forge.drafts.medusa_layouts import LoadedHeads
 from medusa_forge.errors import UserError
-from medusa_forge.formats.checks import check_no_other_weights
 from medusa_forge.formats.files import load_pickle, load_safetensors, save_safetensors
-from medusa_forge.heads import CONFIG_NAME, MedusaConfig
 
 VLLM_WEIGHTS_NAME = "model.safetensors"  # vLLM reads any *.safetensors in the draft folder
 VLLM_PREFIX = "medusa_heads."  # vLLM's load_weights strips it

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from medusa_forge.drafts.medusa_checks import check_canonical, check_config_counts, check_has_projections
 from medusa_forge.errors import UserError
-from medusa_forge.formats.checks import check_canonical, check_config_counts, check_has_projections
 from medusa_forge.formats.files import load_safetensors, read_json, save_safetensors
+from medusa_forge.modeling import backbone
 
 if TYPE_CHECKING:
     from medusa_forge.modeling import TargetPlacement
@@ -124,12 +125,6 @@ class MedusaHeads(nn.ModuleList):
         return heads
 
 
-def backbone(base: PreTrainedModel) -> nn.Module:
-    """The part of a causal LM that outputs the final (normed) hidden state that feeds the lm_head."""
-    inner = base.base_model
-    if inner is base:
-        raise UserError(f"{type(base).__name__}: cannot find the backbone under its lm_head")
-    return inner
 
 
 class MedusaModel(nn.Module):

@@ -4,7 +4,7 @@ use these, because an engine that meets wrong names silently skips them (vLLM) a
 
 The canonical names are ours, which are also TGI's, TensorRT-LLM's and the original Medusa's:
 `{i}.{j}.linear.weight` [H, H], `{i}.{j}.linear.bias` [H] for blocks j < L, `{i}.{L}.weight` [V, H].
-This module does not import `heads.py`, which imports it.
+This module does not import `medusa_heads.py`, which imports it.
 """
 
 from __future__ import annotations
