@@ -18,13 +18,16 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import AutoTokenizer
 
+from medusa_forge.data.conversations import load_conversations
 from medusa_forge.decode.generation import SpeculativeDecoder
 from medusa_forge.decode.step_latency import Stopwatch, plain_step
 from medusa_forge.drafts.dflash_drafter import DFlashDrafter, score_dflash_samples
 from medusa_forge.drafts.dflash_model import DFlashDraft
+from medusa_forge.evaluate.accuracy import conversation_samples
 from medusa_forge.generation.device import resolve_dtype
-from medusa_forge.modeling import load_base_model
+from medusa_forge.modeling import load_base_model, resolve_model
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -112,12 +115,6 @@ def main() -> None:
 
 def time_scorer(base, drafts: dict[int, DFlashDraft], args: argparse.Namespace) -> None:
     """Seconds per conversation of eval's per-position scorer, per block size, against the base forward alone."""
-    from transformers import AutoTokenizer
-
-    from medusa_forge.data.conversations import load_conversations
-    from medusa_forge.evaluate.accuracy import conversation_samples
-    from medusa_forge.modeling import resolve_model
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     conversations = load_conversations("sharegpt-heldout", args.accuracy_conversations)
     samples = conversation_samples(tokenizer, conversations, args.max_length)
