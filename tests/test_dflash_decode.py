@@ -83,6 +83,37 @@ def test_context_after_advance_equals_a_fresh_start():
     assert drafter.feature_layers == (2,)  # a 4-layer target: 1 .. L-3 is layer 1 alone, HF hidden_states[2]
 
 
+def check_context_grows_by_the_accepted(target, drafter: DFlashDrafter, choices, prompt: list[int]) -> list[int]:
+    """Decode step by step: after each step the drafter's context holds exactly the base model's cached positions
+    (it grew by the accepted count, nothing of the rejected drafts), and at the end it equals a fresh start over
+    the whole accepted sequence: each position's keys/values computed once and appended, never recomputed."""
+    decoder = SpeculativeDecoder(target, drafter, choices)
+    state = decoder.prefill(torch.tensor(prompt))
+    assert state.draft.length == len(prompt)
+    accepted = []
+    for _ in range(6):
+        before = state.draft.length
+        new = decoder.step(state)
+        accepted.append(len(new))  # the accepted drafts and the next root: the nodes now cached
+        assert state.draft.length == before + len(new) == state.prefix_length
+    ids = torch.tensor(prompt + greedy_generate(target, prompt, sum(accepted)))[: state.prefix_length]
+    with torch.no_grad():
+        out = target(ids[None], output_hidden_states=True)
+    fresh = drafter.start(ids, torch.cat([out.hidden_states[i][0] for i in drafter.feature_layers], dim=-1))
+    for a, b in zip(state.draft.keys + state.draft.values, fresh.keys + fresh.values, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return accepted
+
+
+def test_context_grows_by_the_accepted_count_per_step():
+    target = chaotic_target()
+    tree = default_choices(12, BLOCK - 1)
+    check_context_grows_by_the_accepted(target, DFlashDrafter(target, random_draft(target)), tree, PROMPT)
+    repeating = repeating_target()
+    drafter = DFlashDrafter(repeating, repeating_draft(repeating))
+    assert check_context_grows_by_the_accepted(repeating, drafter, CHAIN, [1, 5, 9, 12]) == [BLOCK] * 6
+
+
 HALF = 16  # the repeating target's real tokens: ids 0 .. 2*HALF-1, and one more, the mask, with a zero embedding
 
 

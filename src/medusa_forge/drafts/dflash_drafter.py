@@ -140,8 +140,12 @@ def score_dflash_samples(
             block = torch.full(positions.shape, draft.config.mask_token_id, device=device)
             block[:, 0] = ids[anchors.to(device)]
             embeds = drafter.embedding(block).to(device=drafter.device, dtype=drafter.dtype)
-            visible = torch.arange(length, device=drafter.device)[None] < anchors[:, None]
-            states = draft.block(embeds[None], positions[None], kv, visible[None])[0]
+            # No anchor of this pass sees its last anchor's position or later: the context is cut there, so the
+            # passes cost a triangle of the [L, L] attention, not the square of it.
+            width = int(anchors[-1])
+            context = [(k[:, :, :width], v[:, :, :width]) for k, v in kv]
+            visible = torch.arange(width, device=drafter.device)[None] < anchors[:, None]
+            states = draft.block(embeds[None], positions[None], context, visible[None])[0]
             for d in range(1, depth + 1):
                 at = anchors + d
                 inside = at < length
