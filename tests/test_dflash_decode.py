@@ -174,7 +174,7 @@ def draft_dir(tmp_path_factory, tiny_tokenizer):
         "train", "--model_name_or_path", str(folder / "base"), "--data_path", str(data),
         "--output_dir", str(folder / "draft"), "--max_steps", "12", "--per_device_train_batch_size", "4",
         "--learning_rate", "1e-2", "--model_max_length", "96", "--save_strategy", "no", "--eval_strategy", "no",
-        "--report_to", "none", "--disable_tqdm", "True", "--draft_kind", "dflash", "--dflash_block_size", "4",
+        "--report_to", "none", "--disable_tqdm", "True", "--draft_kind", "dflash", "--dflash_block_size", "5",
         "--medusa_hidden_cache_dir", str(folder / "cache"),
     ]  # fmt: skip
     assert main(argv) == 0
@@ -219,3 +219,5 @@ def test_eval_a_dflash_draft_end_to_end(draft_dir, tmp_path):
     assert [row["name"] for row in report["accuracy"]] == ["base", "position 1", "position 2", "position 3"]
     assert report["speed"]["outputs_equal"] is True
     assert 1.0 <= report["acceptance"]["mean_accept_length"] <= 4.0
+    # The engines' figure is for the chain export's commands serve: a block of 5 drafts 4 (not EAGLE-3's 3).
+    assert [chain["draft_tokens"] for chain in report["chains"]] == [4]

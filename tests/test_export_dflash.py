@@ -81,4 +81,4 @@ def test_push_check_card_and_pipeline_ask_the_kind(draft_folder, tiny_model_dir)
     assert config.export.formats == ["vllm", "sglang"]
     raw = json.loads((draft_folder / "config.json").read_text())
     rows = kind.report_rows(raw, lambda flag: None)
-    assert rows == [("Draft layers x block", "1 non-causal layers x blocks of 6 tokens; target layers [1, 3, 5]")]
+    assert rows == [("Draft layers x block", "1 non-causal layer x blocks of 6 tokens; target layers [1, 3, 5]")]

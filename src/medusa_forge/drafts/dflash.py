@@ -99,7 +99,8 @@ class DFlashKind(DraftKind):
     def report_rows(self, draft_config: dict[str, Any], setting: Callable[[str], Any]) -> list[tuple[str, str]]:
         layers, size = draft_config.get("num_hidden_layers"), draft_config.get("block_size")
         ids = (draft_config.get("dflash_config") or {}).get("target_layer_ids")
-        return [("Draft layers x block", f"{layers} non-causal layers x blocks of {size} tokens; target layers {ids}")]
+        noun = "layer" if layers == 1 else "layers"
+        return [("Draft layers x block", f"{layers} non-causal {noun} x blocks of {size} tokens; target layers {ids}")]
 
     def training_facts(self, config: Any) -> dict[str, str]:
         gamma = config.dflash_loss_gamma

@@ -29,7 +29,7 @@ from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.drafts.eagle3_config import CONFIG_NAME, draft_vocab_ids, target_features, target_layers
 from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, UnrolledAttention, causal_bias
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind
-from medusa_forge.engine_commands import vllm_speculative_config
+from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS, vllm_speculative_config
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import PRIOR_ACCURACIES
 from medusa_forge.generation.device import pack_linear_weights, place_for_decoding, resolve_device
@@ -298,6 +298,9 @@ class Eagle3ForDecoding(DecodingDraft):
     @property
     def max_depth(self) -> int:
         return EAGLE3_TREE_DEPTH  # the draft is autoregressive: the bound is the default trees'
+
+    def served_chain(self) -> int:
+        return EAGLE3_SPECULATIVE_TOKENS  # what export's vLLM and SGLang commands draft
 
     def accuracy(
         self,

@@ -59,6 +59,11 @@ class DecodingDraft(ABC):
     def max_depth(self) -> int:
         """The deepest tree decoding builds for it (its own bound, or the default trees' depth)."""
 
+    def served_chain(self) -> int:
+        """Draft tokens per step of the chain that `export`'s serve commands have the engines draft (vLLM's
+        num_speculative_tokens): eval measures that chain by default, so the figure it reports is the one served."""
+        return self.max_depth
+
     def scored_depth(self, requested: int) -> int:
         """The depth eval scores and builds trees to, `requested` being eval's --depth (a kind with a fixed depth,
         a predictor per depth, keeps its own)."""

@@ -22,7 +22,6 @@ from typing import ClassVar
 from medusa_forge.data.conversations import has_reply, load_conversations
 from medusa_forge.decode.loading import base_model_field, draft_folder_field, draft_vocab_field
 from medusa_forge.drafts import kind_of
-from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS
 from medusa_forge.errors import UserError
 from medusa_forge.evaluate.accuracy import conversation_samples, own_answer_samples
 from medusa_forge.evaluate.engines import ENGINES, our_chain, same_replies, vllm_chain
@@ -103,11 +102,13 @@ class EvalConfig:
     target_device_map: str | None = target_device_map_field()
     target_max_memory: str | None = target_max_memory_field()
     target_offload_folder: str | None = target_offload_folder_field()
-    speculative_tokens: int = field(
-        default=EAGLE3_SPECULATIVE_TOKENS,
+    speculative_tokens: int | None = field(
+        default=None,
         metadata={
             "help": "Draft tokens per step of the chain the engines draft (vLLM's num_speculative_tokens; SGLang "
-            "with topk 1): the acceptance they will give is measured on the timed prompts with this chain."
+            "with topk 1): the acceptance they will give is measured on the timed prompts with this chain. "
+            "Default: the chain `export`'s serve commands give them (EAGLE-3: 3; Medusa: one per head; DFlash: "
+            "the block size - 1)."
         },
     )
     engine: str = field(
@@ -133,7 +134,7 @@ class EvalConfig:
             )
         if self.max_prompts < 1 or self.max_new_tokens < 1:
             raise UserError("--max-prompts and --max-new-tokens must be at least 1")
-        if self.speculative_tokens < 1:
+        if self.speculative_tokens is not None and self.speculative_tokens < 1:
             raise UserError("--speculative-tokens must be at least 1")
         if self.engine not in ENGINES:
             raise UserError(f"--engine {self.engine}: choose one of {', '.join(ENGINES)}")
@@ -343,7 +344,7 @@ def _warn_mismatches(speed: SpeedComparison, dtype: str) -> None:
 
 def _engine_chains(config: EvalConfig, loaded, prompts: list[list[int]], eos: set[int]) -> list[ChainAcceptance]:
     """The engines' chain on the timed prompts: our decoder (float32), and vLLM itself with --engine vllm."""
-    k, n = config.speculative_tokens, config.max_new_tokens
+    k, n = config.speculative_tokens or loaded.draft.served_chain(), config.max_new_tokens
     ours, our_outputs = our_chain(loaded, prompts, k, n, eos)
     logger.warning("the engines' chain of %d (medusa-forge): %.2f accepted per step", k, ours.mean_accept_length)
     if config.engine == "none":
