@@ -25,12 +25,11 @@ from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy, count_ranks
 from medusa_forge.drafts.dflash_config import CONFIG_NAME, hidden_state_indices
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.drafts.drafter import TreeBuffers
-from medusa_forge.drafts.kind import DecodingDraft, DraftKind
+from medusa_forge.drafts.kind import DecodingDraft, DraftKind, base_for_draft
 from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.errors import UserError
-from medusa_forge.generation.device import pack_linear_weights, place_for_decoding, resolve_device
-from medusa_forge.modeling import TargetPlacement, input_device, load_base_model
-from medusa_forge.pairing import check_fits, draft_base, model_shape
+from medusa_forge.modeling import TargetPlacement
+from medusa_forge.pairing import check_fits, model_shape
 
 ANCHORS_PER_PASS = 64  # blocks scored per draft forward in `score_dflash_samples` (bounds its memory)
 
@@ -182,16 +181,11 @@ class DFlashForDecoding(DecodingDraft):
             raise UserError("--draft-vocab applies to Medusa heads; a DFlash draft ranks the target's whole vocabulary")
         draft = DFlashDraft.load(folder)
         config = draft.config
-        base_name = draft_base(config.base_model_name_or_path, base_model, folder / CONFIG_NAME)
-        base = load_base_model(base_name, dtype=dtype, placement=placement)
-        base = place_for_decoding(base, resolve_device(device), dispatched=placement is not None)
-        check_fits(kind.label, config.hidden_size, config.vocab_size, model_shape(base), base_name, str(folder))
+        base, base_name = base_for_draft(kind, draft, folder / CONFIG_NAME, base_model, dtype, device, placement)
         layers = base.config.get_text_config().num_hidden_layers
         if layers != config.num_target_layers:
             raise UserError(f"{folder}: the draft reads layers of a {config.num_target_layers}-layer target; "
                             f"{base_name} has {layers}")  # fmt: skip
-        draft = draft.to(device=input_device(base), dtype=dtype)
-        pack_linear_weights(draft)  # bfloat16 on a CPU: a step reads each weight once (see there)
         return cls(kind, base, draft, folder, base_name)
 
     @property

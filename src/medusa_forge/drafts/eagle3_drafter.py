@@ -28,13 +28,12 @@ from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy, count_ranks
 from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.drafts.eagle3_config import CONFIG_NAME, draft_vocab_ids, target_features, target_layers
 from medusa_forge.drafts.eagle3_model import CachedAttention, Eagle3Draft, UnrolledAttention, causal_bias
-from medusa_forge.drafts.kind import DecodingDraft, DraftKind
+from medusa_forge.drafts.kind import DecodingDraft, DraftKind, base_for_draft
 from medusa_forge.engine_commands import EAGLE3_SPECULATIVE_TOKENS, vllm_speculative_config
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import PRIOR_ACCURACIES
-from medusa_forge.generation.device import pack_linear_weights, place_for_decoding, resolve_device
-from medusa_forge.modeling import TargetPlacement, input_device, load_base_model
-from medusa_forge.pairing import check_fits, draft_base, model_shape
+from medusa_forge.modeling import TargetPlacement
+from medusa_forge.pairing import check_fits, model_shape
 
 # An EAGLE-3 draft can fill a tree of any depth; without a stored tree, trees are built this deep at most.
 EAGLE3_TREE_DEPTH = len(PRIOR_ACCURACIES)
@@ -285,14 +284,7 @@ class Eagle3ForDecoding(DecodingDraft):
         if draft_vocab is not None:
             raise UserError("--draft-vocab applies to Medusa heads; an EAGLE-3 draft has its own draft vocabulary")
         draft = Eagle3Draft.load(folder)
-        config = draft.config
-        base_name = draft_base(config.base_model_name_or_path, base_model, folder / CONFIG_NAME)
-        base = load_base_model(base_name, dtype=dtype, placement=placement)
-        base = place_for_decoding(base, resolve_device(device), dispatched=placement is not None)
-        # Before any use (eval scores accuracy before it drafts): another shape is one clear error, not a traceback.
-        check_fits(kind.label, config.hidden_size, config.vocab_size, model_shape(base), base_name, str(folder))
-        draft = draft.to(device=input_device(base), dtype=dtype)
-        pack_linear_weights(draft)  # bfloat16 on a CPU: a step reads each weight once (see there)
+        base, base_name = base_for_draft(kind, draft, folder / CONFIG_NAME, base_model, dtype, device, placement)
         return cls(kind, base, draft, folder, base_name)
 
     @property

@@ -16,7 +16,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from medusa_forge.drafts.accuracy import HeadAccuracy
 from medusa_forge.drafts.drafter import Drafter
-from medusa_forge.modeling import TargetPlacement
+from medusa_forge.generation.device import pack_linear_weights, place_for_decoding, resolve_device
+from medusa_forge.modeling import TargetPlacement, input_device, load_base_model
+from medusa_forge.pairing import check_fits, draft_base, model_shape
 from medusa_forge.results import EvalReport
 
 
@@ -93,6 +95,29 @@ class DecodingDraft(ABC):
     def vllm_speculative_config(self, scratch: Path, num_speculative_tokens: int) -> dict:
         """vLLM's --speculative-config for this draft; `scratch`: an empty folder it may write the draft into in
         the layout vLLM loads."""
+
+
+def base_for_draft(
+    kind: DraftKind,
+    draft: nn.Module,
+    config_path: Path,
+    base_model: str | None,
+    dtype: torch.dtype,
+    device: str,
+    placement: TargetPlacement | None,
+) -> tuple[PreTrainedModel, str]:
+    """The base model a draft model (`draft.config`: base_model_name_or_path, hidden_size, vocab_size) decodes with,
+    placed for decoding and checked to fit it, and its name; the draft is moved to the base's input device in `dtype`
+    and packed. For kinds whose draft is a model next to the base (not a wrapper around it)."""
+    config = draft.config
+    base_name = draft_base(config.base_model_name_or_path, base_model, config_path)
+    base = load_base_model(base_name, dtype=dtype, placement=placement)
+    base = place_for_decoding(base, resolve_device(device), dispatched=placement is not None)
+    # Before any use (eval scores accuracy before it drafts): another shape is one clear error, not a traceback.
+    check_fits(kind.label, config.hidden_size, config.vocab_size, model_shape(base), base_name, str(config_path.parent))
+    draft.to(device=input_device(base), dtype=dtype)
+    pack_linear_weights(draft)  # bfloat16 on a CPU: a step reads each weight once (see there)
+    return base, base_name
 
 
 class DraftKind(ABC):
