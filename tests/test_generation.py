@@ -16,6 +16,7 @@ from medusa_forge.generation.device import (
     cpu_has_native_bfloat16,
     is_packed,
     pack_linear_weights,
+    packable_dtypes,
     resolve_device,
     resolve_dtype,
 )
@@ -68,16 +69,30 @@ def test_dtype_and_device_names():
         resolve_device("gpu0")
 
 
-@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="packing applies only on a CPU with native bfloat16")
-def test_packed_bfloat16_weights_give_the_same_logits_and_greedy_tokens(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+PACKED_DTYPES = [
+    torch.float32,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="bfloat16 is packed only where it is native"),
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_packed_weights_give_the_same_logits_and_greedy_tokens(tiny_model_dir, dtype):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     reference = copy.deepcopy(model)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert dtype in packable_dtypes()
     assert pack_linear_weights(model) == linears > 0
     assert pack_linear_weights(model) == 0  # packed once
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, reference(ids).logits)  # the same products, in oneDNN's layout
+        packed, plain = model(ids).logits, reference(ids).logits
+    if dtype == torch.bfloat16:
+        assert torch.equal(packed, plain)  # the same oneDNN product, in its layout
+    else:  # oneDNN's product against MKL's: the same sums in another order
+        torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
     assert greedy_generate(model, ids[0], 12) == greedy_generate(reference, ids[0], 12)
     # Under autograd a packed layer falls back to its own forward (the packed product has no gradient).
     model.lm_head.weight.requires_grad_(True)
@@ -85,20 +100,39 @@ def test_packed_bfloat16_weights_give_the_same_logits_and_greedy_tokens(tiny_mod
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
-def test_float32_weights_are_never_packed(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    assert pack_linear_weights(model) == 0
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_a_packed_product_gives_each_row_what_that_row_alone_gives(smollm2_dir, dtype):
+    """What makes verifying a tree compute what one-token steps compute: each row of a packed product of a tree's
+    rows equals that row multiplied alone, bit for bit (MKL's unpacked float32 product does not promise it). On
+    SmolLM2's own shapes (an MLP projection and the vocabulary projection), 1 to 16 rows."""
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=dtype)
+    layers = [model.model.layers[0].mlp.down_proj, model.lm_head]
+    pack_linear_weights(torch.nn.ModuleList(layers))
+    for layer in layers:
+        assert is_packed(layer)
+        rows = torch.randn(16, layer.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+        with torch.no_grad():
+            alone = torch.cat([layer(row[None]) for row in rows])
+            for count in (2, 5, 16):
+                assert torch.equal(layer(rows[:count]), alone[:count])
+            torch.testing.assert_close(alone, torch.nn.functional.linear(rows, layer.weight), rtol=1e-2, atol=1e-3)
+
+
+def test_weights_oneDNN_cannot_multiply_packed_are_left_alone(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    assert pack_linear_weights(model) == 0  # float16: no packed oneDNN product on a CPU
     assert not any(is_packed(m) for m in model.modules())
+    if not cpu_has_native_bfloat16():  # emulated bfloat16: oneDNN refuses to pack it
+        assert pack_linear_weights(model.to(torch.bfloat16)) == 0
 
 
-@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason="packing applies only on a CPU with native bfloat16")
 def test_weights_are_not_packed_when_the_copies_would_not_fit(tiny_model_dir, monkeypatch, caplog):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    weights = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     # A machine with less than twice the copies' size free (what a 7B model meets on a 32 GB laptop); psutil's
     # figure is the one thing faked: this machine has the memory.
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * weights - 1))
     assert pack_linear_weights(model) == 0
-    assert "bfloat16 weights not packed" in caplog.text and not any(is_packed(m) for m in model.modules())
+    assert "weights not packed" in caplog.text and not any(is_packed(m) for m in model.modules())
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * weights))
     assert pack_linear_weights(model) > 0

@@ -79,8 +79,8 @@ class TreeVerifier:
         self.cache_kwarg = cache_kwarg(self.backbone)
         # Greedy acceptance needs the argmax only at nodes with children, and at a leaf when the path ends there.
         # Where the vocabulary projection costs about the same for one row as for a tree's (reading its weight
-        # dominates: packed bfloat16 on a CPU, a GPU), one product over every node beats a second one for that
-        # leaf; where its cost grows with the rows (float32 on a CPU), only the nodes that need it.
+        # dominates: packed weights on a CPU, a GPU), one product over every node beats a second one for that
+        # leaf; where its cost grows with the rows (unpacked weights on a CPU), only the nodes that need it.
         self.every_node_logits = self.device.type != "cpu" or is_packed(self.lm_head)
 
     def forward(

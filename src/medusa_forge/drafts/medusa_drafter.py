@@ -153,7 +153,7 @@ class MedusaForDecoding(DecodingDraft):
         model = MedusaModel.from_pretrained(folder, base_model=base_model, dtype=dtype, placement=placement)
         model.base = place_for_decoding(model.base, resolve_device(device), dispatched=placement is not None)
         model.heads = model.heads.to(input_device(model.base))
-        pack_linear_weights(model.heads)  # bfloat16 on a CPU: a step reads each weight once (see there)
+        pack_linear_weights(model.heads)  # on a CPU: faster products (see there)
         return cls(kind, model, folder, base_model or model.heads.config.base_model_name_or_path, draft_vocab)
 
     @property

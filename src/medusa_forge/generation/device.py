@@ -43,14 +43,24 @@ def cpu_has_native_bfloat16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes whose products oneDNN runs faster from its own blocked layout on this CPU: float32 on
+    any CPU oneDNN runs on, bfloat16 only where the CPU multiplies it natively (elsewhere oneDNN has no bfloat16
+    product at all and torch emulates it one row at a time)."""
+    if not torch.backends.mkldnn.is_available():
+        return ()
+    return (torch.float32, torch.bfloat16) if cpu_has_native_bfloat16() else (torch.float32,)
+
+
 def _packed_forward(linear: nn.Linear, packed: torch.Tensor) -> Any:
     """A forward for `linear` that multiplies by `packed` (its weight in oneDNN's layout) where that is the same
-    product: no gradient wanted and bfloat16 CPU tensors throughout; anything else takes nn.Linear's own path."""
+    product: no gradient wanted and CPU tensors of the weight's dtype throughout; anything else takes nn.Linear's
+    own path."""
 
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         usable = (
             not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and x.dtype == self.weight.dtype == torch.bfloat16
+            and x.dtype == self.weight.dtype
             and x.device.type == self.weight.device.type == "cpu"
         )
         if not usable:
@@ -66,22 +76,22 @@ def is_packed(linear: nn.Module) -> bool:
 
 
 def pack_linear_weights(module: nn.Module) -> int:
-    """Give every bfloat16 nn.Linear of `module` on a CPU with native bfloat16 a copy of its weight in oneDNN's
-    blocked layout, and a forward that multiplies by it (what torch.compile's freezing does for CPU inference).
-    Why: without it, every product reorders the weight into that layout first, so a decoding step (one token, or a
-    tree of a few) pays for reading the weights twice; a plain bfloat16 step then costs more than a float32 one
-    and a tree more than it needs (BENCHMARKS.md, "Packed bfloat16 weights"). Inference only: the packed product
-    has no gradient, so under autograd a layer falls back to its own forward; the original weight stays (tied
-    embeddings, export), so the packed copies take memory beside it: nothing is packed when that would take more
-    than half of the available memory. A layer whose weight is replaced later must not be packed. Returns the
-    layers packed."""
-    if not cpu_has_native_bfloat16() or not torch.backends.mkldnn.is_available():
-        return 0
+    """Give every nn.Linear of `module` on the CPU whose dtype is in `packable_dtypes()` a copy of its weight in
+    oneDNN's blocked layout, and a forward that multiplies by it (what torch.compile's freezing does for CPU
+    inference). Why: without it every product re-lays the weight out first (oneDNN, bfloat16) or takes a path
+    whose cost jumps from one row to two (MKL, float32), so a tree of a few tokens costs far more than a one-token
+    step; packed, a product of 1 to 16 rows costs about the same, and each row of it equals that row multiplied
+    alone, bit for bit, so verifying a tree computes exactly what one-token steps compute (BENCHMARKS.md, "Packed
+    bfloat16 weights" and "Packed float32 weights"). Inference only: the packed product has no gradient, so
+    under autograd a layer falls back to its own forward; the original weight stays (tied embeddings, export), so
+    the packed copies take memory beside it: nothing is packed when that would take more than half of the
+    available memory. A layer whose weight is replaced later must not be packed. Returns the layers packed."""
+    dtypes = packable_dtypes()
     layers = [
         linear
         for linear in module.modules()
         if isinstance(linear, nn.Linear)
-        and linear.weight.dtype == torch.bfloat16
+        and linear.weight.dtype in dtypes
         and linear.weight.device.type == "cpu"
         and not is_packed(linear)
     ]
@@ -89,8 +99,8 @@ def pack_linear_weights(module: nn.Module) -> int:
     available = psutil.virtual_memory().available
     if extra > available // 2:  # the copies must not push the machine into swap (a 7B model: +14 GB)
         logger.warning(
-            "bfloat16 weights not packed for faster CPU inference: the packed copies need %.1f GB and only %.1f GB "
-            "of memory is available", extra / 1e9, available / 1e9,
+            "weights not packed for faster CPU inference: the packed copies need %.1f GB and only %.1f GB of memory "
+            "is available", extra / 1e9, available / 1e9,
         )  # fmt: skip
         return 0
     for linear in layers:
@@ -99,14 +109,14 @@ def pack_linear_weights(module: nn.Module) -> int:
 
 
 def place_for_decoding(base: nn.Module, device: torch.device, dispatched: bool) -> nn.Module:
-    """`base` (a loaded target) ready to decode on `device`: moved there and its bfloat16 CPU weights packed; a
+    """`base` (a loaded target) ready to decode on `device`: moved there and its CPU weights packed; a
     dispatched one (modeling.TargetPlacement) is left where its device map put each layer and nothing is packed:
     accelerate's hooks swap an offloaded layer's weights in at every forward (a packed copy would be of the
     placeholder) and a packed copy would take the memory the map was sized to leave free."""
     if dispatched:
         return base
     base = base.to(device)
-    pack_linear_weights(base)  # bfloat16 on a CPU: a step reads each weight once (see there)
+    pack_linear_weights(base)  # on a CPU: faster products (see there)
     return base
 
 

@@ -93,7 +93,7 @@ class HFGenerator:
         torch_device = resolve_device(device)
         path = resolve_model(name_or_path)
         model = load_base_model(path, dtype=torch_dtype).to(torch_device)
-        pack_linear_weights(model)  # bfloat16 on a CPU: each product reads the weight once (see there)
+        pack_linear_weights(model)  # on a CPU: faster products (see there)
         return cls(model, load_tokenizer(path))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
