@@ -83,6 +83,38 @@ def test_context_after_advance_equals_a_fresh_start():
     assert drafter.feature_layers == (2,)  # a 4-layer target: 1 .. L-3 is layer 1 alone, HF hidden_states[2]
 
 
+def test_a_chain_of_k_is_drafted_by_a_block_of_k_plus_one_as_vllm_drafts_it():
+    """vLLM 0.32.0 sends 1 + num_speculative_tokens queries per request whatever the trained block size
+    (`vllm/v1/spec_decode/dflash.py`, `set_inputs_first_pass`: num_query_per_req = 1 + num_speculative_tokens), and
+    the block's attention is bidirectional, so a chain of K < B-1 is the argmax of a block of K+1, not the first K
+    slots of the whole block: ours drafts what vLLM drafts when export serves eval's shorter chain."""
+    target = chaotic_target()
+    draft = random_draft(target)
+    drafter = DFlashDrafter(target, draft)
+    ids = torch.tensor(PROMPT + [11, 250, 31])
+    with torch.no_grad():
+        out = target(ids[None], output_hidden_states=True)
+    hidden = torch.cat([out.hidden_states[i][0] for i in drafter.feature_layers], dim=-1)
+
+    def block_argmax(state, root: int, size: int) -> list[int]:  # the block [root, m, ...] of `size` at its positions
+        block = torch.full((size,), draft.config.mask_token_id)
+        block[0] = root
+        positions = torch.arange(state.length, state.length + size)[None, None]
+        kv = list(zip(state.keys, state.values, strict=True))
+        with torch.no_grad():
+            states = draft.block(drafter.embedding(block)[None, None], positions, kv)[0, 0]
+            return drafter.head(states[1:]).argmax(-1).tolist()
+
+    differs = False
+    for cut in range(3, len(ids)):
+        state, root = drafter.start(ids[1 : cut + 1], hidden[:cut]), int(ids[cut])
+        for k in range(1, BLOCK):
+            chain = drafter.propose(state, root, TreeBuffers.from_choices(CHAIN[:k]))
+            assert chain.tolist() == [root, *block_argmax(state, root, k + 1)]
+            differs |= chain[1:].tolist() != block_argmax(state, root, BLOCK)[:k]
+    assert differs  # the whole block's first slots would have drafted other tokens: the block length matters
+
+
 def check_context_grows_by_the_accepted(target, drafter: DFlashDrafter, choices, prompt: list[int]) -> list[int]:
     """Decode step by step: after each step the drafter's context holds exactly the base model's cached positions
     (it grew by the accepted count, nothing of the rejected drafts), and at the end it equals a fresh start over
@@ -219,5 +251,19 @@ def test_eval_a_dflash_draft_end_to_end(draft_dir, tmp_path):
     assert [row["name"] for row in report["accuracy"]] == ["base", "position 1", "position 2", "position 3"]
     assert report["speed"]["outputs_equal"] is True
     assert 1.0 <= report["acceptance"]["mean_accept_length"] <= 4.0
-    # The engines' figure is for the chain export's commands serve: a block of 5 drafts 4 (not EAGLE-3's 3).
-    assert [chain["draft_tokens"] for chain in report["chains"]] == [4]
+    # The engines' chain, chosen as the tree is: each length up to the scored depth timed here, the one with the
+    # most expected tokens/s stored with the tree; export serves it and eval measured it.
+    search = report["chain_search"]
+    assert search["sizes"] == [1, 2, 3] and len(search["step_seconds"]) == 3
+    rates = search["expected_tokens_per_second"]
+    assert search["chosen_size"] == search["sizes"][rates.index(max(rates))]
+    chosen = search["chosen_size"]
+    assert [chain["draft_tokens"] for chain in report["chains"]] == [chosen]
+    assert json.loads((folder / "medusa_choices.json").read_text())["speculative_tokens"] == chosen
+    assert load_draft(folder, device="cpu").draft.served_chain() == chosen  # export's commands ask this (see there)
+    assert "The chain's length was chosen as the tree's is" in (out / "eval.md").read_text()
+    # Another eval with a given tree measures the stored chain; --speculative-tokens measures the one given.
+    for extra, measured in ((["--tree", "default-4"], chosen), (["--speculative-tokens", "4"], 4)):
+        assert main([*argv, "--no-save-tree", *extra]) == 0
+        again = json.loads((out / "eval.json").read_text())
+        assert again["chain_search"] is None and [c["draft_tokens"] for c in again["chains"]] == [measured]

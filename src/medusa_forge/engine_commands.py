@@ -77,13 +77,13 @@ def eagle3_serve_command(engine: str, draft: str, base: str, steps: int = EAGLE3
     raise ValueError(f"no EAGLE-3 serve command for {engine!r}; engines: {', '.join(EAGLE3_ENGINES)}")
 
 
-def dflash_serve_command(engine: str, draft: str, base: str, block_size: int) -> str:
+def dflash_serve_command(engine: str, draft: str, base: str, block_size: int, chain: int | None = None) -> str:
     """`engine` serving target `base` with the DFlash draft `draft` (a folder or Hub id) trained with blocks of
-    `block_size`: vLLM drafts num_speculative_tokens = B-1 (it does not read block_size, and guesses "method" only
-    from a path containing "dflash"); SGLang verifies --speculative-num-draft-tokens = B, bonus token included
-    (docs/dflash-reference.md §3, §5)."""
+    `block_size`: vLLM drafts num_speculative_tokens = `chain` (default B-1; it does not read block_size, and guesses
+    "method" only from a path containing "dflash"); SGLang verifies --speculative-num-draft-tokens = B, bonus token
+    included, and only warns at another (docs/dflash-reference.md §3, §5)."""
     if engine == "vllm":
-        spec = json.dumps(vllm_speculative_config("dflash", draft, block_size - 1))
+        spec = json.dumps(vllm_speculative_config("dflash", draft, chain or block_size - 1))
         return (
             f"pip install vllm=={VLLM_DFLASH_RELEASE} && "
             f"vllm serve {shlex.quote(base)} --speculative-config {shlex.quote(spec)}"

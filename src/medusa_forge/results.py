@@ -303,10 +303,14 @@ class EvalReport:
     other_dtype_searches: dict[str, TreeSearch] = field(default_factory=dict)
     # The chain the engines' printed commands draft, measured by our decoder and (eval --engine) by the engine.
     chains: list[ChainAcceptance] = field(default_factory=list)
+    # For a kind whose engines may draft chains of several lengths: each length (a chain of n nodes) timed in
+    # `dtype` and the one chosen, as `tree_search` for trees; None when the chain is fixed or was given.
+    chain_search: TreeSearch | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["chains"] = [chain.to_json() for chain in self.chains]
+        data["chain_search"] = self.chain_search.to_json() if self.chain_search else None
         data["tree_search"] = self.tree_search.to_json() if self.tree_search else None
         data["acceptance"] = self.acceptance.to_json() if self.acceptance else None
         data["other_dtype_searches"] = {d: search.to_json() for d, search in self.other_dtype_searches.items()}
@@ -370,6 +374,7 @@ class EvalReport:
                 ChainAcceptance._from_json(chain, f"chains[{i}].")
                 for i, chain in enumerate(_list_of(data, "chains", "object", ""))
             ],
+            section("chain_search", TreeSearch),
         )
 
 

@@ -55,7 +55,7 @@ faster and greedy output is unchanged.
 
 {body}
 
-{_serve_section(config, repo_id, base_model_id, hub_id)}"""
+{_serve_section(config, repo_id, base_model_id, hub_id, _served_chain(config, evaluation))}"""
 
 
 def _draft_rows(config: DFlashConfig, base_model_id: str, facts: dict[str, str]) -> list[tuple[str, str]]:
@@ -77,7 +77,21 @@ def _draft_rows(config: DFlashConfig, base_model_id: str, facts: dict[str, str])
     ]
 
 
-def _serve_section(config: DFlashConfig, repo_id: str | None, base_model_id: str, hub_id: str | None) -> str:
+def _served_chain(config: DFlashConfig, evaluation: EvalReport | None) -> int:
+    """The chain eval chose by measured latency (what export serves), else the whole block's B-1."""
+    if evaluation is not None and evaluation.chain_search is not None:
+        return evaluation.chain_search.chosen_size
+    return config.block_size - 1
+
+
+def chain_origin(chain: int, size: int) -> str:
+    """Why vLLM is given a chain of `chain` for a draft trained with blocks of `size` (card and export notes)."""
+    return "the whole trained block" if chain == size - 1 else "chosen by `medusa-forge eval` from measured latency"
+
+
+def _serve_section(
+    config: DFlashConfig, repo_id: str | None, base_model_id: str, hub_id: str | None, chain: int
+) -> str:
     where = repo_id or "<this-repo-or-folder>"
     serve_base = hub_id or base_model_id
     base_flag = shlex.quote(serve_base)
@@ -85,14 +99,14 @@ def _serve_section(config: DFlashConfig, repo_id: str | None, base_model_id: str
     return f"""## Serve
 
 vLLM (pinned: {VLLM_DFLASH_RELEASE}) and SGLang (pinned: {SGLANG_DFLASH_RELEASE}; CUDA, NPU or XPU) load this folder
-as it is; both take the tokenizer, the token embeddings and the lm_head from the target. Each step drafts a chain of
-{size - 1} tokens (vLLM: `num_speculative_tokens` = {size - 1}; SGLang: `--speculative-num-draft-tokens` = {size},
-the bonus token included).
+as it is; both take the tokenizer, the token embeddings and the lm_head from the target. Each step drafts a chain:
+vLLM of `num_speculative_tokens` = {chain} tokens ({chain_origin(chain, size)}), SGLang of the whole block
+(`--speculative-num-draft-tokens` = {size}, the bonus token included).
 
 **vLLM**:
 
 ```bash
-{dflash_serve_command("vllm", where, serve_base, size)}
+{dflash_serve_command("vllm", where, serve_base, size, chain)}
 ```
 
 **SGLang**:

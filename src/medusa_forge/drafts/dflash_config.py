@@ -14,6 +14,7 @@ import torch
 from transformers import PretrainedConfig, Qwen3Config
 
 from medusa_forge.errors import UserError
+from medusa_forge.formats.tree_file import load_served_chain
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -274,6 +275,13 @@ def _check_dflash_section(section: object, num_target_layers: int, vocab_size: i
     ):
         raise UserError(f"{where}: dflash_config.target_layer_ids must be ascending distinct decoder-layer indices "
                         f"in [0, {num_target_layers}), found {ids!r}")  # fmt: skip
+
+
+def served_chain(folder: str | Path, config: DFlashConfig) -> int:
+    """Draft tokens per step that export's commands have vLLM draft (num_speculative_tokens, a block of that + 1):
+    the chain `eval` chose by measured latency and stored with the tree, else the whole trained block's B-1."""
+    longest = config.block_size - 1
+    return load_served_chain(folder, longest) or longest
 
 
 def is_dflash_folder(folder: str | Path) -> bool:

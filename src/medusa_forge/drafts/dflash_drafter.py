@@ -5,10 +5,13 @@ model (`DFLASH.load`).
 The base model has accepted x_0 .. x_{n-1} and chosen the root x_n. The drafter's state holds every draft layer's
 context keys/values of the accepted positions 0 .. n-1 (projected from the base's hidden states there, at their
 absolute positions), as vLLM keeps them in the draft's KV cache; `advance` appends the newly accepted positions
-only. `propose` runs the block [x_n, m, ..., m] at positions n .. n+B-1 against that context and reads the base's
-lm_head at slots 1 .. depth: slot d ranks the candidates for depth d. The engines take the argmax of each slot, a
-chain of B-1 tokens; a tree takes each slot's top-k under every node of the depth before (the block's drafts do not
-depend on the path, so a node's children are its depth's top-k whatever its own token).
+only. `propose` runs the block [x_n, m, ..., m] of 1 + depth tokens at positions n .. n+depth against that context
+and reads the base's lm_head at slots 1 .. depth: slot d ranks the candidates for depth d. The block is as long as
+the tree is deep, not the trained block size B, because that is what vLLM computes: with num_speculative_tokens K it
+sends 1 + K queries, the bonus token and K masks (docs/dflash-reference.md §3), so a chain of K < B-1 is drafted by a
+block of K+1 and a shallow tree costs a short block. The engines take the argmax of each slot; a tree takes each
+slot's top-k under every node of the depth before (the block's drafts do not depend on the path, so a node's
+children are its depth's top-k whatever its own token).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from transformers import PreTrainedModel
 
 from medusa_forge.data.tokenize import IGNORE_INDEX
 from medusa_forge.drafts.accuracy import RANKS, HeadAccuracy, count_ranks
-from medusa_forge.drafts.dflash_config import CONFIG_NAME, hidden_state_indices
+from medusa_forge.drafts.dflash_config import CONFIG_NAME, hidden_state_indices, served_chain
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.drafts.drafter import TreeBuffers
 from medusa_forge.drafts.kind import DecodingDraft, DraftKind, base_for_draft
@@ -95,13 +98,13 @@ class DFlashDrafter:
     @torch.no_grad()
     def propose(self, state: DFlashState, root: int, tree: TreeBuffers) -> torch.Tensor:
         config = self.draft.config
-        n, size = state.length, config.block_size
+        n, size = state.length, tree.depth + 1  # the bonus token and one mask per depth, as vLLM's queries
         ids = torch.full((size,), config.mask_token_id, dtype=torch.long, device=self.embedding.weight.device)
         ids[0] = root
         embeds = self.embedding(ids).to(device=self.device, dtype=self.dtype)[None, None]
         positions = torch.arange(n, n + size, device=self.device)[None, None]
         out = self.draft.block(embeds, positions, list(zip(state.keys, state.values, strict=True)))[0, 0]
-        rows = out[1 : tree.depth + 1].to(device=self.head.weight.device, dtype=self.head.weight.dtype)
+        rows = out[1:].to(device=self.head.weight.device, dtype=self.head.weight.dtype)
         top = torch.topk(self.head(rows), tree.topk, dim=-1).indices  # [depth, k]: slot d's candidates
         candidates = torch.cat([top.new_tensor([root]), top.flatten()])
         return candidates[tree.candidate_index.to(candidates.device)].to(self.target_device)
@@ -112,9 +115,9 @@ def score_dflash_samples(
     base, draft: DFlashDraft, samples, depth: int, progress: bool = True, desc: str = "draft accuracy"
 ) -> list[HeadAccuracy]:
     """Rank of the true token under the base lm_head (predicts t+1) and under each block slot d = 1..depth: for
-    every anchor a (the token the base chose from position a-1), slot d of the block [x_a, m, ...] at a predicts
-    x[a+d], seeing the base's states before a, as decoding drafts after an accepted x_a. Scored where x[a+d] is
-    labelled."""
+    every anchor a (the token the base chose from position a-1), slot d of the block [x_a, m, ...] of 1 + depth
+    tokens at a predicts x[a+d], seeing the base's states before a, as decoding a `depth`-deep tree drafts after an
+    accepted x_a (`DFlashDrafter.propose`). Scored where x[a+d] is labelled."""
     names = ["base"] + [f"position {d}" for d in range(1, depth + 1)]
     counts = [[0] * RANKS for _ in names]
     totals = [0] * len(names)
@@ -135,7 +138,7 @@ def score_dflash_samples(
         kv = list(zip(state.keys, state.values, strict=True))
         for first in range(1, length - 1, ANCHORS_PER_PASS):
             anchors = torch.arange(first, min(first + ANCHORS_PER_PASS, length - 1), device=drafter.device)
-            positions = anchors[:, None] + torch.arange(draft.config.block_size, device=drafter.device)
+            positions = anchors[:, None] + torch.arange(depth + 1, device=drafter.device)
             block = torch.full(positions.shape, draft.config.mask_token_id, device=device)
             block[:, 0] = ids[anchors.to(device)]
             embeds = drafter.embedding(block).to(device=drafter.device, dtype=drafter.dtype)
@@ -191,6 +194,12 @@ class DFlashForDecoding(DecodingDraft):
     @property
     def max_depth(self) -> int:
         return self.draft.config.block_size - 1
+
+    def served_chain(self) -> int:
+        return served_chain(self.folder, self.draft.config)
+
+    def chain_lengths(self) -> list[int]:
+        return list(range(1, self.max_depth + 1))  # vLLM drafts any K: a block of K+1 (the module's docstring)
 
     def scored_depth(self, requested: int) -> int:
         return min(requested, self.max_depth)

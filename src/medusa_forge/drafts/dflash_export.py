@@ -8,7 +8,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from medusa_forge.drafts.dflash_config import CONFIG_NAME, WEIGHTS_NAME, DFlashConfig
+from medusa_forge.drafts.dflash_card import chain_origin
+from medusa_forge.drafts.dflash_config import CONFIG_NAME, WEIGHTS_NAME, DFlashConfig, served_chain
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.drafts.kind import ExportResult, PushCheck
 from medusa_forge.engine_commands import DFLASH_ENGINES, dflash_serve_command, vllm_cpu_command
@@ -66,13 +67,16 @@ def export_draft(source: Path, fmt: str, output_dir: Path, base_model_id: str | 
         "CUDA, NPU or XPU only); both use the target's tokenizer, embedding and lm_head, and the block's mask token "
         f"{config.mask_token_id} (dflash_config.mask_token_id)"
     )
-    base, size = config.base_model_name_or_path, config.block_size
-    commands = [dflash_serve_command(fmt, str(output_dir), base, size)]
+    base, size, chain = config.base_model_name_or_path, config.block_size, served_chain(source, config)
+    commands = [dflash_serve_command(fmt, str(output_dir), base, size, chain)]
     if fmt == "vllm":
-        commands.append(vllm_cpu_command(base, str(output_dir), "dflash", size - 1))
+        commands.append(vllm_cpu_command(base, str(output_dir), "dflash", chain))
+    drafts = f"vLLM drafts a chain of {chain} tokens per step ({chain_origin(chain, size)}; block size {size})"
+    if fmt == "sglang":
+        drafts = f"SGLang drafts the whole block of {size} ({size - 1} tokens per step)"
     notes.append(
-        f"the engines draft a chain of {size - 1} tokens per step (block size {size}): `medusa-forge eval --draft "
-        f"{shlex.quote(str(source))} --engine vllm` measures what vLLM accepts, next to our decoder"
+        f"{drafts}: `medusa-forge eval --draft {shlex.quote(str(source))} --engine vllm` measures what vLLM "
+        "accepts, next to our decoder"
     )
     return ExportResult(output_dir, files, commands, notes)
 

@@ -66,6 +66,11 @@ class DecodingDraft(ABC):
         num_speculative_tokens): eval measures that chain by default, so the figure it reports is the one served."""
         return self.max_depth
 
+    def chain_lengths(self) -> list[int]:
+        """The chains `export` may have the engines draft, of which eval chooses by measured latency (and stores
+        for export); one, the served chain, where the kind's commands fix it."""
+        return [self.served_chain()]
+
     def scored_depth(self, requested: int) -> int:
         """The depth eval scores and builds trees to, `requested` being eval's --depth (a kind with a fixed depth,
         a predictor per depth, keeps its own)."""
@@ -116,7 +121,7 @@ def base_for_draft(
     # Before any use (eval scores accuracy before it drafts): another shape is one clear error, not a traceback.
     check_fits(kind.label, config.hidden_size, config.vocab_size, model_shape(base), base_name, str(config_path.parent))
     draft.to(device=input_device(base), dtype=dtype)
-    pack_linear_weights(draft)  # bfloat16 on a CPU: a step reads each weight once (see there)
+    pack_linear_weights(draft)  # on a CPU: faster products (see there)
     return base, base_name
 
 

@@ -28,6 +28,7 @@ from medusa_forge.evaluate.engines import ENGINES, our_chain, same_replies, vllm
 from medusa_forge.evaluate.report import render_markdown, write_eval_report
 from medusa_forge.evaluate.speed import (
     acceptance,
+    choose_chain,
     choose_tree,
     first_prompts,
     machine_description,
@@ -43,7 +44,7 @@ from medusa_forge.modeling import (
     target_placement,
 )
 from medusa_forge.outputs import check_writable_folder, removed_if_failed_empty
-from medusa_forge.results import ChainAcceptance, EvalReport, SpeedComparison
+from medusa_forge.results import ChainAcceptance, EvalReport, SpeedComparison, TreeSearch
 
 logger = logging.getLogger("medusa_forge.eval")
 
@@ -108,7 +109,8 @@ class EvalConfig:
             "help": "Draft tokens per step of the chain the engines draft (vLLM's num_speculative_tokens; SGLang "
             "with topk 1): the acceptance they will give is measured on the timed prompts with this chain. "
             "Default: the chain `export`'s serve commands give them (EAGLE-3: 3; Medusa: one per head; DFlash: "
-            "the block size - 1)."
+            "with --tree auto the length with the most expected tokens/s here, stored with the tree for export, "
+            "else the stored one or the block size - 1)."
         },
     )
     engine: str = field(
@@ -230,14 +232,35 @@ def _choose_tree(config: EvalConfig, loaded: dict, candidates: list[str], rank_a
             "no tree is expected to beat plain greedy here: the draft's accuracy is too low for this machine's cost "
             "of drafting and verifying a tree"
         )
-    if config.tree == "auto" and not config.no_save_tree:
-        _save_tree(config, chosen, expected_accept_length(chosen.choices, rank_accuracy))
     return chosen
 
 
-def _save_tree(config: EvalConfig, chosen: _TreeChoice, expected_accept_length: float) -> None:
+def _choose_chain(config: EvalConfig, loaded, rank_accuracy: list) -> TreeSearch | None:
+    """With --tree auto, for a kind whose engines may draft chains of several lengths (and no --speculative-tokens):
+    the length with the most expected tokens/s here, timed in the tree's dtype, chosen and stored as the tree is;
+    None when there is nothing to choose (the stored or the kind's own chain is measured)."""
+    lengths = [n for n in loaded.draft.chain_lengths() if n <= len(rank_accuracy)]
+    if config.tree != "auto" or config.speculative_tokens is not None or len(lengths) < 2:
+        return None
+    search = choose_chain(
+        functools.partial(loaded.decoder, check=False), rank_accuracy, lengths, prefix_length=config.latency_prefix
+    )
+    logger.warning(
+        "the engines' chain: %d draft tokens per step, expected %.2f tokens/s here (lengths %s: %s)",
+        search.chosen_size,
+        search.chosen_tokens_per_second,
+        search.sizes,
+        ", ".join(f"{rate:.2f}" for rate in search.expected_tokens_per_second),
+    )
+    return search
+
+
+def _save_tree(
+    config: EvalConfig, chosen: _TreeChoice, expected_accept_length: float, chain: TreeSearch | None
+) -> None:
     from medusa_forge.formats.tree_file import save_tree
 
+    served = {} if chain is None else {"speculative_tokens": chain.chosen_size}  # export serves this chain
     path = save_tree(
         config.draft,
         chosen.choices,
@@ -246,6 +269,7 @@ def _save_tree(config: EvalConfig, chosen: _TreeChoice, expected_accept_length: 
         step_seconds=chosen.step_seconds,
         dtype=chosen.dtype,
         machine=machine_description(),
+        **served,
     )
     logger.warning("tree of %d nodes and dtype %s stored in %s", len(chosen.choices), chosen.dtype, path)
 
@@ -290,6 +314,10 @@ def _evaluate(config: EvalConfig, conversations: list, references: list, folder:
     rank_accuracy = [row.rank_accuracy for row in (self_accuracy or accuracy)[1:]]
     tree = _choose_tree(config, loaded, candidates, rank_accuracy)
     choices, dtype = tree.choices, tree.dtype
+    chain_search = _choose_chain(config, loaded[dtype], rank_accuracy)
+    if config.tree == "auto" and not config.no_save_tree:
+        _save_tree(config, tree, expected_accept_length(choices, rank_accuracy), chain_search)
+    chain = config.speculative_tokens or (chain_search.chosen_size if chain_search else first.draft.served_chain())
 
     base, tokenizer = first.base, first.tokenizer
     eos = eos_token_ids(base, tokenizer)
@@ -318,7 +346,8 @@ def _evaluate(config: EvalConfig, conversations: list, references: list, folder:
         draft_kind=first.kind.name,
         dtype=dtype,
         other_dtype_searches={d: search for d, search in tree.searches.items() if d != dtype},
-        chains=_engine_chains(config, loaded.get("float32", first), prompts, eos),
+        chains=_engine_chains(config, loaded.get("float32", first), prompts, eos, chain),
+        chain_search=chain_search,
     )
     for path in write_eval_report(report, folder):
         logger.warning("wrote %s", path)
@@ -342,9 +371,11 @@ def _warn_mismatches(speed: SpeedComparison, dtype: str) -> None:
         )
 
 
-def _engine_chains(config: EvalConfig, loaded, prompts: list[list[int]], eos: set[int]) -> list[ChainAcceptance]:
-    """The engines' chain on the timed prompts: our decoder (float32), and vLLM itself with --engine vllm."""
-    k, n = config.speculative_tokens or loaded.draft.served_chain(), config.max_new_tokens
+def _engine_chains(
+    config: EvalConfig, loaded, prompts: list[list[int]], eos: set[int], k: int
+) -> list[ChainAcceptance]:
+    """The engines' chain of `k` on the timed prompts: our decoder (float32), and vLLM itself with --engine vllm."""
+    n = config.max_new_tokens
     ours, our_outputs = our_chain(loaded, prompts, k, n, eos)
     logger.warning("the engines' chain of %d (medusa-forge): %.2f accepted per step", k, ours.mean_accept_length)
     if config.engine == "none":

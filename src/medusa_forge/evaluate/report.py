@@ -106,6 +106,17 @@ def _chain_section(report: EvalReport) -> list[str]:
         rates = " / ".join(f"{rate:.2f}" for rate in chain.acceptance_rates)
         outputs = {None: "", True: "equal to ours", False: "**differ from ours**"}[chain.outputs_equal]
         lines.append(f"| {chain.measured_by} | {chain.steps} | {chain.mean_accept_length:.2f} | {rates} | {outputs} |")
+    search = report.chain_search
+    if search is not None:
+        rates = ", ".join(
+            f"{n}: {rate:.1f}" for n, rate in zip(search.sizes, search.expected_tokens_per_second, strict=True)
+        )
+        lines += [
+            "",
+            f"The chain's length was chosen as the tree's is, by expected tokens/s on this machine ({report.dtype}; "
+            f"draft tokens: tokens/s): {rates}. {search.chosen_size} is stored with the tree, and `export`'s vLLM "
+            "commands serve it.",
+        ]
     return lines
 
 

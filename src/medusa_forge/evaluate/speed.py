@@ -46,6 +46,26 @@ def choose_tree(
     return searches
 
 
+def choose_chain(
+    make_decoder: DecoderFactory,
+    rank_accuracy: list[list[float]],
+    lengths: list[int],
+    prefix_length: int = 256,
+    repeats: int = 5,
+) -> TreeSearch:
+    """The engines' chain (vLLM's num_speculative_tokens) with the most expected tokens per second on this machine,
+    chosen as `choose_tree` chooses a tree: per length, the expected accepted tokens from the rank accuracies and
+    one step of that chain timed here (drafted and verified by our decoder, as the engines draft it)."""
+    from medusa_forge.decode.tree import expected_accept_length
+    from medusa_forge.evaluate.engines import chain_choices
+
+    chains = [chain_choices(n) for n in lengths]
+    expected = [expected_accept_length(chain, rank_accuracy) for chain in chains]
+    ((plain, steps),) = measure_plain_and_trees({"chain": make_decoder}, chains, prefix_length, repeats).values()
+    best = max(range(len(lengths)), key=lambda i: expected[i] / steps[i])
+    return TreeSearch(list(lengths), expected, steps, plain, lengths[best], chains[best])
+
+
 def first_prompts(tokenizer, conversations, count: int, max_prompt_tokens: int) -> list[list[int]]:
     """The first user turn of each conversation (with any system turn before it), chat template applied."""
     prompts = []

@@ -109,6 +109,19 @@ def load_tree_dtype(folder: str | Path) -> str | None:
     return None if data is None else data.get("dtype")
 
 
+def load_served_chain(folder: str | Path, longest: int) -> int | None:
+    """The chain `eval` chose for the engines (vLLM's num_speculative_tokens) and stored with the tree, or None (no
+    tree, or a kind whose chain is fixed); `longest`: the most the draft can draft."""
+    data = _tree_file(folder)
+    chain = None if data is None else data.get("speculative_tokens")
+    if chain is not None and not (isinstance(chain, int) and 1 <= chain <= longest):
+        raise UserError(
+            f"{Path(folder, TREE_FILE)}: speculative_tokens {chain!r} is not a chain this draft drafts (1 to "
+            f"{longest}); delete the file or rerun `medusa-forge eval`"
+        )
+    return chain
+
+
 def _tree_file(folder: str | Path) -> dict | None:
     path = Path(folder, TREE_FILE)
     if not path.is_file():

@@ -58,6 +58,13 @@ QUICKSTART: dict = {
             "train": {"eagle3_ttt_steps": 3, "num_train_epochs": 2, "learning_rate": 1e-3},
             "eval": {"depth": 4},
         },
+        # A block of 5 (4 drafted tokens, EAGLE-3's eval depth) and the epochs that take about EAGLE-3's 2 epochs'
+        # minutes: one pass over a block trains faster than 3 training-time-test steps (BENCHMARKS.md, "Every kind
+        # of draft at the quickstart's budget").
+        "dflash": {
+            "train": {"dflash_block_size": 5, "num_train_epochs": 3.5, "learning_rate": 1e-3},
+            "eval": {"depth": 4},
+        },
     },
 }
 QUICKSTART_WORKDIR = "runs/quickstart"
