@@ -24,10 +24,10 @@ from pathlib import Path
 from medusa_forge.results import DRAFT_RUN, EVAL_REPORT_FILE, EvalReport
 
 # name -> (kind, quickstart --set overrides). Epochs for ~9 training minutes each on a 2-core AVX2 VM, where
-# EAGLE-3's 2 epochs took 555 s and DFlash's 157 s per epoch (BENCHMARKS.md, "DFlash and EAGLE-3 at the
-# quickstart's budget"); Medusa's heads train ~2.4x faster per epoch than EAGLE-3 (the packed-bfloat16 pair).
+# EAGLE-3's 2 epochs took 527-555 s, DFlash's 157 s per epoch and Medusa's heads' 139 s per epoch (BENCHMARKS.md,
+# "Every kind of draft at the quickstart's budget").
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "medusa": ("medusa", ["train.num_train_epochs=5"]),
+    "medusa": ("medusa", ["train.num_train_epochs=4"]),
     "eagle3": ("eagle3", ["train.num_train_epochs=2"]),
     "eagle3.1": ("eagle3", ["train.num_train_epochs=2", "train.eagle3_fc_norm=true", "train.eagle3_norm_output=true"]),
     "dflash": ("dflash", ["train.num_train_epochs=3.5"]),
@@ -77,7 +77,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(row) for row in rows) + " |")
 
     add("epochs; training s (cache s)", lambda r: (
-        f"{r['epochs']:g}; {r['train_seconds']:.0f} ({r['cache_seconds']:.0f})"
+        f"{r['epochs']:.2g}; {r['train_seconds']:.0f} ({r['cache_seconds']:.0f})"
     ))
     add("held-out top-1 at position 1 / 2 / 3 / 4", lambda r: " / ".join(f"{v:.3f}" for v in r["top1"]))
     add("held-out top-5 at position 1", lambda r: f"{r['top5_first']:.3f}")

@@ -18,9 +18,10 @@ from medusa_forge.errors import UserError
 QUICKSTART: dict = {
     # The kind trained without --draft-kind, and the measurement behind that choice (the report prints it).
     "default_kind": "eagle3",
-    "why": "at the quickstart's budget on a 2-core CPU, from the same data and in about the same minutes, an EAGLE-3 "
-    "draft measured 1.66 accepted tokens per step and 1.16x over the fastest plain greedy (bfloat16), Medusa heads "
-    "1.52 and 1.09x (BENCHMARKS.md, 'Medusa heads vs EAGLE-3 at the quickstart's budget, packed bfloat16 weights')",
+    "why": "at the quickstart's budget on a 2-core CPU, from the same data and in about the same training minutes, an "
+    "EAGLE-3 draft measured 1.46 accepted tokens per step and 1.07x over the fastest plain greedy, EAGLE 3.1 1.41 "
+    "and 1.06x, Medusa heads 1.42 and 1.04x, a DFlash draft 1.31 and 0.94x (BENCHMARKS.md, 'Every kind of draft at "
+    "the quickstart's budget'); every current engine serves EAGLE-3",
     "shared": {
         "model": "smollm2",
         "data": "sharegpt",
