@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from medusa_forge.drafts import dflash_card, dflash_export, dflash_training
+from medusa_forge.drafts import dflash_card, dflash_export, dflash_training, model_folder
 from medusa_forge.drafts import dflash_config as layout
 from medusa_forge.drafts.dflash_drafter import DFlashForDecoding
 from medusa_forge.drafts.dflash_model import DFlashDraft
@@ -25,9 +25,9 @@ class DFlashKind(DraftKind):
     name = "dflash"
     label = "DFlash draft"
     title = "DFlash"
-    config_name = layout.CONFIG_NAME
+    config_name = model_folder.CONFIG_NAME
     config_type = layout.DFlashConfig
-    weights_name = layout.WEIGHTS_NAME
+    weights_name = model_folder.WEIGHTS_NAME
     metric_name = "dflash_pos"  # dflash_pos{i}_loss: block slot i + 1
     metric_label = "position"
     predictor = "block position"
@@ -37,7 +37,7 @@ class DFlashKind(DraftKind):
                    "dflash_mask_token_id")  # fmt: skip
     formats = DFLASH_ENGINES  # the same folder loads in both (docs/dflash-reference.md §0)
     default_formats = DFLASH_ENGINES
-    expected_files = f"{layout.CONFIG_NAME} naming {layout.ARCHITECTURE} + {layout.WEIGHTS_NAME}"
+    expected_files = f"{model_folder.CONFIG_NAME} naming {layout.ARCHITECTURE} + {model_folder.WEIGHTS_NAME}"
     records_need_token_ids = True  # the block embeds the anchor token
     trains_without_cache = True  # its features are computed per batch instead
     # The quickstart's data (500 conversations at 384 tokens, 2 epochs) with block 5 trained in 314 s where EAGLE-3's

@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, Qwen3Config
 
+from medusa_forge.drafts.model_folder import CONFIG_NAME, FLOAT_DTYPES
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import load_served_chain
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = "DFlashDraftModel"  # the name both engines resolve (§1.1)
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Training defaults of SpecForge (sgl-project/SpecForge a6b6b02, §4): block size 16 (populate_dflash_generated_config,
 # also SGLang's and z-lab's default) and one draft layer (providers.py TargetDerivedDraftDefaults).
 DEFAULT_BLOCK_SIZE = 16

@@ -9,15 +9,14 @@ import shlex
 from pathlib import Path
 
 from medusa_forge.drafts.dflash_card import chain_origin
-from medusa_forge.drafts.dflash_config import CONFIG_NAME, WEIGHTS_NAME, DFlashConfig, served_chain
+from medusa_forge.drafts.dflash_config import DFlashConfig, served_chain
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.drafts.kind import ExportResult, PushCheck
+from medusa_forge.drafts.model_folder import CONFIG_NAME, WEIGHTS_NAME, write_for_engines
 from medusa_forge.engine_commands import DFLASH_ENGINES, dflash_serve_command, vllm_cpu_command
 from medusa_forge.engine_versions import SGLANG_DFLASH_RELEASE, VLLM_DFLASH_RELEASE
 from medusa_forge.errors import UserError
-from medusa_forge.formats.files import same_tensors
 from medusa_forge.pairing import check_fits, local_shape, not_checked
-from medusa_forge.tokenizer_files import copy_tokenizer
 
 
 def check_servable(config: DFlashConfig, where: str, target: str | None = None, flag: str = "--model") -> int | None:
@@ -54,14 +53,7 @@ def export_draft(source: Path, fmt: str, output_dir: Path, base_model_id: str | 
         notes.append(not_checked(base_model_id or config.base_model_name_or_path))
     if base_model_id:
         config.base_model_name_or_path = base_model_id
-    if output_dir.is_dir() and any(p.suffix in (".safetensors", ".pt", ".bin") for p in output_dir.iterdir()):
-        raise UserError(f"--output-dir {output_dir} already holds weights that an engine would also read")
-    draft.save(output_dir)
-    files = [output_dir / CONFIG_NAME, output_dir / WEIGHTS_NAME]
-    files += copy_tokenizer(source, output_dir)
-    written = DFlashDraft.load(output_dir)
-    if not same_tensors(written.state_dict(), draft.state_dict()) or written.config != config:
-        raise UserError(f"{output_dir}: the written draft differs from the source; please report this")
+    files = write_for_engines(draft, source, output_dir)
     notes.append(
         f"DFlash drafts load in vLLM (pinned: {VLLM_DFLASH_RELEASE}) and SGLang (pinned: {SGLANG_DFLASH_RELEASE}; "
         "CUDA, NPU or XPU only); both use the target's tokenizer, embedding and lm_head, and the block's mask token "

@@ -15,8 +15,6 @@ decoding (one block seeing every accepted position, whose keys/values the drafte
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,16 +23,14 @@ from transformers import PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, rotate_half
 
 from medusa_forge.drafts.dflash_config import (
-    CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_NUM_LAYERS,
     FLOAT_DTYPES,
-    WEIGHTS_NAME,
     DFlashConfig,
     check_tensors,
 )
-from medusa_forge.errors import UserError
-from medusa_forge.formats.files import load_safetensors, read_json, save_safetensors
+from medusa_forge.drafts.model_folder import model_folder_files, save_model_folder
+from medusa_forge.formats.files import load_safetensors, read_json
 
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's rotated context keys and values, each [b, nkv, S, hd]
 
@@ -191,27 +187,14 @@ class DFlashDraft(nn.Module):
         return draft
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        dtypes = {t.dtype for t in state.values()}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES.values():
-            raise UserError(f"cannot save a draft whose weights are {sorted(map(str, dtypes))}: one float dtype needed")
-        config = DFlashConfig(**{**asdict(self.config), "torch_dtype": str(next(iter(dtypes))).removeprefix("torch.")})
-        check_tensors(state, config, str(folder / WEIGHTS_NAME))  # never write what the engines misread
-        (folder / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        save_safetensors(state, folder / WEIGHTS_NAME)
-        self.config = config
-        return folder
+        self.config = save_model_folder(folder, state, self.config, check_tensors)
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> DFlashDraft:
         """A checked draft in the dtype it was saved in: exact tensor names, shapes and dtype."""
-        folder = Path(folder)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise UserError(f"{folder} is not a DFlash draft folder: {path.name} is missing")
+        config_path, weights_path = model_folder_files(folder, "a DFlash draft")
         config = DFlashConfig.from_json(read_json(config_path), str(config_path))
         state = load_safetensors(weights_path)
         check_tensors(state, config, str(weights_path))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from medusa_forge.drafts import eagle3_card, eagle3_export, eagle3_training
+from medusa_forge.drafts import eagle3_card, eagle3_export, eagle3_training, model_folder
 from medusa_forge.drafts import eagle3_config as layout
 from medusa_forge.drafts.eagle3_drafter import Eagle3ForDecoding
 from medusa_forge.drafts.eagle3_model import Eagle3Draft
@@ -25,9 +25,9 @@ class Eagle3Kind(DraftKind):
     name = "eagle3"
     label = "EAGLE-3 draft"
     title = "EAGLE-3"
-    config_name = layout.CONFIG_NAME
+    config_name = model_folder.CONFIG_NAME
     config_type = layout.Eagle3Config
-    weights_name = layout.WEIGHTS_NAME
+    weights_name = model_folder.WEIGHTS_NAME
     metric_name = "eagle3_step"  # eagle3_step{j}_loss: step j of the training-time test
     metric_label = "step"
     predictor = "draft step"
@@ -36,7 +36,7 @@ class Eagle3Kind(DraftKind):
                    "eagle3_fc_norm", "eagle3_norm_output")
     formats = EAGLE3_ENGINES  # the same folder loads in both (docs/eagle3-reference.md §0)
     default_formats = EAGLE3_ENGINES
-    expected_files = f"{layout.CONFIG_NAME} naming {layout.ARCHITECTURE} + {layout.WEIGHTS_NAME}"
+    expected_files = f"{model_folder.CONFIG_NAME} naming {layout.ARCHITECTURE} + {model_folder.WEIGHTS_NAME}"
     records_need_token_ids = True  # the draft embeds the next tokens
     trains_without_cache = True  # its features are computed per batch instead (the frozen pass every epoch)
     # The quickstart's 500 conversations at 384 tokens, 3 steps x 3 epochs, took 534 s with --bf16 on 2 cores

@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, PretrainedConfig
 
+from medusa_forge.drafts.model_folder import CONFIG_NAME, FLOAT_DTYPES
 from medusa_forge.errors import UserError
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE = "LlamaForCausalLMEagle3"  # the only name both engines accept (§1.1)
 # Below this many target layers the engines' default feature layers (2, L//2, L-3) are not three distinct
 # layers (L=6 gives 2, 3, 3), so no engine can serve the draft; we still train and decode such tiny targets.
@@ -32,7 +31,6 @@ FIXED_CONFIG = {
     "attention_bias": False,  # ignored by SGLang, so a bias would make the engines disagree
 }
 EAGLE31_SWITCHES = ("fc_norm", "norm_output")  # optional config keys, absent = off (Eagle3Config)
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def target_layers(num_target_layers: int) -> tuple[int, int, int]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from medusa_forge.drafts.eagle3_config import CONFIG_NAME, WEIGHTS_NAME, check_servable
+from medusa_forge.drafts.eagle3_config import check_servable
 from medusa_forge.drafts.eagle3_model import Eagle3Draft
 from medusa_forge.drafts.kind import ExportResult, PushCheck
+from medusa_forge.drafts.model_folder import CONFIG_NAME, WEIGHTS_NAME, write_for_engines
 from medusa_forge.engine_commands import (
     EAGLE3_ENGINES,
     EAGLE3_SPECULATIVE_TOKENS,
@@ -19,9 +20,7 @@ from medusa_forge.engine_commands import (
 )
 from medusa_forge.engine_versions import SGLANG_EAGLE3_RELEASE, VLLM_EAGLE3_RELEASE
 from medusa_forge.errors import UserError
-from medusa_forge.formats.files import same_tensors
 from medusa_forge.pairing import not_checked
-from medusa_forge.tokenizer_files import copy_tokenizer
 
 
 def export_draft(source: Path, fmt: str, output_dir: Path, base_model_id: str | None) -> ExportResult:
@@ -40,14 +39,7 @@ def export_draft(source: Path, fmt: str, output_dir: Path, base_model_id: str | 
         notes.append(not_checked(base_model_id or config.base_model_name_or_path))
     if base_model_id:
         config.base_model_name_or_path = base_model_id
-    if output_dir.is_dir() and any(p.suffix in (".safetensors", ".pt", ".bin") for p in output_dir.iterdir()):
-        raise UserError(f"--output-dir {output_dir} already holds weights that an engine would also read")
-    draft.save(output_dir)
-    files = [output_dir / "config.json", output_dir / "model.safetensors"]
-    files += copy_tokenizer(source, output_dir)
-    written = Eagle3Draft.load(output_dir)
-    if not same_tensors(written.state_dict(), draft.state_dict()) or written.config != config:
-        raise UserError(f"{output_dir}: the written draft differs from the source; please report this")
+    files = write_for_engines(draft, source, output_dir)
     notes.append(
         f"EAGLE-3 drafts load in vLLM >= 0.32 (pinned: {VLLM_EAGLE3_RELEASE}) and SGLang (pinned: "
         f"{SGLANG_EAGLE3_RELEASE}); both read the tokenizer and the frozen embeddings from the target"

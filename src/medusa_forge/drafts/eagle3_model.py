@@ -17,8 +17,7 @@ Attention serves two callers through one `layer`, which always returns the new k
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,16 +32,15 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from medusa_forge.drafts.eagle3_config import (
-    CONFIG_NAME,
     FLOAT_DTYPES,
-    WEIGHTS_NAME,
     Eagle3Config,
     check_tensors,
     draft_vocab_ids,
     vocabulary_maps,
 )
+from medusa_forge.drafts.model_folder import model_folder_files, save_model_folder
 from medusa_forge.errors import UserError
-from medusa_forge.formats.files import load_safetensors, read_json, save_safetensors
+from medusa_forge.formats.files import load_safetensors, read_json
 
 # ----- the module -----
 
@@ -272,28 +270,13 @@ class Eagle3Draft(nn.Module):
         return state
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = self.engine_state()
-        dtypes = {t.dtype for name, t in state.items() if name not in ("d2t", "t2d")}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES.values():
-            raise UserError(f"cannot save a draft whose weights are {sorted(map(str, dtypes))}: one float dtype needed")
-        dtype = next(iter(dtypes))
-        config = Eagle3Config(**{**asdict(self.config), "torch_dtype": str(dtype).removeprefix("torch.")})
-        check_tensors(state, config, str(folder / WEIGHTS_NAME))  # never write what the engines misread
-        (folder / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        save_safetensors(state, folder / WEIGHTS_NAME)
-        self.config = config
-        return folder
+        self.config = save_model_folder(folder, self.engine_state(), self.config, check_tensors, maps=("d2t", "t2d"))
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> Eagle3Draft:
         """A checked draft in the dtype it was saved in: exact tensor names, shapes, dtypes and maps."""
-        folder = Path(folder)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise UserError(f"{folder} is not an EAGLE-3 draft folder: {path.name} is missing")
+        config_path, weights_path = model_folder_files(folder, "an EAGLE-3 draft")
         config = Eagle3Config.from_json(read_json(config_path), str(config_path))
         state = load_safetensors(weights_path)
         check_tensors(state, config, str(weights_path))
