@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, Qwen3Config
 
-from medusa_forge.drafts.model_folder import CONFIG_NAME, FLOAT_DTYPES
+from medusa_forge.drafts.model_folder import CONFIG_NAME, FLOAT_DTYPES, check_config_values
 from medusa_forge.errors import UserError
 from medusa_forge.formats.tree_file import load_served_chain
 
@@ -193,29 +193,15 @@ class DFlashConfig:
                 + "; ".join(p for p in (missing and f"missing {missing}", extra and f"unexpected {extra}") if p)
                 + " (keys such as eagle_config, is_causal or logit_scale change what the engines compute, §6)"
             )
-        for key, value in FIXED_CONFIG.items():
-            if raw[key] != value:
-                raise UserError(f"{where}: {key} is {raw[key]!r}; vLLM and SGLang need {value!r}")
         sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
-        for key in (*sizes, "intermediate_size", "max_position_embeddings", "vocab_size", "num_target_layers"):
-            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
-                raise UserError(f"{where}: {key} must be a positive integer, found {raw[key]!r}")
+        integers = (*sizes, "intermediate_size", "max_position_embeddings", "vocab_size", "num_target_layers")
+        check_config_values(raw, where, FIXED_CONFIG, integers)
         if not isinstance(raw["block_size"], int) or raw["block_size"] < 2:
             raise UserError(f"{where}: block_size must be an integer >= 2, found {raw['block_size']!r}")
-        for key in ("rms_norm_eps", "rope_theta"):
-            value = raw[key]
-            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
-                raise UserError(f"{where}: {key} must be a positive number, found {value!r}")
         if raw["layer_types"] != ["full_attention"] * raw["num_hidden_layers"]:
             raise UserError(f"{where}: layer_types must be full_attention for every layer (a sliding layer is causal "
                             "in the engines, and the draft was trained non-causal)")  # fmt: skip
         _check_dflash_section(raw["dflash_config"], raw["num_target_layers"], raw["vocab_size"], where)
-        if not isinstance(raw["base_model_name_or_path"], str) or not raw["base_model_name_or_path"]:
-            raise UserError(f"{where}: base_model_name_or_path must name the target model")
-        if raw["num_attention_heads"] % raw["num_key_value_heads"]:
-            raise UserError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
-        if raw["torch_dtype"] not in FLOAT_DTYPES:
-            raise UserError(f"{where}: torch_dtype {raw['torch_dtype']!r} is not one of {sorted(FLOAT_DTYPES)}")
         return cls(**raw)
 
     def qwen3_config(self) -> Qwen3Config:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, PretrainedConfig
 
-from medusa_forge.drafts.model_folder import CONFIG_NAME, FLOAT_DTYPES
+from medusa_forge.drafts.model_folder import CONFIG_NAME, FLOAT_DTYPES, check_config_values
 from medusa_forge.errors import UserError
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"  # the only name both engines accept (§1.1)
@@ -148,26 +148,11 @@ class Eagle3Config:
         for key in EAGLE31_SWITCHES:
             if not isinstance(raw.get(key, False), bool):
                 raise UserError(f"{where}: {key} must be true or false, found {raw[key]!r}")
-        for key, value in FIXED_CONFIG.items():
-            if raw[key] != value:
-                raise UserError(f"{where}: {key} is {raw[key]!r}; vLLM and SGLang need {value!r}")
         sizes = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
-        for key in (*sizes, "max_position_embeddings", "vocab_size", "draft_vocab_size"):
-            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
-                raise UserError(f"{where}: {key} must be a positive integer, found {raw[key]!r}")
-        for key in ("rms_norm_eps", "rope_theta"):
-            value = raw[key]
-            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
-                raise UserError(f"{where}: {key} must be a positive number, found {value!r}")
-        if not isinstance(raw["base_model_name_or_path"], str) or not raw["base_model_name_or_path"]:
-            raise UserError(f"{where}: base_model_name_or_path must name the target model, found "
-                            f"{raw['base_model_name_or_path']!r}")  # fmt: skip
+        integers = (*sizes, "max_position_embeddings", "vocab_size", "draft_vocab_size")
+        check_config_values(raw, where, FIXED_CONFIG, integers)
         if raw["draft_vocab_size"] > raw["vocab_size"]:
             raise UserError(f"{where}: draft_vocab_size {raw['draft_vocab_size']} > vocab_size {raw['vocab_size']}")
-        if raw["num_attention_heads"] % raw["num_key_value_heads"]:
-            raise UserError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
-        if raw["torch_dtype"] not in FLOAT_DTYPES:
-            raise UserError(f"{where}: torch_dtype {raw['torch_dtype']!r} is not one of {sorted(FLOAT_DTYPES)}")
         return cls(**raw)
 
     def llama_config(self) -> LlamaConfig:

@@ -22,6 +22,29 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 TensorCheck = Callable[[dict[str, torch.Tensor], Any, str], None]  # (state, config, where): raises UserError
 
 
+def check_config_values(raw: dict, where: str, fixed: dict, integers: tuple[str, ...]) -> None:
+    """The checks every draft model's config.json shares (`raw` holding exactly the kind's keys): the `fixed` values
+    the engines need, positive integer sizes (`integers`), a positive finite rms_norm_eps and rope_theta, the target
+    named, whole groups of key/value heads, a float dtype. Errors name the file (`where`)."""
+    for key, value in fixed.items():
+        if raw[key] != value:
+            raise UserError(f"{where}: {key} is {raw[key]!r}; vLLM and SGLang need {value!r}")
+    for key in integers:
+        if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
+            raise UserError(f"{where}: {key} must be a positive integer, found {raw[key]!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = raw[key]
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise UserError(f"{where}: {key} must be a positive number, found {value!r}")
+    base = raw["base_model_name_or_path"]
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{where}: base_model_name_or_path must name the target model, found {base!r}")
+    if raw["num_attention_heads"] % raw["num_key_value_heads"]:
+        raise UserError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+    if raw["torch_dtype"] not in FLOAT_DTYPES:
+        raise UserError(f"{where}: torch_dtype {raw['torch_dtype']!r} is not one of {sorted(FLOAT_DTYPES)}")
+
+
 def save_model_folder(
     folder: str | Path, state: dict[str, torch.Tensor], config: Any, check: TensorCheck, maps: tuple[str, ...] = ()
 ) -> Any:
