@@ -13,7 +13,7 @@ from medusa_forge.drafts.card import (
     headline_rows,
     hub_base_id,
 )
-from medusa_forge.drafts.dflash_config import DFlashConfig, hidden_state_indices
+from medusa_forge.drafts.dflash_config import DFlashConfig, chain_origin, hidden_state_indices
 from medusa_forge.engine_commands import dflash_serve_command
 from medusa_forge.engine_versions import SGLANG_DFLASH_RELEASE, VLLM_DFLASH_RELEASE
 from medusa_forge.results import EvalReport
@@ -82,11 +82,6 @@ def _served_chain(config: DFlashConfig, evaluation: EvalReport | None) -> int:
     if evaluation is not None and evaluation.chain_search is not None:
         return evaluation.chain_search.chosen_size
     return config.block_size - 1
-
-
-def chain_origin(chain: int, size: int) -> str:
-    """Why vLLM is given a chain of `chain` for a draft trained with blocks of `size` (card and export notes)."""
-    return "the whole trained block" if chain == size - 1 else "chosen by `medusa-forge eval` from measured latency"
 
 
 def _serve_section(

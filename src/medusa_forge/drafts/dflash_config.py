@@ -268,6 +268,11 @@ def served_chain(folder: str | Path, config: DFlashConfig) -> int:
     return load_served_chain(folder, longest) or longest
 
 
+def chain_origin(chain: int, size: int) -> str:
+    """Why vLLM is given a chain of `chain` for a draft trained with blocks of `size` (card and export notes)."""
+    return "the whole trained block" if chain == size - 1 else "chosen by `medusa-forge eval` from measured latency"
+
+
 def is_dflash_folder(folder: str | Path) -> bool:
     """Whether `folder` holds a DFlash draft (its config.json names the engines' DFlash architecture)."""
     try:

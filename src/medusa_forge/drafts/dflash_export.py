@@ -8,8 +8,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from medusa_forge.drafts.dflash_card import chain_origin
-from medusa_forge.drafts.dflash_config import DFlashConfig, served_chain
+from medusa_forge.drafts.dflash_config import DFlashConfig, chain_origin, served_chain
 from medusa_forge.drafts.dflash_model import DFlashDraft
 from medusa_forge.drafts.kind import ExportResult, PushCheck
 from medusa_forge.drafts.model_folder import CONFIG_NAME, WEIGHTS_NAME, write_for_engines
